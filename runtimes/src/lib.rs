@@ -1,0 +1,9 @@
+//! The `dalle` model contract and inference runtimes.
+//!
+//! This crate is what a program embedding DALL·E inference depends on: it carries no training
+//! code and no candle-nn. Everything that the exporter and the runtimes must agree on lives here
+//! once, starting with the model geometry.
+
+pub mod geometry;
+
+pub use geometry::{Geometry, GeometryError};

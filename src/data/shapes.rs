@@ -1,0 +1,374 @@
+//! The procedural shapes benchmark: coloured shapes on a grey field with compositional captions,
+//! and a fixed list of attribute combinations held out of training to measure zero-shot
+//! generalisation (Ramesh et al. 2021 §3.2 on combining unusual concepts).
+
+use crate::data::folder::FolderWriter;
+use crate::rng::Rng;
+use crate::Result;
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const SHAPES: [&str; 6] = ["circle", "square", "triangle", "diamond", "star", "ring"];
+
+pub const COLOURS: [(&str, [u8; 3]); 8] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [40, 80, 220]),
+    ("yellow", [240, 210, 40]),
+    ("purple", [140, 60, 180]),
+    ("orange", [240, 130, 30]),
+    ("white", [245, 245, 245]),
+    ("black", [20, 20, 20]),
+];
+
+pub const BACKGROUND: [u8; 3] = [128, 128, 128];
+
+pub const SIZES: [&str; 2] = ["small", "large"];
+
+pub const RELATIONS: [&str; 4] = ["left of", "right of", "above", "below"];
+
+/// One object on the 3×3 layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Object {
+    pub shape: String,
+    pub colour: String,
+    pub size: String,
+    pub row: usize,
+    pub col: usize,
+}
+
+/// What an image shows: one object, `n` identical objects, or two objects in a relation
+/// (`objects[0]` is `relation` of `objects[1]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scene {
+    pub kind: String,
+    pub objects: Vec<Object>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+}
+
+/// An attribute combination that never appears in the `train` split.
+#[derive(Clone, Copy, Debug)]
+pub enum HeldOut {
+    ColourShape(&'static str, &'static str),
+    ShapeAt(&'static str, usize, usize),
+    CountOf(usize, &'static str),
+}
+
+/// The held-out combinations: `heldout` draws only scenes containing one, `train` none.
+pub const HELD_OUT: [HeldOut; 5] = [
+    HeldOut::ColourShape("red", "triangle"),
+    HeldOut::ColourShape("blue", "circle"),
+    HeldOut::ColourShape("yellow", "ring"),
+    HeldOut::ShapeAt("star", 2, 2),
+    HeldOut::CountOf(3, "diamond"),
+];
+
+impl HeldOut {
+    pub fn matches(&self, scene: &Scene) -> bool {
+        match *self {
+            HeldOut::ColourShape(c, s) => scene.objects.iter().any(|o| o.colour == c && o.shape == s),
+            HeldOut::ShapeAt(s, r, c) => scene.objects.iter().any(|o| o.shape == s && o.row == r && o.col == c),
+            HeldOut::CountOf(n, s) => scene.kind == "count" && scene.objects.len() == n && scene.objects[0].shape == s,
+        }
+    }
+}
+
+/// Whether `scene` contains any held-out combination.
+pub fn is_held_out(scene: &Scene) -> bool {
+    HELD_OUT.iter().any(|h| h.matches(scene))
+}
+
+/// Which split a generated set belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Heldout,
+}
+
+fn random_object(rng: &mut Rng, row: usize, col: usize) -> Object {
+    Object {
+        shape: rng.pick(&SHAPES).to_string(),
+        colour: rng.pick(&COLOURS).0.to_string(),
+        size: rng.pick(&SIZES).to_string(),
+        row,
+        col,
+    }
+}
+
+fn random_scene(rng: &mut Rng) -> Scene {
+    let u = rng.uniform();
+    if u < 0.4 {
+        let (row, col) = (rng.below(3), rng.below(3));
+        let o = random_object(rng, row, col);
+        Scene { kind: "single".into(), objects: vec![o], relation: None }
+    } else if u < 0.65 {
+        let n = 2 + rng.below(2);
+        let mut cells: Vec<usize> = (0..9).collect();
+        rng.shuffle(&mut cells);
+        let proto = random_object(rng, 0, 0);
+        let objects = cells[..n].iter().map(|&c| Object { row: c / 3, col: c % 3, ..proto.clone() }).collect();
+        Scene { kind: "count".into(), objects, relation: None }
+    } else {
+        let relation = *rng.pick(&RELATIONS);
+        let (line, a, b) = (rng.below(3), rng.below(3), rng.below(3));
+        let (lo, hi) = if a == b { (a.min(1), a.min(1) + 1) } else { (a.min(b), a.max(b)) };
+        // (row, col) of the first and second object such that the relation holds.
+        let (first, second) = match relation {
+            "left of" => ((line, lo), (line, hi)),
+            "right of" => ((line, hi), (line, lo)),
+            "above" => ((lo, line), (hi, line)),
+            _ => ((hi, line), (lo, line)),
+        };
+        let a = random_object(rng, first.0, first.1);
+        let mut b = random_object(rng, second.0, second.1);
+        while b.shape == a.shape && b.colour == a.colour {
+            b.colour = rng.pick(&COLOURS).0.to_string();
+        }
+        Scene { kind: "relation".into(), objects: vec![a, b], relation: Some(relation.into()) }
+    }
+}
+
+/// Draw a scene of `split` (rejection sampling against the held-out list).
+pub fn sample_scene(rng: &mut Rng, split: Split) -> Scene {
+    loop {
+        let s = random_scene(rng);
+        if is_held_out(&s) == (split == Split::Heldout) {
+            return s;
+        }
+    }
+}
+
+fn size_word(rng: &mut Rng, size: &str) -> &'static str {
+    if size == "small" {
+        *rng.pick(&["small", "little", "tiny"])
+    } else {
+        *rng.pick(&["large", "big"])
+    }
+}
+
+fn shape_word(rng: &mut Rng, shape: &str, plural: bool) -> String {
+    let w = match shape {
+        "circle" => *rng.pick(&["circle", "disk"]),
+        "ring" => *rng.pick(&["ring", "donut"]),
+        "diamond" => *rng.pick(&["diamond", "rhombus"]),
+        s => SHAPES.iter().find(|x| **x == s).copied().unwrap_or("shape"),
+    };
+    match (plural, w) {
+        (false, w) => w.to_string(),
+        (true, "rhombus") => "rhombuses".into(),
+        (true, w) => format!("{w}s"),
+    }
+}
+
+fn position_phrase(rng: &mut Rng, row: usize, col: usize) -> &'static str {
+    const P: [[[&str; 2]; 3]; 3] = [
+        [["in the top left corner", "at the top left"], ["at the top", "at the top center"], ["in the top right corner", "at the top right"]],
+        [["on the left", "at the middle left"], ["in the center", "in the middle"], ["on the right", "at the middle right"]],
+        [["in the bottom left corner", "at the bottom left"], ["at the bottom", "at the bottom center"], ["in the bottom right corner", "at the bottom right"]],
+    ];
+    *rng.pick(&P[row.min(2)][col.min(2)])
+}
+
+fn inverse(relation: &str) -> &'static str {
+    match relation {
+        "left of" => "right of",
+        "right of" => "left of",
+        "above" => "below",
+        _ => "above",
+    }
+}
+
+fn relation_phrase(rng: &mut Rng, relation: &str) -> &'static str {
+    match relation {
+        "left of" => *rng.pick(&["to the left of", "left of"]),
+        "right of" => *rng.pick(&["to the right of", "right of"]),
+        "above" => *rng.pick(&["above", "over"]),
+        _ => *rng.pick(&["below", "under"]),
+    }
+}
+
+/// A caption for `scene`, drawn from several templates, synonyms and word orders.
+pub fn caption(scene: &Scene, rng: &mut Rng) -> String {
+    let o = &scene.objects[0];
+    match scene.kind.as_str() {
+        "single" => {
+            let (size, shape, pos) = (size_word(rng, &o.size), shape_word(rng, &o.shape, false), position_phrase(rng, o.row, o.col));
+            let c = &o.colour;
+            match rng.below(4) {
+                0 => format!("a {size} {c} {shape} {pos}"),
+                1 => format!("{pos} there is a {size} {c} {shape}"),
+                2 => format!("a {c} {shape}, {size}, {pos}"),
+                _ => format!("there is a {size} {c} {shape} {pos}"),
+            }
+        }
+        "count" => {
+            let num = ["zero", "one", "two", "three"][scene.objects.len().min(3)];
+            let (size, shapes, c) = (size_word(rng, &o.size), shape_word(rng, &o.shape, true), &o.colour);
+            match rng.below(3) {
+                0 => format!("{num} {size} {c} {shapes}"),
+                1 => format!("there are {num} {size} {c} {shapes}"),
+                _ => format!("{num} {c} {shapes}, all {size}"),
+            }
+        }
+        _ => {
+            let b = &scene.objects[1];
+            let rel = scene.relation.as_deref().unwrap_or("left of");
+            let (sa, sb) = (shape_word(rng, &o.shape, false), shape_word(rng, &b.shape, false));
+            match rng.below(3) {
+                0 => format!("a {} {sa} {} a {} {sb}", o.colour, relation_phrase(rng, rel), b.colour),
+                1 => format!("a {} {sb} {} a {} {sa}", b.colour, relation_phrase(rng, inverse(rel)), o.colour),
+                _ => format!("there is a {} {sa} {} a {} {sb}", o.colour, relation_phrase(rng, rel), b.colour),
+            }
+        }
+    }
+}
+
+/// Radius of an object as a fraction of the image side (a cell is 1/3 wide).
+pub fn radius_fraction(size: &str) -> f64 {
+    if size == "small" {
+        0.09
+    } else {
+        0.15
+    }
+}
+
+/// Whether the point (dx, dy), relative to the centre in units of the radius, is inside `shape`
+/// (y grows downwards).
+pub fn inside(shape: &str, dx: f64, dy: f64) -> bool {
+    let d2 = dx * dx + dy * dy;
+    match shape {
+        "circle" => d2 <= 1.0,
+        "ring" => (0.55 * 0.55..=1.0).contains(&d2),
+        "square" => dx.abs().max(dy.abs()) <= 0.8,
+        "diamond" => dx.abs() + dy.abs() <= 1.0,
+        "triangle" => {
+            // Equilateral, inscribed in the unit circle, apex up: vertices (0,−1), (±√3/2, ½).
+            dy <= 0.5 && 3f64.sqrt() * dx.abs() - dy <= 1.0
+        }
+        "star" => {
+            // Five points, inner radius 0.45, first point straight up; even–odd rule.
+            let pts: Vec<(f64, f64)> = (0..10)
+                .map(|i| {
+                    let r = if i % 2 == 0 { 1.0 } else { 0.45 };
+                    let a = -std::f64::consts::FRAC_PI_2 + i as f64 * std::f64::consts::PI / 5.0;
+                    (r * a.cos(), r * a.sin())
+                })
+                .collect();
+            let mut inside = false;
+            let mut j = pts.len() - 1;
+            for i in 0..pts.len() {
+                let ((xi, yi), (xj, yj)) = (pts[i], pts[j]);
+                if (yi > dy) != (yj > dy) && dx < (xj - xi) * (dy - yi) / (yj - yi) + xi {
+                    inside = !inside;
+                }
+                j = i;
+            }
+            inside
+        }
+        _ => false,
+    }
+}
+
+fn colour_rgb(name: &str) -> [u8; 3] {
+    COLOURS.iter().find(|(n, _)| *n == name).map(|(_, c)| *c).unwrap_or(BACKGROUND)
+}
+
+/// Render `scene` at `size`×`size` pixels with 4×4 supersampling; `rng` jitters the centres.
+pub fn render(scene: &Scene, size: u32, rng: &mut Rng) -> RgbImage {
+    let s = size as f64;
+    let placed: Vec<(f64, f64, f64, &str, [u8; 3])> = scene
+        .objects
+        .iter()
+        .map(|o| {
+            let cx = (o.col as f64 + 0.5) / 3.0 * s + rng.range(-0.02, 0.02) * s;
+            let cy = (o.row as f64 + 0.5) / 3.0 * s + rng.range(-0.02, 0.02) * s;
+            (cx, cy, radius_fraction(&o.size) * s, o.shape.as_str(), colour_rgb(&o.colour))
+        })
+        .collect();
+    const SS: usize = 4;
+    RgbImage::from_fn(size, size, |x, y| {
+        let mut acc = [0u32; 3];
+        for sy in 0..SS {
+            for sx in 0..SS {
+                let px = x as f64 + (sx as f64 + 0.5) / SS as f64;
+                let py = y as f64 + (sy as f64 + 0.5) / SS as f64;
+                let mut c = BACKGROUND;
+                for &(cx, cy, r, shape, rgb) in &placed {
+                    if inside(shape, (px - cx) / r, (py - cy) / r) {
+                        c = rgb;
+                    }
+                }
+                for k in 0..3 {
+                    acc[k] += c[k] as u32;
+                }
+            }
+        }
+        let n = (SS * SS) as u32;
+        Rgb([((acc[0] + n / 2) / n) as u8, ((acc[1] + n / 2) / n) as u8, ((acc[2] + n / 2) / n) as u8])
+    })
+}
+
+/// One generated sample.
+#[derive(Clone, Debug)]
+pub struct ShapesSample {
+    pub scene: Scene,
+    pub caption: String,
+    pub image: RgbImage,
+}
+
+/// Sample `i` of the set `(seed, split)`: a pure function of its arguments.
+pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample {
+    let purpose = match split {
+        Split::Train => "shapes-train",
+        Split::Heldout => "shapes-heldout",
+    };
+    let mut rng = Rng::stream(seed, purpose, i);
+    let scene = sample_scene(&mut rng, split);
+    let caption = caption(&scene, &mut rng);
+    let image = render(&scene, size, &mut rng);
+    ShapesSample { scene, caption, image }
+}
+
+/// Write `count` samples into `out` in the image-folder format (`metadata.jsonl` + PNGs).
+pub fn write_set(out: &Path, count: usize, seed: u64, split: Split, size: u32) -> Result<()> {
+    let mut w = FolderWriter::create(out)?;
+    for i in 0..count {
+        let s = generate_one(seed, split, i as u64, size);
+        let extra = serde_json::json!({ "scene": s.scene, "split": split });
+        w.add(&format!("{i:06}.png"), &s.image, &s.caption, extra)?;
+    }
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_have_the_intended_area() {
+        // Fraction of the bounding square [-1, 1]² each shape covers, on a 400×400 lattice.
+        let area = |s: &str| {
+            let n = 400;
+            let mut hit = 0;
+            for i in 0..n {
+                for j in 0..n {
+                    let (x, y) = (-1.0 + (i as f64 + 0.5) * 2.0 / n as f64, -1.0 + (j as f64 + 0.5) * 2.0 / n as f64);
+                    hit += inside(s, x, y) as usize;
+                }
+            }
+            hit as f64 / (n * n) as f64
+        };
+        let pi4 = std::f64::consts::PI / 4.0;
+        assert!((area("circle") - pi4).abs() < 0.01);
+        assert!((area("square") - 0.64).abs() < 0.01);
+        assert!((area("diamond") - 0.5).abs() < 0.01);
+        assert!((area("ring") - pi4 * (1.0 - 0.3025)).abs() < 0.01);
+        // Equilateral triangle inscribed in the unit circle: 3√3/4 of the radius².
+        assert!((area("triangle") - 3.0 * 3f64.sqrt() / 16.0).abs() < 0.01);
+        let star = area("star");
+        assert!(star > 0.15 && star < 0.3, "{star}");
+    }
+}

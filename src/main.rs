@@ -1,0 +1,350 @@
+//! The `dalle` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use dalle::config::{Config, VaeConfig};
+use dalle::data::filters::Filters;
+use dalle::data::shapes::Split;
+use dalle::data::Index;
+use dalle::vae::io::Vae;
+use dalle::vae::train::{VaeTrainOptions, VaeTrainRequest};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dalle", version, about = "DALL·E (Ramesh et al. 2021) in Rust: train, export, generate")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a preset's geometry and parameter counts.
+    Info {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make or inspect datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train the discrete VAE (stage 1).
+    TrainVae(TrainVaeArgs),
+    /// dVAE utilities.
+    #[command(subcommand)]
+    Vae(VaeCommand),
+    /// Print the token grid of an image.
+    Encode {
+        #[arg(long)]
+        vae: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a token grid (JSON) back into an image.
+    Decode {
+        #[arg(long)]
+        vae: PathBuf,
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encode and decode an image.
+    Reconstruct {
+        #[arg(long)]
+        vae: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write the procedural shapes set in the image-folder format.
+    Shapes {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "train")]
+        split: Split,
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+    },
+    /// Count usable and skipped samples (decodes every image).
+    Stats {
+        dir: PathBuf,
+        #[command(flatten)]
+        filters: FilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaeCommand {
+    /// Import OpenAI's dall_e weights (encoder.pkl / decoder.pkl converted to safetensors).
+    ImportOpenai {
+        #[arg(long)]
+        encoder: PathBuf,
+        #[arg(long)]
+        decoder: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        group_count: usize,
+        #[arg(long, default_value_t = 256)]
+        n_hid: usize,
+        #[arg(long, default_value_t = 2)]
+        n_blk_per_group: usize,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 128)]
+        n_init: usize,
+        #[arg(long, default_value_t = 3)]
+        channels: usize,
+        #[arg(long, default_value_t = 256)]
+        image_size: usize,
+    },
+    /// Mean PSNR of encode → decode over a dataset's first COUNT images.
+    Psnr {
+        #[arg(long)]
+        vae: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        count: usize,
+    },
+}
+
+/// The paper's dataset filters.
+#[derive(Args, Clone)]
+struct FilterArgs {
+    /// Reject captions with fewer words.
+    #[arg(long, default_value_t = 2)]
+    min_caption_words: usize,
+    /// Keep captions that the English heuristic rejects.
+    #[arg(long)]
+    allow_non_english: bool,
+    /// Another boilerplate caption pattern (regular expression, case-insensitive); repeatable.
+    #[arg(long = "boilerplate")]
+    boilerplate: Vec<String>,
+    /// Drop the built-in boilerplate patterns.
+    #[arg(long)]
+    no_default_boilerplate: bool,
+}
+
+impl FilterArgs {
+    fn build(&self) -> Result<Filters> {
+        Filters::new(self.min_caption_words, !self.allow_non_english, &self.boilerplate, !self.no_default_boilerplate)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+#[derive(Args)]
+struct TrainVaeArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    steps: usize,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this step (checkpointing), as if interrupted; continue later with --resume.
+    #[arg(long)]
+    stop_at: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak learning rate (paper: 1e-4), decayed by a cosine to 1/80 of it.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Steps over which τ anneals 1 → 1/16 (default: half the run).
+    #[arg(long)]
+    tau_steps: Option<usize>,
+    /// Steps over which β ramps 0 → 6.6 (default: a tenth of the run).
+    #[arg(long)]
+    beta_steps: Option<usize>,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 500)]
+    sample_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+fn train_vae(a: TrainVaeArgs) -> Result<()> {
+    let config = Config::preset(&a.preset)?;
+    let device = dalle::util::device(&a.device)?;
+    if a.steps == 0 || a.batch_size == 0 {
+        bail!("--steps and --batch-size must be at least 1");
+    }
+    let mut options = VaeTrainOptions::new(a.steps, a.batch_size, a.seed);
+    if let Some(lr) = a.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            bail!("--lr must be a positive number (got {lr})");
+        }
+        options.schedule.lr_end = lr * (options.schedule.lr_end / options.schedule.lr_start);
+        options.schedule.lr_start = lr;
+    }
+    options.schedule.tau_steps = a.tau_steps.unwrap_or(options.schedule.tau_steps).max(1);
+    options.schedule.beta_steps = a.beta_steps.unwrap_or(options.schedule.beta_steps).max(1);
+    options.lp.checkpoint_every = a.checkpoint_every.max(1);
+    options.lp.sample_every = a.sample_every.max(1);
+    options.lp.log_every = a.log_every.max(1);
+    let out = a.out.clone();
+    let summary = dalle::vae::train::train_vae(VaeTrainRequest {
+        config,
+        data: a.data,
+        out: a.out,
+        options,
+        resume: a.resume,
+        stop_at: a.stop_at,
+        device,
+        filters: a.filters.build()?,
+    })?;
+    let metrics: Vec<String> = summary.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    println!(
+        "step {}: {}; {:.2} steps/s; peak RSS {}; checkpoint in {}",
+        summary.step,
+        metrics.join(", "),
+        summary.steps_per_sec,
+        summary.peak_rss_bytes.map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+        out.display()
+    );
+    Ok(())
+}
+
+fn info(preset: &str, json: bool) -> Result<()> {
+    let c = Config::preset(preset)?;
+    let (enc, dec, tf) = (c.vae.encoder_params(), c.vae.decoder_params(), c.transformer_params());
+    if json {
+        let v = serde_json::json!({
+            "config": c, "params": { "dvae_encoder": enc, "dvae_decoder": dec, "transformer": tf }
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let g = &c.geometry;
+    let t = &c.transformer;
+    println!("preset {}", c.preset);
+    println!("  image          {0}×{0} px → {1}×{1} tokens (codebook {2})", g.image_size, g.grid, g.codebook);
+    println!("  text           {} tokens, BPE vocab {}", g.text_len, g.text_vocab);
+    println!("  sequence       {} = {} text + {} image", g.seq_len(), g.text_len, g.image_tokens());
+    println!(
+        "  dVAE           group_count {} n_hid {} n_blk_per_group {} n_init {}",
+        c.vae.group_count, c.vae.n_hid, c.vae.n_blk_per_group, c.vae.n_init
+    );
+    println!("  transformer    d_model {} layers {} heads {} conv kernel {}", t.d_model, t.n_layers, t.n_heads, t.conv_kernel);
+    println!("  params         dVAE encoder {enc}, decoder {dec}, transformer {tf}");
+    Ok(())
+}
+
+fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let grid = v.get("tokens").unwrap_or(&v);
+    let mut out = vec![];
+    let mut stack = vec![grid];
+    // Accept a flat list or a list of rows.
+    while let Some(x) = stack.pop() {
+        match x {
+            serde_json::Value::Array(xs) => stack.extend(xs.iter().rev()),
+            serde_json::Value::Number(n) => out.push(
+                n.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .with_context(|| format!("{}: token {n} is not a non-negative integer", path.display()))?,
+            ),
+            other => bail!("{}: expected token ids (a list of rows of integers), found {other}", path.display()),
+        }
+    }
+    Ok(out)
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cpu = candle_core::Device::Cpu;
+    match cli.command {
+        Command::Info { preset, json } => info(&preset, json)?,
+        Command::Data(DataCommand::Shapes { out, count, seed, split, image_size }) => {
+            if image_size < 16 {
+                bail!("--image-size must be at least 16 (got {image_size})");
+            }
+            dalle::data::shapes::write_set(&out, count, seed, split, image_size)?;
+            println!("wrote {count} {split:?} samples to {}", out.display());
+        }
+        Command::Data(DataCommand::Stats { dir, filters, json }) => {
+            let idx = Index::scan(&dir, &filters.build()?, true)?;
+            if json {
+                let v = serde_json::json!({ "seen": idx.seen, "usable": idx.samples.len(), "skipped": idx.skips });
+                println!("{v}");
+            } else {
+                print!("{}", idx.report());
+            }
+        }
+        Command::TrainVae(a) => train_vae(a)?,
+        Command::Vae(VaeCommand::ImportOpenai {
+            encoder, decoder, out, group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels, image_size,
+        }) => {
+            let vae = VaeConfig { group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels };
+            let c = dalle::vae::io::import_openai(&encoder, &decoder, vae, image_size, &out)?;
+            println!("imported OpenAI dVAE ({0}px → {1}×{1} tokens) into {2}", c.geometry.image_size, c.geometry.grid, out.display());
+        }
+        Command::Vae(VaeCommand::Psnr { vae, data, count }) => {
+            let vae = Vae::load(&vae, &cpu)?;
+            let (db, n) = dalle::vae::train::psnr(&vae, &data, count)?;
+            println!("PSNR {db:.2} dB over {n} images");
+        }
+        Command::Encode { vae, input, json } => {
+            let vae = Vae::load(&vae, &cpu)?;
+            let img = dalle::data::load_square(&input, vae.image_size())?;
+            let tokens = vae.encode(&[img])?.remove(0);
+            let rows: Vec<&[u32]> = tokens.chunks(vae.grid()).collect();
+            if json {
+                println!("{}", serde_json::json!({ "grid": vae.grid(), "tokens": rows }));
+            } else {
+                for r in rows {
+                    println!("{}", r.iter().map(|t| format!("{t:>5}")).collect::<String>());
+                }
+            }
+        }
+        Command::Decode { vae, tokens, out } => {
+            let vae = Vae::load(&vae, &cpu)?;
+            let ids = parse_tokens(&tokens)?;
+            let img = vae.decode(&[ids]).with_context(|| format!("cannot decode {}", tokens.display()))?.remove(0);
+            dalle::plot::save_png(&img, &out)?;
+            println!("wrote {}", out.display());
+        }
+        Command::Reconstruct { vae, input, out } => {
+            let vae = Vae::load(&vae, &cpu)?;
+            let img = dalle::data::load_square(&input, vae.image_size())?;
+            let recon = vae.decode(&vae.encode(&[img])?)?.remove(0);
+            dalle::plot::save_png(&recon, &out)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}

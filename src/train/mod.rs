@@ -1,0 +1,341 @@
+//! The training loop skeleton both stages share: run directory, AdamW, EMA, progress, loss curve,
+//! sample images and atomic, resumable checkpoints.
+//!
+//! Run directory layout:
+//! ```text
+//! OUT/config.json                    model config (a resume must match it)
+//! OUT/train.json                     training options (a resume reuses them)
+//! OUT/checkpoints/step-NNNNNNNN/     weights, optimizer moments, EMA, state.json
+//! OUT/checkpoints/latest             name of the newest complete checkpoint
+//! OUT/metrics.csv, OUT/loss.png      the loss curve
+//! OUT/samples/                       sample grids written by the stage
+//! ```
+//! A checkpoint is written into a `.partial` directory and renamed into place, and `latest` is
+//! replaced atomically, so an interrupted write leaves the previous checkpoint intact.
+//! All randomness is drawn from `Rng::stream(seed, purpose, step)`, so the state needed to resume
+//! bit-exactly is the step count alone.
+
+pub mod optim;
+mod progress;
+
+use crate::config::Config;
+use crate::fsutil::{ensure_writable_dir, write_bytes_atomic};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use optim::{AdamW, AdamWConfig, Ema};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// What every stage's training loop needs besides its own options.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct LoopOptions {
+    pub steps: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub checkpoint_every: usize,
+    pub sample_every: usize,
+    pub log_every: usize,
+    /// Checkpoints kept on disk (older ones are deleted).
+    pub keep_checkpoints: usize,
+    pub adamw: AdamWConfig,
+    pub ema_decay: f64,
+}
+
+/// One stage's model, data and loss, driven by [`run`].
+pub trait Stage {
+    /// Loss of update `step` (0-based) and named metrics for the progress line and curves.
+    fn loss(&mut self, step: usize) -> Result<(Tensor, Vec<(&'static str, f64)>)>;
+    /// Learning rate of update `step`.
+    fn lr(&self, step: usize) -> f64;
+    /// Write the inference files (from EMA weights) into the run directory.
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()>;
+    /// Write sample images for `step` into `out/samples`.
+    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()>;
+}
+
+/// Where a prepared run starts.
+#[derive(Debug)]
+pub enum Start {
+    Fresh,
+    Resume { step: usize, dir: PathBuf },
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("unreadable: {e}")))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    write_bytes_atomic(path, text.as_bytes())
+}
+
+/// Validate the run directory against `config` and `resume`, and settle the options: a fresh
+/// run stores `options`; a resume returns the stored ones (warning when the command line differs).
+pub fn prepare<O>(out: &Path, config: &Config, options: O, resume: bool) -> Result<(O, Start)>
+where
+    O: Serialize + DeserializeOwned + PartialEq,
+{
+    ensure_writable_dir(out)?;
+    let cfg_path = out.join("config.json");
+    let latest = out.join("checkpoints").join("latest");
+    if !resume {
+        if latest.exists() {
+            return Err(Error::checkpoint(
+                out,
+                "already holds a training run: pass --resume to continue it, or choose another --out",
+            ));
+        }
+        write_json(&cfg_path, config)?;
+        write_json(&out.join("train.json"), &options)?;
+        return Ok((options, Start::Fresh));
+    }
+    let stored = Config::load(&cfg_path).map_err(|e| match e {
+        Error::Io { .. } => Error::checkpoint(out, "nothing to resume: no config.json (start without --resume)"),
+        e => e,
+    })?;
+    if &stored != config {
+        return Err(Error::checkpoint(
+            out,
+            format!(
+                "was trained with preset `{}` but this run asks for `{}` (configs differ); \
+                 resume with --preset {} or choose another --out",
+                stored.preset, config.preset, stored.preset
+            ),
+        ));
+    }
+    let name = std::fs::read_to_string(&latest)
+        .map_err(|_| Error::checkpoint(out, "nothing to resume: no complete checkpoint yet (start without --resume)"))?;
+    let dir = out.join("checkpoints").join(name.trim());
+    let state: serde_json::Value = read_json(&dir.join("state.json"))?;
+    let step = state["step"]
+        .as_u64()
+        .ok_or_else(|| Error::checkpoint(&dir, "state.json lacks `step`"))? as usize;
+    let stored_opts: O = read_json(&out.join("train.json"))?;
+    if stored_opts != options {
+        eprintln!("warning: resuming with the options stored in {} (the command line differs)", out.join("train.json").display());
+    }
+    Ok((stored_opts, Start::Resume { step, dir }))
+}
+
+/// Sorted (name, var) pairs of a var map.
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Deterministic initialisation: every variable, in name order, gets `init(name, shape, rng)`.
+pub fn init_vars(
+    varmap: &VarMap,
+    seed: u64,
+    init: impl Fn(&str, &[usize], &mut crate::rng::Rng) -> Vec<f32>,
+) -> Result<()> {
+    for (i, (name, var)) in named_vars(varmap).into_iter().enumerate() {
+        let mut rng = crate::rng::Rng::stream(seed, "init", i as u64);
+        let dims = var.dims().to_vec();
+        let values = init(&name, &dims, &mut rng);
+        let t = Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+fn load_into(vars: &[(String, Var)], tensors: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
+    for (name, var) in vars {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(file, format!("lacks tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::checkpoint(
+                file,
+                format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+            ));
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}
+
+fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::checkpoint(path, format!("cannot read safetensors: {e}")))
+}
+
+fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::checkpoint(path, e.to_string()))
+}
+
+/// The loss curve: one row per logged step.
+struct History {
+    names: Vec<String>,
+    steps: Vec<usize>,
+    rows: Vec<Vec<f64>>,
+}
+
+impl History {
+    fn load(path: &Path, upto: usize) -> History {
+        let mut h = History { names: vec![], steps: vec![], rows: vec![] };
+        let Ok(text) = std::fs::read_to_string(path) else { return h };
+        let mut lines = text.lines();
+        if let Some(head) = lines.next() {
+            h.names = head.split(',').skip(1).map(str::to_string).collect();
+        }
+        for line in lines {
+            let mut cells = line.split(',');
+            let Some(Ok(step)) = cells.next().map(str::parse::<usize>) else { continue };
+            if step > upto {
+                break;
+            }
+            h.steps.push(step);
+            h.rows.push(cells.map(|c| c.parse().unwrap_or(f64::NAN)).collect());
+        }
+        h
+    }
+
+    fn push(&mut self, step: usize, metrics: &[(&'static str, f64)]) {
+        if self.names.is_empty() {
+            self.names = metrics.iter().map(|(n, _)| n.to_string()).collect();
+        }
+        self.steps.push(step);
+        self.rows.push(metrics.iter().map(|(_, v)| *v).collect());
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        let mut csv = format!("step,{}\n", self.names.join(","));
+        for (s, r) in self.steps.iter().zip(&self.rows) {
+            let cells: Vec<String> = r.iter().map(|v| format!("{v}")).collect();
+            csv.push_str(&format!("{s},{}\n", cells.join(",")));
+        }
+        write_bytes_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
+        let series: Vec<(&str, Vec<f64>)> = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), self.rows.iter().map(|r| r.get(i).copied().unwrap_or(f64::NAN)).collect()))
+            .collect();
+        crate::plot::loss_plot(&out.join("loss.png"), &self.steps, &series)
+    }
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug)]
+pub struct Summary {
+    pub step: usize,
+    pub metrics: Vec<(&'static str, f64)>,
+    pub steps_per_sec: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Train `stage` until `opts.steps` (or `stop_at`), checkpointing as configured.
+pub fn run(
+    stage: &mut dyn Stage,
+    varmap: &VarMap,
+    opts: &LoopOptions,
+    out: &Path,
+    start: Start,
+    stop_at: Option<usize>,
+) -> Result<Summary> {
+    let vars = named_vars(varmap);
+    let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+    let mut opt = AdamW::new(vars.clone(), opts.adamw.clone())?;
+    let mut ema = Ema::new(&vars, opts.ema_decay)?;
+    let mut step = 0;
+    if let Start::Resume { step: s, dir } = &start {
+        load_into(&vars, &load_safetensors(&dir.join("weights.safetensors"), &device)?, dir)?;
+        let ofile = dir.join("optimizer.safetensors");
+        opt.load_state(&load_safetensors(&ofile, &device)?).map_err(|m| Error::checkpoint(&ofile, m))?;
+        let efile = dir.join("ema.safetensors");
+        let shadow = load_safetensors(&efile, &device)?;
+        for (name, _) in &vars {
+            let t = shadow.get(name).ok_or_else(|| Error::checkpoint(&efile, format!("lacks tensor `{name}`")))?;
+            ema.shadow.insert(name.clone(), t.clone());
+        }
+        step = *s;
+    }
+    let mut history = History::load(&out.join("metrics.csv"), step);
+    let end = stop_at.map_or(opts.steps, |s| s.min(opts.steps));
+    let mut progress = progress::Progress::new(opts.steps, step, opts.log_every);
+    let started = std::time::Instant::now();
+    let first = step;
+    let mut metrics = vec![];
+    while step < end {
+        let (loss, m) = stage.loss(step)?;
+        let grads = loss.backward()?;
+        let lr = stage.lr(step);
+        let gnorm = opt.step(&grads, lr, step + 1)?;
+        ema.update(&vars, step + 1)?;
+        step += 1;
+        metrics = m;
+        metrics.push(("grad_norm", gnorm));
+        metrics.push(("lr", lr));
+        if !metrics.iter().all(|(_, v)| v.is_finite()) {
+            return Err(Error::Usage(format!(
+                "training diverged at step {step} ({}); resume from the last checkpoint with a lower learning rate",
+                progress::format_metrics(&metrics)
+            )));
+        }
+        progress.update(step, &metrics);
+        if step % opts.log_every == 0 || step == end {
+            history.push(step, &metrics);
+        }
+        let checkpoint = step % opts.checkpoint_every == 0 || step == end;
+        if step % opts.sample_every == 0 || step == end {
+            stage.sample(&ema.shadow, step, out)?;
+            history.save(out)?;
+        }
+        if checkpoint {
+            save_checkpoint(out, step, &vars, &opt, &ema, opts.keep_checkpoints)?;
+            stage.export(&ema.shadow, out)?;
+            history.save(out)?;
+        }
+    }
+    progress.finish();
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        step,
+        metrics,
+        steps_per_sec: if secs > 0.0 { (step - first) as f64 / secs } else { 0.0 },
+        peak_rss_bytes: crate::util::peak_rss_bytes(),
+    })
+}
+
+fn save_checkpoint(
+    out: &Path,
+    step: usize,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    ema: &Ema,
+    keep: usize,
+) -> Result<()> {
+    let root = out.join("checkpoints");
+    let name = format!("step-{step:08}");
+    let tmp = root.join(format!(".{name}.partial"));
+    let dir = root.join(&name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let weights: HashMap<String, Tensor> =
+        vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    save_safetensors(&weights, &tmp.join("weights.safetensors"))?;
+    save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
+    save_safetensors(&ema.shadow, &tmp.join("ema.safetensors"))?;
+    write_json(&tmp.join("state.json"), &serde_json::json!({ "step": step }))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    write_bytes_atomic(&root.join("latest"), name.as_bytes())?;
+    // Keep the newest `keep` checkpoints.
+    let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .collect();
+    old.sort();
+    let excess = old.len().saturating_sub(keep.max(1));
+    for p in old.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Small process-level helpers.
+
+/// Peak resident set size of this process (Linux `VmHWM`), if the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Pick the compute device by name: `cpu`, or `cuda` when built with the `cuda` feature.
+pub fn device(name: &str) -> crate::Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda(0)?),
+        "cuda" => Err(crate::Error::Usage(
+            "this dalle was built without CUDA support: rebuild with `--features cuda` (needs nvcc)".into(),
+        )),
+        other => Err(crate::Error::Usage(format!("unknown device `{other}`: use cpu or cuda"))),
+    }
+}

@@ -1,0 +1,226 @@
+//! The discrete VAE of Ramesh et al. 2021 §2.1, layer for layer as OpenAI's `dall_e` 0.1.
+//!
+//! Parameter names mirror `dall_e`'s state dicts (`blocks.input.w`,
+//! `blocks.group_1.block_1.res_path.conv_1.w`, `…id_path.w`, `blocks.output.conv.w`), so the
+//! released `encoder.pkl` / `decoder.pkl`, converted to safetensors, load unchanged.
+
+use crate::config::VaeConfig;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// ε of `dall_e`'s `map_pixels`: the encoder sees pixels squeezed into [ε, 1 − ε] so that the
+/// logit-Laplace likelihood stays finite at 0 and 1.
+pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
+
+/// `dall_e.utils.map_pixels`: [0, 1] → [ε, 1 − ε].
+pub fn map_pixels(x: &Tensor) -> Result<Tensor> {
+    x.affine(1.0 - 2.0 * LOGIT_LAPLACE_EPS, LOGIT_LAPLACE_EPS)
+}
+
+/// `dall_e.utils.unmap_pixels`: back to [0, 1], clamped.
+pub fn unmap_pixels(x: &Tensor) -> Result<Tensor> {
+    x.affine(1.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS), -LOGIT_LAPLACE_EPS / (1.0 - 2.0 * LOGIT_LAPLACE_EPS))?
+        .clamp(0f32, 1f32)
+}
+
+/// `dall_e.utils.Conv2d`: weight `w` (n_out, n_in, kw, kw), bias `b`, "same" padding.
+#[derive(Clone, Debug)]
+struct Conv {
+    w: Tensor,
+    b: Tensor,
+    pad: usize,
+}
+
+impl Conv {
+    fn new(n_in: usize, n_out: usize, kw: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get((n_out, n_in, kw, kw), "w")?;
+        let b = vb.get(n_out, "b")?;
+        Ok(Conv { w, b, pad: (kw - 1) / 2 })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.w, self.pad, 1, 1, 1)?; // (b, n_out, h, w)
+        y.broadcast_add(&self.b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// Residual block: `id_path(x) + post_gain · res_path(x)`, post_gain = 1 / n_layers².
+#[derive(Clone, Debug)]
+struct Block {
+    id_path: Option<Conv>,
+    res_path: [Conv; 4],
+    post_gain: f64,
+}
+
+impl Block {
+    /// Encoder blocks use kernels 3,3,3,1 on the residual path; decoder blocks 1,3,3,3.
+    fn new(n_in: usize, n_out: usize, n_layers: usize, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        let n_hid = n_out / 4;
+        let id_path = if n_in != n_out { Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?) } else { None };
+        let rp = vb.pp("res_path");
+        let widths = [(n_in, n_hid), (n_hid, n_hid), (n_hid, n_hid), (n_hid, n_out)];
+        let conv = |i: usize| Conv::new(widths[i].0, widths[i].1, kernels[i], rp.pp(format!("conv_{}", i + 1)));
+        let res_path = [conv(0)?, conv(1)?, conv(2)?, conv(3)?];
+        Ok(Block { id_path, res_path, post_gain: 1.0 / (n_layers * n_layers) as f64 })
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let id = match &self.id_path {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let mut h = x.clone();
+        for conv in &self.res_path {
+            h = conv.forward(&h.relu()?)?;
+        }
+        id + (h * self.post_gain)?
+    }
+}
+
+/// Image [0, 1] → codebook logits over a `grid × grid` map.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    input: Conv,
+    groups: Vec<Vec<Block>>,
+    output: Conv,
+}
+
+impl Encoder {
+    /// Build under `vb` (the `blocks.` prefix is added here).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("blocks");
+        let n_layers = cfg.group_count * cfg.n_blk_per_group;
+        let input = Conv::new(cfg.channels, cfg.n_hid, 7, vb.pp("input"))?;
+        let mut width = cfg.n_hid;
+        let mut groups = Vec::with_capacity(cfg.group_count);
+        for g in 1..=cfg.group_count {
+            let out = cfg.group_width(g);
+            let gvb = vb.pp(format!("group_{g}"));
+            let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
+            for i in 1..=cfg.n_blk_per_group {
+                blocks.push(Block::new(width, out, n_layers, [3, 3, 3, 1], gvb.pp(format!("block_{i}")))?);
+                width = out;
+            }
+            groups.push(blocks);
+        }
+        let output = Conv::new(width, cfg.vocab_size, 1, vb.pp("output").pp("conv"))?;
+        Ok(Encoder { input, groups, output })
+    }
+
+    /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
+    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        let mut x = self.input.forward(&map_pixels(image)?)?;
+        let last = self.groups.len() - 1;
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for b in blocks {
+                x = b.forward(&x)?;
+            }
+            if g < last {
+                x = x.max_pool2d(2)?;
+            }
+        }
+        self.output.forward(&x.relu()?)
+    }
+
+    /// (b, 3, H, W) → (b, grid·grid) token ids (argmax, no noise), raster order.
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(image)?;
+        let (b, v, h, w) = logits.dims4()?;
+        logits.reshape((b, v, h * w))?.argmax(1)?.to_dtype(DType::U32)
+    }
+}
+
+/// Codes → per-pixel logit-Laplace statistics (μ and ln b for each channel).
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    input: Conv,
+    groups: Vec<Vec<Block>>,
+    output: Conv,
+    vocab_size: usize,
+}
+
+impl Decoder {
+    /// Build under `vb` (the `blocks.` prefix is added here).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("blocks");
+        let n_layers = cfg.group_count * cfg.n_blk_per_group;
+        let input = Conv::new(cfg.vocab_size, cfg.n_init, 1, vb.pp("input"))?;
+        let mut width = cfg.n_init;
+        let mut groups = Vec::with_capacity(cfg.group_count);
+        for g in 1..=cfg.group_count {
+            // Group 1 is the widest: the decoder mirrors the encoder.
+            let out = cfg.group_width(cfg.group_count + 1 - g);
+            let gvb = vb.pp(format!("group_{g}"));
+            let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
+            for i in 1..=cfg.n_blk_per_group {
+                blocks.push(Block::new(width, out, n_layers, [1, 3, 3, 3], gvb.pp(format!("block_{i}")))?);
+                width = out;
+            }
+            groups.push(blocks);
+        }
+        let output = Conv::new(width, 2 * cfg.channels, 1, vb.pp("output").pp("conv"))?;
+        Ok(Decoder { input, groups, output, vocab_size: cfg.vocab_size })
+    }
+
+    fn trunk(&self, mut x: Tensor) -> Result<Tensor> {
+        let last = self.groups.len() - 1;
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for b in blocks {
+                x = b.forward(&x)?;
+            }
+            if g < last {
+                let (_, _, h, w) = x.dims4()?;
+                x = x.upsample_nearest2d(2 * h, 2 * w)?;
+            }
+        }
+        self.output.forward(&x.relu()?)
+    }
+
+    /// (b, vocab, h, w) soft or hard one-hot codes → (b, 2·channels, H, W) statistics.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.trunk(self.input.forward(z)?)
+    }
+
+    /// (b, h·w) token ids → (b, 2·channels, H, W) statistics. The one-hot 1×1 conv is done as a
+    /// gather of weight columns: the same numbers as `forward(one_hot)`, without the one-hot.
+    pub fn forward_tokens(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
+        let (b, n) = tokens.dims2()?;
+        let n_init = self.input.w.dim(0)?;
+        let table = self.input.w.reshape((n_init, self.vocab_size))?.t()?; // (vocab, n_init)
+        let x = table.embedding(&tokens.flatten_all()?)?; // (b·n, n_init)
+        let x = x.reshape((b, n, n_init))?.transpose(1, 2)?.reshape((b, n_init, grid, grid))?;
+        let x = x.broadcast_add(&self.input.b.reshape((1, (), 1, 1))?)?;
+        self.trunk(x)
+    }
+
+    /// Statistics → image in [0, 1]: `unmap_pixels(sigmoid(μ))`.
+    pub fn to_image(stats: &Tensor) -> Result<Tensor> {
+        let c = stats.dim(1)? / 2;
+        unmap_pixels(&candle_nn::ops::sigmoid(&stats.narrow(1, 0, c)?)?)
+    }
+
+    /// (b, h·w) token ids → (b, 3, H, W) image in [0, 1].
+    pub fn decode(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
+        Self::to_image(&self.forward_tokens(tokens, grid)?)
+    }
+}
+
+/// Softmax over `dim` with the max subtracted as a constant: every op has a backward pass
+/// (candle-nn's fused `softmax_last_dim` has none).
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(dim)?)
+}
+
+/// Log-softmax over `dim`, built from differentiable ops.
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    shifted.broadcast_sub(&lse)
+}

@@ -1,0 +1,180 @@
+//! Stage-1 training: the ELB with a gumbel-softmax relaxation (Ramesh et al. 2021 §2.1, A.2).
+
+use super::io::{save_dir, split_prefixed, Vae};
+use super::loss::{gumbel_softmax, kl_to_uniform, logit_laplace_nll, VaeSchedule};
+use super::model::{map_pixels, Decoder, Encoder};
+use crate::config::Config;
+use crate::data::filters::Filters;
+use crate::data::loader::Loader;
+use crate::data::{images_to_tensor, Index};
+use crate::rng::Rng;
+use crate::train::optim::AdamWConfig;
+use crate::train::{self, LoopOptions, Stage, Start, Summary};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Everything that fixes a stage-1 run; stored in `train.json` and reused on resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeTrainOptions {
+    #[serde(rename = "loop")]
+    pub lp: LoopOptions,
+    pub schedule: VaeSchedule,
+}
+
+impl VaeTrainOptions {
+    /// The paper's optimiser (AdamW 0.9/0.999/1e-8, weight decay 1e-4, EMA 0.999) with schedules
+    /// scaled to `steps`.
+    pub fn new(steps: usize, batch_size: usize, seed: u64) -> Self {
+        VaeTrainOptions {
+            lp: LoopOptions {
+                steps,
+                seed,
+                batch_size,
+                checkpoint_every: 500,
+                sample_every: 500,
+                log_every: 10,
+                keep_checkpoints: 2,
+                adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4, grad_clip: None },
+                ema_decay: 0.999,
+            },
+            schedule: VaeSchedule::scaled(steps),
+        }
+    }
+}
+
+/// dall_e's initialisation: kernels ~ N(0, 1/fan_in), biases zero.
+pub fn init_value(name: &str, dims: &[usize], rng: &mut Rng) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    if name.ends_with(".w") && dims.len() == 4 {
+        let std = 1.0 / ((dims[1] * dims[2] * dims[3]) as f64).sqrt();
+        (0..n).map(|_| (rng.normal() * std) as f32).collect()
+    } else {
+        vec![0.0; n]
+    }
+}
+
+/// Build an encoder and decoder over a fresh var map, deterministically initialised from `seed`.
+pub fn new_model(cfg: &Config, seed: u64, device: &Device) -> Result<(VarMap, Encoder, Decoder)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let encoder = Encoder::new(&cfg.vae, vb.pp("encoder"))?;
+    let decoder = Decoder::new(&cfg.vae, vb.pp("decoder"))?;
+    train::init_vars(&varmap, seed, init_value)?;
+    Ok((varmap, encoder, decoder))
+}
+
+pub struct VaeStage {
+    config: Config,
+    encoder: Encoder,
+    decoder: Decoder,
+    loader: Loader,
+    opts: VaeTrainOptions,
+    device: Device,
+    fixed: Vec<RgbImage>,
+}
+
+impl Stage for VaeStage {
+    fn loss(&mut self, step: usize) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
+        let b = self.opts.lp.batch_size;
+        let x = self.loader.batch_tensor(step, b, &self.device)?; // (b, 3, H, W)
+        let (tau, beta) = (self.opts.schedule.tau(step), self.opts.schedule.beta(step));
+        let logits = self.encoder.forward(&x)?; // (b, vocab, h, w)
+        let mut rng = Rng::stream(self.opts.lp.seed, "gumbel", step as u64);
+        let z = gumbel_softmax(&logits, tau, 1, &mut rng)?;
+        let stats = self.decoder.forward(&z)?; // (b, 6, H, W)
+        let c = self.config.vae.channels;
+        let mu = stats.narrow(1, 0, c)?;
+        let log_b = stats.narrow(1, c, c)?;
+        let nll = logit_laplace_nll(&map_pixels(&x)?, &mu, &log_b)?;
+        let kl = kl_to_uniform(&logits, 1)?;
+        // The ELB per image dimension: recon summed over pixels plus β·KL summed over latents.
+        let dims = x.elem_count() as f64;
+        let loss = ((&nll + (&kl * beta)?)? / dims)?;
+        let mse = (Decoder::to_image(&stats.detach())? - &x)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let latents = (logits.elem_count() / self.config.vae.vocab_size) as f64;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let metrics = vec![
+            ("loss", scalar(&loss)?),
+            ("recon", scalar(&nll)? / dims),
+            ("kl", scalar(&kl)? / latents),
+            ("psnr", 10.0 * (1.0 / mse.max(1e-10)).log10()),
+            ("tau", tau),
+            ("beta", beta),
+        ];
+        Ok((loss, metrics))
+    }
+
+    fn lr(&self, step: usize) -> f64 {
+        self.opts.schedule.lr(step)
+    }
+
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        let (enc, dec) = split_prefixed(weights);
+        save_dir(out, &self.config, &enc, &dec)
+    }
+
+    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()> {
+        if self.fixed.is_empty() {
+            return Ok(());
+        }
+        let vae = Vae::from_prefixed(&self.config, weights, &self.device)?;
+        let recon = vae.decode(&vae.encode(&self.fixed)?)?;
+        let mut tiles = self.fixed.clone();
+        tiles.extend(recon);
+        let dir = out.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+        crate::plot::save_png(&crate::plot::grid(&tiles, self.fixed.len()), &dir.join(format!("recon-{step:08}.png")))
+    }
+}
+
+/// What `dalle train-vae` was asked to do.
+pub struct VaeTrainRequest {
+    pub config: Config,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub options: VaeTrainOptions,
+    pub resume: bool,
+    pub stop_at: Option<usize>,
+    pub device: Device,
+    pub filters: Filters,
+}
+
+/// Run (or resume) stage-1 training.
+pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
+    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
+    let index = Index::scan(&req.data, &req.filters, false)?;
+    if index.skipped() > 0 {
+        eprint!("{}", index.report());
+    }
+    let loader = Loader::new(index, req.config.geometry.image_size as u32, req.filters.max_pixels, opts.lp.seed)?;
+    let fixed: Vec<RgbImage> = loader.fixed(8).into_iter().map(|(_, i)| i).collect();
+    let (varmap, encoder, decoder) = new_model(&req.config, opts.lp.seed, &req.device)?;
+    if let Start::Resume { step, .. } = &start {
+        eprintln!("resuming {} from step {step}", req.out.display());
+    }
+    let lp = opts.lp.clone();
+    let mut stage = VaeStage { config: req.config, encoder, decoder, loader, opts, device: req.device, fixed };
+    train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
+}
+
+/// Mean PSNR (dB) of encode → argmax tokens → decode over up to `count` images of `data`,
+/// centre-cropped, in batches of 32.
+pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
+    let index = Index::scan(data, &Filters::default(), false)?;
+    let loader = Loader::new(index, vae.image_size(), crate::data::filters::DEFAULT_MAX_PIXELS, 0)?;
+    let images: Vec<RgbImage> = loader.fixed(count).into_iter().map(|(_, i)| i).collect();
+    let mut total = 0.0;
+    for chunk in images.chunks(32) {
+        let recon = vae.decode(&vae.encode(chunk)?)?;
+        let a = images_to_tensor(chunk, &vae.device)?;
+        let b = images_to_tensor(&recon, &vae.device)?;
+        let mse = (a - b)?.sqr()?.mean((1, 2, 3))?.to_vec1::<f32>()?;
+        total += mse.iter().map(|m| 10.0 * (1.0 / (*m as f64).max(1e-10)).log10()).sum::<f64>();
+    }
+    Ok((total / images.len().max(1) as f64, images.len()))
+}
