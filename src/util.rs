@@ -19,3 +19,17 @@ pub fn device(name: &str) -> crate::Result<candle_core::Device> {
         other => Err(crate::Error::Usage(format!("unknown device `{other}`: use cpu or cuda"))),
     }
 }
+
+/// Keep freed memory in the process instead of returning it to the kernel after every tensor.
+/// Training allocates and frees the same large activation buffers each step; with glibc's
+/// defaults each of them is a fresh `mmap` and a round of page faults (measured here: 49 s of
+/// 63 s in the kernel for 10 dVAE steps; 8 s after this call).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}

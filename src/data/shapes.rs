@@ -172,6 +172,15 @@ fn position_phrase(rng: &mut Rng, row: usize, col: usize) -> &'static str {
     *rng.pick(&P[row.min(2)][col.min(2)])
 }
 
+/// "a" or "an" for the word that follows.
+fn a(next: &str) -> &'static str {
+    if next.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 fn inverse(relation: &str) -> &'static str {
     match relation {
         "left of" => "right of",
@@ -198,10 +207,10 @@ pub fn caption(scene: &Scene, rng: &mut Rng) -> String {
             let (size, shape, pos) = (size_word(rng, &o.size), shape_word(rng, &o.shape, false), position_phrase(rng, o.row, o.col));
             let c = &o.colour;
             match rng.below(4) {
-                0 => format!("a {size} {c} {shape} {pos}"),
-                1 => format!("{pos} there is a {size} {c} {shape}"),
-                2 => format!("a {c} {shape}, {size}, {pos}"),
-                _ => format!("there is a {size} {c} {shape} {pos}"),
+                0 => format!("{} {size} {c} {shape} {pos}", a(size)),
+                1 => format!("{pos} there is {} {size} {c} {shape}", a(size)),
+                2 => format!("{} {c} {shape}, {size}, {pos}", a(c)),
+                _ => format!("there is {} {size} {c} {shape} {pos}", a(size)),
             }
         }
         "count" => {
@@ -218,9 +227,9 @@ pub fn caption(scene: &Scene, rng: &mut Rng) -> String {
             let rel = scene.relation.as_deref().unwrap_or("left of");
             let (sa, sb) = (shape_word(rng, &o.shape, false), shape_word(rng, &b.shape, false));
             match rng.below(3) {
-                0 => format!("a {} {sa} {} a {} {sb}", o.colour, relation_phrase(rng, rel), b.colour),
-                1 => format!("a {} {sb} {} a {} {sa}", b.colour, relation_phrase(rng, inverse(rel)), o.colour),
-                _ => format!("there is a {} {sa} {} a {} {sb}", o.colour, relation_phrase(rng, rel), b.colour),
+                0 => format!("{} {} {sa} {} {} {} {sb}", a(&o.colour), o.colour, relation_phrase(rng, rel), a(&b.colour), b.colour),
+                1 => format!("{} {} {sb} {} {} {} {sa}", a(&b.colour), b.colour, relation_phrase(rng, inverse(rel)), a(&o.colour), o.colour),
+                _ => format!("there is {} {} {sa} {} {} {} {sb}", a(&o.colour), o.colour, relation_phrase(rng, rel), a(&b.colour), b.colour),
             }
         }
     }

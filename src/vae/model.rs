@@ -40,10 +40,41 @@ impl Conv {
 }
 
 impl Module for Conv {
+    /// Convolution as im2col (shifted views of the padded input) and one matmul. candle's CPU
+    /// `conv2d` backward goes through a naive `conv_transpose2d`; this form back-propagates
+    /// through `narrow`, `stack` and `matmul` only, which is an order of magnitude faster.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.w, self.pad, 1, 1, 1)?; // (b, n_out, h, w)
-        y.broadcast_add(&self.b.reshape((1, (), 1, 1))?)
+        let (b, c, h, w) = x.dims4()?;
+        let (n_out, _, k, _) = self.w.dims4()?;
+        let cols = if k == 1 {
+            x.reshape((b, c, h * w))?
+        } else {
+            let p = self.pad;
+            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let mut shifted = Vec::with_capacity(k * k);
+            for dy in 0..k {
+                for dx in 0..k {
+                    shifted.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
+                }
+            }
+            Tensor::stack(&shifted, 2)?.reshape((b, c * k * k, h * w))? // (b, c·k², h·w)
+        };
+        let wm = self.w.reshape((n_out, c * k * k))?;
+        let y = wm.broadcast_matmul(&cols)?; // (b, n_out, h·w)
+        y.broadcast_add(&self.b.reshape((1, n_out, 1))?)?.reshape((b, n_out, h, w))
     }
+}
+
+/// 2×2 max pooling as a reshape and two max reductions (differentiable without conv ops).
+fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
+/// Nearest-neighbour ×2 upsampling as a broadcast (its backward is a sum, not a grouped conv).
+fn upsample2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
 }
 
 /// Residual block: `id_path(x) + post_gain · res_path(x)`, post_gain = 1 / n_layers².
@@ -120,7 +151,7 @@ impl Encoder {
                 x = b.forward(&x)?;
             }
             if g < last {
-                x = x.max_pool2d(2)?;
+                x = max_pool2(&x)?;
             }
         }
         self.output.forward(&x.relu()?)
@@ -173,8 +204,7 @@ impl Decoder {
                 x = b.forward(&x)?;
             }
             if g < last {
-                let (_, _, h, w) = x.dims4()?;
-                x = x.upsample_nearest2d(2 * h, 2 * w)?;
+                x = upsample2(&x)?;
             }
         }
         self.output.forward(&x.relu()?)
@@ -190,7 +220,7 @@ impl Decoder {
     pub fn forward_tokens(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
         let (b, n) = tokens.dims2()?;
         let n_init = self.input.w.dim(0)?;
-        let table = self.input.w.reshape((n_init, self.vocab_size))?.t()?; // (vocab, n_init)
+        let table = self.input.w.reshape((n_init, self.vocab_size))?.t()?.contiguous()?; // (vocab, n_init)
         let x = table.embedding(&tokens.flatten_all()?)?; // (b·n, n_init)
         let x = x.reshape((b, n, n_init))?.transpose(1, 2)?.reshape((b, n_init, grid, grid))?;
         let x = x.broadcast_add(&self.input.b.reshape((1, (), 1, 1))?)?;
