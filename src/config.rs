@@ -193,7 +193,12 @@ impl Config {
                 })
             }
         };
-        let cfg = Config { preset: name.to_string(), geometry, vae, transformer };
+        let cfg = Config {
+            preset: name.to_string(),
+            geometry,
+            vae,
+            transformer,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -222,7 +227,10 @@ impl Config {
         if g.codebook != self.vae.vocab_size {
             return Err(Error::config(
                 "vae.vocab_size",
-                format!("is {} but geometry.codebook is {}", self.vae.vocab_size, g.codebook),
+                format!(
+                    "is {} but geometry.codebook is {}",
+                    self.vae.vocab_size, g.codebook
+                ),
             ));
         }
         Ok(())
@@ -245,21 +253,56 @@ impl Config {
         let g = &self.geometry;
         let vocab = g.text_vocab + g.text_len + g.codebook;
         let embed = vocab * d + g.text_len * d + 2 * g.grid * d;
-        let block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d);
+        let block = 2 * d
+            + (3 * d * d + 3 * d)
+            + (d * d + d)
+            + 2 * d
+            + (4 * d * d + 4 * d)
+            + (4 * d * d + d);
         embed + self.transformer.n_layers * block + 2 * d + (d * vocab + vocab)
     }
 }
 
-fn geom(image_size: usize, grid: usize, codebook: usize, text_len: usize, text_vocab: usize) -> Geometry {
-    Geometry { image_size, grid, codebook, text_len, text_vocab }
+fn geom(
+    image_size: usize,
+    grid: usize,
+    codebook: usize,
+    text_len: usize,
+    text_vocab: usize,
+) -> Geometry {
+    Geometry {
+        image_size,
+        grid,
+        codebook,
+        text_len,
+        text_vocab,
+    }
 }
 
-fn vae(group_count: usize, n_hid: usize, n_blk_per_group: usize, vocab_size: usize, n_init: usize) -> VaeConfig {
-    VaeConfig { group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels: 3 }
+fn vae(
+    group_count: usize,
+    n_hid: usize,
+    n_blk_per_group: usize,
+    vocab_size: usize,
+    n_init: usize,
+) -> VaeConfig {
+    VaeConfig {
+        group_count,
+        n_hid,
+        n_blk_per_group,
+        vocab_size,
+        n_init,
+        channels: 3,
+    }
 }
 
 fn tf(d_model: usize, n_layers: usize, n_heads: usize, conv_kernel: usize) -> TransformerConfig {
-    TransformerConfig { d_model, n_layers, n_heads, conv_kernel }
+    TransformerConfig {
+        d_model,
+        n_layers,
+        n_heads,
+        conv_kernel,
+    }
 }
 
 #[cfg(test)]
@@ -276,7 +319,10 @@ mod tests {
     #[test]
     fn unknown_preset_lists_valid_ones() {
         let e = Config::preset("huge").unwrap_err().to_string();
-        assert!(e.contains("huge") && e.contains("tiny, small, paper"), "{e}");
+        assert!(
+            e.contains("huge") && e.contains("tiny, small, paper"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -286,10 +332,18 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("vae.n_hid"));
         let mut c = Config::preset("tiny").unwrap();
         c.geometry.grid = 16;
-        assert!(c.validate().unwrap_err().to_string().contains("geometry.grid"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("geometry.grid"));
         let mut c = Config::preset("tiny").unwrap();
         c.transformer.n_heads = 3;
-        assert!(c.validate().unwrap_err().to_string().contains("transformer.d_model"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("transformer.d_model"));
     }
 
     #[test]

@@ -40,18 +40,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn input(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Input { path: path.into(), message: message.into() }
+        Error::Input {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.into(), message: message.into() }
+        Error::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { field: field.into(), message: message.into() }
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }

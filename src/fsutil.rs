@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// The temporary sibling that `write_atomic` writes before renaming.
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.partial"))
 }
 
@@ -21,7 +24,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 
 /// Write bytes atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e)))
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
 }
 
 /// Create `dir` (and parents) and prove it is writable, with an error that says what to do.

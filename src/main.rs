@@ -11,7 +11,11 @@ use dalle::vae::train::{VaeTrainOptions, VaeTrainRequest};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dalle", version, about = "DALL·E (Ramesh et al. 2021) in Rust: train, export, generate")]
+#[command(
+    name = "dalle",
+    version,
+    about = "DALL·E (Ramesh et al. 2021) in Rust: train, export, generate"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,8 +147,13 @@ struct FilterArgs {
 
 impl FilterArgs {
     fn build(&self) -> Result<Filters> {
-        Filters::new(self.min_caption_words, !self.allow_non_english, &self.boilerplate, !self.no_default_boilerplate)
-            .map_err(anyhow::Error::msg)
+        Filters::new(
+            self.min_caption_words,
+            !self.allow_non_english,
+            &self.boilerplate,
+            !self.no_default_boilerplate,
+        )
+        .map_err(anyhow::Error::msg)
     }
 }
 
@@ -219,13 +228,20 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         device,
         filters: a.filters.build()?,
     })?;
-    let metrics: Vec<String> = summary.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    let metrics: Vec<String> = summary
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
     println!(
         "step {}: {}; {:.2} steps/s; peak RSS {}; checkpoint in {}",
         summary.step,
         metrics.join(", "),
         summary.steps_per_sec,
-        summary.peak_rss_bytes.map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+        summary.peak_rss_bytes.map_or("unknown".into(), |b| format!(
+            "{:.0} MiB",
+            b as f64 / (1 << 20) as f64
+        )),
         out.display()
     );
     Ok(())
@@ -233,7 +249,11 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
 
 fn info(preset: &str, json: bool) -> Result<()> {
     let c = Config::preset(preset)?;
-    let (enc, dec, tf) = (c.vae.encoder_params(), c.vae.decoder_params(), c.transformer_params());
+    let (enc, dec, tf) = (
+        c.vae.encoder_params(),
+        c.vae.decoder_params(),
+        c.transformer_params(),
+    );
     if json {
         let v = serde_json::json!({
             "config": c, "params": { "dvae_encoder": enc, "dvae_decoder": dec, "transformer": tf }
@@ -244,20 +264,35 @@ fn info(preset: &str, json: bool) -> Result<()> {
     let g = &c.geometry;
     let t = &c.transformer;
     println!("preset {}", c.preset);
-    println!("  image          {0}×{0} px → {1}×{1} tokens (codebook {2})", g.image_size, g.grid, g.codebook);
-    println!("  text           {} tokens, BPE vocab {}", g.text_len, g.text_vocab);
-    println!("  sequence       {} = {} text + {} image", g.seq_len(), g.text_len, g.image_tokens());
+    println!(
+        "  image          {0}×{0} px → {1}×{1} tokens (codebook {2})",
+        g.image_size, g.grid, g.codebook
+    );
+    println!(
+        "  text           {} tokens, BPE vocab {}",
+        g.text_len, g.text_vocab
+    );
+    println!(
+        "  sequence       {} = {} text + {} image",
+        g.seq_len(),
+        g.text_len,
+        g.image_tokens()
+    );
     println!(
         "  dVAE           group_count {} n_hid {} n_blk_per_group {} n_init {}",
         c.vae.group_count, c.vae.n_hid, c.vae.n_blk_per_group, c.vae.n_init
     );
-    println!("  transformer    d_model {} layers {} heads {} conv kernel {}", t.d_model, t.n_layers, t.n_heads, t.conv_kernel);
+    println!(
+        "  transformer    d_model {} layers {} heads {} conv kernel {}",
+        t.d_model, t.n_layers, t.n_heads, t.conv_kernel
+    );
     println!("  params         dVAE encoder {enc}, decoder {dec}, transformer {tf}");
     Ok(())
 }
 
 fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let grid = v.get("tokens").unwrap_or(&v);
@@ -270,9 +305,17 @@ fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
             serde_json::Value::Number(n) => out.push(
                 n.as_u64()
                     .and_then(|n| u32::try_from(n).ok())
-                    .with_context(|| format!("{}: token {n} is not a non-negative integer", path.display()))?,
+                    .with_context(|| {
+                        format!(
+                            "{}: token {n} is not a non-negative integer",
+                            path.display()
+                        )
+                    })?,
             ),
-            other => bail!("{}: expected token ids (a list of rows of integers), found {other}", path.display()),
+            other => bail!(
+                "{}: expected token ids (a list of rows of integers), found {other}",
+                path.display()
+            ),
         }
     }
     Ok(out)
@@ -290,7 +333,13 @@ fn run(cli: Cli) -> Result<()> {
     let cpu = candle_core::Device::Cpu;
     match cli.command {
         Command::Info { preset, json } => info(&preset, json)?,
-        Command::Data(DataCommand::Shapes { out, count, seed, split, image_size }) => {
+        Command::Data(DataCommand::Shapes {
+            out,
+            count,
+            seed,
+            split,
+            image_size,
+        }) => {
             if image_size < 16 {
                 bail!("--image-size must be at least 16 (got {image_size})");
             }
@@ -308,11 +357,32 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::TrainVae(a) => train_vae(a)?,
         Command::Vae(VaeCommand::ImportOpenai {
-            encoder, decoder, out, group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels, image_size,
+            encoder,
+            decoder,
+            out,
+            group_count,
+            n_hid,
+            n_blk_per_group,
+            vocab_size,
+            n_init,
+            channels,
+            image_size,
         }) => {
-            let vae = VaeConfig { group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels };
+            let vae = VaeConfig {
+                group_count,
+                n_hid,
+                n_blk_per_group,
+                vocab_size,
+                n_init,
+                channels,
+            };
             let c = dalle::vae::io::import_openai(&encoder, &decoder, vae, image_size, &out)?;
-            println!("imported OpenAI dVAE ({0}px → {1}×{1} tokens) into {2}", c.geometry.image_size, c.geometry.grid, out.display());
+            println!(
+                "imported OpenAI dVAE ({0}px → {1}×{1} tokens) into {2}",
+                c.geometry.image_size,
+                c.geometry.grid,
+                out.display()
+            );
         }
         Command::Vae(VaeCommand::Psnr { vae, data, count }) => {
             let vae = Vae::load(&vae, &cpu)?;
@@ -325,17 +395,26 @@ fn run(cli: Cli) -> Result<()> {
             let tokens = vae.encode(&[img])?.remove(0);
             let rows: Vec<&[u32]> = tokens.chunks(vae.grid()).collect();
             if json {
-                println!("{}", serde_json::json!({ "grid": vae.grid(), "tokens": rows }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "grid": vae.grid(), "tokens": rows })
+                );
             } else {
                 for r in rows {
-                    println!("{}", r.iter().map(|t| format!("{t:>5}")).collect::<String>());
+                    println!(
+                        "{}",
+                        r.iter().map(|t| format!("{t:>5}")).collect::<String>()
+                    );
                 }
             }
         }
         Command::Decode { vae, tokens, out } => {
             let vae = Vae::load(&vae, &cpu)?;
             let ids = parse_tokens(&tokens)?;
-            let img = vae.decode(&[ids]).with_context(|| format!("cannot decode {}", tokens.display()))?.remove(0);
+            let img = vae
+                .decode(&[ids])
+                .with_context(|| format!("cannot decode {}", tokens.display()))?
+                .remove(0);
             dalle::plot::save_png(&img, &out)?;
             println!("wrote {}", out.display());
         }

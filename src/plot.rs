@@ -92,9 +92,16 @@ pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> R
         let finite: Vec<f64> = ys.iter().copied().filter(|v| v.is_finite()).collect();
         let (lo, hi) = finite
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         let last = ys.last().copied().unwrap_or(f64::NAN);
-        let title = format!("{name} = {}   range {} : {}", fmt_value(last), fmt_value(lo), fmt_value(hi));
+        let title = format!(
+            "{name} = {}   range {} : {}",
+            fmt_value(last),
+            fmt_value(lo),
+            fmt_value(hi)
+        );
         draw_text(&mut img, margin, top + 4, &title, 2, ink);
         let (x0, x1, y0, y1) = (margin, w - margin, top + 20, top + ph - margin);
         for x in x0..=x1 {
@@ -109,9 +116,16 @@ pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> R
         let (s0, s1) = (steps[0] as f64, *steps.last().unwrap_or(&0) as f64);
         let span = (hi - lo).max(1e-12);
         let to_px = |s: usize, v: f64| {
-            let fx = if s1 > s0 { (s as f64 - s0) / (s1 - s0) } else { 0.0 };
+            let fx = if s1 > s0 {
+                (s as f64 - s0) / (s1 - s0)
+            } else {
+                0.0
+            };
             let fy = (v - lo) / span;
-            (x0 as f64 + fx * (x1 - x0) as f64, y1 as f64 - fy * (y1 - y0) as f64)
+            (
+                x0 as f64 + fx * (x1 - x0) as f64,
+                y1 as f64 - fy * (y1 - y0) as f64,
+            )
         };
         let mut prev: Option<(f64, f64)> = None;
         for (&s, &v) in steps.iter().zip(ys) {
@@ -140,7 +154,11 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     if c != 3 {
         return Err(Error::Usage(format!("expected 3-channel images, got {c}")));
     }
-    let data = images.clamp(0f32, 1f32)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = images
+        .clamp(0f32, 1f32)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let plane = h * w;
     Ok((0..n)
         .map(|i| {
@@ -167,7 +185,12 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
     );
     for (i, img) in images.iter().enumerate() {
         let (r, c) = ((i / cols) as u32, (i % cols) as u32);
-        image::imageops::replace(&mut out, img, (gap + c * (w + gap)) as i64, (gap + r * (h + gap)) as i64);
+        image::imageops::replace(
+            &mut out,
+            img,
+            (gap + c * (w + gap)) as i64,
+            (gap + r * (h + gap)) as i64,
+        );
     }
     out
 }

@@ -22,7 +22,12 @@ impl Rng {
     /// A generator seeded from one number.
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
-        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
+        let s = [
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+        ];
         Rng { s }
     }
 
@@ -68,8 +73,8 @@ impl Rng {
     }
 
     /// One element of a slice, chosen uniformly; the slice must not be empty.
-    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
     }
 
     /// Standard normal (Box–Muller).
@@ -100,10 +105,18 @@ mod tests {
 
     #[test]
     fn streams_are_deterministic_and_distinct() {
-        let a: Vec<u64> = (0..4).map(|_| Rng::stream(7, "gumbel", 3).next_u64()).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| Rng::stream(7, "gumbel", 3).next_u64())
+            .collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
-        assert_ne!(Rng::stream(7, "gumbel", 3).next_u64(), Rng::stream(7, "gumbel", 4).next_u64());
-        assert_ne!(Rng::stream(7, "gumbel", 3).next_u64(), Rng::stream(7, "crop", 3).next_u64());
+        assert_ne!(
+            Rng::stream(7, "gumbel", 3).next_u64(),
+            Rng::stream(7, "gumbel", 4).next_u64()
+        );
+        assert_ne!(
+            Rng::stream(7, "gumbel", 3).next_u64(),
+            Rng::stream(7, "crop", 3).next_u64()
+        );
     }
 
     #[test]

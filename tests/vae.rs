@@ -16,7 +16,14 @@ fn micro() -> Config {
     c.geometry.image_size = 32;
     c.geometry.grid = 4;
     c.geometry.codebook = 64;
-    c.vae = VaeConfig { group_count: 4, n_hid: 8, n_blk_per_group: 1, vocab_size: 64, n_init: 16, channels: 3 };
+    c.vae = VaeConfig {
+        group_count: 4,
+        n_hid: 8,
+        n_blk_per_group: 1,
+        vocab_size: 64,
+        n_init: 16,
+        channels: 3,
+    };
     c.validate().unwrap();
     c
 }
@@ -24,8 +31,13 @@ fn micro() -> Config {
 fn names_and_shapes(build: impl Fn(VarBuilder)) -> Vec<(String, Vec<usize>)> {
     let vm = VarMap::new();
     build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
-    let mut v: Vec<(String, Vec<usize>)> =
-        vm.data().lock().unwrap().iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    let mut v: Vec<(String, Vec<usize>)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
     v.sort();
     v
 }
@@ -54,29 +66,50 @@ fn dall_e_encoder_keys() -> Vec<(String, Vec<usize>)> {
         ("blocks.group_2.block_1.res_path.conv_2.b", vec![4]),
         ("blocks.group_2.block_1.res_path.conv_3.w", vec![4, 4, 3, 3]),
         ("blocks.group_2.block_1.res_path.conv_3.b", vec![4]),
-        ("blocks.group_2.block_1.res_path.conv_4.w", vec![16, 4, 1, 1]),
+        (
+            "blocks.group_2.block_1.res_path.conv_4.w",
+            vec![16, 4, 1, 1],
+        ),
         ("blocks.group_2.block_1.res_path.conv_4.b", vec![16]),
         // group_3: 16 → 32.
         ("blocks.group_3.block_1.id_path.w", vec![32, 16, 1, 1]),
         ("blocks.group_3.block_1.id_path.b", vec![32]),
-        ("blocks.group_3.block_1.res_path.conv_1.w", vec![8, 16, 3, 3]),
+        (
+            "blocks.group_3.block_1.res_path.conv_1.w",
+            vec![8, 16, 3, 3],
+        ),
         ("blocks.group_3.block_1.res_path.conv_1.b", vec![8]),
         ("blocks.group_3.block_1.res_path.conv_2.w", vec![8, 8, 3, 3]),
         ("blocks.group_3.block_1.res_path.conv_2.b", vec![8]),
         ("blocks.group_3.block_1.res_path.conv_3.w", vec![8, 8, 3, 3]),
         ("blocks.group_3.block_1.res_path.conv_3.b", vec![8]),
-        ("blocks.group_3.block_1.res_path.conv_4.w", vec![32, 8, 1, 1]),
+        (
+            "blocks.group_3.block_1.res_path.conv_4.w",
+            vec![32, 8, 1, 1],
+        ),
         ("blocks.group_3.block_1.res_path.conv_4.b", vec![32]),
         // group_4: 32 → 64.
         ("blocks.group_4.block_1.id_path.w", vec![64, 32, 1, 1]),
         ("blocks.group_4.block_1.id_path.b", vec![64]),
-        ("blocks.group_4.block_1.res_path.conv_1.w", vec![16, 32, 3, 3]),
+        (
+            "blocks.group_4.block_1.res_path.conv_1.w",
+            vec![16, 32, 3, 3],
+        ),
         ("blocks.group_4.block_1.res_path.conv_1.b", vec![16]),
-        ("blocks.group_4.block_1.res_path.conv_2.w", vec![16, 16, 3, 3]),
+        (
+            "blocks.group_4.block_1.res_path.conv_2.w",
+            vec![16, 16, 3, 3],
+        ),
         ("blocks.group_4.block_1.res_path.conv_2.b", vec![16]),
-        ("blocks.group_4.block_1.res_path.conv_3.w", vec![16, 16, 3, 3]),
+        (
+            "blocks.group_4.block_1.res_path.conv_3.w",
+            vec![16, 16, 3, 3],
+        ),
         ("blocks.group_4.block_1.res_path.conv_3.b", vec![16]),
-        ("blocks.group_4.block_1.res_path.conv_4.w", vec![64, 16, 1, 1]),
+        (
+            "blocks.group_4.block_1.res_path.conv_4.w",
+            vec![64, 16, 1, 1],
+        ),
         ("blocks.group_4.block_1.res_path.conv_4.b", vec![64]),
         ("blocks.output.conv.w", vec![16, 64, 1, 1]),
         ("blocks.output.conv.b", vec![16]),
@@ -93,40 +126,67 @@ fn dall_e_decoder_keys() -> Vec<(String, Vec<usize>)> {
         // group_1: n_init 8 → 8·n_hid = 64; hidden 16; kernels 1,3,3,3.
         ("blocks.group_1.block_1.id_path.w", vec![64, 8, 1, 1]),
         ("blocks.group_1.block_1.id_path.b", vec![64]),
-        ("blocks.group_1.block_1.res_path.conv_1.w", vec![16, 8, 1, 1]),
+        (
+            "blocks.group_1.block_1.res_path.conv_1.w",
+            vec![16, 8, 1, 1],
+        ),
         ("blocks.group_1.block_1.res_path.conv_1.b", vec![16]),
-        ("blocks.group_1.block_1.res_path.conv_2.w", vec![16, 16, 3, 3]),
+        (
+            "blocks.group_1.block_1.res_path.conv_2.w",
+            vec![16, 16, 3, 3],
+        ),
         ("blocks.group_1.block_1.res_path.conv_2.b", vec![16]),
-        ("blocks.group_1.block_1.res_path.conv_3.w", vec![16, 16, 3, 3]),
+        (
+            "blocks.group_1.block_1.res_path.conv_3.w",
+            vec![16, 16, 3, 3],
+        ),
         ("blocks.group_1.block_1.res_path.conv_3.b", vec![16]),
-        ("blocks.group_1.block_1.res_path.conv_4.w", vec![64, 16, 3, 3]),
+        (
+            "blocks.group_1.block_1.res_path.conv_4.w",
+            vec![64, 16, 3, 3],
+        ),
         ("blocks.group_1.block_1.res_path.conv_4.b", vec![64]),
         // group_2: 64 → 32.
         ("blocks.group_2.block_1.id_path.w", vec![32, 64, 1, 1]),
         ("blocks.group_2.block_1.id_path.b", vec![32]),
-        ("blocks.group_2.block_1.res_path.conv_1.w", vec![8, 64, 1, 1]),
+        (
+            "blocks.group_2.block_1.res_path.conv_1.w",
+            vec![8, 64, 1, 1],
+        ),
         ("blocks.group_2.block_1.res_path.conv_1.b", vec![8]),
         ("blocks.group_2.block_1.res_path.conv_2.w", vec![8, 8, 3, 3]),
         ("blocks.group_2.block_1.res_path.conv_2.b", vec![8]),
         ("blocks.group_2.block_1.res_path.conv_3.w", vec![8, 8, 3, 3]),
         ("blocks.group_2.block_1.res_path.conv_3.b", vec![8]),
-        ("blocks.group_2.block_1.res_path.conv_4.w", vec![32, 8, 3, 3]),
+        (
+            "blocks.group_2.block_1.res_path.conv_4.w",
+            vec![32, 8, 3, 3],
+        ),
         ("blocks.group_2.block_1.res_path.conv_4.b", vec![32]),
         // group_3: 32 → 16.
         ("blocks.group_3.block_1.id_path.w", vec![16, 32, 1, 1]),
         ("blocks.group_3.block_1.id_path.b", vec![16]),
-        ("blocks.group_3.block_1.res_path.conv_1.w", vec![4, 32, 1, 1]),
+        (
+            "blocks.group_3.block_1.res_path.conv_1.w",
+            vec![4, 32, 1, 1],
+        ),
         ("blocks.group_3.block_1.res_path.conv_1.b", vec![4]),
         ("blocks.group_3.block_1.res_path.conv_2.w", vec![4, 4, 3, 3]),
         ("blocks.group_3.block_1.res_path.conv_2.b", vec![4]),
         ("blocks.group_3.block_1.res_path.conv_3.w", vec![4, 4, 3, 3]),
         ("blocks.group_3.block_1.res_path.conv_3.b", vec![4]),
-        ("blocks.group_3.block_1.res_path.conv_4.w", vec![16, 4, 3, 3]),
+        (
+            "blocks.group_3.block_1.res_path.conv_4.w",
+            vec![16, 4, 3, 3],
+        ),
         ("blocks.group_3.block_1.res_path.conv_4.b", vec![16]),
         // group_4: 16 → 8.
         ("blocks.group_4.block_1.id_path.w", vec![8, 16, 1, 1]),
         ("blocks.group_4.block_1.id_path.b", vec![8]),
-        ("blocks.group_4.block_1.res_path.conv_1.w", vec![2, 16, 1, 1]),
+        (
+            "blocks.group_4.block_1.res_path.conv_1.w",
+            vec![2, 16, 1, 1],
+        ),
         ("blocks.group_4.block_1.res_path.conv_1.b", vec![2]),
         ("blocks.group_4.block_1.res_path.conv_2.w", vec![2, 2, 3, 3]),
         ("blocks.group_4.block_1.res_path.conv_2.b", vec![2]),
@@ -145,7 +205,14 @@ fn dall_e_decoder_keys() -> Vec<(String, Vec<usize>)> {
 
 #[test]
 fn parameter_names_and_shapes_match_dall_e() {
-    let cfg = VaeConfig { group_count: 4, n_hid: 8, n_blk_per_group: 1, vocab_size: 16, n_init: 8, channels: 3 };
+    let cfg = VaeConfig {
+        group_count: 4,
+        n_hid: 8,
+        n_blk_per_group: 1,
+        vocab_size: 16,
+        n_init: 8,
+        channels: 3,
+    };
     let enc = names_and_shapes(|vb| {
         Encoder::new(&cfg, vb).unwrap();
     });
@@ -154,7 +221,11 @@ fn parameter_names_and_shapes_match_dall_e() {
     });
     assert_eq!(enc, dall_e_encoder_keys());
     assert_eq!(dec, dall_e_decoder_keys());
-    let count = |v: &[(String, Vec<usize>)]| v.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+    let count = |v: &[(String, Vec<usize>)]| {
+        v.iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+    };
     assert_eq!(count(&enc), cfg.encoder_params());
     assert_eq!(count(&dec), cfg.decoder_params());
 }
@@ -170,14 +241,31 @@ fn tiny_shapes_64px_to_8x8_and_back() {
     assert_eq!(tokens.dims(), &[2, 64]);
     let img = dec.decode(&tokens, 8).unwrap();
     assert_eq!(img.dims(), &[2, 3, 64, 64]);
-    let (lo, hi) = (img.min_all().unwrap().to_scalar::<f32>().unwrap(), img.max_all().unwrap().to_scalar::<f32>().unwrap());
-    assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi), "{lo} {hi}");
+    let (lo, hi) = (
+        img.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        img.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi),
+        "{lo} {hi}"
+    );
     // The gather used for token input equals the one-hot 1×1 conv of the training path.
     let ids = tokens.to_dtype(DType::I64).unwrap();
     let one_hot = candle_nn::encoding::one_hot(ids, 512, 1f32, 0f32).unwrap(); // (2, 64, 512)
-    let z = one_hot.transpose(1, 2).unwrap().reshape((2, 512, 8, 8)).unwrap();
+    let z = one_hot
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((2, 512, 8, 8))
+        .unwrap();
     let via_conv = Decoder::to_image(&dec.forward(&z).unwrap()).unwrap();
-    let diff = (via_conv - img).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (via_conv - img)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "gather vs one-hot conv: {diff}");
 }
 
@@ -201,13 +289,30 @@ fn every_parameter_receives_a_gradient() {
     let vars = dalle::train::named_vars(&vm);
     assert!(vars.len() > 80);
     for (name, var) in vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "zero or non-finite gradient for {name}: {norm}");
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "zero or non-finite gradient for {name}: {norm}"
+        );
     }
 }
 
-fn request(data: &Path, out: &Path, steps: usize, resume: bool, stop_at: Option<usize>) -> VaeTrainRequest {
+fn request(
+    data: &Path,
+    out: &Path,
+    steps: usize,
+    resume: bool,
+    stop_at: Option<usize>,
+) -> VaeTrainRequest {
     let mut options = VaeTrainOptions::new(steps, 8, 7);
     options.schedule.lr_start = 2e-3;
     options.lp.checkpoint_every = 5;
@@ -228,10 +333,21 @@ fn request(data: &Path, out: &Path, steps: usize, resume: bool, stop_at: Option<
 fn read_weights(dir: &Path) -> HashMap<String, Vec<f32>> {
     let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
     let mut out = HashMap::new();
-    for file in ["weights.safetensors", "ema.safetensors", "optimizer.safetensors"] {
-        let t = candle_core::safetensors::load(dir.join("checkpoints").join(latest.trim()).join(file), &Device::Cpu).unwrap();
+    for file in [
+        "weights.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+    ] {
+        let t = candle_core::safetensors::load(
+            dir.join("checkpoints").join(latest.trim()).join(file),
+            &Device::Cpu,
+        )
+        .unwrap();
         for (k, v) in t {
-            out.insert(format!("{file}/{k}"), v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            out.insert(
+                format!("{file}/{k}"),
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
         }
     }
     out
@@ -240,8 +356,15 @@ fn read_weights(dir: &Path) -> HashMap<String, Vec<f32>> {
 fn metric(dir: &Path, name: &str) -> Vec<f64> {
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
-    let col = lines.next().unwrap().split(',').position(|c| c == name).unwrap();
-    lines.map(|l| l.split(',').nth(col).unwrap().parse().unwrap()).collect()
+    let col = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == name)
+        .unwrap();
+    lines
+        .map(|l| l.split(',').nth(col).unwrap().parse().unwrap())
+        .collect()
 }
 
 #[test]
@@ -252,26 +375,52 @@ fn training_lowers_reconstruction_loss_and_resume_is_bit_exact() {
 
     // A longer run lowers the reconstruction NLL (nats per pixel channel).
     let long = tmp.path().join("long");
-    assert_eq!(train_vae(request(&data, &long, 60, false, None)).unwrap().step, 60);
+    assert_eq!(
+        train_vae(request(&data, &long, 60, false, None))
+            .unwrap()
+            .step,
+        60
+    );
     let recon = metric(&long, "recon");
     let first: f64 = recon[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = recon[recon.len() - 5..].iter().sum::<f64>() / 5.0;
-    assert!(last < first - 0.05, "reconstruction NLL did not fall: {first:.4} → {last:.4}");
+    assert!(
+        last < first - 0.05,
+        "reconstruction NLL did not fall: {first:.4} → {last:.4}"
+    );
 
     // 20 straight steps.
     let straight = tmp.path().join("straight");
-    assert_eq!(train_vae(request(&data, &straight, 20, false, None)).unwrap().step, 20);
+    assert_eq!(
+        train_vae(request(&data, &straight, 20, false, None))
+            .unwrap()
+            .step,
+        20
+    );
 
     // 10 steps, stop, resume, 10 more.
     let split = tmp.path().join("split");
-    assert_eq!(train_vae(request(&data, &split, 20, false, Some(10))).unwrap().step, 10);
-    assert_eq!(train_vae(request(&data, &split, 20, true, None)).unwrap().step, 20);
+    assert_eq!(
+        train_vae(request(&data, &split, 20, false, Some(10)))
+            .unwrap()
+            .step,
+        10
+    );
+    assert_eq!(
+        train_vae(request(&data, &split, 20, true, None))
+            .unwrap()
+            .step,
+        20
+    );
 
     let (a, b) = (read_weights(&straight), read_weights(&split));
     assert_eq!(a.len(), b.len());
     for (k, va) in &a {
         let vb = &b[k];
-        assert!(va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{k} differs after resume");
+        assert!(
+            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{k} differs after resume"
+        );
     }
     // The inference files are the EMA weights and load back as a dVAE.
     let vae = dalle::vae::io::Vae::load(&split, &Device::Cpu).unwrap();

@@ -75,7 +75,13 @@ mod tests {
     use super::*;
 
     fn tiny() -> Geometry {
-        Geometry { image_size: 64, grid: 8, codebook: 512, text_len: 32, text_vocab: 1024 }
+        Geometry {
+            image_size: 64,
+            grid: 8,
+            codebook: 512,
+            text_len: 32,
+            text_vocab: 1024,
+        }
     }
 
     #[test]
@@ -92,6 +98,9 @@ mod tests {
         let g = Geometry { grid: 0, ..tiny() };
         assert_eq!(g.validate(), Err(GeometryError::Zero { field: "grid" }));
         let g = Geometry { grid: 7, ..tiny() };
-        assert!(matches!(g.validate(), Err(GeometryError::NotDivisible { .. })));
+        assert!(matches!(
+            g.validate(),
+            Err(GeometryError::NotDivisible { .. })
+        ));
     }
 }

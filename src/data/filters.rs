@@ -20,10 +20,10 @@ pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 /// The most frequent English function words; a caption of five or more words that contains
 /// none of them is taken as not English.
 const COMMON_ENGLISH: [&str; 48] = [
-    "a", "an", "the", "of", "and", "in", "on", "at", "to", "with", "for", "by", "from", "is", "are",
-    "was", "it", "this", "that", "there", "some", "two", "three", "one", "all", "its", "his", "her",
-    "their", "or", "as", "near", "under", "over", "above", "below", "next", "into", "up", "down",
-    "man", "woman", "people", "red", "blue", "green", "white", "black",
+    "a", "an", "the", "of", "and", "in", "on", "at", "to", "with", "for", "by", "from", "is",
+    "are", "was", "it", "this", "that", "there", "some", "two", "three", "one", "all", "its",
+    "his", "her", "their", "or", "as", "near", "under", "over", "above", "below", "next", "into",
+    "up", "down", "man", "woman", "people", "red", "blue", "green", "white", "black",
 ];
 
 /// Which checks to apply. Every rejection is counted under its reason.
@@ -39,20 +39,32 @@ pub struct Filters {
 
 impl Default for Filters {
     fn default() -> Self {
-        Filters::new(2, true, &[], true).unwrap_or_else(|_| unreachable!("default patterns are valid"))
+        Filters::new(2, true, &[], true)
+            .unwrap_or_else(|_| unreachable!("default patterns are valid"))
     }
 }
 
 impl Filters {
     /// Filters with the default aspect and pixel limits; `extra` patterns are added to the
     /// defaults (or replace them when `with_defaults` is false).
-    pub fn new(min_words: usize, english_only: bool, extra: &[String], with_defaults: bool) -> Result<Self, String> {
-        let mut pats: Vec<String> =
-            if with_defaults { DEFAULT_BOILERPLATE.iter().map(|s| s.to_string()).collect() } else { vec![] };
+    pub fn new(
+        min_words: usize,
+        english_only: bool,
+        extra: &[String],
+        with_defaults: bool,
+    ) -> Result<Self, String> {
+        let mut pats: Vec<String> = if with_defaults {
+            DEFAULT_BOILERPLATE.iter().map(|s| s.to_string()).collect()
+        } else {
+            vec![]
+        };
         pats.extend(extra.iter().cloned());
         let boilerplate = pats
             .iter()
-            .map(|p| Regex::new(&format!("(?i){p}")).map_err(|e| format!("bad boilerplate pattern `{p}`: {e}")))
+            .map(|p| {
+                Regex::new(&format!("(?i){p}"))
+                    .map_err(|e| format!("bad boilerplate pattern `{p}`: {e}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Filters {
             min_words,
@@ -99,7 +111,11 @@ impl Filters {
 /// more words contains at least one common English function word.
 pub fn looks_english(words: &[&str]) -> bool {
     let (mut letters, mut ascii) = (0usize, 0usize);
-    for c in words.iter().flat_map(|w| w.chars()).filter(|c| c.is_alphabetic()) {
+    for c in words
+        .iter()
+        .flat_map(|w| w.chars())
+        .filter(|c| c.is_alphabetic())
+    {
         letters += 1;
         ascii += c.is_ascii_alphabetic() as usize;
     }
@@ -110,7 +126,9 @@ pub fn looks_english(words: &[&str]) -> bool {
         return true;
     }
     words.iter().any(|w| {
-        let w = w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+        let w = w
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
         COMMON_ENGLISH.contains(&w.as_str())
     })
 }
@@ -124,9 +142,15 @@ mod tests {
         let f = Filters::default();
         assert_eq!(f.check_caption("a red circle at the top"), None);
         assert_eq!(f.check_caption("circle"), Some("caption_too_short"));
-        assert_eq!(f.check_caption("un chat noir sur le canapé dans la cuisine"), Some("not_english"));
+        assert_eq!(
+            f.check_caption("un chat noir sur le canapé dans la cuisine"),
+            Some("not_english")
+        );
         assert_eq!(f.check_caption("красный круг"), Some("not_english"));
-        assert_eq!(f.check_caption("photographed on 2019-04-01 by a tourist"), Some("boilerplate"));
+        assert_eq!(
+            f.check_caption("photographed on 2019-04-01 by a tourist"),
+            Some("boilerplate")
+        );
         assert_eq!(f.check_caption("IMG_2041 jpg"), Some("boilerplate"));
     }
 

@@ -16,11 +16,20 @@ pub struct FolderWriter {
 impl FolderWriter {
     pub fn create(dir: &Path) -> Result<Self> {
         crate::fsutil::ensure_writable_dir(dir)?;
-        Ok(FolderWriter { dir: dir.to_path_buf(), lines: vec![] })
+        Ok(FolderWriter {
+            dir: dir.to_path_buf(),
+            lines: vec![],
+        })
     }
 
     /// Save `image` as `file_name` and record its caption and any extra fields.
-    pub fn add(&mut self, file_name: &str, image: &RgbImage, text: &str, extra: serde_json::Value) -> Result<()> {
+    pub fn add(
+        &mut self,
+        file_name: &str,
+        image: &RgbImage,
+        text: &str,
+        extra: serde_json::Value,
+    ) -> Result<()> {
         let path = self.dir.join(file_name);
         image
             .save_with_format(&path, image::ImageFormat::Png)
@@ -29,7 +38,8 @@ impl FolderWriter {
         if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
             obj.extend(extra);
         }
-        serde_json::to_writer(&mut self.lines, &line).map_err(|e| Error::input(&path, e.to_string()))?;
+        serde_json::to_writer(&mut self.lines, &line)
+            .map_err(|e| Error::input(&path, e.to_string()))?;
         let _ = self.lines.write_all(b"\n");
         Ok(())
     }
@@ -41,7 +51,11 @@ impl FolderWriter {
 
 /// One parsed metadata line.
 pub enum MetaLine {
-    Entry { file_name: String, text: String, extra: serde_json::Value },
+    Entry {
+        file_name: String,
+        text: String,
+        extra: serde_json::Value,
+    },
     /// The line is not UTF-8.
     NotUtf8,
     /// The line is not a JSON object with string `file_name` and `text`; the message says why.
@@ -49,14 +63,20 @@ pub enum MetaLine {
 }
 
 pub fn parse_line(bytes: &[u8]) -> MetaLine {
-    let Ok(line) = std::str::from_utf8(bytes) else { return MetaLine::NotUtf8 };
+    let Ok(line) = std::str::from_utf8(bytes) else {
+        return MetaLine::NotUtf8;
+    };
     let value: serde_json::Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => return MetaLine::Bad(format!("not JSON ({e})")),
     };
     let get = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
     match (get("file_name"), get("text")) {
-        (Some(file_name), Some(text)) => MetaLine::Entry { file_name, text, extra: value },
+        (Some(file_name), Some(text)) => MetaLine::Entry {
+            file_name,
+            text,
+            extra: value,
+        },
         (None, _) => MetaLine::Bad("no string `file_name`".into()),
         (_, None) => MetaLine::Bad("no string `text`".into()),
     }

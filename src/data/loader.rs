@@ -1,7 +1,7 @@
 //! Deterministic training batches: the samples of update `step` depend only on `(seed, step)`,
 //! so a resumed run sees exactly the batches an uninterrupted one would.
 
-use super::{decode_rgb, read_bytes, resize_short_side, crop_square, Index};
+use super::{crop_square, decode_rgb, read_bytes, resize_short_side, Index};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -76,7 +76,13 @@ impl Loader {
     /// The image of sample `i`, shorter side resized to the model size; `None` if it cannot be
     /// decoded (counted once, with a warning).
     pub fn image(&self, i: usize) -> Option<Arc<RgbImage>> {
-        if let Some(img) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).0.get(&i) {
+        if let Some(img) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(&i)
+        {
             return Some(img.clone());
         }
         let sample = &self.index.samples[i];
@@ -134,7 +140,10 @@ impl Loader {
     /// The first `count` decodable samples, centre-cropped: a fixed set for sample grids and eval.
     pub fn fixed(&self, count: usize) -> Vec<(usize, RgbImage)> {
         (0..self.len())
-            .filter_map(|i| self.image(i).map(|img| (i, crop_square(&img, self.size, 0.5))))
+            .filter_map(|i| {
+                self.image(i)
+                    .map(|img| (i, crop_square(&img, self.size, 0.5)))
+            })
             .take(count)
             .collect()
     }

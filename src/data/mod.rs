@@ -19,7 +19,11 @@ use std::path::{Path, PathBuf};
 pub enum Source {
     File(PathBuf),
     /// A member of a WebDataset `.tar` shard: byte range of its data.
-    Tar { shard: PathBuf, offset: u64, len: u64 },
+    Tar {
+        shard: PathBuf,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// One usable sample: a reference to its image and its caption.
@@ -43,11 +47,19 @@ pub struct Index {
     pub skips: Skips,
 }
 
+/// The members of one WebDataset key: name, image (data offset, bytes), caption (`None` inside
+/// when it is not UTF-8).
+type ShardKey = (String, Option<(u64, Vec<u8>)>, Option<Option<String>>);
+
 const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// Decode an image's header (format and size) without decoding its pixels.
 fn header_dims(bytes: &[u8]) -> Option<(u32, u32)> {
-    image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()
 }
 
 /// Decode a whole image, refusing anything over the pixel limit before allocating it.
@@ -59,22 +71,35 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> std::result::Result<RgbImage
     if w as u64 * h as u64 > max_pixels {
         return Err("oversized");
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|_| "undecodable")?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| "undecodable")?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(4).max(1 << 20));
     reader.limits(limits);
-    reader.decode().map(|i| i.to_rgb8()).map_err(|_| "undecodable")
+    reader
+        .decode()
+        .map(|i| i.to_rgb8())
+        .map_err(|_| "undecodable")
 }
 
 impl Index {
     /// Scan `dir`: `metadata.jsonl` (image folder) and/or `*.tar` shards (WebDataset), or one
     /// `.tar` file. With `full_decode`, every image is decoded (slower; finds corrupt bodies).
     pub fn scan(dir: &Path, filters: &Filters, full_decode: bool) -> Result<Index> {
-        let err = |m: String| Error::Dataset { path: dir.to_path_buf(), message: m };
+        let err = |m: String| Error::Dataset {
+            path: dir.to_path_buf(),
+            message: m,
+        };
         if !dir.exists() {
             return Err(err("does not exist".into()));
         }
-        let mut idx = Index { root: dir.to_path_buf(), samples: vec![], seen: 0, skips: Skips::new() };
+        let mut idx = Index {
+            root: dir.to_path_buf(),
+            samples: vec![],
+            seen: 0,
+            skips: Skips::new(),
+        };
         let mut shards = vec![];
         if dir.is_file() {
             shards.push(dir.to_path_buf());
@@ -145,7 +170,11 @@ impl Index {
             }
             self.seen += 1;
             let (file_name, text, extra) = match folder::parse_line(line) {
-                folder::MetaLine::Entry { file_name, text, extra } => (file_name, text, extra),
+                folder::MetaLine::Entry {
+                    file_name,
+                    text,
+                    extra,
+                } => (file_name, text, extra),
                 folder::MetaLine::NotUtf8 => {
                     self.skip("caption_not_utf8");
                     continue;
@@ -180,7 +209,11 @@ impl Index {
                 }
             };
             if self.admit(&text, &data, filters, full_decode) {
-                self.samples.push(Sample { source: Source::File(path), text, extra: Some(extra) });
+                self.samples.push(Sample {
+                    source: Source::File(path),
+                    text,
+                    extra: Some(extra),
+                });
             }
         }
         Ok(())
@@ -198,16 +231,22 @@ impl Index {
             return;
         };
         // img2dataset writes the members of one key next to each other.
-        let mut pending: Option<(String, Option<(u64, Vec<u8>)>, Option<Option<String>>)> = None;
-        let mut keys: Vec<(String, Option<(u64, Vec<u8>)>, Option<Option<String>>)> = vec![];
+        let mut pending: Option<ShardKey> = None;
+        let mut keys: Vec<ShardKey> = vec![];
         for entry in entries {
             let Ok(mut entry) = entry else {
                 self.skip("corrupt_shard");
                 break;
             };
-            let Ok(path) = entry.path().map(|p| p.to_string_lossy().into_owned()) else { continue };
-            let (dir, file) = path.rsplit_once('/').map_or(("", path.as_str()), |(d, f)| (d, f));
-            let Some((stem, ext)) = file.split_once('.') else { continue };
+            let Ok(path) = entry.path().map(|p| p.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let (dir, file) = path
+                .rsplit_once('/')
+                .map_or(("", path.as_str()), |(d, f)| (d, f));
+            let Some((stem, ext)) = file.split_once('.') else {
+                continue;
+            };
             let key = format!("{dir}/{stem}");
             if pending.as_ref().is_some_and(|p| p.0 != key) {
                 keys.extend(pending.take());
@@ -245,8 +284,16 @@ impl Index {
                 continue;
             };
             if self.admit(&text, &data, filters, full_decode) {
-                let source = Source::Tar { shard: shard.to_path_buf(), offset, len: data.len() as u64 };
-                self.samples.push(Sample { source, text: text.trim().to_string(), extra: None });
+                let source = Source::Tar {
+                    shard: shard.to_path_buf(),
+                    offset,
+                    len: data.len() as u64,
+                };
+                self.samples.push(Sample {
+                    source,
+                    text: text.trim().to_string(),
+                    extra: None,
+                });
             }
         }
     }
@@ -294,9 +341,15 @@ pub fn resize_short_side(img: &RgbImage, size: u32) -> RgbImage {
         return img.clone();
     }
     let (nw, nh) = if w <= h {
-        (size, ((h as u64 * size as u64 + w as u64 / 2) / w as u64).max(size as u64) as u32)
+        (
+            size,
+            ((h as u64 * size as u64 + w as u64 / 2) / w as u64).max(size as u64) as u32,
+        )
     } else {
-        (((w as u64 * size as u64 + h as u64 / 2) / h as u64).max(size as u64) as u32, size)
+        (
+            ((w as u64 * size as u64 + h as u64 / 2) / h as u64).max(size as u64) as u32,
+            size,
+        )
     };
     image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle)
 }
@@ -313,7 +366,10 @@ pub fn crop_square(img: &RgbImage, size: u32, offset: f64) -> RgbImage {
 pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let img = decode_rgb(&bytes, filters::DEFAULT_MAX_PIXELS).map_err(|why| {
-        Error::input(path, format!("cannot use this image ({})", why.replace('_', " ")))
+        Error::input(
+            path,
+            format!("cannot use this image ({})", why.replace('_', " ")),
+        )
     })?;
     if img.dimensions() != (size, size) {
         eprintln!(
@@ -327,7 +383,10 @@ pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
 }
 
 /// RGB images → (n, 3, H, W) f32 in [0, 1].
-pub fn images_to_tensor(images: &[RgbImage], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+pub fn images_to_tensor(
+    images: &[RgbImage],
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
     let (w, h) = images.first().map(|i| i.dimensions()).unwrap_or((0, 0));
     let plane = (w * h) as usize;
     let mut data = vec![0f32; images.len() * 3 * plane];
@@ -338,5 +397,9 @@ pub fn images_to_tensor(images: &[RgbImage], device: &candle_core::Device) -> Re
             }
         }
     }
-    Ok(candle_core::Tensor::from_vec(data, (images.len(), 3, h as usize, w as usize), device)?)
+    Ok(candle_core::Tensor::from_vec(
+        data,
+        (images.len(), 3, h as usize, w as usize),
+        device,
+    )?)
 }

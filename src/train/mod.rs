@@ -68,7 +68,8 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     write_bytes_atomic(path, text.as_bytes())
 }
 
@@ -93,7 +94,10 @@ where
         return Ok((options, Start::Fresh));
     }
     let stored = Config::load(&cfg_path).map_err(|e| match e {
-        Error::Io { .. } => Error::checkpoint(out, "nothing to resume: no config.json (start without --resume)"),
+        Error::Io { .. } => Error::checkpoint(
+            out,
+            "nothing to resume: no config.json (start without --resume)",
+        ),
         e => e,
     })?;
     if &stored != config {
@@ -106,8 +110,12 @@ where
             ),
         ));
     }
-    let name = std::fs::read_to_string(&latest)
-        .map_err(|_| Error::checkpoint(out, "nothing to resume: no complete checkpoint yet (start without --resume)"))?;
+    let name = std::fs::read_to_string(&latest).map_err(|_| {
+        Error::checkpoint(
+            out,
+            "nothing to resume: no complete checkpoint yet (start without --resume)",
+        )
+    })?;
     let dir = out.join("checkpoints").join(name.trim());
     let state: serde_json::Value = read_json(&dir.join("state.json"))?;
     let step = state["step"]
@@ -115,7 +123,10 @@ where
         .ok_or_else(|| Error::checkpoint(&dir, "state.json lacks `step`"))? as usize;
     let stored_opts: O = read_json(&out.join("train.json"))?;
     if stored_opts != options {
-        eprintln!("warning: resuming with the options stored in {} (the command line differs)", out.join("train.json").display());
+        eprintln!(
+            "warning: resuming with the options stored in {} (the command line differs)",
+            out.join("train.json").display()
+        );
     }
     Ok((stored_opts, Start::Resume { step, dir }))
 }
@@ -152,7 +163,11 @@ fn load_into(vars: &[(String, Var)], tensors: &HashMap<String, Tensor>, file: &P
         if t.dims() != var.dims() {
             return Err(Error::checkpoint(
                 file,
-                format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+                format!(
+                    "tensor `{name}` has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
             ));
         }
         var.set(t)?;
@@ -166,7 +181,8 @@ fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| Error::checkpoint(path, e.to_string()))
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| Error::checkpoint(path, e.to_string()))
 }
 
 /// The loss curve: one row per logged step.
@@ -178,20 +194,29 @@ struct History {
 
 impl History {
     fn load(path: &Path, upto: usize) -> History {
-        let mut h = History { names: vec![], steps: vec![], rows: vec![] };
-        let Ok(text) = std::fs::read_to_string(path) else { return h };
+        let mut h = History {
+            names: vec![],
+            steps: vec![],
+            rows: vec![],
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return h;
+        };
         let mut lines = text.lines();
         if let Some(head) = lines.next() {
             h.names = head.split(',').skip(1).map(str::to_string).collect();
         }
         for line in lines {
             let mut cells = line.split(',');
-            let Some(Ok(step)) = cells.next().map(str::parse::<usize>) else { continue };
+            let Some(Ok(step)) = cells.next().map(str::parse::<usize>) else {
+                continue;
+            };
             if step > upto {
                 break;
             }
             h.steps.push(step);
-            h.rows.push(cells.map(|c| c.parse().unwrap_or(f64::NAN)).collect());
+            h.rows
+                .push(cells.map(|c| c.parse().unwrap_or(f64::NAN)).collect());
         }
         h
     }
@@ -215,7 +240,15 @@ impl History {
             .names
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.as_str(), self.rows.iter().map(|r| r.get(i).copied().unwrap_or(f64::NAN)).collect()))
+            .map(|(i, n)| {
+                (
+                    n.as_str(),
+                    self.rows
+                        .iter()
+                        .map(|r| r.get(i).copied().unwrap_or(f64::NAN))
+                        .collect(),
+                )
+            })
             .collect();
         crate::plot::loss_plot(&out.join("loss.png"), &self.steps, &series)
     }
@@ -240,18 +273,28 @@ pub fn run(
     stop_at: Option<usize>,
 ) -> Result<Summary> {
     let vars = named_vars(varmap);
-    let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+    let device = vars
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(Device::Cpu);
     let mut opt = AdamW::new(vars.clone(), opts.adamw.clone())?;
     let mut ema = Ema::new(&vars, opts.ema_decay)?;
     let mut step = 0;
     if let Start::Resume { step: s, dir } = &start {
-        load_into(&vars, &load_safetensors(&dir.join("weights.safetensors"), &device)?, dir)?;
+        load_into(
+            &vars,
+            &load_safetensors(&dir.join("weights.safetensors"), &device)?,
+            dir,
+        )?;
         let ofile = dir.join("optimizer.safetensors");
-        opt.load_state(&load_safetensors(&ofile, &device)?).map_err(|m| Error::checkpoint(&ofile, m))?;
+        opt.load_state(&load_safetensors(&ofile, &device)?)
+            .map_err(|m| Error::checkpoint(&ofile, m))?;
         let efile = dir.join("ema.safetensors");
         let shadow = load_safetensors(&efile, &device)?;
         for (name, _) in &vars {
-            let t = shadow.get(name).ok_or_else(|| Error::checkpoint(&efile, format!("lacks tensor `{name}`")))?;
+            let t = shadow
+                .get(name)
+                .ok_or_else(|| Error::checkpoint(&efile, format!("lacks tensor `{name}`")))?;
             ema.shadow.insert(name.clone(), t.clone());
         }
         step = *s;
@@ -298,7 +341,11 @@ pub fn run(
     Ok(Summary {
         step,
         metrics,
-        steps_per_sec: if secs > 0.0 { (step - first) as f64 / secs } else { 0.0 },
+        steps_per_sec: if secs > 0.0 {
+            (step - first) as f64 / secs
+        } else {
+            0.0
+        },
         peak_rss_bytes: crate::util::peak_rss_bytes(),
     })
 }
@@ -317,12 +364,17 @@ fn save_checkpoint(
     let dir = root.join(&name);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let weights: HashMap<String, Tensor> =
-        vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    let weights: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
     save_safetensors(&weights, &tmp.join("weights.safetensors"))?;
     save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
     save_safetensors(&ema.shadow, &tmp.join("ema.safetensors"))?;
-    write_json(&tmp.join("state.json"), &serde_json::json!({ "step": step }))?;
+    write_json(
+        &tmp.join("state.json"),
+        &serde_json::json!({ "step": step }),
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     write_bytes_atomic(&root.join("latest"), name.as_bytes())?;
@@ -330,7 +382,10 @@ fn save_checkpoint(
     let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
         .map_err(|e| Error::io(&root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
         .collect();
     old.sort();
     let excess = old.len().saturating_sub(keep.max(1));

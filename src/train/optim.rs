@@ -30,8 +30,14 @@ impl AdamW {
     pub fn new(mut params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let zeros = |p: &Var| p.as_tensor().zeros_like();
-        let m = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = params
+            .iter()
+            .map(|(_, p)| zeros(p))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params
+            .iter()
+            .map(|(_, p)| zeros(p))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(AdamW { cfg, params, m, v })
     }
 
@@ -40,7 +46,11 @@ impl AdamW {
         let mut sq = 0f64;
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())
@@ -57,8 +67,14 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(t as i32);
         let c2 = 1.0 - b2.powi(t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
-            let g = if scale != 1.0 { (g * scale)? } else { g.clone() };
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
+            let g = if scale != 1.0 {
+                (g * scale)?
+            } else {
+                g.clone()
+            };
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.cfg.eps)?)?;
@@ -86,12 +102,24 @@ impl AdamW {
     }
 
     /// Restore moments saved by `state`; every parameter must be present with its shape.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
         for (i, (name, p)) in self.params.iter().enumerate() {
-            for (key, slot) in [(format!("m.{name}"), &mut self.m[i]), (format!("v.{name}"), &mut self.v[i])] {
-                let t = state.get(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
+            for (key, slot) in [
+                (format!("m.{name}"), &mut self.m[i]),
+                (format!("v.{name}"), &mut self.v[i]),
+            ] {
+                let t = state
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
                 if t.dims() != p.as_tensor().dims() {
-                    return Err(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), p.dims()));
+                    return Err(format!(
+                        "optimizer state `{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        p.dims()
+                    ));
                 }
                 *slot = t.clone();
             }

@@ -7,7 +7,13 @@ use std::time::Instant;
 pub(crate) fn format_metrics(metrics: &[(&'static str, f64)]) -> String {
     metrics
         .iter()
-        .map(|(n, v)| if v.abs() >= 1e-3 || *v == 0.0 { format!("{n} {v:.4}") } else { format!("{n} {v:.2e}") })
+        .map(|(n, v)| {
+            if v.abs() >= 1e-3 || *v == 0.0 {
+                format!("{n} {v:.4}")
+            } else {
+                format!("{n} {v:.2e}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("  ")
 }
@@ -24,11 +30,22 @@ pub(crate) struct Progress {
 impl Progress {
     pub fn new(total: usize, first: usize, log_every: usize) -> Self {
         let now = Instant::now();
-        Progress { total, first, log_every: log_every.max(1), tty: std::io::stderr().is_terminal(), started: now, last_draw: now }
+        Progress {
+            total,
+            first,
+            log_every: log_every.max(1),
+            tty: std::io::stderr().is_terminal(),
+            started: now,
+            last_draw: now,
+        }
     }
 
     pub fn update(&mut self, step: usize, metrics: &[(&'static str, f64)]) {
-        let due = if self.tty { self.last_draw.elapsed().as_millis() >= 200 } else { step % self.log_every == 0 };
+        let due = if self.tty {
+            self.last_draw.elapsed().as_millis() >= 200
+        } else {
+            step % self.log_every == 0
+        };
         if !due && step != self.total {
             return;
         }
@@ -37,7 +54,11 @@ impl Progress {
         let width = 24;
         let filled = (step * width) / self.total.max(1);
         let bar: String = "#".repeat(filled) + &".".repeat(width - filled.min(width));
-        let line = format!("[{bar}] {step}/{}  {}  {rate:.2} steps/s", self.total, format_metrics(metrics));
+        let line = format!(
+            "[{bar}] {step}/{}  {}  {rate:.2} steps/s",
+            self.total,
+            format_metrics(metrics)
+        );
         let mut err = std::io::stderr().lock();
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{line}");

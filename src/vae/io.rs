@@ -26,7 +26,9 @@ pub struct Vae {
 pub fn read_f32(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let raw = candle_core::safetensors::load(path, device)
         .map_err(|e| Error::checkpoint(path, format!("cannot read safetensors ({e})")))?;
-    raw.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
+    raw.into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect()
 }
 
 /// Build an encoder or decoder from `tensors`, requiring exactly the expected keys and shapes.
@@ -40,51 +42,92 @@ fn build<M>(
     let expected = candle_nn::VarMap::new();
     make(VarBuilder::from_varmap(&expected, DType::F32, &Device::Cpu))
         .map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    let expected = expected.data().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let expected = expected
+        .data()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut names: Vec<&String> = expected.keys().collect();
     names.sort();
     for name in names {
         let want = expected[name].dims();
         match tensors.get(name) {
-            None => return Err(Error::checkpoint(path, format!("lacks tensor `{name}` (shape {want:?}) that the config requires"))),
+            None => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("lacks tensor `{name}` (shape {want:?}) that the config requires"),
+                ))
+            }
             Some(t) if t.dims() != want => {
                 return Err(Error::checkpoint(
                     path,
-                    format!("tensor `{name}` has shape {:?} but the config requires {want:?}", t.dims()),
+                    format!(
+                        "tensor `{name}` has shape {:?} but the config requires {want:?}",
+                        t.dims()
+                    ),
                 ))
             }
             Some(_) => {}
         }
     }
     if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
-        return Err(Error::checkpoint(path, format!("has tensor `{extra}` that the config does not define")));
+        return Err(Error::checkpoint(
+            path,
+            format!("has tensor `{extra}` that the config does not define"),
+        ));
     }
-    make(VarBuilder::from_tensors(tensors, DType::F32, device)).map_err(|e| Error::checkpoint(path, e.to_string()))
+    make(VarBuilder::from_tensors(tensors, DType::F32, device))
+        .map_err(|e| Error::checkpoint(path, e.to_string()))
 }
 
 impl Vae {
     /// Build from in-memory weights named `encoder.…` and `decoder.…` (a training run's EMA).
-    pub fn from_prefixed(config: &Config, weights: &HashMap<String, Tensor>, device: &Device) -> Result<Vae> {
+    pub fn from_prefixed(
+        config: &Config,
+        weights: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Vae> {
         let (enc, dec) = split_prefixed(weights);
         let vcfg = config.vae.clone();
-        let encoder = build(enc, Path::new("encoder"), device, |vb| Encoder::new(&vcfg, vb))?;
-        let decoder = build(dec, Path::new("decoder"), device, |vb| Decoder::new(&vcfg, vb))?;
-        Ok(Vae { config: config.clone(), encoder, decoder, device: device.clone() })
+        let encoder = build(enc, Path::new("encoder"), device, |vb| {
+            Encoder::new(&vcfg, vb)
+        })?;
+        let decoder = build(dec, Path::new("decoder"), device, |vb| {
+            Decoder::new(&vcfg, vb)
+        })?;
+        Ok(Vae {
+            config: config.clone(),
+            encoder,
+            decoder,
+            device: device.clone(),
+        })
     }
 
     /// Load a dVAE directory (ours, or one written by `dalle vae import-openai`).
     pub fn load(dir: &Path, device: &Device) -> Result<Vae> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
-            return Err(Error::checkpoint(dir, "is not a dVAE directory (no config.json); train one with `dalle train-vae`"));
+            return Err(Error::checkpoint(
+                dir,
+                "is not a dVAE directory (no config.json); train one with `dalle train-vae`",
+            ));
         }
         let config = Config::load(&cfg_path)?;
         let vcfg = config.vae.clone();
         let ep = dir.join("encoder.safetensors");
         let dp = dir.join("decoder.safetensors");
-        let encoder = build(read_f32(&ep, device)?, &ep, device, |vb| Encoder::new(&vcfg, vb))?;
-        let decoder = build(read_f32(&dp, device)?, &dp, device, |vb| Decoder::new(&vcfg, vb))?;
-        Ok(Vae { config, encoder, decoder, device: device.clone() })
+        let encoder = build(read_f32(&ep, device)?, &ep, device, |vb| {
+            Encoder::new(&vcfg, vb)
+        })?;
+        let decoder = build(read_f32(&dp, device)?, &dp, device, |vb| {
+            Decoder::new(&vcfg, vb)
+        })?;
+        Ok(Vae {
+            config,
+            encoder,
+            decoder,
+            device: device.clone(),
+        })
     }
 
     pub fn image_size(&self) -> u32 {
@@ -107,10 +150,16 @@ impl Vae {
         let vocab = self.config.vae.vocab_size as u32;
         for t in tokens {
             if t.len() != n {
-                return Err(Error::Usage(format!("expected {n} tokens ({0}×{0} grid), got {1}", self.grid(), t.len())));
+                return Err(Error::Usage(format!(
+                    "expected {n} tokens ({0}×{0} grid), got {1}",
+                    self.grid(),
+                    t.len()
+                )));
             }
             if let Some(bad) = t.iter().find(|&&v| v >= vocab) {
-                return Err(Error::Usage(format!("token {bad} is outside the codebook (0..{vocab})")));
+                return Err(Error::Usage(format!(
+                    "token {bad} is outside the codebook (0..{vocab})"
+                )));
             }
         }
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
@@ -120,7 +169,9 @@ impl Vae {
 }
 
 /// Split `encoder.X` / `decoder.X` keys into two maps of `X`.
-pub fn split_prefixed(weights: &HashMap<String, Tensor>) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+pub fn split_prefixed(
+    weights: &HashMap<String, Tensor>,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     let (mut enc, mut dec) = (HashMap::new(), HashMap::new());
     for (k, t) in weights {
         if let Some(n) = k.strip_prefix("encoder.") {
@@ -133,11 +184,17 @@ pub fn split_prefixed(weights: &HashMap<String, Tensor>) -> (HashMap<String, Ten
 }
 
 /// Write `config.json`, `encoder.safetensors`, `decoder.safetensors` atomically into `dir`.
-pub fn save_dir(dir: &Path, config: &Config, enc: &HashMap<String, Tensor>, dec: &HashMap<String, Tensor>) -> Result<()> {
+pub fn save_dir(
+    dir: &Path,
+    config: &Config,
+    enc: &HashMap<String, Tensor>,
+    dec: &HashMap<String, Tensor>,
+) -> Result<()> {
     for (name, tensors) in [("encoder.safetensors", enc), ("decoder.safetensors", dec)] {
         let path = dir.join(name);
         write_atomic(&path, |tmp| {
-            candle_core::safetensors::save(tensors, tmp).map_err(|e| Error::checkpoint(&path, e.to_string()))
+            candle_core::safetensors::save(tensors, tmp)
+                .map_err(|e| Error::checkpoint(&path, e.to_string()))
         })?;
     }
     let text = serde_json::to_string_pretty(config).map_err(|e| Error::Usage(e.to_string()))?;
@@ -146,7 +203,13 @@ pub fn save_dir(dir: &Path, config: &Config, enc: &HashMap<String, Tensor>, dec:
 
 /// Turn OpenAI's `dall_e` weights (their `encoder.pkl` / `decoder.pkl` state dicts converted to
 /// safetensors) into a dVAE directory, checking every tensor against `vae` and `image_size`.
-pub fn import_openai(encoder: &Path, decoder: &Path, vae: VaeConfig, image_size: usize, out: &Path) -> Result<Config> {
+pub fn import_openai(
+    encoder: &Path,
+    decoder: &Path,
+    vae: VaeConfig,
+    image_size: usize,
+    out: &Path,
+) -> Result<Config> {
     let mut config = Config::preset("paper")?;
     config.preset = "openai".into();
     config.geometry.image_size = image_size;

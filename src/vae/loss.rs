@@ -12,7 +12,8 @@ pub fn logit_laplace_nll(x: &Tensor, mu: &Tensor, log_b: &Tensor) -> Result<Tens
     let ln_1mx = x.affine(-1.0, 1.0)?.log()?;
     let logit = (&ln_x - &ln_1mx)?;
     let dev = (logit - mu)?.abs()?;
-    let per = ((((log_b + std::f64::consts::LN_2)? + ln_x)? + ln_1mx)? + (dev * log_b.neg()?.exp()?)?)?;
+    let per =
+        ((((log_b + std::f64::consts::LN_2)? + ln_x)? + ln_1mx)? + (dev * log_b.neg()?.exp()?)?)?;
     per.sum_all()
 }
 
@@ -29,14 +30,20 @@ pub fn kl_to_uniform(logits: &Tensor, dim: usize) -> Result<Tensor> {
 /// Gumbel-softmax relaxation (Jang et al. 2016; Maddison et al. 2016) over `dim`:
 /// softmax((logits + g) / τ) with g ~ Gumbel(0, 1) drawn from `rng`.
 pub fn gumbel_softmax(logits: &Tensor, tau: f64, dim: usize, rng: &mut Rng) -> Result<Tensor> {
-    let noise: Vec<f32> = (0..logits.elem_count()).map(|_| rng.gumbel() as f32).collect();
+    let noise: Vec<f32> = (0..logits.elem_count())
+        .map(|_| rng.gumbel() as f32)
+        .collect();
     let g = Tensor::from_vec(noise, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
     softmax(&((logits + g)? / tau)?, dim)
 }
 
 /// Half-cosine from `start` (step 0) to `end` (step `len` and after).
 pub fn cosine(start: f64, end: f64, step: usize, len: usize) -> f64 {
-    let t = if len == 0 { 1.0 } else { (step as f64 / len as f64).min(1.0) };
+    let t = if len == 0 {
+        1.0
+    } else {
+        (step as f64 / len as f64).min(1.0)
+    };
     end + (start - end) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
@@ -101,7 +108,10 @@ mod tests {
         let x = Tensor::new(&[0.2f32, 0.7], &dev).unwrap();
         let mu = Tensor::new(&[0.0f32, 1.0], &dev).unwrap();
         let log_b = Tensor::new(&[0.0f32, 0.5f32.ln()], &dev).unwrap();
-        let got = logit_laplace_nll(&x, &mu, &log_b).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = logit_laplace_nll(&x, &mu, &log_b)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         assert!((got - (-1.008383)).abs() < F32_TOL, "got {got}");
     }
 
@@ -112,13 +122,21 @@ mod tests {
         let kl = kl_to_uniform(&flat, 1).unwrap().to_scalar::<f32>().unwrap();
         assert!(kl.abs() < 1e-5, "{kl}");
         let peaked = Tensor::new(&[[100f32, 0., 0., 0.]], &dev).unwrap();
-        let kl = kl_to_uniform(&peaked, 1).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let kl = kl_to_uniform(&peaked, 1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         assert!((kl - 4f64.ln()).abs() < 1e-4, "{kl}");
     }
 
     #[test]
     fn schedules_at_start_middle_end() {
-        let s = VaeSchedule { tau_steps: 100, beta_steps: 10, lr_steps: 1000, ..VaeSchedule::scaled(1000) };
+        let s = VaeSchedule {
+            tau_steps: 100,
+            beta_steps: 10,
+            lr_steps: 1000,
+            ..VaeSchedule::scaled(1000)
+        };
         assert_eq!(s.tau(0), 1.0);
         assert!((s.tau(50) - (1.0 + 1.0 / 16.0) / 2.0).abs() < 1e-12);
         assert_eq!(s.tau(100), 1.0 / 16.0);

@@ -19,8 +19,11 @@ pub fn map_pixels(x: &Tensor) -> Result<Tensor> {
 
 /// `dall_e.utils.unmap_pixels`: back to [0, 1], clamped.
 pub fn unmap_pixels(x: &Tensor) -> Result<Tensor> {
-    x.affine(1.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS), -LOGIT_LAPLACE_EPS / (1.0 - 2.0 * LOGIT_LAPLACE_EPS))?
-        .clamp(0f32, 1f32)
+    x.affine(
+        1.0 / (1.0 - 2.0 * LOGIT_LAPLACE_EPS),
+        -LOGIT_LAPLACE_EPS / (1.0 - 2.0 * LOGIT_LAPLACE_EPS),
+    )?
+    .clamp(0f32, 1f32)
 }
 
 /// `dall_e.utils.Conv2d`: weight `w` (n_out, n_in, kw, kw), bias `b`, "same" padding.
@@ -35,7 +38,11 @@ impl Conv {
     fn new(n_in: usize, n_out: usize, kw: usize, vb: VarBuilder) -> Result<Self> {
         let w = vb.get((n_out, n_in, kw, kw), "w")?;
         let b = vb.get(n_out, "b")?;
-        Ok(Conv { w, b, pad: (kw - 1) / 2 })
+        Ok(Conv {
+            w,
+            b,
+            pad: (kw - 1) / 2,
+        })
     }
 }
 
@@ -61,7 +68,8 @@ impl Module for Conv {
         };
         let wm = self.w.reshape((n_out, c * k * k))?;
         let y = wm.broadcast_matmul(&cols)?; // (b, n_out, h·w)
-        y.broadcast_add(&self.b.reshape((1, n_out, 1))?)?.reshape((b, n_out, h, w))
+        y.broadcast_add(&self.b.reshape((1, n_out, 1))?)?
+            .reshape((b, n_out, h, w))
     }
 }
 
@@ -74,7 +82,9 @@ fn max_pool2(x: &Tensor) -> Result<Tensor> {
 /// Nearest-neighbour ×2 upsampling as a broadcast (its backward is a sum, not a grouped conv).
 fn upsample2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
 }
 
 /// Residual block: `id_path(x) + post_gain · res_path(x)`, post_gain = 1 / n_layers².
@@ -87,14 +97,40 @@ struct Block {
 
 impl Block {
     /// Encoder blocks use kernels 3,3,3,1 on the residual path; decoder blocks 1,3,3,3.
-    fn new(n_in: usize, n_out: usize, n_layers: usize, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+    fn new(
+        n_in: usize,
+        n_out: usize,
+        n_layers: usize,
+        kernels: [usize; 4],
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let n_hid = n_out / 4;
-        let id_path = if n_in != n_out { Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?) } else { None };
+        let id_path = if n_in != n_out {
+            Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?)
+        } else {
+            None
+        };
         let rp = vb.pp("res_path");
-        let widths = [(n_in, n_hid), (n_hid, n_hid), (n_hid, n_hid), (n_hid, n_out)];
-        let conv = |i: usize| Conv::new(widths[i].0, widths[i].1, kernels[i], rp.pp(format!("conv_{}", i + 1)));
+        let widths = [
+            (n_in, n_hid),
+            (n_hid, n_hid),
+            (n_hid, n_hid),
+            (n_hid, n_out),
+        ];
+        let conv = |i: usize| {
+            Conv::new(
+                widths[i].0,
+                widths[i].1,
+                kernels[i],
+                rp.pp(format!("conv_{}", i + 1)),
+            )
+        };
         let res_path = [conv(0)?, conv(1)?, conv(2)?, conv(3)?];
-        Ok(Block { id_path, res_path, post_gain: 1.0 / (n_layers * n_layers) as f64 })
+        Ok(Block {
+            id_path,
+            res_path,
+            post_gain: 1.0 / (n_layers * n_layers) as f64,
+        })
     }
 }
 
@@ -133,13 +169,23 @@ impl Encoder {
             let gvb = vb.pp(format!("group_{g}"));
             let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
             for i in 1..=cfg.n_blk_per_group {
-                blocks.push(Block::new(width, out, n_layers, [3, 3, 3, 1], gvb.pp(format!("block_{i}")))?);
+                blocks.push(Block::new(
+                    width,
+                    out,
+                    n_layers,
+                    [3, 3, 3, 1],
+                    gvb.pp(format!("block_{i}")),
+                )?);
                 width = out;
             }
             groups.push(blocks);
         }
         let output = Conv::new(width, cfg.vocab_size, 1, vb.pp("output").pp("conv"))?;
-        Ok(Encoder { input, groups, output })
+        Ok(Encoder {
+            input,
+            groups,
+            output,
+        })
     }
 
     /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
@@ -161,7 +207,10 @@ impl Encoder {
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         let logits = self.forward(image)?;
         let (b, v, h, w) = logits.dims4()?;
-        logits.reshape((b, v, h * w))?.argmax(1)?.to_dtype(DType::U32)
+        logits
+            .reshape((b, v, h * w))?
+            .argmax(1)?
+            .to_dtype(DType::U32)
     }
 }
 
@@ -188,13 +237,24 @@ impl Decoder {
             let gvb = vb.pp(format!("group_{g}"));
             let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
             for i in 1..=cfg.n_blk_per_group {
-                blocks.push(Block::new(width, out, n_layers, [1, 3, 3, 3], gvb.pp(format!("block_{i}")))?);
+                blocks.push(Block::new(
+                    width,
+                    out,
+                    n_layers,
+                    [1, 3, 3, 3],
+                    gvb.pp(format!("block_{i}")),
+                )?);
                 width = out;
             }
             groups.push(blocks);
         }
         let output = Conv::new(width, 2 * cfg.channels, 1, vb.pp("output").pp("conv"))?;
-        Ok(Decoder { input, groups, output, vocab_size: cfg.vocab_size })
+        Ok(Decoder {
+            input,
+            groups,
+            output,
+            vocab_size: cfg.vocab_size,
+        })
     }
 
     fn trunk(&self, mut x: Tensor) -> Result<Tensor> {
@@ -220,9 +280,17 @@ impl Decoder {
     pub fn forward_tokens(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
         let (b, n) = tokens.dims2()?;
         let n_init = self.input.w.dim(0)?;
-        let table = self.input.w.reshape((n_init, self.vocab_size))?.t()?.contiguous()?; // (vocab, n_init)
+        let table = self
+            .input
+            .w
+            .reshape((n_init, self.vocab_size))?
+            .t()?
+            .contiguous()?; // (vocab, n_init)
         let x = table.embedding(&tokens.flatten_all()?)?; // (b·n, n_init)
-        let x = x.reshape((b, n, n_init))?.transpose(1, 2)?.reshape((b, n_init, grid, grid))?;
+        let x = x
+            .reshape((b, n, n_init))?
+            .transpose(1, 2)?
+            .reshape((b, n_init, grid, grid))?;
         let x = x.broadcast_add(&self.input.b.reshape((1, (), 1, 1))?)?;
         self.trunk(x)
     }

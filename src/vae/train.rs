@@ -39,7 +39,13 @@ impl VaeTrainOptions {
                 sample_every: 500,
                 log_every: 10,
                 keep_checkpoints: 2,
-                adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4, grad_clip: None },
+                adamw: AdamWConfig {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 1e-4,
+                    grad_clip: None,
+                },
                 ema_decay: 0.999,
             },
             schedule: VaeSchedule::scaled(steps),
@@ -95,9 +101,13 @@ impl Stage for VaeStage {
         // The ELB per image dimension: recon summed over pixels plus β·KL summed over latents.
         let dims = x.elem_count() as f64;
         let loss = ((&nll + (&kl * beta)?)? / dims)?;
-        let mse = (Decoder::to_image(&stats.detach())? - &x)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let mse = (Decoder::to_image(&stats.detach())? - &x)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
         let latents = (logits.elem_count() / self.config.vae.vocab_size) as f64;
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let metrics = vec![
             ("loss", scalar(&loss)?),
             ("recon", scalar(&nll)? / dims),
@@ -128,7 +138,10 @@ impl Stage for VaeStage {
         tiles.extend(recon);
         let dir = out.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
-        crate::plot::save_png(&crate::plot::grid(&tiles, self.fixed.len()), &dir.join(format!("recon-{step:08}.png")))
+        crate::plot::save_png(
+            &crate::plot::grid(&tiles, self.fixed.len()),
+            &dir.join(format!("recon-{step:08}.png")),
+        )
     }
 }
 
@@ -151,14 +164,27 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
     if index.skipped() > 0 {
         eprint!("{}", index.report());
     }
-    let loader = Loader::new(index, req.config.geometry.image_size as u32, req.filters.max_pixels, opts.lp.seed)?;
+    let loader = Loader::new(
+        index,
+        req.config.geometry.image_size as u32,
+        req.filters.max_pixels,
+        opts.lp.seed,
+    )?;
     let fixed: Vec<RgbImage> = loader.fixed(8).into_iter().map(|(_, i)| i).collect();
     let (varmap, encoder, decoder) = new_model(&req.config, opts.lp.seed, &req.device)?;
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
     }
     let lp = opts.lp.clone();
-    let mut stage = VaeStage { config: req.config, encoder, decoder, loader, opts, device: req.device, fixed };
+    let mut stage = VaeStage {
+        config: req.config,
+        encoder,
+        decoder,
+        loader,
+        opts,
+        device: req.device,
+        fixed,
+    };
     train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
 }
 
@@ -166,7 +192,12 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
 /// centre-cropped, in batches of 32.
 pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
     let index = Index::scan(data, &Filters::default(), false)?;
-    let loader = Loader::new(index, vae.image_size(), crate::data::filters::DEFAULT_MAX_PIXELS, 0)?;
+    let loader = Loader::new(
+        index,
+        vae.image_size(),
+        crate::data::filters::DEFAULT_MAX_PIXELS,
+        0,
+    )?;
     let images: Vec<RgbImage> = loader.fixed(count).into_iter().map(|(_, i)| i).collect();
     let mut total = 0.0;
     for chunk in images.chunks(32) {
@@ -174,7 +205,10 @@ pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
         let a = images_to_tensor(chunk, &vae.device)?;
         let b = images_to_tensor(&recon, &vae.device)?;
         let mse = (a - b)?.sqr()?.mean((1, 2, 3))?.to_vec1::<f32>()?;
-        total += mse.iter().map(|m| 10.0 * (1.0 / (*m as f64).max(1e-10)).log10()).sum::<f64>();
+        total += mse
+            .iter()
+            .map(|m| 10.0 * (1.0 / (*m as f64).max(1e-10)).log10())
+            .sum::<f64>();
     }
     Ok((total / images.len().max(1) as f64, images.len()))
 }
