@@ -323,6 +323,7 @@ fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
 
 fn main() {
     dalle::util::tune_allocator();
+    dalle::util::default_sigpipe();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -33,3 +33,13 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
 }
+
+/// Let a closed stdout (`dalle encode … | head`) end the process quietly, as other Unix tools
+/// do, instead of panicking inside `println!`.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start-up.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

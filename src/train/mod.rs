@@ -331,7 +331,15 @@ pub fn run(
             history.save(out)?;
         }
         if checkpoint {
-            save_checkpoint(out, step, &vars, &opt, &ema, opts.keep_checkpoints)?;
+            save_checkpoint(
+                out,
+                step,
+                opts.seed,
+                &vars,
+                &opt,
+                &ema,
+                opts.keep_checkpoints,
+            )?;
             stage.export(&ema.shadow, out)?;
             history.save(out)?;
         }
@@ -353,6 +361,7 @@ pub fn run(
 fn save_checkpoint(
     out: &Path,
     step: usize,
+    seed: u64,
     vars: &[(String, Var)],
     opt: &AdamW,
     ema: &Ema,
@@ -371,10 +380,13 @@ fn save_checkpoint(
     save_safetensors(&weights, &tmp.join("weights.safetensors"))?;
     save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
     save_safetensors(&ema.shadow, &tmp.join("ema.safetensors"))?;
-    write_json(
-        &tmp.join("state.json"),
-        &serde_json::json!({ "step": step }),
-    )?;
+    // Every random draw of update s comes from Rng::stream(seed, purpose, s), so the generator
+    // state of a resumed run is (seed, step).
+    let state = serde_json::json!({
+        "step": step,
+        "rng": { "kind": "xoshiro256++ stream per (seed, purpose, step)", "seed": seed, "next_step": step },
+    });
+    write_json(&tmp.join("state.json"), &state)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     write_bytes_atomic(&root.join("latest"), name.as_bytes())?;

@@ -322,3 +322,54 @@ pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
     shifted.broadcast_sub(&lse)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// f32 agreement of two summation orders over a few hundred products.
+    const F32_TOL: f32 = 1e-5;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn im2col_conv_pool_and_upsample_equal_candles_kernels() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (2, 5, 8, 6), &dev).unwrap();
+        for k in [1, 3, 7] {
+            let conv = Conv {
+                w: Tensor::randn(0f32, 1f32, (4, 5, k, k), &dev).unwrap(),
+                b: Tensor::randn(0f32, 1f32, 4, &dev).unwrap(),
+                pad: (k - 1) / 2,
+            };
+            let want = x
+                .conv2d(&conv.w, conv.pad, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&conv.b.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert!(max_diff(&got, &want) < F32_TOL * 50.0, "k={k}");
+        }
+        assert_eq!(
+            max_diff(&max_pool2(&x).unwrap(), &x.max_pool2d(2).unwrap()),
+            0.0
+        );
+        assert_eq!(
+            max_diff(
+                &upsample2(&x).unwrap(),
+                &x.upsample_nearest2d(16, 12).unwrap()
+            ),
+            0.0
+        );
+    }
+}
