@@ -72,40 +72,55 @@ impl VaeConfig {
 
     /// Parameter count of the encoder, from the architecture (`dall_e/encoder.py`).
     pub fn encoder_params(&self) -> usize {
-        let conv = |i: usize, o: usize, k: usize| o * i * k * k + o;
-        let mut n = conv(self.channels, self.n_hid, 7);
-        let mut width = self.n_hid;
-        for g in 1..=self.group_count {
-            let out = self.group_width(g);
-            for _ in 0..self.n_blk_per_group {
-                let h = out / 4;
-                if width != out {
-                    n += conv(width, out, 1);
-                }
-                n += conv(width, h, 3) + conv(h, h, 3) + conv(h, h, 3) + conv(h, out, 1);
-                width = out;
-            }
-        }
-        n + conv(width, self.vocab_size, 1)
+        let widths: Vec<usize> = (1..=self.group_count)
+            .map(|g| self.group_width(g))
+            .collect();
+        self.stack_params(
+            (self.channels, self.n_hid, 7),
+            &widths,
+            [3, 3, 3, 1],
+            self.vocab_size,
+        )
     }
 
     /// Parameter count of the decoder, from the architecture (`dall_e/decoder.py`).
     pub fn decoder_params(&self) -> usize {
+        let widths: Vec<usize> = (1..=self.group_count)
+            .rev()
+            .map(|g| self.group_width(g))
+            .collect();
+        self.stack_params(
+            (self.vocab_size, self.n_init, 1),
+            &widths,
+            [1, 3, 3, 3],
+            2 * self.channels,
+        )
+    }
+
+    /// Input conv, residual groups (id path where the width changes; res path n_out/4 wide),
+    /// 1×1 output conv.
+    fn stack_params(
+        &self,
+        (n_in, first, kw): (usize, usize, usize),
+        widths: &[usize],
+        k: [usize; 4],
+        n_out: usize,
+    ) -> usize {
         let conv = |i: usize, o: usize, k: usize| o * i * k * k + o;
-        let mut n = conv(self.vocab_size, self.n_init, 1);
-        let mut width = self.n_init;
-        for g in (1..=self.group_count).rev() {
-            let out = self.group_width(g);
+        let mut n = conv(n_in, first, kw);
+        let mut width = first;
+        for &out in widths {
             for _ in 0..self.n_blk_per_group {
                 let h = out / 4;
                 if width != out {
                     n += conv(width, out, 1);
                 }
-                n += conv(width, h, 1) + conv(h, h, 3) + conv(h, h, 3) + conv(h, out, 3);
+                n +=
+                    conv(width, h, k[0]) + conv(h, h, k[1]) + conv(h, h, k[2]) + conv(h, out, k[3]);
                 width = out;
             }
         }
-        n + conv(width, 2 * self.channels, 1)
+        n + conv(width, n_out, 1)
     }
 }
 

@@ -148,59 +148,91 @@ impl Module for Block {
     }
 }
 
-/// Image [0, 1] → codebook logits over a `grid × grid` map.
+/// The shape both networks share: an input conv, `group_count` groups of residual blocks with a
+/// resampling step between groups, then ReLU and a 1×1 output conv.
 #[derive(Clone, Debug)]
-pub struct Encoder {
+struct Stack {
     input: Conv,
     groups: Vec<Vec<Block>>,
     output: Conv,
 }
 
-impl Encoder {
-    /// Build under `vb` (the `blocks.` prefix is added here).
-    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+impl Stack {
+    /// `widths[g]` is the width of group g + 1; `kernels` those of each residual path.
+    fn new(
+        vb: VarBuilder,
+        (n_in, n_first, input_kw): (usize, usize, usize),
+        widths: &[usize],
+        n_blk: usize,
+        kernels: [usize; 4],
+        n_out: usize,
+    ) -> Result<Self> {
         let vb = vb.pp("blocks");
-        let n_layers = cfg.group_count * cfg.n_blk_per_group;
-        let input = Conv::new(cfg.channels, cfg.n_hid, 7, vb.pp("input"))?;
-        let mut width = cfg.n_hid;
-        let mut groups = Vec::with_capacity(cfg.group_count);
-        for g in 1..=cfg.group_count {
-            let out = cfg.group_width(g);
-            let gvb = vb.pp(format!("group_{g}"));
-            let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
-            for i in 1..=cfg.n_blk_per_group {
+        let n_layers = widths.len() * n_blk;
+        let input = Conv::new(n_in, n_first, input_kw, vb.pp("input"))?;
+        let mut width = n_first;
+        let mut groups = Vec::with_capacity(widths.len());
+        for (g, &out) in widths.iter().enumerate() {
+            let gvb = vb.pp(format!("group_{}", g + 1));
+            let mut blocks = Vec::with_capacity(n_blk);
+            for i in 1..=n_blk {
                 blocks.push(Block::new(
                     width,
                     out,
                     n_layers,
-                    [3, 3, 3, 1],
+                    kernels,
                     gvb.pp(format!("block_{i}")),
                 )?);
                 width = out;
             }
             groups.push(blocks);
         }
-        let output = Conv::new(width, cfg.vocab_size, 1, vb.pp("output").pp("conv"))?;
-        Ok(Encoder {
+        let output = Conv::new(width, n_out, 1, vb.pp("output").pp("conv"))?;
+        Ok(Stack {
             input,
             groups,
             output,
         })
     }
 
-    /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
-    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
-        let mut x = self.input.forward(&map_pixels(image)?)?;
+    /// Everything after the input conv; `resample` runs between groups.
+    fn trunk(&self, mut x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
             for b in blocks {
                 x = b.forward(&x)?;
             }
             if g < last {
-                x = max_pool2(&x)?;
+                x = resample(&x)?;
             }
         }
         self.output.forward(&x.relu()?)
+    }
+}
+
+/// Image [0, 1] → codebook logits over a `grid × grid` map.
+#[derive(Clone, Debug)]
+pub struct Encoder(Stack);
+
+impl Encoder {
+    /// Build under `vb` (the `blocks.` prefix is added here).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let widths: Vec<usize> = (1..=cfg.group_count).map(|g| cfg.group_width(g)).collect();
+        let first = (cfg.channels, cfg.n_hid, 7);
+        Ok(Encoder(Stack::new(
+            vb,
+            first,
+            &widths,
+            cfg.n_blk_per_group,
+            [3, 3, 3, 1],
+            cfg.vocab_size,
+        )?))
+    }
+
+    /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
+    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        self.0
+            .trunk(self.0.input.forward(&map_pixels(image)?)?, max_pool2)
     }
 
     /// (b, 3, H, W) → (b, grid·grid) token ids (argmax, no noise), raster order.
@@ -217,71 +249,45 @@ impl Encoder {
 /// Codes → per-pixel logit-Laplace statistics (μ and ln b for each channel).
 #[derive(Clone, Debug)]
 pub struct Decoder {
-    input: Conv,
-    groups: Vec<Vec<Block>>,
-    output: Conv,
+    stack: Stack,
     vocab_size: usize,
 }
 
 impl Decoder {
-    /// Build under `vb` (the `blocks.` prefix is added here).
+    /// Build under `vb` (the `blocks.` prefix is added here). Group 1 is the widest: the decoder
+    /// mirrors the encoder.
     pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("blocks");
-        let n_layers = cfg.group_count * cfg.n_blk_per_group;
-        let input = Conv::new(cfg.vocab_size, cfg.n_init, 1, vb.pp("input"))?;
-        let mut width = cfg.n_init;
-        let mut groups = Vec::with_capacity(cfg.group_count);
-        for g in 1..=cfg.group_count {
-            // Group 1 is the widest: the decoder mirrors the encoder.
-            let out = cfg.group_width(cfg.group_count + 1 - g);
-            let gvb = vb.pp(format!("group_{g}"));
-            let mut blocks = Vec::with_capacity(cfg.n_blk_per_group);
-            for i in 1..=cfg.n_blk_per_group {
-                blocks.push(Block::new(
-                    width,
-                    out,
-                    n_layers,
-                    [1, 3, 3, 3],
-                    gvb.pp(format!("block_{i}")),
-                )?);
-                width = out;
-            }
-            groups.push(blocks);
-        }
-        let output = Conv::new(width, 2 * cfg.channels, 1, vb.pp("output").pp("conv"))?;
+        let widths: Vec<usize> = (1..=cfg.group_count)
+            .rev()
+            .map(|g| cfg.group_width(g))
+            .collect();
+        let first = (cfg.vocab_size, cfg.n_init, 1);
+        let stack = Stack::new(
+            vb,
+            first,
+            &widths,
+            cfg.n_blk_per_group,
+            [1, 3, 3, 3],
+            2 * cfg.channels,
+        )?;
         Ok(Decoder {
-            input,
-            groups,
-            output,
+            stack,
             vocab_size: cfg.vocab_size,
         })
     }
 
-    fn trunk(&self, mut x: Tensor) -> Result<Tensor> {
-        let last = self.groups.len() - 1;
-        for (g, blocks) in self.groups.iter().enumerate() {
-            for b in blocks {
-                x = b.forward(&x)?;
-            }
-            if g < last {
-                x = upsample2(&x)?;
-            }
-        }
-        self.output.forward(&x.relu()?)
-    }
-
     /// (b, vocab, h, w) soft or hard one-hot codes → (b, 2·channels, H, W) statistics.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        self.trunk(self.input.forward(z)?)
+        self.stack.trunk(self.stack.input.forward(z)?, upsample2)
     }
 
     /// (b, h·w) token ids → (b, 2·channels, H, W) statistics. The one-hot 1×1 conv is done as a
     /// gather of weight columns: the same numbers as `forward(one_hot)`, without the one-hot.
     pub fn forward_tokens(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
         let (b, n) = tokens.dims2()?;
-        let n_init = self.input.w.dim(0)?;
-        let table = self
-            .input
+        let input = &self.stack.input;
+        let n_init = input.w.dim(0)?;
+        let table = input
             .w
             .reshape((n_init, self.vocab_size))?
             .t()?
@@ -291,8 +297,8 @@ impl Decoder {
             .reshape((b, n, n_init))?
             .transpose(1, 2)?
             .reshape((b, n_init, grid, grid))?;
-        let x = x.broadcast_add(&self.input.b.reshape((1, (), 1, 1))?)?;
-        self.trunk(x)
+        let x = x.broadcast_add(&input.b.reshape((1, (), 1, 1))?)?;
+        self.stack.trunk(x, upsample2)
     }
 
     /// Statistics → image in [0, 1]: `unmap_pixels(sigmoid(μ))`.
