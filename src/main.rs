@@ -30,6 +30,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a sparse attention mask (rows = queries, 1 = may attend).
+    Masks {
+        #[arg(long)]
+        text_len: usize,
+        #[arg(long)]
+        grid: usize,
+        #[arg(long, value_parser = ["row", "column", "conv"])]
+        kind: String,
+        /// Side of the convolutional window (odd).
+        #[arg(long, default_value_t = 11)]
+        kernel: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make or inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -290,6 +304,43 @@ fn info(preset: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn masks(text_len: usize, grid: usize, kind: &str, kernel: usize, json: bool) -> Result<()> {
+    use dalle_runtimes::AttentionKind;
+    if grid == 0 {
+        bail!("--grid must be at least 1");
+    }
+    if (text_len + grid * grid) > 4096 {
+        bail!(
+            "a {0}×{0} matrix is too large to print; use a smaller --grid or --text-len",
+            text_len + grid * grid
+        );
+    }
+    let kind = match kind {
+        "row" => AttentionKind::Row,
+        "column" => AttentionKind::Column,
+        _ if kernel % 2 == 0 => bail!("--kernel must be odd (got {kernel})"),
+        _ => AttentionKind::Conv { kernel },
+    };
+    let m = dalle_runtimes::mask_matrix(text_len, grid, kind);
+    if json {
+        let rows: Vec<Vec<u8>> = m
+            .iter()
+            .map(|r| r.iter().map(|&b| b as u8).collect())
+            .collect();
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        for row in &m {
+            println!(
+                "{}",
+                row.iter()
+                    .map(|&b| if b { '█' } else { '·' })
+                    .collect::<String>()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read token file {}", path.display()))?;
@@ -334,6 +385,13 @@ fn run(cli: Cli) -> Result<()> {
     let cpu = candle_core::Device::Cpu;
     match cli.command {
         Command::Info { preset, json } => info(&preset, json)?,
+        Command::Masks {
+            text_len,
+            grid,
+            kind,
+            kernel,
+            json,
+        } => masks(text_len, grid, &kind, kernel, json)?,
         Command::Data(DataCommand::Shapes {
             out,
             count,

@@ -54,6 +54,53 @@ fn info_prints_presets_and_rejects_unknown_ones() {
 }
 
 #[test]
+fn masks_prints_the_contract_matrix() {
+    let json = ok(&[
+        "masks",
+        "--text-len",
+        "3",
+        "--grid",
+        "4",
+        "--kind",
+        "column",
+        "--json",
+    ]);
+    let m: Vec<Vec<u8>> = serde_json::from_str(&json).unwrap();
+    assert_eq!(m.len(), 19);
+    // Image query 4 (row 1, col 0) sees the text and image key 0 above it, and itself.
+    assert_eq!(
+        m[7],
+        [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    let drawn = ok(&[
+        "masks",
+        "--text-len",
+        "2",
+        "--grid",
+        "3",
+        "--kind",
+        "conv",
+        "--kernel",
+        "3",
+    ]);
+    assert_eq!(drawn.lines().count(), 11);
+    fails(
+        &[
+            "masks",
+            "--text-len",
+            "2",
+            "--grid",
+            "3",
+            "--kind",
+            "conv",
+            "--kernel",
+            "4",
+        ],
+        "must be odd",
+    );
+}
+
+#[test]
 fn train_encode_decode_reconstruct_and_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("shapes");

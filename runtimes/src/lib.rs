@@ -5,5 +5,7 @@
 //! once, starting with the model geometry.
 
 pub mod geometry;
+pub mod masks;
 
 pub use geometry::{Geometry, GeometryError};
+pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
