@@ -266,7 +266,7 @@ impl Config {
     pub fn transformer_params(&self) -> usize {
         let d = self.transformer.d_model;
         let g = &self.geometry;
-        let vocab = g.text_vocab + g.text_len + g.codebook;
+        let vocab = dalle_runtimes::TokenLayout::from(g).vocab_size();
         let embed = vocab * d + g.text_len * d + 2 * g.grid * d;
         let block = 2 * d
             + (3 * d * d + 3 * d)

@@ -5,7 +5,9 @@
 //! once, starting with the model geometry.
 
 pub mod geometry;
+pub mod layout;
 pub mod masks;
 
 pub use geometry::{Geometry, GeometryError};
+pub use layout::TokenLayout;
 pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
