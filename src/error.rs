@@ -12,11 +12,11 @@ pub enum Error {
     #[error("invalid config: `{field}` {message}")]
     Config { field: String, message: String },
 
-    #[error("{path}: {source}")]
+    // The io error is part of the message, not a `source`, so `{:#}` does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{path}: {message}")]
@@ -42,7 +42,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

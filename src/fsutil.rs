@@ -25,7 +25,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 /// Write bytes atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(path, e))
     })
 }
 

@@ -9,6 +9,7 @@ mod error;
 pub mod fsutil;
 pub mod plot;
 pub mod rng;
+pub mod text;
 pub mod train;
 pub mod util;
 pub mod vae;

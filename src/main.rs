@@ -47,6 +47,9 @@ enum Command {
     /// Make or inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Caption tokenizer.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
     /// Train the discrete VAE (stage 1).
     TrainVae(TrainVaeArgs),
     /// dVAE utilities.
@@ -103,6 +106,25 @@ enum DataCommand {
         filters: FilterArgs,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer on a dataset's captions.
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        /// Largest vocabulary (the preset's text vocabulary, e.g. 1024 for tiny).
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Merges must occur at least this often.
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        #[command(flatten)]
+        filters: FilterArgs,
     },
 }
 
@@ -415,6 +437,31 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::TrainVae(a) => train_vae(a)?,
+        Command::Tokenizer(TokenizerCommand::Train {
+            data,
+            vocab,
+            out,
+            min_frequency,
+            filters,
+        }) => {
+            let idx = Index::scan(&data, &filters.build()?, false)?;
+            if idx.samples.is_empty() {
+                bail!(
+                    "dataset {} has no usable captions ({} skipped)",
+                    data.display(),
+                    idx.skipped()
+                );
+            }
+            let captions: Vec<String> = idx.samples.into_iter().map(|s| s.text).collect();
+            let tok = dalle::text::train(&captions, vocab, min_frequency)?;
+            dalle::text::save(&tok, &out)?;
+            println!(
+                "trained a {}-id BPE tokenizer on {} captions → {}",
+                dalle::text::vocab_size(&tok),
+                captions.len(),
+                out.display()
+            );
+        }
         Command::Vae(VaeCommand::ImportOpenai {
             encoder,
             decoder,

@@ -159,6 +159,50 @@ fn train_encode_decode_reconstruct_and_bad_inputs() {
     let args = train(&["--resume"]);
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
+    // The caption tokenizer.
+    let tok = tmp.path().join("tokenizer.json");
+    let out = ok(&[
+        "tokenizer",
+        "train",
+        "--data",
+        p(&data),
+        "--vocab",
+        "300",
+        "--out",
+        p(&tok),
+    ]);
+    assert!(out.contains("16 captions"), "{out}");
+    assert!(tok.exists());
+    fails(
+        &[
+            "tokenizer",
+            "train",
+            "--data",
+            p(&data),
+            "--vocab",
+            "100",
+            "--out",
+            p(&tok),
+        ],
+        "too small",
+    );
+    let notdir = tmp.path().join("notdir");
+    std::fs::write(&notdir, b"x").unwrap();
+    let bad_out = notdir.join("tokenizer.json");
+    fails(
+        &[
+            "tokenizer",
+            "train",
+            "--data",
+            p(&data),
+            "--vocab",
+            "300",
+            "--out",
+            p(&bad_out),
+        ],
+        p(&bad_out),
+    );
+
     // encode → decode → reconstruct.
     let img = data.join("000000.png");
     let json = ok(&["encode", "--vae", p(&run), "--input", p(&img), "--json"]);
