@@ -11,6 +11,7 @@ pub mod plot;
 pub mod rng;
 pub mod text;
 pub mod train;
+pub mod transformer;
 pub mod util;
 pub mod vae;
 

@@ -1,0 +1,5 @@
+//! Stage 2: the sparse-attention transformer over caption and image tokens.
+
+pub mod model;
+
+pub use model::{KvCache, Transformer};

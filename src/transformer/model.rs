@@ -1,0 +1,344 @@
+//! The stage-2 transformer (Ramesh et al. 2021 §2.2, appendix B.1): a decoder-only model over
+//! caption tokens followed by image tokens, with the row / column / convolutional sparse
+//! attention masks of `dalle_runtimes::masks`, pre-LN blocks and an untied head over the unified
+//! vocabulary.
+//!
+//! Weight names: `embed.tokens`, `embed.text_pos`, `embed.image_row`, `embed.image_col`,
+//! `layers.{i}.ln_1`, `layers.{i}.attn.qkv`, `layers.{i}.attn.proj`, `layers.{i}.ln_2`,
+//! `layers.{i}.mlp.fc`, `layers.{i}.mlp.proj`, `ln_f`, `head` (each `.weight` / `.bias`).
+
+use crate::config::Config;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
+
+/// Keys and values of every layer for the positions seen so far: (b, heads, past, head_dim).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of positions already in the cache.
+    pub fn past_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+/// Layer normalisation from tensor ops, so that it back-propagates (candle-nn's fused
+/// `LayerNorm` on contiguous input has no backward pass).
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn new(d: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get(d, "weight")?,
+            bias: vb.get(d, "bias")?,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dim with the row max subtracted as a constant (differentiable).
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(d: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Attention {
+            qkv: candle_nn::linear(d, 3 * d, vb.pp("qkv"))?,
+            proj: candle_nn::linear(d, d, vb.pp("proj"))?,
+            n_heads,
+            head_dim: d / n_heads,
+        })
+    }
+
+    /// `mask`: additive (t, past + t), 0 where allowed and −∞ elsewhere.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, self.n_heads, self.head_dim))?;
+        let qkv = qkv.permute((2, 0, 3, 1, 4))?; // (3, b, h, t, hd)
+        let q = qkv.get(0)?.contiguous()?;
+        let mut k = qkv.get(1)?.contiguous()?;
+        let mut v = qkv.get(2)?.contiguous()?;
+        if let Some((pk, pv)) = cache.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *cache = Some((k.clone(), v.clone()));
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
+        let att = softmax_last(&att.broadcast_add(mask)?)?;
+        let y = att.matmul(&v)?; // (b, h, t, hd)
+        self.proj.forward(&y.transpose(1, 2)?.reshape((b, t, d))?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    fc: Linear,
+    proj: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&self.fc.forward(x)?.gelu()?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(d: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            ln_1: LayerNorm::new(d, vb.pp("ln_1"))?,
+            attn: Attention::new(d, n_heads, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(d, vb.pp("ln_2"))?,
+            mlp: Mlp {
+                fc: candle_nn::linear(d, 4 * d, vb.pp("mlp").pp("fc"))?,
+                proj: candle_nn::linear(4 * d, d, vb.pp("mlp").pp("proj"))?,
+            },
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+}
+
+/// Additive mask for one attention kind over the whole sequence: 0 = may attend, −∞ = not.
+pub fn additive_mask(
+    text_len: usize,
+    grid: usize,
+    kind: AttentionKind,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = text_len + grid * grid;
+    let m: Vec<f32> = (0..n * n)
+        .map(|i| {
+            if dalle_runtimes::allowed(text_len, grid, kind, i / n, i % n) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::from_vec(m, (n, n), device)
+}
+
+/// The transformer; `forward` serves training (whole sequences) and cached decoding.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    layout: TokenLayout,
+    text_len: usize,
+    grid: usize,
+    tokens: Embedding,
+    text_pos: Tensor,
+    image_row: Tensor,
+    image_col: Tensor,
+    blocks: Vec<Block>,
+    kinds: Vec<AttentionKind>,
+    masks: Vec<Tensor>,
+    ln_f: LayerNorm,
+    head: Linear,
+}
+
+impl Transformer {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let g = &cfg.geometry;
+        let t = &cfg.transformer;
+        let layout = TokenLayout::from(g);
+        let d = t.d_model;
+        let e = vb.pp("embed");
+        let tokens = candle_nn::embedding(layout.vocab_size(), d, e.pp("tokens"))?;
+        let text_pos = e.get((g.text_len, d), "text_pos")?;
+        let image_row = e.get((g.grid, d), "image_row")?;
+        let image_col = e.get((g.grid, d), "image_col")?;
+        let blocks = (0..t.n_layers)
+            .map(|i| Block::new(d, t.n_heads, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let kinds = layer_kinds(t.n_layers, t.conv_kernel);
+        // One mask tensor per distinct kind, shared by the layers that use it.
+        let mut by_kind: Vec<(AttentionKind, Tensor)> = vec![];
+        let mut masks = Vec::with_capacity(kinds.len());
+        for &kind in &kinds {
+            if let Some((_, m)) = by_kind.iter().find(|(k, _)| *k == kind) {
+                masks.push(m.clone());
+            } else {
+                let m = additive_mask(g.text_len, g.grid, kind, vb.device())?;
+                by_kind.push((kind, m.clone()));
+                masks.push(m);
+            }
+        }
+        Ok(Transformer {
+            layout,
+            text_len: g.text_len,
+            grid: g.grid,
+            tokens,
+            text_pos,
+            image_row,
+            image_col,
+            blocks,
+            kinds,
+            masks,
+            ln_f: LayerNorm::new(d, vb.pp("ln_f"))?,
+            head: candle_nn::linear(d, layout.vocab_size(), vb.pp("head"))?,
+        })
+    }
+
+    pub fn layout(&self) -> TokenLayout {
+        self.layout
+    }
+
+    pub fn kinds(&self) -> &[AttentionKind] {
+        &self.kinds
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Full sequence length (text then image).
+    pub fn seq_len(&self) -> usize {
+        self.text_len + self.grid * self.grid
+    }
+
+    /// Position embeddings of positions `start .. start + len`: text positions, then image
+    /// row + column embeddings in raster order.
+    fn positions(&self, start: usize, len: usize) -> Result<Tensor> {
+        let n = self.grid * self.grid;
+        let dev = self.text_pos.device();
+        let rows: Vec<u32> = (0..n as u32).map(|i| i / self.grid as u32).collect();
+        let cols: Vec<u32> = (0..n as u32).map(|i| i % self.grid as u32).collect();
+        let rows = self.image_row.embedding(&Tensor::new(rows, dev)?)?;
+        let cols = self.image_col.embedding(&Tensor::new(cols, dev)?)?;
+        let all = Tensor::cat(&[&self.text_pos, &(rows + cols)?], 0)?; // (seq, d)
+        all.narrow(0, start, len)
+    }
+
+    /// (b, t) unified ids at positions `past .. past + t` → (b, t, vocab) logits, where `past`
+    /// is what `cache` holds (0 without a cache). The cache is extended in place.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let mut scratch;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                scratch = KvCache::new(self.blocks.len());
+                &mut scratch
+            }
+        };
+        if cache.layers.len() != self.blocks.len() {
+            candle_core::bail!(
+                "KV cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            );
+        }
+        let past = cache.past_len();
+        if past + t > self.seq_len() {
+            candle_core::bail!(
+                "positions {past}..{} exceed the sequence length {}",
+                past + t,
+                self.seq_len()
+            );
+        }
+        let mut x = self
+            .tokens
+            .forward(ids)?
+            .broadcast_add(&self.positions(past, t)?)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mask = self.masks[i].narrow(0, past, t)?.narrow(1, 0, past + t)?;
+            x = block.forward(&x, &mask, &mut cache.layers[i])?;
+        }
+        self.head.forward(&self.ln_f.forward(&x)?)
+    }
+}
+
+/// The paper's loss: next-token cross-entropy, averaged separately over text targets (ids
+/// 1‥text_len−1) and image targets, weighted 1/8 and 7/8. Returns (loss, text, image).
+pub fn loss(logits: &Tensor, ids: &Tensor, text_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, s, _) = logits.dims3()?;
+    let logp = crate::vae::model::log_softmax(&logits.narrow(1, 0, s - 1)?, 2)?; // predicts 1..s
+    let targets = ids
+        .narrow(1, 1, s - 1)?
+        .to_dtype(DType::U32)?
+        .unsqueeze(2)?
+        .contiguous()?;
+    let nll = logp.contiguous()?.gather(&targets, 2)?.squeeze(2)?.neg()?; // (b, s − 1)
+    let text = nll.narrow(1, 0, text_len - 1)?.mean_all()?;
+    let image = nll.narrow(1, text_len - 1, s - text_len)?.mean_all()?;
+    let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
+    Ok((total, text, image))
+}
+
+/// GPT-2's initialisation: matrices and embeddings ~ N(0, 0.02²), biases 0, layer-norm gains 1.
+pub fn init_value(name: &str, dims: &[usize], rng: &mut crate::rng::Rng) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let is_ln_gain = name.ends_with(".weight")
+        && name
+            .split('.')
+            .rev()
+            .nth(1)
+            .is_some_and(|p| p.starts_with("ln_"));
+    if is_ln_gain {
+        vec![1.0; n]
+    } else if dims.len() >= 2 {
+        (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+    } else {
+        vec![0.0; n]
+    }
+}

@@ -1,0 +1,242 @@
+//! Stage 2: the sparse transformer's cache, gradients and parameter count.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dalle::config::Config;
+use dalle::transformer::model::{init_value, loss};
+use dalle::transformer::{KvCache, Transformer};
+use dalle_runtimes::AttentionKind;
+
+/// Cached and uncached attention sum the same products in a different order: agreement to this
+/// fraction of the largest logit.
+const F32_CACHE_REL_TOL: f32 = 1e-5;
+
+/// Three layers: row, column, conv — every mask kind. 4 caption tokens, 4×4 image tokens.
+fn micro() -> Config {
+    let mut c = Config::preset("tiny").unwrap();
+    c.geometry.image_size = 32;
+    c.geometry.grid = 4;
+    c.geometry.codebook = 16;
+    c.geometry.text_len = 4;
+    c.geometry.text_vocab = 20;
+    c.vae.vocab_size = 16;
+    c.transformer.d_model = 32;
+    c.transformer.n_layers = 3;
+    c.transformer.n_heads = 4;
+    c.transformer.conv_kernel = 3;
+    c.validate().unwrap();
+    c
+}
+
+fn build(cfg: &Config, seed: u64) -> (VarMap, Transformer) {
+    let vm = VarMap::new();
+    let model =
+        Transformer::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    // Larger than the training init so that attention is far from uniform.
+    dalle::train::init_vars(&vm, seed, |n, d, r| {
+        init_value(n, d, r).iter().map(|v| v * 20.0).collect()
+    })
+    .unwrap();
+    (vm, model)
+}
+
+fn random_ids(b: usize, cfg: &Config, seed: u64) -> Tensor {
+    let layout = dalle_runtimes::TokenLayout::from(&cfg.geometry);
+    let mut rng = dalle::rng::Rng::new(seed);
+    let s = cfg.geometry.seq_len();
+    let ids: Vec<u32> = (0..b * s)
+        .map(|i| {
+            if i % s < cfg.geometry.text_len {
+                rng.below(cfg.geometry.text_vocab) as u32
+            } else {
+                layout.image(rng.below(cfg.geometry.codebook) as u32)
+            }
+        })
+        .collect();
+    Tensor::from_vec(ids, (b, s), &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn cached_decoding_equals_the_full_forward() {
+    let cfg = micro();
+    let (_vm, model) = build(&cfg, 3);
+    assert_eq!(
+        model.kinds(),
+        &[
+            AttentionKind::Row,
+            AttentionKind::Column,
+            AttentionKind::Conv { kernel: 3 }
+        ]
+    );
+    let s = cfg.geometry.seq_len();
+    let t = cfg.geometry.text_len;
+    for b in [1, 3] {
+        let ids = random_ids(b, &cfg, b as u64);
+        let full = model.forward(&ids, None).unwrap();
+        // Prefill the caption, then one token per step.
+        let mut cache = KvCache::new(model.n_layers());
+        let mut parts = vec![model
+            .forward(&ids.narrow(1, 0, t).unwrap(), Some(&mut cache))
+            .unwrap()];
+        for p in t..s {
+            parts.push(
+                model
+                    .forward(&ids.narrow(1, p, 1).unwrap(), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.past_len(), s);
+        let stepped = Tensor::cat(&parts, 1).unwrap();
+        let tol = F32_CACHE_REL_TOL * max_abs(&full).max(1.0);
+        let d = max_diff(&full, &stepped);
+        assert!(
+            d < tol,
+            "batch {b}: cached vs full differ by {d} (tolerance {tol})"
+        );
+        // Uneven chunks too.
+        let mut cache = KvCache::new(model.n_layers());
+        let a = model
+            .forward(&ids.narrow(1, 0, 7).unwrap(), Some(&mut cache))
+            .unwrap();
+        let c = model
+            .forward(&ids.narrow(1, 7, s - 7).unwrap(), Some(&mut cache))
+            .unwrap();
+        let chunked = Tensor::cat(&[a, c], 1).unwrap();
+        for p in 0..s {
+            let d = max_diff(
+                &full.narrow(1, p, 1).unwrap(),
+                &chunked.narrow(1, p, 1).unwrap(),
+            );
+            assert!(
+                d < tol,
+                "batch {b}: chunked decoding differs at position {p} by {d} (tolerance {tol})"
+            );
+        }
+        // The masks matter: changing a later token never changes earlier logits.
+        let mut changed = ids.to_vec2::<u32>().unwrap();
+        changed[0][s - 1] = changed[0][s - 1] ^ 1;
+        let changed = Tensor::new(changed, &Device::Cpu).unwrap();
+        let other = model.forward(&changed, None).unwrap();
+        assert_eq!(
+            max_diff(
+                &full.narrow(1, 0, s - 1).unwrap(),
+                &other.narrow(1, 0, s - 1).unwrap()
+            ),
+            0.0
+        );
+    }
+    // Past the end of the sequence is an error, not a panic.
+    let mut cache = KvCache::new(model.n_layers());
+    let ids = random_ids(1, &cfg, 9);
+    model.forward(&ids, Some(&mut cache)).unwrap();
+    assert!(model
+        .forward(&ids.narrow(1, 0, 1).unwrap(), Some(&mut cache))
+        .is_err());
+}
+
+#[test]
+fn every_parameter_receives_a_gradient_and_training_lowers_the_loss() {
+    let cfg = micro();
+    let (vm, model) = build(&cfg, 5);
+    let ids = random_ids(4, &cfg, 11);
+    let logits = model.forward(&ids, None).unwrap();
+    let (total, _, _) = loss(&logits, &ids, cfg.geometry.text_len).unwrap();
+    let grads = total.backward().unwrap();
+    let vars = dalle::train::named_vars(&vm);
+    assert_eq!(vars.len(), 4 + 3 * 12 + 2 + 2);
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "zero gradient for {name}");
+    }
+
+    let (vm, model) = build(&cfg, 5);
+    dalle::train::init_vars(&vm, 5, init_value).unwrap();
+    let adamw = dalle::train::optim::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.96,
+        eps: 1e-8,
+        weight_decay: 4.5e-2,
+        grad_clip: Some(4.0),
+    };
+    let mut opt = dalle::train::optim::AdamW::new(dalle::train::named_vars(&vm), adamw).unwrap();
+    let mut losses = vec![];
+    for step in 0..30 {
+        let (total, _, _) = loss(
+            &model.forward(&ids, None).unwrap(),
+            &ids,
+            cfg.geometry.text_len,
+        )
+        .unwrap();
+        losses.push(total.to_scalar::<f32>().unwrap());
+        opt.step(&total.backward().unwrap(), 3e-3, step + 1)
+            .unwrap();
+    }
+    assert!(losses[29] < losses[0] * 0.7, "{losses:?}");
+}
+
+#[test]
+fn parameter_count_matches_the_config_formula() {
+    let cfg = Config::preset("tiny").unwrap();
+    let vm = VarMap::new();
+    let _model =
+        Transformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let n: usize = dalle::train::named_vars(&vm)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    assert_eq!(n, cfg.transformer_params());
+    // The paper's 12B model, by the same formula.
+    assert_eq!(
+        Config::preset("paper").unwrap().transformer_params(),
+        12_293_849_088
+    );
+}
+
+#[test]
+fn loss_weights_text_one_eighth_and_image_seven_eighths() {
+    let cfg = micro();
+    let (_vm, model) = build(&cfg, 1);
+    let ids = random_ids(2, &cfg, 2);
+    let (total, text, image) = loss(
+        &model.forward(&ids, None).unwrap(),
+        &ids,
+        cfg.geometry.text_len,
+    )
+    .unwrap();
+    let (t, i, tot) = (
+        text.to_scalar::<f32>().unwrap(),
+        image.to_scalar::<f32>().unwrap(),
+        total.to_scalar::<f32>().unwrap(),
+    );
+    assert!((tot - (t / 8.0 + 7.0 * i / 8.0)).abs() < 1e-5);
+    assert!(t > 0.0 && i > 0.0);
+}
