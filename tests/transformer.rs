@@ -134,7 +134,7 @@ fn cached_decoding_equals_the_full_forward() {
         }
         // The masks matter: changing a later token never changes earlier logits.
         let mut changed = ids.to_vec2::<u32>().unwrap();
-        changed[0][s - 1] = changed[0][s - 1] ^ 1;
+        changed[0][s - 1] ^= 1;
         let changed = Tensor::new(changed, &Device::Cpu).unwrap();
         let other = model.forward(&changed, None).unwrap();
         assert_eq!(
