@@ -8,7 +8,7 @@ pub mod data;
 mod error;
 pub mod fsutil;
 pub mod plot;
-pub mod rng;
+pub use dalle_runtimes::rng;
 pub mod text;
 pub mod train;
 pub mod transformer;

@@ -7,7 +7,10 @@
 pub mod geometry;
 pub mod layout;
 pub mod masks;
+pub mod rng;
+pub mod sampler;
 
 pub use geometry::{Geometry, GeometryError};
 pub use layout::TokenLayout;
 pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
+pub use sampler::{Sampler, SamplingError, SamplingParams};

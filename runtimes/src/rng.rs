@@ -1,4 +1,5 @@
-//! A small deterministic random number generator whose whole state is a seed and a stream.
+//! A small deterministic random number generator whose whole state is a seed and a stream, shared
+//! by training and by every runtime's sampler so that all of them draw the same numbers.
 //!
 //! Training must resume bit-exactly, so every random draw (initialisation, batch order, crops,
 //! gumbel noise) comes from a stream derived from `(seed, purpose, step)` instead of a global
