@@ -240,3 +240,198 @@ fn loss_weights_text_one_eighth_and_image_seven_eighths() {
     assert!((tot - (t / 8.0 + 7.0 * i / 8.0)).abs() < 1e-5);
     assert!(t > 0.0 && i > 0.0);
 }
+
+mod generation {
+    use super::*;
+    use dalle::transformer::generate::{generate, Request};
+    use dalle_runtimes::SamplingParams;
+
+    fn request(cfg: &Config) -> Request {
+        let layout = dalle_runtimes::TokenLayout::from(&cfg.geometry);
+        Request {
+            text: layout.caption(&[3, 7, 1]).unwrap().0,
+            num_images: 3,
+            params: SamplingParams::default(),
+            seed: 1,
+            guidance_scale: 1.0,
+            prime: vec![],
+        }
+    }
+
+    #[test]
+    fn seeds_greedy_guidance_and_priming() {
+        let cfg = micro();
+        let (_vm, model) = build(&cfg, 7);
+        let dev = Device::Cpu;
+        let n = cfg.geometry.grid * cfg.geometry.grid;
+        let base = request(&cfg);
+
+        let a = generate(&model, &base, &dev).unwrap();
+        assert_eq!(a.len(), 3);
+        assert!(
+            a.iter()
+                .all(|img| img.len() == n
+                    && img.iter().all(|&c| (c as usize) < cfg.geometry.codebook))
+        );
+        assert_eq!(
+            a,
+            generate(&model, &base, &dev).unwrap(),
+            "same seed, same tokens"
+        );
+        let other = generate(
+            &model,
+            &Request {
+                seed: 2,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert_ne!(a, other, "different seeds, different tokens");
+        // Image i does not depend on how many images share the batch.
+        let one = generate(
+            &model,
+            &Request {
+                num_images: 1,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(one[0], a[0]);
+
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let top1 = SamplingParams {
+            top_k: Some(1),
+            ..Default::default()
+        };
+        let g = generate(
+            &model,
+            &Request {
+                params: greedy,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        let k = generate(
+            &model,
+            &Request {
+                params: top1,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(g, k, "top-k 1 is greedy");
+        // Greedy decoding equals the argmax of a full forward pass over its own output.
+        let layout = model.layout();
+        let mut ids: Vec<u32> = base.text.clone();
+        ids.extend(g[0].iter().map(|&c| layout.image(c)));
+        let full = model
+            .forward(
+                &Tensor::new(ids.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
+        let t = cfg.geometry.text_len;
+        let img = full
+            .narrow(2, layout.image_offset(), cfg.geometry.codebook)
+            .unwrap();
+        let argmax = img
+            .narrow(1, t - 1, n)
+            .unwrap()
+            .argmax(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(argmax, g[0]);
+
+        let guided1 = generate(
+            &model,
+            &Request {
+                guidance_scale: 1.0,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(guided1, a, "guidance scale 1 is no guidance");
+        let guided3 = generate(
+            &model,
+            &Request {
+                guidance_scale: 3.0,
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert_ne!(guided3, a);
+
+        let prime: Vec<u32> = (0..2 * cfg.geometry.grid as u32).map(|i| i % 16).collect();
+        let primed = generate(
+            &model,
+            &Request {
+                prime: prime.clone(),
+                ..base.clone()
+            },
+            &dev,
+        )
+        .unwrap();
+        assert!(primed
+            .iter()
+            .all(|img| img[..prime.len()] == prime[..] && img.len() == n));
+
+        // Bad requests are errors.
+        assert!(generate(
+            &model,
+            &Request {
+                num_images: 0,
+                ..base.clone()
+            },
+            &dev
+        )
+        .is_err());
+        assert!(generate(
+            &model,
+            &Request {
+                prime: vec![0; n],
+                ..base.clone()
+            },
+            &dev
+        )
+        .is_err());
+        assert!(generate(
+            &model,
+            &Request {
+                text: vec![1],
+                ..base.clone()
+            },
+            &dev
+        )
+        .is_err());
+        let bad = SamplingParams {
+            top_p: Some(2.0),
+            ..Default::default()
+        };
+        assert!(generate(
+            &model,
+            &Request {
+                params: bad,
+                ..base
+            },
+            &dev
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("top-p"));
+    }
+}

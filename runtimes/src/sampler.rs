@@ -74,10 +74,16 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64) -> Result<Self, SamplingError> {
+        Self::for_image(params, seed, 0)
+    }
+
+    /// The sampler of image `index` of a request: each image of a batch has its own stream, so
+    /// image i is the same whatever the batch size.
+    pub fn for_image(params: SamplingParams, seed: u64, index: u64) -> Result<Self, SamplingError> {
         params.validate()?;
         Ok(Sampler {
             params,
-            rng: Rng::stream(seed, "sample", 0),
+            rng: Rng::stream(seed, "sample", index),
         })
     }
 

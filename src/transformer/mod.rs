@@ -1,5 +1,6 @@
 //! Stage 2: the sparse-attention transformer over caption and image tokens.
 
+pub mod generate;
 pub mod model;
 
 pub use model::{KvCache, Transformer};
