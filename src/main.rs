@@ -52,6 +52,10 @@ enum Command {
     Tokenizer(TokenizerCommand),
     /// Train the discrete VAE (stage 1).
     TrainVae(TrainVaeArgs),
+    /// Train the transformer (stage 2) on captions and dVAE tokens.
+    Train(TrainArgs),
+    /// Generate images for a caption.
+    Generate(GenerateArgs),
     /// dVAE utilities.
     #[command(subcommand)]
     Vae(VaeCommand),
@@ -234,6 +238,249 @@ struct TrainVaeArgs {
     filters: FilterArgs,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// The trained dVAE directory.
+    #[arg(long)]
+    vae: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    steps: usize,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    stop_at: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak learning rate (paper: 4.5e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Probability of the empty caption per sample (for classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    caption_dropout: f64,
+    /// BPE-dropout rate (paper: 0.1); resume is bit-exact only at 0.
+    #[arg(long, default_value_t = 0.1)]
+    bpe_dropout: f32,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 500)]
+    sample_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let config = Config::preset(&a.preset)?;
+    let device = dalle::util::device(&a.device)?;
+    if a.steps == 0 || a.batch_size == 0 {
+        bail!("--steps and --batch-size must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.caption_dropout) {
+        bail!(
+            "--caption-dropout must be in [0, 1] (got {})",
+            a.caption_dropout
+        );
+    }
+    let mut options =
+        dalle::transformer::train::TransformerTrainOptions::new(a.steps, a.batch_size, a.seed);
+    if let Some(lr) = a.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            bail!("--lr must be a positive number (got {lr})");
+        }
+        options.lr_end = lr * options.lr_end / options.lr_peak;
+        options.lr_peak = lr;
+    }
+    options.caption_dropout = a.caption_dropout;
+    options.bpe_dropout = a.bpe_dropout;
+    options.lp.checkpoint_every = a.checkpoint_every.max(1);
+    options.lp.sample_every = a.sample_every.max(1);
+    options.lp.log_every = a.log_every.max(1);
+    let out = a.out.clone();
+    let s = dalle::transformer::train::train_transformer(
+        dalle::transformer::train::TransformerTrainRequest {
+            config,
+            vae: a.vae,
+            data: a.data,
+            out: a.out,
+            options,
+            resume: a.resume,
+            stop_at: a.stop_at,
+            device,
+            filters: a.filters.build()?,
+        },
+    )?;
+    report(&s, &out);
+    Ok(())
+}
+
+fn report(s: &dalle::train::Summary, out: &std::path::Path) {
+    let metrics: Vec<String> = s
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    println!(
+        "step {}: {}; {:.2} steps/s; peak RSS {}; checkpoint in {}",
+        s.step,
+        metrics.join(", "),
+        s.steps_per_sec,
+        s.peak_rss_bytes.map_or("unknown".into(), |b| format!(
+            "{:.0} MiB",
+            b as f64 / (1 << 20) as f64
+        )),
+        out.display()
+    );
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The caption (may be empty: unconditional).
+    prompt: Option<String>,
+    /// Read the caption from a UTF-8 file instead.
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_file: Option<PathBuf>,
+    /// Only `candle` exists so far.
+    #[arg(long, default_value = "candle")]
+    runtime: String,
+    /// A `dalle train` run directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    num_images: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    guidance_scale: f32,
+    /// Keep the first --prime-rows token rows of this image and generate the rest.
+    #[arg(long, requires = "prime_rows")]
+    prime_image: Option<PathBuf>,
+    #[arg(long, requires = "prime_image")]
+    prime_rows: Option<usize>,
+    /// Also write the generated token grids as JSON.
+    #[arg(long)]
+    save_tokens: Option<PathBuf>,
+    /// A caption longer than the model's text length is an error instead of a warning.
+    #[arg(long)]
+    strict: bool,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if a.runtime != "candle" {
+        bail!("unknown runtime `{}`: valid runtimes are candle (tract and ort arrive with the exporter)", a.runtime);
+    }
+    let params = dalle_runtimes::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    params.validate()?;
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (_, Some(f)) => {
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("cannot read prompt file {}", f.display()))?;
+            String::from_utf8(bytes)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "prompt file {} is not UTF-8 (byte {})",
+                        f.display(),
+                        e.utf8_error().valid_up_to()
+                    )
+                })?
+                .trim()
+                .to_string()
+        }
+        (Some(p), None) => p.clone(),
+        (None, None) => String::new(),
+    };
+    let device = candle_core::Device::Cpu;
+    let dir = &a.checkpoint;
+    let config = Config::load(&dir.join("config.json"))
+        .with_context(|| format!("{} is not a `dalle train` run", dir.display()))?;
+    let weights = dalle::vae::io::read_f32(&dir.join("transformer.safetensors"), &device)?;
+    let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &device);
+    let model = dalle::transformer::Transformer::new(&config, vb).with_context(|| {
+        format!(
+            "{}: transformer.safetensors does not match config.json",
+            dir.display()
+        )
+    })?;
+    let tokenizer = dalle::text::load(&dir.join("tokenizer.json"))?;
+    let vae = Vae::load(&dir.join("vae"), &device)?;
+    let layout = model.layout();
+    let bpe = dalle::text::encode(&tokenizer, &prompt)?;
+    let (text, truncated) = layout.caption(&bpe).map_err(|id| {
+        anyhow::anyhow!("tokenizer id {id} is outside the model's text vocabulary")
+    })?;
+    if truncated {
+        let msg = format!(
+            "the prompt is {} tokens; the model reads the first {}",
+            bpe.len(),
+            layout.text_len
+        );
+        if a.strict {
+            bail!("{msg} (--strict)");
+        }
+        eprintln!("warning: {msg}");
+    }
+    let mut prime = vec![];
+    if let (Some(img), Some(rows)) = (&a.prime_image, a.prime_rows) {
+        if rows == 0 || rows >= vae.grid() {
+            bail!(
+                "--prime-rows must be between 1 and {} (got {rows})",
+                vae.grid() - 1
+            );
+        }
+        let image = dalle::data::load_square(img, vae.image_size())?;
+        prime = vae.encode(&[image])?.remove(0);
+        prime.truncate(rows * vae.grid());
+    }
+    let req = dalle::transformer::generate::Request {
+        text,
+        num_images: a.num_images,
+        params,
+        seed: a.seed,
+        guidance_scale: a.guidance_scale,
+        prime,
+    };
+    let codes = dalle::transformer::generate::generate(&model, &req, &device)?;
+    if let Some(path) = &a.save_tokens {
+        let rows: Vec<Vec<&[u32]>> = codes
+            .iter()
+            .map(|c| c.chunks(vae.grid()).collect())
+            .collect();
+        let json = serde_json::json!({ "grid": vae.grid(), "prompt": prompt, "images": rows });
+        dalle::fsutil::write_bytes_atomic(path, json.to_string().as_bytes())?;
+    }
+    let images = vae.decode(&codes)?;
+    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    dalle::plot::save_png(&dalle::plot::grid(&images, cols), &a.out)?;
+    println!(
+        "wrote {} image(s) for {prompt:?} to {}",
+        images.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn train_vae(a: TrainVaeArgs) -> Result<()> {
     let config = Config::preset(&a.preset)?;
     let device = dalle::util::device(&a.device)?;
@@ -264,22 +511,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         device,
         filters: a.filters.build()?,
     })?;
-    let metrics: Vec<String> = summary
-        .metrics
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect();
-    println!(
-        "step {}: {}; {:.2} steps/s; peak RSS {}; checkpoint in {}",
-        summary.step,
-        metrics.join(", "),
-        summary.steps_per_sec,
-        summary.peak_rss_bytes.map_or("unknown".into(), |b| format!(
-            "{:.0} MiB",
-            b as f64 / (1 << 20) as f64
-        )),
-        out.display()
-    );
+    report(&summary, &out);
     Ok(())
 }
 
@@ -437,6 +669,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::TrainVae(a) => train_vae(a)?,
+        Command::Train(a) => train(a)?,
+        Command::Generate(a) => generate(a)?,
         Command::Tokenizer(TokenizerCommand::Train {
             data,
             vocab,

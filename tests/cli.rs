@@ -447,3 +447,167 @@ fn train_vae_bad_data_and_output_directories() {
         "does not exist",
     );
 }
+
+#[test]
+fn stage_two_train_and_generate_with_bad_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("shapes");
+    let vae = tmp.path().join("vae");
+    let run = tmp.path().join("tf");
+    ok(&[
+        "data",
+        "shapes",
+        "--out",
+        p(&data),
+        "--count",
+        "12",
+        "--seed",
+        "4",
+    ]);
+    ok(&[
+        "train-vae",
+        "--data",
+        p(&data),
+        "--out",
+        p(&vae),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let train = [
+        "train",
+        "--vae",
+        p(&vae),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--batch-size",
+        "2",
+        "--bpe-dropout",
+        "0",
+    ];
+    let mut a = train.to_vec();
+    a.extend(["--steps", "2", "--sample-every", "2"]);
+    let out = ok(&a);
+    assert!(out.contains("step 2"), "{out}");
+    for f in [
+        "transformer.safetensors",
+        "tokenizer.json",
+        "vae/encoder.safetensors",
+        "samples/sample-00000002.png",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    // The token cache is reused on the next run.
+    let mut a = train.to_vec();
+    a.extend(["--steps", "3", "--resume"]);
+    let o = dalle(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("using the token cache"));
+    // A dVAE of another geometry is refused.
+    let mut a = train.to_vec();
+    a.extend(["--steps", "3", "--preset", "small"]);
+    fails(&a, "needs 128px");
+
+    let img = tmp.path().join("grid.png");
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "--num-images",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run_ok = |a: Vec<String>| ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run_fail = |a: Vec<String>, needle: &str| {
+        fails(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+    let tokens = tmp.path().join("tokens.json");
+    run_ok(gen(&[
+        "a red circle",
+        "--seed",
+        "3",
+        "--save-tokens",
+        p(&tokens),
+    ]));
+    let first = std::fs::read(&img).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokens).unwrap()).unwrap();
+    assert_eq!(saved["images"].as_array().unwrap().len(), 2);
+    run_ok(gen(&["a red circle", "--seed", "3"]));
+    assert_eq!(std::fs::read(&img).unwrap(), first, "same seed, same image");
+    run_ok(gen(&["", "--top-k", "1", "--guidance-scale", "2"]));
+    run_ok(gen(&[
+        "a red circle",
+        "--prime-image",
+        p(&data.join("000000.png")),
+        "--prime-rows",
+        "3",
+    ]));
+
+    let long = "a red circle ".repeat(20);
+    let o = dalle(
+        &gen(&[long.as_str()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stderr).contains("warning: the prompt is")
+    );
+    run_fail(gen(&[long.as_str(), "--strict"]), "--strict");
+    run_fail(gen(&["x", "--top-p", "1.5"]), "top-p must be in (0, 1]");
+    run_fail(gen(&["x", "--temperature", "-1"]), "temperature must be");
+    run_fail(
+        [
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "x",
+            "--num-images",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        "at least 1",
+    );
+    run_fail(
+        gen(&["x", "--runtime", "onnx"]),
+        "valid runtimes are candle",
+    );
+    let latin1 = tmp.path().join("prompt.txt");
+    std::fs::write(&latin1, b"caf\xe9").unwrap();
+    run_fail(gen(&["--prompt-file", p(&latin1)]), "not UTF-8");
+    let big = tmp.path().join("big.png");
+    image::RgbImage::from_pixel(90, 70, image::Rgb([9, 9, 9]))
+        .save(&big)
+        .unwrap();
+    let o = dalle(
+        &gen(&["x", "--prime-image", p(&big), "--prime-rows", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("resizing"));
+    run_fail(
+        gen(&["x", "--prime-image", p(&big), "--prime-rows", "8"]),
+        "--prime-rows must be between 1 and 7",
+    );
+    run_fail(
+        ["generate", "--checkpoint", p(&data), "--out", p(&img)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "is not a `dalle train` run",
+    );
+}

@@ -2,5 +2,6 @@
 
 pub mod generate;
 pub mod model;
+pub mod train;
 
 pub use model::{KvCache, Transformer};

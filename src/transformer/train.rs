@@ -1,0 +1,355 @@
+//! Stage-2 training (Ramesh et al. 2021 §2.2, appendix B.2): images are encoded once by the dVAE
+//! into a token cache; captions are BPE-encoded per step (with optional BPE dropout and caption
+//! dropout for classifier-free guidance); the loss is 1/8 text + 7/8 image cross-entropy.
+//!
+//! Run directory (besides the shared layout of `crate::train`): `transformer.safetensors` (EMA
+//! weights), `tokenizer.json`, and `vae/` (a copy of the dVAE used), so that a checkpoint
+//! directory is all `dalle generate --runtime candle` needs.
+
+use super::generate::{generate, Request};
+use super::model::{init_value, loss, Transformer};
+use crate::config::Config;
+use crate::data::filters::Filters;
+use crate::data::loader::Loader;
+use crate::data::Index;
+use crate::rng::Rng;
+use crate::train::optim::AdamWConfig;
+use crate::train::{self, LoopOptions, Stage, Start, Summary};
+use crate::vae::io::Vae;
+use crate::vae::loss::cosine;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dalle_runtimes::{SamplingParams, TokenLayout};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// Everything that fixes a stage-2 run; stored in `train.json` and reused on resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransformerTrainOptions {
+    #[serde(rename = "loop")]
+    pub lp: LoopOptions,
+    pub lr_peak: f64,
+    pub lr_end: f64,
+    pub warmup_steps: usize,
+    /// Probability of training on the empty caption (enables classifier-free guidance).
+    pub caption_dropout: f64,
+    /// BPE-dropout rate while training (paper: 0.1). Drawn by `tokenizers` from its own
+    /// generator, so a resumed run is bit-identical only at 0.
+    pub bpe_dropout: f32,
+}
+
+impl TransformerTrainOptions {
+    /// The paper's optimiser (AdamW 0.9/0.96, weight decay 4.5e-2, gradient-norm clip 4) with a
+    /// linear warm-up over the first 5% of the run and a cosine decay to a tenth of the peak.
+    pub fn new(steps: usize, batch_size: usize, seed: u64) -> Self {
+        TransformerTrainOptions {
+            lp: LoopOptions {
+                steps,
+                seed,
+                batch_size,
+                checkpoint_every: 500,
+                sample_every: 500,
+                log_every: 10,
+                keep_checkpoints: 2,
+                adamw: AdamWConfig {
+                    beta1: 0.9,
+                    beta2: 0.96,
+                    eps: 1e-8,
+                    weight_decay: 4.5e-2,
+                    grad_clip: Some(4.0),
+                },
+                ema_decay: 0.999,
+            },
+            lr_peak: 4.5e-4,
+            lr_end: 4.5e-5,
+            warmup_steps: (steps / 20).max(1),
+            caption_dropout: 0.1,
+            bpe_dropout: 0.1,
+        }
+    }
+
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            self.lr_peak * (step + 1) as f64 / self.warmup_steps as f64
+        } else {
+            let len = self.lp.steps.saturating_sub(self.warmup_steps);
+            cosine(self.lr_peak, self.lr_end, step - self.warmup_steps, len)
+        }
+    }
+}
+
+/// Captions and their images' dVAE codes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenSet {
+    /// FNV-1a of the dVAE weights the codes came from.
+    pub dvae: String,
+    pub grid: usize,
+    pub captions: Vec<String>,
+    pub codes: Vec<Vec<u32>>,
+}
+
+fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
+    for b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Encode every usable image of `data` with the dVAE in `vae_dir`, or reuse the cache in
+/// `vae_dir/token-cache/` when neither the data index nor the dVAE weights changed.
+pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> Result<TokenSet> {
+    let index = Index::scan(data, filters, false)?;
+    let mut weights_hash = FNV_START;
+    for f in ["encoder.safetensors", "decoder.safetensors"] {
+        let p = vae_dir.join(f);
+        weights_hash = fnv(
+            std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+            weights_hash,
+        );
+    }
+    let dvae = format!("{weights_hash:016x}");
+    let mut data_hash = FNV_START;
+    for s in &index.samples {
+        data_hash = fnv(
+            format!("{:?}\u{0}{}\u{0}", s.source, s.text).into_bytes(),
+            data_hash,
+        );
+    }
+    let cache = vae_dir
+        .join("token-cache")
+        .join(format!("{data_hash:016x}.json"));
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Ok(set) = serde_json::from_str::<TokenSet>(&text) {
+            if set.dvae == dvae && set.grid == vae.grid() {
+                eprintln!("using the token cache {}", cache.display());
+                return Ok(set);
+            }
+            eprintln!(
+                "the dVAE changed since {} was written: encoding again",
+                cache.display()
+            );
+        }
+    }
+    let loader = Loader::new(index, vae.image_size(), filters.max_pixels, 0)?;
+    let mut set = TokenSet {
+        dvae,
+        grid: vae.grid(),
+        captions: vec![],
+        codes: vec![],
+    };
+    let usable = loader.fixed(loader.len());
+    eprintln!("encoding {} images with the dVAE", usable.len());
+    for chunk in usable.chunks(64) {
+        let images: Vec<_> = chunk.iter().map(|(_, img)| img.clone()).collect();
+        set.codes.extend(vae.encode(&images)?);
+        set.captions.extend(
+            chunk
+                .iter()
+                .map(|(i, _)| loader.index().samples[*i].text.clone()),
+        );
+    }
+    let json = serde_json::to_string(&set).map_err(|e| Error::Usage(e.to_string()))?;
+    let written = std::fs::create_dir_all(cache.parent().unwrap_or(vae_dir))
+        .map_err(|e| Error::io(&cache, e))
+        .and_then(|_| crate::fsutil::write_bytes_atomic(&cache, json.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("warning: cannot write the token cache ({e}); continuing without it");
+    }
+    Ok(set)
+}
+
+struct TransformerStage {
+    config: Config,
+    model: Transformer,
+    layout: TokenLayout,
+    set: TokenSet,
+    tokenizer: Tokenizer,
+    train_tokenizer: Tokenizer,
+    opts: TransformerTrainOptions,
+    device: Device,
+    vae: Vae,
+}
+
+impl TransformerStage {
+    fn caption_ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let bpe = crate::text::encode(tokenizer, text)?;
+        let (ids, _) = self.layout.caption(&bpe).map_err(|bad| {
+            Error::Usage(format!(
+                "tokenizer produced id {bad}, outside the text vocabulary {}",
+                self.layout.text_vocab
+            ))
+        })?;
+        Ok(ids)
+    }
+}
+
+impl Stage for TransformerStage {
+    fn loss(&mut self, step: usize) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
+        let (b, n) = (self.opts.lp.batch_size, self.set.codes.len());
+        let mut ids = Vec::with_capacity(b * self.layout.text_len);
+        for i in 0..b as u64 {
+            let pos = step as u64 * b as u64 + i;
+            let mut perm: Vec<u32> = (0..n as u32).collect();
+            Rng::stream(self.opts.lp.seed, "epoch", pos / n as u64).shuffle(&mut perm);
+            let k = perm[(pos % n as u64) as usize] as usize;
+            let drop = Rng::stream(self.opts.lp.seed, "caption-dropout", pos).uniform()
+                < self.opts.caption_dropout;
+            let text = if drop {
+                ""
+            } else {
+                self.set.captions[k].as_str()
+            };
+            ids.extend(self.caption_ids(&self.train_tokenizer, text)?);
+            ids.extend(self.set.codes[k].iter().map(|&c| self.layout.image(c)));
+        }
+        let ids = Tensor::from_vec(ids, (b, self.model.seq_len()), &self.device)?;
+        let (total, text, image) =
+            loss(&self.model.forward(&ids, None)?, &ids, self.layout.text_len)?;
+        let s = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let metrics = vec![
+            ("loss", s(&total)?),
+            ("text", s(&text)?),
+            ("image", s(&image)?),
+        ];
+        Ok((total, metrics))
+    }
+
+    fn lr(&self, step: usize) -> f64 {
+        self.opts.lr(step)
+    }
+
+    fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        let path = out.join("transformer.safetensors");
+        crate::fsutil::write_atomic(&path, |tmp| {
+            candle_core::safetensors::save(weights, tmp)
+                .map_err(|e| Error::checkpoint(&path, e.to_string()))
+        })
+    }
+
+    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()> {
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &self.device);
+        let model = Transformer::new(&self.config, vb)?;
+        let mut images = vec![];
+        for (i, caption) in self.set.captions.iter().take(4).enumerate() {
+            let req = Request {
+                text: self.caption_ids(&self.tokenizer, caption)?,
+                num_images: 4,
+                params: SamplingParams {
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: None,
+                },
+                seed: i as u64,
+                guidance_scale: 1.0,
+                prime: vec![],
+            };
+            images.extend(self.vae.decode(&generate(&model, &req, &self.device)?)?);
+        }
+        let dir = out.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        crate::plot::save_png(
+            &crate::plot::grid(&images, 4),
+            &dir.join(format!("sample-{step:08}.png")),
+        )
+    }
+}
+
+/// What `dalle train` was asked to do.
+pub struct TransformerTrainRequest {
+    pub config: Config,
+    pub vae: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub options: TransformerTrainOptions,
+    pub resume: bool,
+    pub stop_at: Option<usize>,
+    pub device: Device,
+    pub filters: Filters,
+}
+
+/// Copy the dVAE into the run directory so that the checkpoint is self-contained.
+fn copy_vae(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for f in ["config.json", "encoder.safetensors", "decoder.safetensors"] {
+        let bytes = std::fs::read(from.join(f)).map_err(|e| Error::io(from.join(f), e))?;
+        crate::fsutil::write_bytes_atomic(&to.join(f), &bytes)?;
+    }
+    Ok(())
+}
+
+/// Run (or resume) stage-2 training.
+pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
+    let vae = Vae::load(&req.vae, &req.device)?;
+    let (g, v) = (&req.config.geometry, &vae.config.geometry);
+    if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
+        return Err(Error::checkpoint(
+            &req.vae,
+            format!(
+                "is a {}px → {}×{} dVAE with {} codes, but preset `{}` needs {}px → {}×{} with {}",
+                v.image_size,
+                v.grid,
+                v.grid,
+                v.codebook,
+                req.config.preset,
+                g.image_size,
+                g.grid,
+                g.grid,
+                g.codebook
+            ),
+        ));
+    }
+    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
+    let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
+    if set.codes.is_empty() {
+        return Err(Error::Dataset {
+            path: req.data.clone(),
+            message: "has no usable samples".into(),
+        });
+    }
+    let tok_path = req.out.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        crate::text::load(&tok_path)?
+    } else {
+        let t = crate::text::train(&set.captions, g.text_vocab, 2)?;
+        crate::text::save(&t, &tok_path)?;
+        t
+    };
+    if crate::text::vocab_size(&tokenizer) > g.text_vocab {
+        return Err(Error::input(
+            &tok_path,
+            format!(
+                "has more ids than the preset's text vocabulary {}",
+                g.text_vocab
+            ),
+        ));
+    }
+    copy_vae(&req.vae, &req.out.join("vae"))?;
+    let varmap = VarMap::new();
+    let model = Transformer::new(
+        &req.config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &req.device),
+    )?;
+    train::init_vars(&varmap, opts.lp.seed, init_value)?;
+    if let Start::Resume { step, .. } = &start {
+        eprintln!("resuming {} from step {step}", req.out.display());
+    }
+    let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
+    let lp = opts.lp.clone();
+    let mut stage = TransformerStage {
+        layout: TokenLayout::from(&req.config.geometry),
+        config: req.config,
+        model,
+        set,
+        tokenizer,
+        train_tokenizer,
+        opts,
+        device: req.device,
+        vae,
+    };
+    train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
+}
