@@ -435,3 +435,135 @@ mod generation {
         .contains("top-p"));
     }
 }
+
+mod training {
+    use super::*;
+    use dalle::data::filters::Filters;
+    use dalle::transformer::train::{
+        train_transformer, TransformerTrainOptions, TransformerTrainRequest,
+    };
+    use std::path::Path;
+
+    /// 32 px → 4×4 codes from a micro dVAE; a 300-id caption vocabulary (byte-level BPE needs
+    /// more than 256) and 12 caption positions.
+    fn config() -> Config {
+        let mut c = micro();
+        c.geometry.text_vocab = 300;
+        c.geometry.text_len = 12;
+        c.vae.n_hid = 8;
+        c.vae.n_blk_per_group = 1;
+        c.vae.n_init = 16;
+        c.validate().unwrap();
+        c
+    }
+
+    fn vae_dir(tmp: &Path, data: &Path) -> std::path::PathBuf {
+        let out = tmp.join("vae");
+        let mut options = dalle::vae::train::VaeTrainOptions::new(1, 2, 0);
+        options.lp.sample_every = 100;
+        dalle::vae::train::train_vae(dalle::vae::train::VaeTrainRequest {
+            config: config(),
+            data: data.to_path_buf(),
+            out: out.clone(),
+            options,
+            resume: false,
+            stop_at: None,
+            device: Device::Cpu,
+            filters: Filters::default(),
+        })
+        .unwrap();
+        out
+    }
+
+    fn request(
+        vae: &Path,
+        data: &Path,
+        out: &Path,
+        steps: usize,
+        resume: bool,
+        stop_at: Option<usize>,
+    ) -> TransformerTrainRequest {
+        let mut options = TransformerTrainOptions::new(steps, 4, 9);
+        options.bpe_dropout = 0.0;
+        options.lr_peak = 3e-3;
+        options.lp.checkpoint_every = 3;
+        options.lp.sample_every = 1000;
+        options.lp.log_every = 1;
+        TransformerTrainRequest {
+            config: config(),
+            vae: vae.to_path_buf(),
+            data: data.to_path_buf(),
+            out: out.to_path_buf(),
+            options,
+            resume,
+            stop_at,
+            device: Device::Cpu,
+            filters: Filters::default(),
+        }
+    }
+
+    fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
+        let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+        let mut out = vec![];
+        for f in [
+            "weights.safetensors",
+            "optimizer.safetensors",
+            "ema.safetensors",
+        ] {
+            let t = candle_core::safetensors::load(
+                dir.join("checkpoints").join(latest.trim()).join(f),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (k, v) in t {
+                let bits = v
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                out.push((format!("{f}/{k}"), bits));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn loss_falls_and_resume_is_bit_exact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        dalle::data::shapes::write_set(&data, 24, 1, dalle::data::shapes::Split::Train, 32)
+            .unwrap();
+        let vae = vae_dir(tmp.path(), &data);
+
+        let long = tmp.path().join("long");
+        train_transformer(request(&vae, &data, &long, 40, false, None)).unwrap();
+        let csv = std::fs::read_to_string(long.join("metrics.csv")).unwrap();
+        let losses: Vec<f64> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        let first = losses[..3].iter().sum::<f64>() / 3.0;
+        let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+        assert!(
+            last < first * 0.8,
+            "loss did not fall: {first:.3} → {last:.3}"
+        );
+
+        let straight = tmp.path().join("straight");
+        train_transformer(request(&vae, &data, &straight, 8, false, None)).unwrap();
+        let split = tmp.path().join("split");
+        train_transformer(request(&vae, &data, &split, 8, false, Some(4))).unwrap();
+        train_transformer(request(&vae, &data, &split, 8, true, None)).unwrap();
+        let (a, b) = (weights(&straight), weights(&split));
+        assert_eq!(a.len(), b.len());
+        for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+            assert_eq!(ka, kb);
+            assert!(va == vb, "{ka} differs after resume");
+        }
+    }
+}
