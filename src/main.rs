@@ -44,6 +44,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure candle decode speed with and without the KV cache (random weights).
+    Bench {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1,16", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Image positions timed without the cache (the last ones of the image).
+        #[arg(long, default_value_t = 8)]
+        uncached_steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make or inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -666,6 +679,31 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{v}");
             } else {
                 print!("{}", idx.report());
+            }
+        }
+        Command::Bench {
+            preset,
+            batch,
+            uncached_steps,
+            json,
+        } => {
+            if batch.iter().any(|&b| b == 0) {
+                bail!("--batch sizes must be at least 1");
+            }
+            let mut rows = vec![];
+            for b in batch {
+                let r = dalle::bench::decode_speed(&preset, b, uncached_steps)?;
+                if !json {
+                    println!(
+                        "{} batch {:>3}: prefill {:.3} s; decode {:.1} image tokens/s with the KV cache, {:.1} without (last {} positions); {:.1}×",
+                        r.preset, r.batch, r.prefill_s, r.cached_tokens_per_s, r.uncached_tokens_per_s, r.uncached_steps,
+                        r.cached_tokens_per_s / r.uncached_tokens_per_s
+                    );
+                }
+                rows.push(r);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             }
         }
         Command::TrainVae(a) => train_vae(a)?,

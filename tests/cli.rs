@@ -54,6 +54,26 @@ fn info_prints_presets_and_rejects_unknown_ones() {
 }
 
 #[test]
+fn bench_measures_cached_and_uncached_decoding() {
+    let json = ok(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch",
+        "1",
+        "--uncached-steps",
+        "2",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let r = &rows[0];
+    assert_eq!(r["batch"], 1);
+    assert!(r["cached_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["uncached_tokens_per_s"].as_f64().unwrap() > 0.0);
+    fails(&["bench", "--batch", "0"], "at least 1");
+}
+
+#[test]
 fn masks_prints_the_contract_matrix() {
     let json = ok(&[
         "masks",
