@@ -28,8 +28,15 @@ pub fn decode_speed(preset: &str, batch: usize, uncached_steps: usize) -> Result
     let cfg = Config::preset(preset)?;
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let model = Transformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    Transformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     crate::train::init_vars(&vm, 0, crate::transformer::model::init_value)?;
+    // Inference weights are plain tensors: built from `Var`s every op would be recorded for
+    // back-propagation and the KV cache would keep each step's whole graph alive.
+    let weights = crate::train::named_vars(&vm)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect();
+    let model = Transformer::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))?;
     let layout = model.layout();
     let (t, s) = (layout.text_len, model.seq_len());
     let ids: Vec<u32> = (0..batch * s)
