@@ -210,8 +210,9 @@ impl FilterArgs {
     }
 }
 
+/// What both training commands take.
 #[derive(Args)]
-struct TrainVaeArgs {
+struct RunArgs {
     #[arg(long, default_value = "tiny")]
     preset: String,
     #[arg(long)]
@@ -228,112 +229,106 @@ struct TrainVaeArgs {
     stop_at: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Peak learning rate (paper: 1e-4), decayed by a cosine to 1/80 of it.
+    /// Peak learning rate (paper: 1e-4 for the dVAE, 4.5e-4 for the transformer).
     #[arg(long)]
     lr: Option<f64>,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 500)]
+    sample_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[command(flatten)]
+    filters: FilterArgs,
+}
+
+impl RunArgs {
+    /// The preset, the device and the checked peak learning rate.
+    fn check(&self, batch_size: usize) -> Result<(Config, candle_core::Device, Option<f64>)> {
+        let config = Config::preset(&self.preset)?;
+        let device = dalle::util::device(&self.device)?;
+        if self.steps == 0 || batch_size == 0 {
+            bail!("--steps and --batch-size must be at least 1");
+        }
+        if let Some(lr) = self.lr {
+            if !(lr > 0.0 && lr.is_finite()) {
+                bail!("--lr must be a positive number (got {lr})");
+            }
+        }
+        Ok((config, device, self.lr))
+    }
+
+    fn apply(&self, lp: &mut dalle::train::LoopOptions) {
+        lp.checkpoint_every = self.checkpoint_every.max(1);
+        lp.sample_every = self.sample_every.max(1);
+        lp.log_every = self.log_every.max(1);
+    }
+}
+
+#[derive(Args)]
+struct TrainVaeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
     /// Steps over which τ anneals 1 → 1/16 (default: half the run).
     #[arg(long)]
     tau_steps: Option<usize>,
     /// Steps over which β ramps 0 → 6.6 (default: a tenth of the run).
     #[arg(long)]
     beta_steps: Option<usize>,
-    #[arg(long, default_value_t = 500)]
-    checkpoint_every: usize,
-    #[arg(long, default_value_t = 500)]
-    sample_every: usize,
-    #[arg(long, default_value_t = 10)]
-    log_every: usize,
-    #[command(flatten)]
-    filters: FilterArgs,
 }
 
 #[derive(Args)]
 struct TrainArgs {
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    #[command(flatten)]
+    run: RunArgs,
     /// The trained dVAE directory.
     #[arg(long)]
     vae: PathBuf,
-    #[arg(long)]
-    data: PathBuf,
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long)]
-    steps: usize,
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    stop_at: Option<usize>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Peak learning rate (paper: 4.5e-4).
-    #[arg(long)]
-    lr: Option<f64>,
     /// Probability of the empty caption per sample (for classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
     /// BPE-dropout rate (paper: 0.1); resume is bit-exact only at 0.
     #[arg(long, default_value_t = 0.1)]
     bpe_dropout: f32,
-    #[arg(long, default_value_t = 500)]
-    checkpoint_every: usize,
-    #[arg(long, default_value_t = 500)]
-    sample_every: usize,
-    #[arg(long, default_value_t = 10)]
-    log_every: usize,
-    #[command(flatten)]
-    filters: FilterArgs,
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let config = Config::preset(&a.preset)?;
-    let device = dalle::util::device(&a.device)?;
-    if a.steps == 0 || a.batch_size == 0 {
-        bail!("--steps and --batch-size must be at least 1");
-    }
+    let (config, device, lr) = a.run.check(a.batch_size)?;
     if !(0.0..=1.0).contains(&a.caption_dropout) {
         bail!(
             "--caption-dropout must be in [0, 1] (got {})",
             a.caption_dropout
         );
     }
-    let mut options =
-        dalle::transformer::train::TransformerTrainOptions::new(a.steps, a.batch_size, a.seed);
-    if let Some(lr) = a.lr {
-        if !(lr > 0.0 && lr.is_finite()) {
-            bail!("--lr must be a positive number (got {lr})");
-        }
+    use dalle::transformer::train::{
+        train_transformer, TransformerTrainOptions, TransformerTrainRequest,
+    };
+    let mut options = TransformerTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
+    if let Some(lr) = lr {
         options.lr_end = lr * options.lr_end / options.lr_peak;
         options.lr_peak = lr;
     }
     options.caption_dropout = a.caption_dropout;
     options.bpe_dropout = a.bpe_dropout;
-    options.lp.checkpoint_every = a.checkpoint_every.max(1);
-    options.lp.sample_every = a.sample_every.max(1);
-    options.lp.log_every = a.log_every.max(1);
-    let out = a.out.clone();
-    let s = dalle::transformer::train::train_transformer(
-        dalle::transformer::train::TransformerTrainRequest {
-            config,
-            vae: a.vae,
-            data: a.data,
-            out: a.out,
-            options,
-            resume: a.resume,
-            stop_at: a.stop_at,
-            device,
-            filters: a.filters.build()?,
-        },
-    )?;
-    report(&s, &out);
+    a.run.apply(&mut options.lp);
+    let s = train_transformer(TransformerTrainRequest {
+        config,
+        vae: a.vae,
+        data: a.run.data.clone(),
+        out: a.run.out.clone(),
+        options,
+        resume: a.run.resume,
+        stop_at: a.run.stop_at,
+        device,
+        filters: a.run.filters.build()?,
+    })?;
+    report(&s, &a.run.out);
     Ok(())
 }
 
@@ -495,36 +490,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn train_vae(a: TrainVaeArgs) -> Result<()> {
-    let config = Config::preset(&a.preset)?;
-    let device = dalle::util::device(&a.device)?;
-    if a.steps == 0 || a.batch_size == 0 {
-        bail!("--steps and --batch-size must be at least 1");
-    }
-    let mut options = VaeTrainOptions::new(a.steps, a.batch_size, a.seed);
-    if let Some(lr) = a.lr {
-        if !(lr > 0.0 && lr.is_finite()) {
-            bail!("--lr must be a positive number (got {lr})");
-        }
+    let (config, device, lr) = a.run.check(a.batch_size)?;
+    let mut options = VaeTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
+    if let Some(lr) = lr {
         options.schedule.lr_end = lr * (options.schedule.lr_end / options.schedule.lr_start);
         options.schedule.lr_start = lr;
     }
     options.schedule.tau_steps = a.tau_steps.unwrap_or(options.schedule.tau_steps).max(1);
     options.schedule.beta_steps = a.beta_steps.unwrap_or(options.schedule.beta_steps).max(1);
-    options.lp.checkpoint_every = a.checkpoint_every.max(1);
-    options.lp.sample_every = a.sample_every.max(1);
-    options.lp.log_every = a.log_every.max(1);
-    let out = a.out.clone();
+    a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
-        data: a.data,
-        out: a.out,
+        data: a.run.data.clone(),
+        out: a.run.out.clone(),
         options,
-        resume: a.resume,
-        stop_at: a.stop_at,
+        resume: a.run.resume,
+        stop_at: a.run.stop_at,
         device,
-        filters: a.filters.build()?,
+        filters: a.run.filters.build()?,
     })?;
-    report(&summary, &out);
+    report(&summary, &a.run.out);
     Ok(())
 }
 
@@ -687,7 +672,7 @@ fn run(cli: Cli) -> Result<()> {
             uncached_steps,
             json,
         } => {
-            if batch.iter().any(|&b| b == 0) {
+            if batch.contains(&0) {
                 bail!("--batch sizes must be at least 1");
             }
             let mut rows = vec![];

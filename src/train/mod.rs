@@ -43,6 +43,24 @@ pub struct LoopOptions {
     pub ema_decay: f64,
 }
 
+impl LoopOptions {
+    /// Checkpoints and samples every 500 updates, a log line every 10, the last two checkpoints
+    /// kept, EMA decay 0.999.
+    pub fn new(steps: usize, batch_size: usize, seed: u64, adamw: AdamWConfig) -> Self {
+        LoopOptions {
+            steps,
+            seed,
+            batch_size,
+            checkpoint_every: 500,
+            sample_every: 500,
+            log_every: 10,
+            keep_checkpoints: 2,
+            adamw,
+            ema_decay: 0.999,
+        }
+    }
+}
+
 /// One stage's model, data and loss, driven by [`run`].
 pub trait Stage {
     /// Loss of update `step` (0-based) and named metrics for the progress line and curves.

@@ -46,23 +46,18 @@ impl TransformerTrainOptions {
     /// linear warm-up over the first 5% of the run and a cosine decay to a tenth of the peak.
     pub fn new(steps: usize, batch_size: usize, seed: u64) -> Self {
         TransformerTrainOptions {
-            lp: LoopOptions {
+            lp: LoopOptions::new(
                 steps,
-                seed,
                 batch_size,
-                checkpoint_every: 500,
-                sample_every: 500,
-                log_every: 10,
-                keep_checkpoints: 2,
-                adamw: AdamWConfig {
+                seed,
+                AdamWConfig {
                     beta1: 0.9,
                     beta2: 0.96,
                     eps: 1e-8,
                     weight_decay: 4.5e-2,
                     grad_clip: Some(4.0),
                 },
-                ema_decay: 0.999,
-            },
+            ),
             lr_peak: 4.5e-4,
             lr_end: 4.5e-5,
             warmup_steps: (steps / 20).max(1),

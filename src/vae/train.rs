@@ -31,23 +31,18 @@ impl VaeTrainOptions {
     /// scaled to `steps`.
     pub fn new(steps: usize, batch_size: usize, seed: u64) -> Self {
         VaeTrainOptions {
-            lp: LoopOptions {
+            lp: LoopOptions::new(
                 steps,
-                seed,
                 batch_size,
-                checkpoint_every: 500,
-                sample_every: 500,
-                log_every: 10,
-                keep_checkpoints: 2,
-                adamw: AdamWConfig {
+                seed,
+                AdamWConfig {
                     beta1: 0.9,
                     beta2: 0.999,
                     eps: 1e-8,
                     weight_decay: 1e-4,
                     grad_clip: None,
                 },
-                ema_decay: 0.999,
-            },
+            ),
             schedule: VaeSchedule::scaled(steps),
         }
     }
