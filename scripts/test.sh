@@ -15,9 +15,9 @@ cargo check -p dalle-runtimes --no-default-features
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
-  # nextest does not run doc tests.
+  # nextest does not run doc tests; run them first so the summary of the whole suite comes last.
   cargo test --workspace --doc
+  cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
 fi
