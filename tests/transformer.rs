@@ -1,5 +1,7 @@
 //! Stage 2: the sparse transformer's cache, gradients and parameter count.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dalle::config::Config;
@@ -502,35 +504,6 @@ mod training {
         }
     }
 
-    fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
-        let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
-        let mut out = vec![];
-        for f in [
-            "weights.safetensors",
-            "optimizer.safetensors",
-            "ema.safetensors",
-        ] {
-            let t = candle_core::safetensors::load(
-                dir.join("checkpoints").join(latest.trim()).join(f),
-                &Device::Cpu,
-            )
-            .unwrap();
-            for (k, v) in t {
-                let bits = v
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect();
-                out.push((format!("{f}/{k}"), bits));
-            }
-        }
-        out.sort();
-        out
-    }
-
     #[test]
     fn loss_falls_and_resume_is_bit_exact() {
         let tmp = tempfile::tempdir().unwrap();
@@ -559,11 +532,6 @@ mod training {
         let split = tmp.path().join("split");
         train_transformer(request(&vae, &data, &split, 8, false, Some(4))).unwrap();
         train_transformer(request(&vae, &data, &split, 8, true, None)).unwrap();
-        let (a, b) = (weights(&straight), weights(&split));
-        assert_eq!(a.len(), b.len());
-        for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
-            assert_eq!(ka, kb);
-            assert!(va == vb, "{ka} differs after resume");
-        }
+        super::common::assert_same_checkpoint(&straight, &split);
     }
 }

@@ -1,12 +1,13 @@
 //! Stage 1: dVAE architecture, gradients, training and resume.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dalle::config::{Config, VaeConfig};
 use dalle::data::filters::Filters;
 use dalle::vae::train::{new_model, train_vae, VaeTrainOptions, VaeTrainRequest};
 use dalle::vae::{Decoder, Encoder};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// A dVAE small enough to train in seconds: 32 px → 4×4 tokens over 64 codes.
@@ -330,29 +331,6 @@ fn request(
     }
 }
 
-fn read_weights(dir: &Path) -> HashMap<String, Vec<f32>> {
-    let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
-    let mut out = HashMap::new();
-    for file in [
-        "weights.safetensors",
-        "ema.safetensors",
-        "optimizer.safetensors",
-    ] {
-        let t = candle_core::safetensors::load(
-            dir.join("checkpoints").join(latest.trim()).join(file),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for (k, v) in t {
-            out.insert(
-                format!("{file}/{k}"),
-                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
-        }
-    }
-    out
-}
-
 fn metric(dir: &Path, name: &str) -> Vec<f64> {
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
@@ -413,15 +391,7 @@ fn training_lowers_reconstruction_loss_and_resume_is_bit_exact() {
         20
     );
 
-    let (a, b) = (read_weights(&straight), read_weights(&split));
-    assert_eq!(a.len(), b.len());
-    for (k, va) in &a {
-        let vb = &b[k];
-        assert!(
-            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{k} differs after resume"
-        );
-    }
+    common::assert_same_checkpoint(&straight, &split);
     // The inference files are the EMA weights and load back as a dVAE.
     let vae = dalle::vae::io::Vae::load(&split, &Device::Cpu).unwrap();
     assert_eq!(vae.grid(), 4);
