@@ -58,7 +58,7 @@ impl VaeConfig {
                 format!("must be at most 8 (got {})", self.group_count),
             ));
         }
-        if self.n_hid % 4 != 0 {
+        if !self.n_hid.is_multiple_of(4) {
             return Err(Error::config(
                 "vae.n_hid",
                 format!(
@@ -148,7 +148,7 @@ impl TransformerConfig {
                 return Err(Error::config(field, "must be at least 1 (got 0)"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "transformer.d_model",
                 format!(
@@ -157,7 +157,7 @@ impl TransformerConfig {
                 ),
             ));
         }
-        if self.conv_kernel % 2 == 0 {
+        if self.conv_kernel.is_multiple_of(2) {
             return Err(Error::config(
                 "transformer.conv_kernel",
                 format!("must be odd (got {})", self.conv_kernel),

@@ -570,7 +570,7 @@ fn masks(text_len: usize, grid: usize, kind: &str, kernel: usize, json: bool) ->
     let kind = match kind {
         "row" => AttentionKind::Row,
         "column" => AttentionKind::Column,
-        _ if kernel % 2 == 0 => bail!("--kernel must be odd (got {kernel})"),
+        _ if kernel.is_multiple_of(2) => bail!("--kernel must be odd (got {kernel})"),
         _ => AttentionKind::Conv { kernel },
     };
     let m = dalle_runtimes::mask_matrix(text_len, grid, kind);

@@ -60,7 +60,7 @@ impl Geometry {
                 return Err(GeometryError::Zero { field });
             }
         }
-        if self.image_size % self.grid != 0 {
+        if !self.image_size.is_multiple_of(self.grid) {
             return Err(GeometryError::NotDivisible {
                 image_size: self.image_size,
                 grid: self.grid,

@@ -44,7 +44,7 @@ impl Progress {
         let due = if self.tty {
             self.last_draw.elapsed().as_millis() >= 200
         } else {
-            step % self.log_every == 0
+            step.is_multiple_of(self.log_every)
         };
         if !due && step != self.total {
             return;
