@@ -9,6 +9,45 @@ use image::RgbImage;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The sample order of a training run: a fresh permutation of `0..len` per epoch, drawn from
+/// `Rng::stream(seed, "epoch", epoch)`, the current one cached.
+pub struct EpochOrder {
+    len: usize,
+    seed: u64,
+    current: Mutex<Option<(u64, Arc<Vec<u32>>)>>,
+}
+
+impl EpochOrder {
+    pub fn new(len: usize, seed: u64) -> Self {
+        EpochOrder {
+            len,
+            seed,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The permutation of `epoch`.
+    pub fn permutation(&self, epoch: u64) -> Arc<Vec<u32>> {
+        let mut slot = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((e, p)) = slot.as_ref() {
+            if *e == epoch {
+                return p.clone();
+            }
+        }
+        let mut perm: Vec<u32> = (0..self.len as u32).collect();
+        Rng::stream(self.seed, "epoch", epoch).shuffle(&mut perm);
+        let perm = Arc::new(perm);
+        *slot = Some((epoch, perm.clone()));
+        perm
+    }
+
+    /// The sample at overall position `pos` (update × batch + slot); `len` must be positive.
+    pub fn at(&self, pos: u64) -> usize {
+        let n = self.len as u64;
+        self.permutation(pos / n)[(pos % n) as usize] as usize
+    }
+}
+
 /// Decoded images kept in memory, up to this many bytes.
 const CACHE_BUDGET: usize = 1 << 30;
 
@@ -18,7 +57,7 @@ pub struct Loader {
     max_pixels: u64,
     seed: u64,
     cache: Mutex<(HashMap<usize, Arc<RgbImage>>, usize)>,
-    epoch: Mutex<Option<(u64, Arc<Vec<u32>>)>>,
+    order: EpochOrder,
     failed: Mutex<Vec<bool>>,
 }
 
@@ -42,7 +81,7 @@ impl Loader {
             max_pixels,
             seed,
             cache: Mutex::new((HashMap::new(), 0)),
-            epoch: Mutex::new(None),
+            order: EpochOrder::new(n, seed),
             failed: Mutex::new(vec![false; n]),
         })
     }
@@ -57,20 +96,6 @@ impl Loader {
 
     pub fn index(&self) -> &Index {
         &self.index
-    }
-
-    fn permutation(&self, epoch: u64) -> Arc<Vec<u32>> {
-        let mut slot = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((e, p)) = slot.as_ref() {
-            if *e == epoch {
-                return p.clone();
-            }
-        }
-        let mut perm: Vec<u32> = (0..self.len() as u32).collect();
-        Rng::stream(self.seed, "epoch", epoch).shuffle(&mut perm);
-        let perm = Arc::new(perm);
-        *slot = Some((epoch, perm.clone()));
-        perm
     }
 
     /// The image of sample `i`, shorter side resized to the model size; `None` if it cannot be
@@ -118,7 +143,7 @@ impl Loader {
         let mut images = Vec::with_capacity(batch);
         for b in 0..batch as u64 {
             let pos = step as u64 * batch as u64 + b;
-            let perm = self.permutation(pos / n);
+            let perm = self.order.permutation(pos / n);
             let mut crop = Rng::stream(self.seed, "crop", pos);
             // A sample that fails to decode is replaced by the next one in the permutation.
             let found = (0..n).find_map(|k| {

@@ -10,7 +10,7 @@ use super::generate::{generate, Request};
 use super::model::{init_value, loss, Transformer};
 use crate::config::Config;
 use crate::data::filters::Filters;
-use crate::data::loader::Loader;
+use crate::data::loader::{EpochOrder, Loader};
 use crate::data::Index;
 use crate::rng::Rng;
 use crate::train::optim::AdamWConfig;
@@ -168,6 +168,7 @@ struct TransformerStage {
     opts: TransformerTrainOptions,
     device: Device,
     vae: Vae,
+    order: EpochOrder,
 }
 
 impl TransformerStage {
@@ -185,13 +186,11 @@ impl TransformerStage {
 
 impl Stage for TransformerStage {
     fn loss(&mut self, step: usize) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
-        let (b, n) = (self.opts.lp.batch_size, self.set.codes.len());
+        let b = self.opts.lp.batch_size;
         let mut ids = Vec::with_capacity(b * self.layout.text_len);
         for i in 0..b as u64 {
             let pos = step as u64 * b as u64 + i;
-            let mut perm: Vec<u32> = (0..n as u32).collect();
-            Rng::stream(self.opts.lp.seed, "epoch", pos / n as u64).shuffle(&mut perm);
-            let k = perm[(pos % n as u64) as usize] as usize;
+            let k = self.order.at(pos);
             let drop = Rng::stream(self.opts.lp.seed, "caption-dropout", pos).uniform()
                 < self.opts.caption_dropout;
             let text = if drop {
@@ -335,6 +334,7 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
     }
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
     let lp = opts.lp.clone();
+    let order = EpochOrder::new(set.codes.len(), opts.lp.seed);
     let mut stage = TransformerStage {
         layout: TokenLayout::from(&req.config.geometry),
         config: req.config,
@@ -345,6 +345,7 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
         opts,
         device: req.device,
         vae,
+        order,
     };
     train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
 }
