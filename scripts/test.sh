@@ -4,6 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Python tools the tests call: ONNX's reference checker (onnx.checker.check_model). A venv under
+# target/ keeps them out of the system Python; pip only runs when the pinned version is missing.
+ONNX_VERSION=1.23.2
+PY=target/py
+if ! "$PY/bin/python" -c "import onnx, sys; sys.exit(onnx.__version__ != '$ONNX_VERSION')" 2>/dev/null; then
+  echo "== python tools ($PY: onnx==$ONNX_VERSION)"
+  mkdir -p target
+  python3 -m venv "$PY"
+  "$PY/bin/python" -m pip install --quiet --disable-pip-version-check "onnx==$ONNX_VERSION"
+fi
+export DALLE_PYTHON="$PWD/$PY/bin/python"
+
 echo "== rustfmt"
 cargo fmt --all -- --check
 

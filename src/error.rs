@@ -32,6 +32,9 @@ pub enum Error {
     Usage(String),
 
     #[error(transparent)]
+    Export(#[from] dalle_export::ExportError),
+
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

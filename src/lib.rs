@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 mod error;
+pub mod export;
 pub mod fsutil;
 pub mod plot;
 pub use dalle_runtimes::rng;

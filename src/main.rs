@@ -69,6 +69,30 @@ enum Command {
     Train(TrainArgs),
     /// Generate images for a caption.
     Generate(GenerateArgs),
+    /// Export a trained model to an ONNX model directory (manifest, tokenizer, three graphs).
+    Export {
+        /// A `dalle train` run directory (transformer.safetensors, tokenizer.json, config.json).
+        #[arg(long)]
+        transformer: PathBuf,
+        /// dVAE directory; defaults to the run's own `vae/` copy.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// Model directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// ONNX opset (17 to 21).
+        #[arg(long, default_value_t = 17)]
+        opset: i64,
+        /// Half-precision weights and computation, for GPU runtimes (inputs and outputs stay f32).
+        #[arg(long)]
+        fp16: bool,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// Graphs whose weights exceed this many bytes keep them in `<graph>.onnx.data`.
+        #[arg(long, default_value_t = 1 << 30)]
+        external_data_threshold: u64,
+    },
     /// dVAE utilities.
     #[command(subcommand)]
     Vae(VaeCommand),
@@ -694,6 +718,38 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(a) => train_vae(a)?,
         Command::Train(a) => train(a)?,
         Command::Generate(a) => generate(a)?,
+        Command::Export {
+            transformer,
+            vae,
+            out,
+            opset,
+            fp16,
+            force,
+            external_data_threshold,
+        } => {
+            let opts = dalle_export::ExportOptions {
+                opset,
+                dtype: if fp16 {
+                    dalle_runtimes::Dtype::F16
+                } else {
+                    dalle_runtimes::Dtype::F32
+                },
+                force,
+                external_data_threshold,
+            };
+            let m =
+                dalle::export::export(&transformer, vae.as_deref(), &out, &opts, &mut |line| {
+                    eprintln!("{line}")
+                })?;
+            println!(
+                "exported {} ({} layers, {}, opset {}) to {}",
+                m.preset,
+                m.transformer.n_layers,
+                m.dtype,
+                m.opset,
+                out.display()
+            );
+        }
         Command::Tokenizer(TokenizerCommand::Train {
             data,
             vocab,

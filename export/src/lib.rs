@@ -1,7 +1,333 @@
-//! ONNX export of trained `dalle` checkpoints into a model directory.
+//! ONNX export of `dalle` checkpoints into a model directory (the contract of
+//! `dalle_runtimes::manifest` and `dalle_runtimes::names`).
 //!
-//! The graph builder and the three graphs (dVAE encoder, dVAE decoder, KV-cache transformer)
-//! arrive with the export work (issue 4); until then this crate only fixes the workspace layout
-//! and its dependency on the shared contract in `dalle-runtimes`.
+//! The graphs are built directly as ONNX protobuf (the prost types of `tract_onnx::pb`, so no
+//! `protoc` is needed), op for op as the candle models: `dvae_encoder.onnx`, `dvae_decoder.onnx`
+//! and `transformer.onnx` with a KV cache. This crate knows nothing of candle: the caller hands it
+//! the architecture numbers and the weights as plain f32 arrays.
 
-pub use dalle_runtimes::Geometry;
+pub mod dvae;
+pub mod onnx;
+pub mod transformer;
+
+use dalle_runtimes::manifest::{
+    sha256_file, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
+};
+use dalle_runtimes::{layer_kinds, names, Dtype, Geometry, Manifest, TokenLayout};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use dalle_runtimes::Geometry as ModelGeometry;
+pub use onnx::OPSETS;
+
+/// One checkpoint tensor: row-major f32 values and their shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weight {
+    pub dims: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A checkpoint: tensors by name (the candle variable names).
+pub type Weights = BTreeMap<String, Weight>;
+
+/// The dVAE's architecture (`dall_e` 0.1's `Encoder`/`Decoder` arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DvaeSpec {
+    pub group_count: usize,
+    pub n_hid: usize,
+    pub n_blk_per_group: usize,
+    pub vocab_size: usize,
+    pub n_init: usize,
+    pub channels: usize,
+}
+
+/// The transformer's architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransformerSpec {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub conv_kernel: usize,
+}
+
+/// Everything an export reads. `*_source` name the checkpoints in error messages.
+#[derive(Clone, Debug)]
+pub struct ExportInput {
+    /// Preset name recorded in the manifest.
+    pub preset: String,
+    /// Geometry of the dVAE checkpoint and of the transformer checkpoint: they must agree.
+    pub dvae_geometry: Geometry,
+    pub transformer_geometry: Geometry,
+    pub dvae: DvaeSpec,
+    pub encoder: Weights,
+    pub encoder_source: String,
+    pub decoder: Weights,
+    pub decoder_source: String,
+    pub transformer: TransformerSpec,
+    pub transformer_weights: Weights,
+    pub transformer_source: String,
+    /// `tokenizer.json` to copy into the directory.
+    pub tokenizer: PathBuf,
+    pub sampling: SamplingDefaults,
+}
+
+/// How to export.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub opset: i64,
+    pub dtype: Dtype,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// A graph whose weights exceed this many bytes stores them in `<graph>.onnx.data`.
+    pub external_data_threshold: u64,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            opset: 17,
+            dtype: Dtype::F32,
+            force: false,
+            // Protobuf messages cannot exceed 2 GiB; leave room for the graph itself.
+            external_data_threshold: 1 << 30,
+        }
+    }
+}
+
+/// Why an export failed. Nothing is left behind: the directory appears only when complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error("checkpoint {source_name}: {message}")]
+    Tensor {
+        source_name: String,
+        message: String,
+    },
+    #[error("the dVAE and transformer checkpoints have different geometry ({0}); export a transformer trained on this dVAE")]
+    Geometry(String),
+    #[error("unknown opset {0}: this exporter writes opsets {lo} to {hi}", lo = OPSETS.start(), hi = OPSETS.end())]
+    Opset(i64),
+    #[error("{0} exists; pass --force to replace it")]
+    Exists(PathBuf),
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+    move |error| ExportError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// Fields in which two geometries differ, as `name a ≠ b`.
+fn geometry_diff(a: &Geometry, b: &Geometry) -> Vec<String> {
+    [
+        ("image_size", a.image_size, b.image_size),
+        ("grid", a.grid, b.grid),
+        ("codebook", a.codebook, b.codebook),
+        ("text_len", a.text_len, b.text_len),
+        ("text_vocab", a.text_vocab, b.text_vocab),
+    ]
+    .iter()
+    .filter(|(_, x, y)| x != y)
+    .map(|(n, x, y)| format!("{n}: dVAE {x}, transformer {y}"))
+    .collect()
+}
+
+/// Check the inputs agree with each other before any graph is built.
+fn check(input: &ExportInput, opts: &ExportOptions) -> Result<(), ExportError> {
+    if !OPSETS.contains(&opts.opset) {
+        return Err(ExportError::Opset(opts.opset));
+    }
+    let diff = geometry_diff(&input.dvae_geometry, &input.transformer_geometry);
+    if !diff.is_empty() {
+        return Err(ExportError::Geometry(diff.join(", ")));
+    }
+    let g = &input.dvae_geometry;
+    g.validate()
+        .map_err(|e| ExportError::Invalid(e.to_string()))?;
+    let down = 1usize << input.dvae.group_count.saturating_sub(1);
+    if input.dvae.vocab_size != g.codebook || g.image_size / down != g.grid {
+        return Err(ExportError::Invalid(format!(
+            "the dVAE (codebook {}, downsampling {down}) does not produce the geometry's {}×{} grid of {} codes from {} px",
+            input.dvae.vocab_size, g.grid, g.grid, g.codebook, g.image_size
+        )));
+    }
+    let t = &input.transformer;
+    if t.n_heads == 0 || !t.d_model.is_multiple_of(t.n_heads) {
+        return Err(ExportError::Invalid(format!(
+            "transformer d_model {} is not divisible by n_heads {}",
+            t.d_model, t.n_heads
+        )));
+    }
+    if !input.tokenizer.is_file() {
+        return Err(ExportError::Invalid(format!(
+            "tokenizer {} does not exist; a `dalle train` run directory holds tokenizer.json",
+            input.tokenizer.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A sibling of `out` to build into; renamed into place at the end.
+fn staging_dir(out: &Path, tag: &str) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
+/// Export the three graphs, the tokenizer and the manifest into `out`. `progress` receives one
+/// line per graph.
+pub fn export(
+    input: &ExportInput,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, ExportError> {
+    check(input, opts)?;
+    if out.exists() && !opts.force {
+        return Err(ExportError::Exists(out.to_path_buf()));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    }
+    let stage = staging_dir(out, "partial");
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).map_err(io(&stage))?;
+    }
+    std::fs::create_dir(&stage).map_err(io(&stage))?;
+    let result = write_dir(input, &stage, opts, progress);
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+    };
+    // Swap into place: the old directory (with --force) is removed only once the new one is there.
+    if out.exists() {
+        let old = staging_dir(out, "old");
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(&stage, out).map_err(io(out))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        std::fs::rename(&stage, out).map_err(io(out))?;
+    }
+    Ok(manifest)
+}
+
+fn write_dir(
+    input: &ExportInput,
+    dir: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, ExportError> {
+    let g = input.dvae_geometry;
+    let mut files = vec![];
+    let mut save = |name: &str,
+                    build: &dyn Fn() -> Result<tract_onnx::pb::ModelProto, ExportError>|
+     -> Result<(), ExportError> {
+        let t0 = Instant::now();
+        let model = build()?;
+        let graph = model
+            .graph
+            .as_ref()
+            .map(|g| (g.node.len(), g.initializer.len()));
+        let (nodes, inits) = graph.unwrap_or((0, 0));
+        let written = onnx::save(model, &dir.join(name), opts.external_data_threshold)?;
+        let bytes: u64 = written
+            .iter()
+            .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        progress(&format!(
+            "{name}: {nodes} nodes, {inits} initialisers, {:.1} MB{}, {:.1} s",
+            bytes as f64 / 1e6,
+            if written.len() > 1 {
+                " (external data)"
+            } else {
+                ""
+            },
+            t0.elapsed().as_secs_f64()
+        ));
+        files.extend(written);
+        Ok(())
+    };
+    save(names::DVAE_ENCODER, &|| {
+        dvae::encoder(
+            &g,
+            &input.dvae,
+            &input.encoder,
+            opts.dtype,
+            opts.opset,
+            &input.encoder_source,
+        )
+    })?;
+    save(names::DVAE_DECODER, &|| {
+        dvae::decoder(
+            &g,
+            &input.dvae,
+            &input.decoder,
+            opts.dtype,
+            opts.opset,
+            &input.decoder_source,
+        )
+    })?;
+    save(names::TRANSFORMER, &|| {
+        transformer::transformer(
+            &g,
+            &input.transformer,
+            &input.transformer_weights,
+            opts.dtype,
+            opts.opset,
+            &input.transformer_source,
+        )
+    })?;
+    let tok = dir.join(names::TOKENIZER);
+    std::fs::copy(&input.tokenizer, &tok).map_err(io(&input.tokenizer))?;
+    files.push(names::TOKENIZER.into());
+
+    let mut entries = BTreeMap::new();
+    for f in files {
+        let path = dir.join(&f);
+        entries.insert(f, sha256_file(&path).map_err(io(&path))?);
+    }
+    let t = &input.transformer;
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        producer: format!("dalle {}", env!("CARGO_PKG_VERSION")),
+        preset: input.preset.clone(),
+        geometry: g,
+        layout: LayoutRanges::from(TokenLayout::from(&g)),
+        transformer: TransformerDims {
+            d_model: t.d_model,
+            n_layers: t.n_layers,
+            n_heads: t.n_heads,
+            head_dim: t.d_model / t.n_heads,
+        },
+        layers: layer_kinds(t.n_layers, t.conv_kernel),
+        io: Default::default(),
+        opset: opts.opset,
+        dtype: opts.dtype,
+        sampling: input.sampling,
+        files: entries,
+    };
+    manifest.check().map_err(ExportError::Invalid)?;
+    let json =
+        serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Invalid(e.to_string()))?;
+    let path = dir.join(names::MANIFEST);
+    std::fs::write(&path, json + "\n").map_err(io(&path))?;
+    Ok(manifest)
+}

@@ -6,11 +6,14 @@
 
 pub mod geometry;
 pub mod layout;
+pub mod manifest;
 pub mod masks;
+pub mod names;
 pub mod rng;
 pub mod sampler;
 
 pub use geometry::{Geometry, GeometryError};
 pub use layout::TokenLayout;
+pub use manifest::{Dtype, Manifest, ManifestError};
 pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
 pub use sampler::{Sampler, SamplingError, SamplingParams};

@@ -1,0 +1,355 @@
+//! `manifest.json`: what a model directory holds and how to drive it. The exporter writes it,
+//! every runtime reads it through [`Manifest::load`], which checks the numbers agree with each
+//! other and that every file is the one that was exported (sha256).
+
+use crate::{names, AttentionKind, Geometry, TokenLayout};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The manifest format this crate reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Element type of the weights and the computation inside the graphs. Inputs and outputs are
+/// f32 / i64 in both cases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+        })
+    }
+}
+
+/// The transformer's sizes a runtime needs for its KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerDims {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The unified vocabulary spelled out: `[text | pads | image]` offsets and sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutRanges {
+    pub text_vocab: usize,
+    pub text_len: usize,
+    pub codebook: usize,
+    pub pad_offset: usize,
+    pub image_offset: usize,
+    pub vocab_size: usize,
+}
+
+impl From<TokenLayout> for LayoutRanges {
+    fn from(l: TokenLayout) -> Self {
+        LayoutRanges {
+            text_vocab: l.text_vocab,
+            text_len: l.text_len,
+            codebook: l.codebook,
+            pad_offset: l.pad(0) as usize,
+            image_offset: l.image_offset(),
+            vocab_size: l.vocab_size(),
+        }
+    }
+}
+
+/// Input and output names; per-layer names carry `{i}` for the layer index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoNames {
+    pub image: String,
+    pub image_tokens: String,
+    pub input_ids: String,
+    pub logits: String,
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+}
+
+impl Default for IoNames {
+    /// The names of [`crate::names`].
+    fn default() -> Self {
+        let template =
+            |f: fn(usize) -> String| f(usize::MAX).replace(&usize::MAX.to_string(), "{i}");
+        IoNames {
+            image: names::IMAGE.into(),
+            image_tokens: names::IMAGE_TOKENS.into(),
+            input_ids: names::INPUT_IDS.into(),
+            logits: names::LOGITS.into(),
+            past_key: template(names::past_key),
+            past_value: template(names::past_value),
+            present_key: template(names::present_key),
+            present_value: template(names::present_value),
+        }
+    }
+}
+
+/// Sampling settings a runtime uses unless the caller overrides them.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub guidance_scale: f32,
+}
+
+impl Default for SamplingDefaults {
+    fn default() -> Self {
+        SamplingDefaults {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            guidance_scale: 1.0,
+        }
+    }
+}
+
+impl SamplingDefaults {
+    pub fn params(&self) -> crate::SamplingParams {
+        crate::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
+}
+
+/// Size and checksum of one file of the directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub bytes: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// The program that wrote the directory, e.g. `dalle 0.1.0`.
+    pub producer: String,
+    /// Preset the checkpoints were trained from (informational).
+    pub preset: String,
+    pub geometry: Geometry,
+    pub layout: LayoutRanges,
+    pub transformer: TransformerDims,
+    /// Attention kind of each transformer layer, in order.
+    pub layers: Vec<AttentionKind>,
+    pub io: IoNames,
+    pub opset: i64,
+    pub dtype: Dtype,
+    pub sampling: SamplingDefaults,
+    /// Every file of the directory but the manifest, by name.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// A model directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: not a valid manifest ({message}); re-export the model with `dalle export`")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: manifest schema version {found}, this build reads {SCHEMA_VERSION}; re-export the model with this version of `dalle export`")]
+    Schema { path: PathBuf, found: u32 },
+    #[error("{path}: inconsistent manifest: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{dir}: `{file}` is missing; the manifest lists it (copy the whole model directory)")]
+    MissingFile { dir: PathBuf, file: String },
+    #[error("{path}: sha256 {actual} does not match the manifest's {expected}: the file changed after export; re-export or copy it again")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// Lower-case hex sha256 and length of a file, read in chunks.
+pub fn sha256_file(path: &Path) -> Result<FileEntry, std::io::Error> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(FileEntry { bytes, sha256 })
+}
+
+impl Manifest {
+    /// Files every model directory must hold besides the manifest.
+    pub const REQUIRED: [&'static str; 4] = [
+        names::TOKENIZER,
+        names::DVAE_ENCODER,
+        names::DVAE_DECODER,
+        names::TRANSFORMER,
+    ];
+
+    /// Read, check and verify `dir/manifest.json` and every file it lists.
+    pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
+        let m = Manifest::read(dir)?;
+        m.verify_files(dir)?;
+        Ok(m)
+    }
+
+    /// Read and check the manifest without hashing the files.
+    pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(names::MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|error| ManifestError::Io {
+            path: path.clone(),
+            error,
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ManifestError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let found = value.get("schema_version").and_then(|v| v.as_u64());
+        if found != Some(SCHEMA_VERSION as u64) {
+            return Err(ManifestError::Schema {
+                path,
+                found: found.unwrap_or(0) as u32,
+            });
+        }
+        let m: Manifest = serde_json::from_value(value).map_err(|e| ManifestError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        m.check()
+            .map_err(|message| ManifestError::Invalid { path, message })?;
+        Ok(m)
+    }
+
+    /// The numbers must describe one model.
+    pub fn check(&self) -> Result<(), String> {
+        self.geometry.validate().map_err(|e| e.to_string())?;
+        let want = LayoutRanges::from(TokenLayout::from(&self.geometry));
+        if self.layout != want {
+            return Err(format!(
+                "layout {:?} does not follow from the geometry (expected {want:?})",
+                self.layout
+            ));
+        }
+        let t = &self.transformer;
+        if t.n_heads == 0 || t.n_heads * t.head_dim != t.d_model {
+            return Err(format!(
+                "transformer n_heads {} × head_dim {} ≠ d_model {}",
+                t.n_heads, t.head_dim, t.d_model
+            ));
+        }
+        if self.layers.len() != t.n_layers {
+            return Err(format!(
+                "{} attention kinds listed for {} layers",
+                self.layers.len(),
+                t.n_layers
+            ));
+        }
+        if self.io != IoNames::default() {
+            return Err(format!(
+                "I/O names {:?} differ from this schema's {:?}",
+                self.io,
+                IoNames::default()
+            ));
+        }
+        if let Some(f) = Self::REQUIRED
+            .iter()
+            .find(|f| !self.files.contains_key(**f))
+        {
+            return Err(format!("`{f}` is not listed under files"));
+        }
+        Ok(())
+    }
+
+    /// Hash every listed file and compare with the manifest.
+    pub fn verify_files(&self, dir: &Path) -> Result<(), ManifestError> {
+        for (name, want) in &self.files {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(ManifestError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    file: name.clone(),
+                });
+            }
+            let got = sha256_file(&path).map_err(|error| ManifestError::Io {
+                path: path.clone(),
+                error,
+            })?;
+            if got.sha256 != want.sha256 {
+                return Err(ManifestError::Checksum {
+                    path,
+                    expected: want.sha256.clone(),
+                    actual: got.sha256,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The token layout of the transformer's vocabulary.
+    pub fn token_layout(&self) -> TokenLayout {
+        TokenLayout::from(&self.geometry)
+    }
+
+    /// Longest sequence the transformer takes (caption then image).
+    pub fn max_seq(&self) -> usize {
+        self.geometry.seq_len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_names_are_templates_of_the_name_functions() {
+        let io = IoNames::default();
+        assert_eq!(io.past_key, "past_key_values.{i}.key");
+        assert_eq!(io.present_value, "present.{i}.value");
+        assert_eq!(io.past_key.replace("{i}", "3"), names::past_key(3));
+    }
+
+    #[test]
+    fn sha256_of_a_known_string() {
+        let dir = std::env::temp_dir().join(format!("dalle-sha-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        let e = sha256_file(&p).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.bytes, 3);
+        assert_eq!(
+            e.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

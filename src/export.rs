@@ -1,0 +1,105 @@
+//! `dalle export`: a `dalle train` run (transformer, tokenizer) and its dVAE → a model directory
+//! through `dalle-export`, which builds the ONNX graphs from plain arrays.
+
+use crate::config::Config;
+use crate::vae::io::read_f32;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use dalle_export::{DvaeSpec, ExportInput, ExportOptions, TransformerSpec, Weight, Weights};
+use dalle_runtimes::manifest::SamplingDefaults;
+use dalle_runtimes::Manifest;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Candle tensors → the exporter's plain f32 arrays.
+pub fn to_weights(tensors: &HashMap<String, Tensor>) -> Result<Weights> {
+    tensors
+        .iter()
+        .map(|(name, t)| {
+            let data = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok((
+                name.clone(),
+                Weight {
+                    dims: t.dims().to_vec(),
+                    data,
+                },
+            ))
+        })
+        .collect()
+}
+
+pub fn dvae_spec(c: &Config) -> DvaeSpec {
+    let v = &c.vae;
+    DvaeSpec {
+        group_count: v.group_count,
+        n_hid: v.n_hid,
+        n_blk_per_group: v.n_blk_per_group,
+        vocab_size: v.vocab_size,
+        n_init: v.n_init,
+        channels: v.channels,
+    }
+}
+
+pub fn transformer_spec(c: &Config) -> TransformerSpec {
+    let t = &c.transformer;
+    TransformerSpec {
+        d_model: t.d_model,
+        n_layers: t.n_layers,
+        n_heads: t.n_heads,
+        conv_kernel: t.conv_kernel,
+    }
+}
+
+fn load_config(dir: &Path, what: &str) -> Result<Config> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(Error::checkpoint(
+            dir,
+            format!("is not a {what} directory (no config.json)"),
+        ));
+    }
+    Config::load(&path)
+}
+
+/// Read a transformer run directory and a dVAE directory (by default the run's `vae/` copy).
+pub fn load_input(transformer: &Path, vae: Option<&Path>) -> Result<ExportInput> {
+    let device = Device::Cpu;
+    let tcfg = load_config(transformer, "`dalle train` run")?;
+    let vae_dir = vae
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| transformer.join("vae"));
+    let vcfg = load_config(&vae_dir, "dVAE")?;
+    let tpath = transformer.join("transformer.safetensors");
+    let epath = vae_dir.join("encoder.safetensors");
+    let dpath = vae_dir.join("decoder.safetensors");
+    Ok(ExportInput {
+        preset: tcfg.preset.clone(),
+        dvae_geometry: vcfg.geometry,
+        transformer_geometry: tcfg.geometry,
+        dvae: dvae_spec(&vcfg),
+        encoder: to_weights(&read_f32(&epath, &device)?)?,
+        encoder_source: epath.display().to_string(),
+        decoder: to_weights(&read_f32(&dpath, &device)?)?,
+        decoder_source: dpath.display().to_string(),
+        transformer: transformer_spec(&tcfg),
+        transformer_weights: to_weights(&read_f32(&tpath, &device)?)?,
+        transformer_source: tpath.display().to_string(),
+        tokenizer: transformer.join("tokenizer.json"),
+        sampling: SamplingDefaults::default(),
+    })
+}
+
+/// Export `transformer` (+ `vae`) into `out`; one progress line per graph goes to `progress`.
+pub fn export(
+    transformer: &Path,
+    vae: Option<&Path>,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest> {
+    let input = load_input(transformer, vae)?;
+    Ok(dalle_export::export(&input, out, opts, progress)?)
+}
