@@ -22,8 +22,25 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== the runtimes crate builds alone, without default features"
+echo "== the runtimes crate builds alone: without default features, and with only the ort providers"
 cargo check -p dalle-runtimes --no-default-features
+cargo check -p dalle-runtimes --no-default-features --features cuda,tensorrt
+
+echo "== ONNX Runtime library (onnxruntime wheel from PyPI) into target/ort"
+cargo build --quiet --bin dalle
+if [ ! -f target/ort/libonnxruntime.so.1.31.1 ]; then
+  target/debug/dalle setup ort --dir target/ort
+fi
+export ORT_DYLIB_PATH="$PWD/target/ort/libonnxruntime.so.1.31.1"
+
+echo "== dalle parity on a freshly trained and exported tiny model (candle, tract, ort)"
+P=target/parity
+rm -rf "$P" && mkdir -p "$P"
+target/debug/dalle data shapes --out "$P/data" --count 32 --seed 0 >/dev/null
+target/debug/dalle train-vae --preset tiny --data "$P/data" --out "$P/vae" --steps 2 --batch-size 4 >/dev/null
+target/debug/dalle train --preset tiny --vae "$P/vae" --data "$P/data" --out "$P/tf" --steps 2 --batch-size 4 >/dev/null
+target/debug/dalle export --transformer "$P/tf" --out "$P/model"
+target/debug/dalle parity --model "$P/model" --runtimes candle,tract,ort
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -32,6 +32,9 @@ pub enum Error {
     Usage(String),
 
     #[error(transparent)]
+    Runtime(#[from] dalle_runtimes::RuntimeError),
+
+    #[error(transparent)]
     Export(#[from] dalle_export::ExportError),
 
     #[error(transparent)]
@@ -42,7 +45,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             error: source,

@@ -69,6 +69,23 @@ enum Command {
     Train(TrainArgs),
     /// Generate images for a caption.
     Generate(GenerateArgs),
+    /// Compare runtimes on one model directory: logits, greedy tokens, decoded images.
+    Parity {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated; the first is the reference.
+        #[arg(long, value_delimiter = ',', default_value = "candle,tract,ort")]
+        runtimes: Vec<String>,
+        #[arg(long, default_value = "a red circle above a blue square")]
+        prompt: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        providers: ProviderArgs,
+    },
+    /// Install what a runtime needs at run time.
+    #[command(subcommand)]
+    Setup(SetupCommand),
     /// Export a trained model to an ONNX model directory (manifest, tokenizer, three graphs).
     Export {
         /// A `dalle train` run directory (transformer.safetensors, tokenizer.json, config.json).
@@ -122,6 +139,19 @@ enum Command {
         input: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetupCommand {
+    /// Fetch the ONNX Runtime 1.31.1 library (the `onnxruntime` wheel, or `onnxruntime-gpu` with
+    /// --gpu) with pip and unpack its shared libraries into the cache directory.
+    Ort {
+        #[arg(long)]
+        gpu: bool,
+        /// Unpack here instead of the cache directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -382,12 +412,21 @@ struct GenerateArgs {
     /// Read the caption from a UTF-8 file instead.
     #[arg(long, conflicts_with = "prompt")]
     prompt_file: Option<PathBuf>,
-    /// Only `candle` exists so far.
-    #[arg(long, default_value = "candle")]
-    runtime: String,
-    /// A `dalle train` run directory.
+    /// candle, tract, ort, cuda or trt; default tract with --model, candle with --checkpoint.
     #[arg(long)]
-    checkpoint: PathBuf,
+    runtime: Option<String>,
+    /// An exported model directory (`dalle export`).
+    #[arg(
+        long,
+        conflicts_with = "checkpoint",
+        required_unless_present = "checkpoint"
+    )]
+    model: Option<PathBuf>,
+    /// A `dalle train` run directory (candle only).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    providers: ProviderArgs,
     #[arg(long, default_value_t = 4)]
     num_images: usize,
     #[arg(long, default_value_t = 0)]
@@ -415,9 +454,38 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
+/// ONNX Runtime execution-provider options.
+#[derive(clap::Args, Debug, Clone)]
+struct ProviderArgs {
+    /// When CUDA / TensorRT cannot be registered, warn and run on CPU instead of failing.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// TensorRT: build FP16 engines.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: cache built engines in this directory.
+    #[arg(long)]
+    trt_cache: Option<PathBuf>,
+}
+
+impl ProviderArgs {
+    fn options(&self) -> dalle_runtimes::OpenOptions {
+        dalle_runtimes::OpenOptions {
+            allow_fallback: self.allow_fallback,
+            trt_fp16: self.trt_fp16,
+            trt_cache_dir: self.trt_cache.clone(),
+        }
+    }
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
-    if a.runtime != "candle" {
-        bail!("unknown runtime `{}`: valid runtimes are candle (tract and ort arrive with the exporter)", a.runtime);
+    let runtime = a
+        .runtime
+        .clone()
+        .unwrap_or_else(|| if a.model.is_some() { "tract" } else { "candle" }.to_string());
+    let kind = dalle_runtimes::RuntimeKind::parse(&runtime)?;
+    if a.checkpoint.is_some() && kind != dalle_runtimes::RuntimeKind::Candle {
+        bail!("--checkpoint runs on candle only; export the run with `dalle export` and pass --model for --runtime {runtime}");
     }
     let params = dalle_runtimes::SamplingParams {
         temperature: a.temperature,
@@ -443,8 +511,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (Some(p), None) => p.clone(),
         (None, None) => String::new(),
     };
+    if let Some(model) = &a.model {
+        return generate_model(&a, model, kind, &prompt, params);
+    }
     let device = candle_core::Device::Cpu;
-    let dir = &a.checkpoint;
+    let dir = a
+        .checkpoint
+        .as_ref()
+        .expect("clap requires --model or --checkpoint");
     let config = Config::load(&dir.join("config.json"))
         .with_context(|| format!("{} is not a `dalle train` run", dir.display()))?;
     let weights = dalle::vae::io::read_f32(&dir.join("transformer.safetensors"), &device)?;
@@ -509,6 +583,77 @@ fn generate(a: GenerateArgs) -> Result<()> {
         "wrote {} image(s) for {prompt:?} to {}",
         images.len(),
         a.out.display()
+    );
+    Ok(())
+}
+
+/// `dalle generate --model DIR`: any runtime through the shared `Generator`.
+fn generate_model(
+    a: &GenerateArgs,
+    model: &std::path::Path,
+    kind: dalle_runtimes::RuntimeKind,
+    prompt: &str,
+    params: dalle_runtimes::SamplingParams,
+) -> Result<()> {
+    let gen = dalle::runtime::open(model, kind, &a.providers.options())?;
+    let m = gen.manifest().clone();
+    let mut prime = vec![];
+    if let (Some(img), Some(rows)) = (&a.prime_image, a.prime_rows) {
+        let grid = m.geometry.grid;
+        if rows == 0 || rows >= grid {
+            bail!(
+                "--prime-rows must be between 1 and {} (got {rows})",
+                grid - 1
+            );
+        }
+        let image = dalle::data::load_square(img, m.geometry.image_size as u32)?;
+        let x = dalle::data::images_to_tensor(&[image], &candle_core::Device::Cpu)?;
+        let pixels: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let codes = gen.session().encode(&pixels, 1)?;
+        prime = codes[..rows * grid].iter().map(|&c| c as u32).collect();
+    }
+    let req = dalle_runtimes::Request {
+        prompt: prompt.to_string(),
+        num_images: a.num_images,
+        params,
+        seed: a.seed,
+        guidance_scale: a.guidance_scale,
+        prime,
+        strict: a.strict,
+    };
+    let (_, truncated) = gen.caption(prompt)?;
+    if truncated && !a.strict {
+        eprintln!(
+            "warning: the prompt is longer than the model's {} caption tokens; the rest is dropped",
+            m.geometry.text_len
+        );
+    }
+    let start = std::time::Instant::now();
+    let mut progress = |done: usize, total: usize| {
+        if done == total || done.is_multiple_of(8) {
+            eprint!("\r{}: image tokens {done}/{total}", gen.session().name());
+        }
+    };
+    let out = gen.generate_with(&req, &mut progress)?;
+    eprintln!(" ({:.2} s)", start.elapsed().as_secs_f64());
+    if let Some(path) = &a.save_tokens {
+        let grid = m.geometry.grid;
+        let rows: Vec<Vec<&[u32]>> = out.codes.iter().map(|c| c.chunks(grid).collect()).collect();
+        let json = serde_json::json!({ "grid": grid, "prompt": prompt, "images": rows });
+        dalle::fsutil::write_bytes_atomic(path, json.to_string().as_bytes())?;
+    }
+    let images: Vec<image::RgbImage> = out
+        .images
+        .into_iter()
+        .map(|i| image::RgbImage::from_raw(i.width, i.height, i.rgb).expect("3 bytes a pixel"))
+        .collect();
+    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    dalle::plot::save_png(&dalle::plot::grid(&images, cols), &a.out)?;
+    println!(
+        "wrote {} image(s) for {prompt:?} to {} ({})",
+        images.len(),
+        a.out.display(),
+        kind.name()
     );
     Ok(())
 }
@@ -718,6 +863,71 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(a) => train_vae(a)?,
         Command::Train(a) => train(a)?,
         Command::Generate(a) => generate(a)?,
+        Command::Parity {
+            model,
+            runtimes,
+            prompt,
+            json,
+            providers,
+        } => {
+            if runtimes.len() < 2 {
+                bail!("--runtimes needs at least two runtimes to compare (got {runtimes:?})");
+            }
+            let gens = runtimes
+                .iter()
+                .map(|r| {
+                    let kind = dalle_runtimes::RuntimeKind::parse(r)?;
+                    Ok(dalle::runtime::open(&model, kind, &providers.options())?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let rows = dalle::parity::compare(&gens, &prompt)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<10} {:<10} {:>14} {:>14} {:>14}  result",
+                    "reference", "runtime", "logits max|Δ|", "greedy tokens", "image max|Δ|"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<10} {:<10} {:>14.2e} {:>14} {:>14.2e}  {}",
+                        r.reference,
+                        r.runtime,
+                        r.logits_max_abs_diff,
+                        if r.greedy_tokens_identical {
+                            "identical"
+                        } else {
+                            "DIFFER"
+                        },
+                        r.image_max_abs_diff,
+                        if r.pass { "pass" } else { "FAIL" }
+                    );
+                }
+                println!(
+                    "tolerances: logits {:.0e}, image {:.0e}, greedy tokens identical",
+                    dalle::parity::LOGITS_TOL,
+                    dalle::parity::IMAGE_TOL
+                );
+            }
+            if rows.iter().any(|r| !r.pass) {
+                bail!(
+                    "parity failed: a runtime differs from {} beyond tolerance",
+                    runtimes[0]
+                );
+            }
+        }
+        Command::Setup(SetupCommand::Ort { gpu, dir }) => {
+            let dir = dir.unwrap_or_else(|| dalle_runtimes::ort::library_dir(gpu));
+            let lib = dalle::setup::ort(gpu, &dir)?;
+            println!(
+                "ONNX Runtime {} ready: {}",
+                dalle_runtimes::ort::ORT_VERSION,
+                lib.display()
+            );
+            if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+                eprintln!("note: ORT_DYLIB_PATH is set and takes precedence over this directory");
+            }
+        }
         Command::Export {
             transformer,
             vae,

@@ -11,7 +11,7 @@ pub mod onnx;
 pub mod transformer;
 
 use dalle_runtimes::manifest::{
-    sha256_file, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
+    sha256_file, DvaeDims, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
 };
 use dalle_runtimes::{layer_kinds, names, Dtype, Geometry, Manifest, TokenLayout};
 use std::collections::BTreeMap;
@@ -317,6 +317,13 @@ fn write_dir(
             n_heads: t.n_heads,
             head_dim: t.d_model / t.n_heads,
         },
+        dvae: DvaeDims {
+            group_count: input.dvae.group_count,
+            n_hid: input.dvae.n_hid,
+            n_blk_per_group: input.dvae.n_blk_per_group,
+            n_init: input.dvae.n_init,
+            channels: input.dvae.channels,
+        },
         layers: layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),
         opset: opts.opset,
@@ -330,4 +337,64 @@ fn write_dir(
     let path = dir.join(names::MANIFEST);
     std::fs::write(&path, json + "\n").map_err(io(&path))?;
     Ok(manifest)
+}
+
+/// Read the initialisers of an exported graph back as f32 weights (f16 ones are widened;
+/// external data is read from next to the file). Builder-made constants (`/const/…`) are skipped.
+pub fn read_initializers(path: &Path) -> Result<Weights, ExportError> {
+    use prost::Message;
+    use tract_onnx::pb::tensor_proto::DataType;
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let bad = |m: String| ExportError::Invalid(format!("{}: {m}", path.display()));
+    let model = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| bad(format!("not an ONNX model ({e}); re-export it")))?;
+    let graph = model.graph.ok_or_else(|| bad("has no graph".into()))?;
+    let mut out = Weights::new();
+    for t in graph.initializer {
+        if t.name.starts_with('/') {
+            continue;
+        }
+        let raw = if t.external_data.is_empty() {
+            t.raw_data
+        } else {
+            let get = |k: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == k)
+                    .map(|e| e.value.clone())
+            };
+            let loc =
+                get("location").ok_or_else(|| bad(format!("`{}` lacks a location", t.name)))?;
+            let offset: usize = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let data_path = path.with_file_name(&loc);
+            let data = std::fs::read(&data_path).map_err(io(&data_path))?;
+            let length: usize = get("length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(data.len() - offset.min(data.len()));
+            data.get(offset..offset + length)
+                .ok_or_else(|| bad(format!("`{}` lies outside {loc}", t.name)))?
+                .to_vec()
+        };
+        let data: Vec<f32> = if t.data_type == DataType::Float as i32 {
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        } else if t.data_type == DataType::Float16 as i32 {
+            raw.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        } else {
+            continue;
+        };
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        if dims.iter().product::<usize>() != data.len() {
+            return Err(bad(format!(
+                "`{}` holds {} values for shape {dims:?}",
+                t.name,
+                data.len()
+            )));
+        }
+        out.insert(t.name, Weight { dims, data });
+    }
+    Ok(out)
 }

@@ -40,6 +40,17 @@ pub struct TransformerDims {
     pub head_dim: usize,
 }
 
+/// The dVAE's architecture (`dall_e` 0.1's arguments), for runtimes that rebuild it natively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DvaeDims {
+    pub group_count: usize,
+    pub n_hid: usize,
+    pub n_blk_per_group: usize,
+    pub n_init: usize,
+    pub channels: usize,
+}
+
 /// The unified vocabulary spelled out: `[text | pads | image]` offsets and sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +160,7 @@ pub struct Manifest {
     pub geometry: Geometry,
     pub layout: LayoutRanges,
     pub transformer: TransformerDims,
+    pub dvae: DvaeDims,
     /// Attention kind of each transformer layer, in order.
     pub layers: Vec<AttentionKind>,
     pub io: IoNames,

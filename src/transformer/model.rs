@@ -25,6 +25,16 @@ impl KvCache {
         }
     }
 
+    /// A cache holding `layers` (keys, values) per layer, each (b, heads, past, head_dim).
+    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+        KvCache { layers }
+    }
+
+    /// The (keys, values) of every layer.
+    pub fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
+        self.layers
+    }
+
     /// Number of positions already in the cache.
     pub fn past_len(&self) -> usize {
         match self.layers.first() {

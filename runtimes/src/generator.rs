@@ -1,0 +1,259 @@
+//! One generation loop for every runtime: caption → prefill → one image token per step for all
+//! images of a request as one batch (with classifier-free guidance as a second half-batch) →
+//! dVAE decoder → RGB images. Sampling runs on the host in [`Sampler`], so identical logits and
+//! seed give identical images whichever runtime produced the logits.
+
+use crate::sampler::{guide, Sampler, SamplingParams};
+use crate::session::{KvCache, RuntimeError, Session};
+use crate::tokenizer::{self, Tokenizer};
+use crate::Manifest;
+
+/// What to generate. Build with [`Request::new`] and the setters:
+///
+/// ```
+/// use dalle_runtimes::Request;
+/// let req = Request::new("a red circle").num_images(4).seed(7).top_k(64).guidance_scale(3.0);
+/// assert_eq!(req.num_images, 4);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub prompt: String,
+    pub num_images: usize,
+    pub params: SamplingParams,
+    pub seed: u64,
+    /// Classifier-free guidance scale; 1 disables guidance (and the unconditional half-batch).
+    pub guidance_scale: f32,
+    /// Codebook tokens of the first image positions to keep (image completion), row-major.
+    pub prime: Vec<u32>,
+    /// Refuse a prompt longer than the model's caption instead of truncating it.
+    pub strict: bool,
+}
+
+impl Request {
+    /// One image, temperature 1, no top-k / top-p, seed 0, no guidance.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Request {
+            prompt: prompt.into(),
+            num_images: 1,
+            params: SamplingParams::default(),
+            seed: 0,
+            guidance_scale: 1.0,
+            prime: vec![],
+            strict: false,
+        }
+    }
+    pub fn num_images(mut self, n: usize) -> Self {
+        self.num_images = n;
+        self
+    }
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// 0 is greedy decoding.
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.params.temperature = t;
+        self
+    }
+    pub fn top_k(mut self, k: usize) -> Self {
+        self.params.top_k = Some(k);
+        self
+    }
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.params.top_p = Some(p);
+        self
+    }
+    pub fn guidance_scale(mut self, s: f32) -> Self {
+        self.guidance_scale = s;
+        self
+    }
+    pub fn prime(mut self, codes: Vec<u32>) -> Self {
+        self.prime = codes;
+        self
+    }
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes a pixel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
+
+/// `[batch, 3, H, W]` floats in [0, 1] → images (rounded to the nearest 8-bit value).
+pub fn to_images(pixels: &[f32], batch: usize, size: usize) -> Vec<Image> {
+    let plane = size * size;
+    (0..batch)
+        .map(|i| {
+            let base = i * 3 * plane;
+            let rgb = (0..plane)
+                .flat_map(|p| {
+                    (0..3).map(move |c| {
+                        (pixels[base + c * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8
+                    })
+                })
+                .collect();
+            Image {
+                width: size as u32,
+                height: size as u32,
+                rgb,
+            }
+        })
+        .collect()
+}
+
+/// The result of [`Generator::generate`].
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Codebook tokens of each image, row-major.
+    pub codes: Vec<Vec<u32>>,
+    pub images: Vec<Image>,
+    /// The prompt had more tokens than the model's caption; the rest were dropped.
+    pub truncated: bool,
+}
+
+/// A model directory opened on one runtime, with its tokenizer. `Send + Sync`: share it across
+/// threads behind an `Arc`.
+pub struct Generator {
+    session: Box<dyn Session>,
+    tokenizer: Tokenizer,
+}
+
+impl Generator {
+    pub fn new(session: Box<dyn Session>, tokenizer: Tokenizer) -> Self {
+        Generator { session, tokenizer }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        self.session.manifest()
+    }
+
+    pub fn session(&self) -> &dyn Session {
+        self.session.as_ref()
+    }
+
+    /// Caption → exactly `text_len` unified ids; and whether it was truncated.
+    pub fn caption(&self, prompt: &str) -> Result<(Vec<u32>, bool), RuntimeError> {
+        let layout = self.manifest().token_layout();
+        let bpe = tokenizer::encode(&self.tokenizer, prompt)?;
+        layout.caption(&bpe).map_err(|id| {
+            RuntimeError::Request(format!(
+                "tokenizer id {id} is outside the model's text vocabulary ({}); the tokenizer does not belong to this model",
+                layout.text_vocab
+            ))
+        })
+    }
+
+    pub fn generate(&self, req: &Request) -> Result<Output, RuntimeError> {
+        self.generate_with(req, &mut |_, _| {})
+    }
+
+    /// As [`Generator::generate`], calling `progress(done, total)` after each image token.
+    pub fn generate_with(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Output, RuntimeError> {
+        let m = self.manifest();
+        let layout = m.token_layout();
+        let n_image = m.geometry.image_tokens();
+        req.params
+            .validate()
+            .map_err(|e| RuntimeError::Request(e.to_string()))?;
+        if req.num_images == 0 {
+            return Err(RuntimeError::Request(
+                "num_images must be at least 1".into(),
+            ));
+        }
+        if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
+            return Err(RuntimeError::Request(format!(
+                "guidance scale must be ≥ 0 (got {})",
+                req.guidance_scale
+            )));
+        }
+        if req.prime.len() >= n_image {
+            return Err(RuntimeError::Request(format!(
+                "priming {} of {n_image} image tokens leaves nothing to generate",
+                req.prime.len()
+            )));
+        }
+        if let Some(bad) = req
+            .prime
+            .iter()
+            .find(|&&c| c as usize >= m.geometry.codebook)
+        {
+            return Err(RuntimeError::Request(format!(
+                "primed code {bad} is outside the codebook (0..{})",
+                m.geometry.codebook
+            )));
+        }
+        let (text, truncated) = self.caption(&req.prompt)?;
+        if truncated && req.strict {
+            return Err(RuntimeError::Request(format!(
+                "the prompt is longer than the model's {} caption tokens (strict)",
+                layout.text_len
+            )));
+        }
+        let n = req.num_images;
+        let guided = req.guidance_scale != 1.0;
+        let b = if guided { 2 * n } else { n };
+        let mut samplers = (0..n as u64)
+            .map(|i| Sampler::for_image(req.params, req.seed, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RuntimeError::Request(e.to_string()))?;
+        // Rows 0..n see the caption; with guidance rows n..2n see the empty caption.
+        let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
+        let primed: Vec<u32> = req.prime.iter().map(|&c| layout.image(c)).collect();
+        let mut prefix: Vec<i64> = vec![];
+        for row in 0..b {
+            let caption = if row < n { &text } else { &empty };
+            prefix.extend(caption.iter().chain(&primed).map(|&i| i as i64));
+        }
+        let mut cache = KvCache::new(m, b);
+        let vocab = layout.vocab_size();
+        let mut logits = last_positions(&self.session.forward(&prefix, b, &mut cache)?, b, vocab);
+        let mut codes: Vec<Vec<u32>> = vec![req.prime.clone(); n];
+        let image = layout.image_offset()..vocab;
+        let total = n_image - req.prime.len();
+        for pos in req.prime.len()..n_image {
+            let mut next = Vec::with_capacity(b);
+            for i in 0..n {
+                let mut row = logits[i].clone();
+                if guided {
+                    guide(&mut row, &logits[n + i], req.guidance_scale);
+                }
+                let id = samplers[i].sample(&row, image.clone());
+                codes[i].push((id - layout.image_offset()) as u32);
+                next.push(id as i64);
+            }
+            progress(pos + 1 - req.prime.len(), total);
+            if pos + 1 == n_image {
+                break;
+            }
+            if guided {
+                next.extend_from_within(..n);
+            }
+            logits = last_positions(&self.session.forward(&next, b, &mut cache)?, b, vocab);
+        }
+        let flat: Vec<i64> = codes.iter().flatten().map(|&c| c as i64).collect();
+        let pixels = self.session.decode(&flat, n)?;
+        Ok(Output {
+            images: to_images(&pixels, n, m.geometry.image_size),
+            codes,
+            truncated,
+        })
+    }
+}
+
+/// `[b, t, vocab]` → the last position's logits of each row.
+fn last_positions(logits: &[f32], b: usize, vocab: usize) -> Vec<Vec<f32>> {
+    let t = logits.len() / (b * vocab);
+    (0..b)
+        .map(|r| logits[(r * t + t - 1) * vocab..(r * t + t) * vocab].to_vec())
+        .collect()
+}

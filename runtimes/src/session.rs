@@ -1,0 +1,164 @@
+//! The one trait every runtime implements, and the host-side KV cache it extends.
+
+use crate::{Manifest, ManifestError};
+use std::path::PathBuf;
+
+/// Keys and values of every layer for the positions seen so far, on the host:
+/// `[batch, heads, len, head_dim]` row-major per layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Positions held.
+    pub len: usize,
+    /// (keys, values) per layer.
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvCache {
+    /// An empty cache (past length 0) for `batch` sequences of the manifest's model.
+    pub fn new(manifest: &Manifest, batch: usize) -> Self {
+        let t = &manifest.transformer;
+        KvCache {
+            batch,
+            heads: t.n_heads,
+            head_dim: t.head_dim,
+            len: 0,
+            layers: vec![(vec![], vec![]); t.n_layers],
+        }
+    }
+
+    /// Shape of one layer's keys or values.
+    pub fn dims(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.len, self.head_dim]
+    }
+}
+
+/// Why a runtime could not be opened or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("unknown runtime `{0}`: valid runtimes are {valid}", valid = crate::RuntimeKind::NAMES.join(", "))]
+    UnknownRuntime(String),
+    #[error("runtime `{runtime}` is not part of this build (cargo feature `{feature}`)")]
+    NotBuilt {
+        runtime: &'static str,
+        feature: &'static str,
+    },
+    #[error("{0}")]
+    OrtLibrary(String),
+    #[error("{0}")]
+    Provider(String),
+    #[error("{runtime}: cannot load {file}: {message}")]
+    Load {
+        runtime: &'static str,
+        file: String,
+        message: String,
+    },
+    #[error("{runtime}: {message}")]
+    Run {
+        runtime: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Request(String),
+}
+
+/// A model directory opened by one runtime. Sessions are shared across threads.
+pub trait Session: Send + Sync {
+    /// The runtime's name (`tract`, `ort-cpu`, …).
+    fn name(&self) -> &'static str;
+
+    fn manifest(&self) -> &Manifest;
+
+    /// Run the transformer on `ids` (`batch` rows of equal length, unified vocabulary) at
+    /// positions `cache.len ..`; returns `[batch, t, vocab]` logits and extends `cache`.
+    fn forward(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, RuntimeError>;
+
+    /// `[batch, grid²]` codebook tokens → `[batch, 3, H, W]` pixels in [0, 1].
+    fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError>;
+
+    /// `[batch, 3, H, W]` pixels in [0, 1] → `[batch, grid²]` codebook tokens.
+    fn encode(&self, pixels: &[f32], batch: usize) -> Result<Vec<i64>, RuntimeError>;
+}
+
+/// Checks every runtime makes before `forward`: a rectangular batch matching the cache, ids in
+/// the vocabulary, positions within the sequence. Returns `t`.
+pub fn check_forward(
+    m: &Manifest,
+    ids: &[i64],
+    batch: usize,
+    cache: &KvCache,
+) -> Result<usize, RuntimeError> {
+    if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+        return Err(RuntimeError::Request(format!(
+            "{} ids do not form {batch} non-empty rows",
+            ids.len()
+        )));
+    }
+    if cache.batch != batch || cache.layers.len() != m.transformer.n_layers {
+        return Err(RuntimeError::Request(format!(
+            "the KV cache holds {} rows of {} layers; this call has {batch} rows of {}",
+            cache.batch,
+            cache.layers.len(),
+            m.transformer.n_layers
+        )));
+    }
+    let t = ids.len() / batch;
+    if cache.len + t > m.max_seq() {
+        return Err(RuntimeError::Request(format!(
+            "positions {}..{} exceed the model's sequence length {}",
+            cache.len,
+            cache.len + t,
+            m.max_seq()
+        )));
+    }
+    let vocab = m.layout.vocab_size as i64;
+    if let Some(bad) = ids.iter().find(|&&i| !(0..vocab).contains(&i)) {
+        return Err(RuntimeError::Request(format!(
+            "token id {bad} is outside the vocabulary (0..{vocab})"
+        )));
+    }
+    Ok(t)
+}
+
+/// Checks before `decode`: whole grids of codes in the codebook. Returns the tokens per image.
+pub fn check_decode(m: &Manifest, tokens: &[i64], batch: usize) -> Result<usize, RuntimeError> {
+    let n = m.geometry.image_tokens();
+    if batch == 0 || tokens.len() != batch * n {
+        return Err(RuntimeError::Request(format!(
+            "expected {batch} × {n} image tokens, got {}",
+            tokens.len()
+        )));
+    }
+    let k = m.geometry.codebook as i64;
+    if let Some(bad) = tokens.iter().find(|&&c| !(0..k).contains(&c)) {
+        return Err(RuntimeError::Request(format!(
+            "image token {bad} is outside the codebook (0..{k})"
+        )));
+    }
+    Ok(n)
+}
+
+/// Checks before `encode`: whole images of the model's size.
+pub fn check_encode(m: &Manifest, pixels: &[f32], batch: usize) -> Result<(), RuntimeError> {
+    let s = m.geometry.image_size;
+    if batch == 0 || pixels.len() != batch * 3 * s * s {
+        return Err(RuntimeError::Request(format!(
+            "expected {batch} RGB images of {s}×{s} ({} values), got {}",
+            batch * 3 * s * s,
+            pixels.len()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! The tract runtime (pure Rust, CPU): each graph is loaded once into an optimised plan with
+//! symbolic batch / sequence / past dimensions and reused for every call.
+
+use crate::session::{check_decode, check_encode, check_forward, KvCache, RuntimeError, Session};
+use crate::{names, Manifest};
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::prelude::{
+    tvec, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec, Tensor,
+    TypedRunnableModel,
+};
+
+const NAME: &str = "tract";
+
+fn err(message: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run {
+        runtime: NAME,
+        message: message.to_string(),
+    }
+}
+
+fn load(dir: &Path, file: &str) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
+    let fail = |e: tract_onnx::prelude::TractError| RuntimeError::Load {
+        runtime: NAME,
+        file: dir.join(file).display().to_string(),
+        message: format!("{e:#}"),
+    };
+    let model = tract_onnx::onnx()
+        .model_for_path(dir.join(file))
+        .map_err(fail)?;
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(fail)
+}
+
+pub struct TractSession {
+    manifest: Manifest,
+    encoder: Arc<TypedRunnableModel>,
+    decoder: Arc<TypedRunnableModel>,
+    transformer: Arc<TypedRunnableModel>,
+}
+
+impl TractSession {
+    /// Open a model directory whose manifest has been loaded (and verified) already.
+    pub fn open(dir: &Path, manifest: Manifest) -> Result<Self, RuntimeError> {
+        Ok(TractSession {
+            encoder: load(dir, names::DVAE_ENCODER)?,
+            decoder: load(dir, names::DVAE_DECODER)?,
+            transformer: load(dir, names::TRANSFORMER)?,
+            manifest,
+        })
+    }
+}
+
+fn tensor<T: tract_onnx::prelude::Datum + Copy>(
+    dims: &[usize],
+    data: &[T],
+) -> Result<TValue, RuntimeError> {
+    Ok(Tensor::from_shape(dims, data).map_err(err)?.into_tvalue())
+}
+
+fn values<T: tract_onnx::prelude::Datum + Copy>(v: &TValue) -> Result<Vec<T>, RuntimeError> {
+    Ok(v.to_plain_array_view::<T>()
+        .map_err(err)?
+        .iter()
+        .copied()
+        .collect())
+}
+
+impl Session for TractSession {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn forward(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let t = check_forward(&self.manifest, ids, batch, cache)?;
+        let dims = cache.dims();
+        let mut inputs: TVec<TValue> = tvec![tensor(&[batch, t], ids)?];
+        for (k, v) in &cache.layers {
+            inputs.push(tensor(&dims, k)?);
+            inputs.push(tensor(&dims, v)?);
+        }
+        let out = self.transformer.run(inputs).map_err(err)?;
+        for (i, layer) in cache.layers.iter_mut().enumerate() {
+            *layer = (values(&out[1 + 2 * i])?, values(&out[2 + 2 * i])?);
+        }
+        cache.len += t;
+        values(&out[0])
+    }
+
+    fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {
+        let n = check_decode(&self.manifest, tokens, batch)?;
+        let out = self
+            .decoder
+            .run(tvec![tensor(&[batch, n], tokens)?])
+            .map_err(err)?;
+        values(&out[0])
+    }
+
+    fn encode(&self, pixels: &[f32], batch: usize) -> Result<Vec<i64>, RuntimeError> {
+        check_encode(&self.manifest, pixels, batch)?;
+        let s = self.manifest.geometry.image_size;
+        let out = self
+            .encoder
+            .run(tvec![tensor(&[batch, 3, s, s], pixels)?])
+            .map_err(err)?;
+        values(&out[0])
+    }
+}

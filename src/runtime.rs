@@ -1,0 +1,202 @@
+//! The candle runtime: the native models rebuilt from a model directory's ONNX initialisers
+//! (which carry the candle variable names), serving the same [`Session`] trait as tract and ONNX
+//! Runtime, so one `Generator` and one `dalle parity` cover all of them.
+
+use crate::config::{Config, TransformerConfig, VaeConfig};
+use crate::transformer::{KvCache as CandleCache, Transformer};
+use crate::vae::model::{Decoder, Encoder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use dalle_runtimes::session::{check_decode, check_encode, check_forward};
+use dalle_runtimes::{
+    names, AttentionKind, Generator, KvCache, Manifest, OpenOptions, RuntimeError, RuntimeKind,
+    Session,
+};
+use std::collections::HashMap;
+use std::path::Path;
+
+const NAME: &str = "candle";
+
+fn err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run {
+        runtime: NAME,
+        message: e.to_string(),
+    }
+}
+
+/// The model config a manifest describes.
+pub fn config_of(m: &Manifest) -> Config {
+    let conv_kernel = m
+        .layers
+        .iter()
+        .find_map(|k| match k {
+            AttentionKind::Conv { kernel } => Some(*kernel),
+            _ => None,
+        })
+        .unwrap_or(11);
+    Config {
+        preset: m.preset.clone(),
+        geometry: m.geometry,
+        vae: VaeConfig {
+            group_count: m.dvae.group_count,
+            n_hid: m.dvae.n_hid,
+            n_blk_per_group: m.dvae.n_blk_per_group,
+            vocab_size: m.geometry.codebook,
+            n_init: m.dvae.n_init,
+            channels: m.dvae.channels,
+        },
+        transformer: TransformerConfig {
+            d_model: m.transformer.d_model,
+            n_layers: m.transformer.n_layers,
+            n_heads: m.transformer.n_heads,
+            conv_kernel,
+        },
+    }
+}
+
+fn weights(
+    dir: &Path,
+    file: &str,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, RuntimeError> {
+    let path = dir.join(file);
+    let w = dalle_export::read_initializers(&path).map_err(|e| RuntimeError::Load {
+        runtime: NAME,
+        file: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    w.into_iter()
+        .map(|(n, w)| Ok((n, Tensor::from_vec(w.data, w.dims, device).map_err(err)?)))
+        .collect()
+}
+
+/// A model directory on candle.
+pub struct CandleSession {
+    manifest: Manifest,
+    device: Device,
+    encoder: Encoder,
+    decoder: Decoder,
+    transformer: Transformer,
+}
+
+impl CandleSession {
+    pub fn open(dir: &Path, manifest: Manifest, device: &Device) -> Result<Self, RuntimeError> {
+        let cfg = config_of(&manifest);
+        let vb = |file: &str| -> Result<VarBuilder<'static>, RuntimeError> {
+            Ok(VarBuilder::from_tensors(
+                weights(dir, file, device)?,
+                DType::F32,
+                device,
+            ))
+        };
+        let load = |file: &str, e: candle_core::Error| RuntimeError::Load {
+            runtime: NAME,
+            file: dir.join(file).display().to_string(),
+            message: format!("weights do not match the manifest: {e}"),
+        };
+        let encoder = Encoder::new(&cfg.vae, vb(names::DVAE_ENCODER)?)
+            .map_err(|e| load(names::DVAE_ENCODER, e))?;
+        let decoder = Decoder::new(&cfg.vae, vb(names::DVAE_DECODER)?)
+            .map_err(|e| load(names::DVAE_DECODER, e))?;
+        let transformer = Transformer::new(&cfg, vb(names::TRANSFORMER)?)
+            .map_err(|e| load(names::TRANSFORMER, e))?;
+        Ok(CandleSession {
+            manifest,
+            device: device.clone(),
+            encoder,
+            decoder,
+            transformer,
+        })
+    }
+}
+
+impl Session for CandleSession {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn forward(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let t = check_forward(&self.manifest, ids, batch, cache)?;
+        let dev = &self.device;
+        let dims = cache.dims();
+        let layers = cache
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                if cache.len == 0 {
+                    return Ok(None);
+                }
+                let k = Tensor::from_slice(k, &dims, dev)?;
+                let v = Tensor::from_slice(v, &dims, dev)?;
+                Ok(Some((k, v)))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(err)?;
+        let mut c = CandleCache::from_layers(layers);
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
+        let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;
+        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
+        for (slot, layer) in cache.layers.iter_mut().zip(c.into_layers()) {
+            let (k, v) = layer.ok_or_else(|| err("a layer returned no keys"))?;
+            *slot = (flat(&k).map_err(err)?, flat(&v).map_err(err)?);
+        }
+        cache.len += t;
+        flat(&logits).map_err(err)
+    }
+
+    fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {
+        let n = check_decode(&self.manifest, tokens, batch)?;
+        let ids: Vec<u32> = tokens.iter().map(|&c| c as u32).collect();
+        let ids = Tensor::from_vec(ids, (batch, n), &self.device).map_err(err)?;
+        let img = self
+            .decoder
+            .decode(&ids, self.manifest.geometry.grid)
+            .and_then(|x| x.flatten_all()?.to_vec1())
+            .map_err(err)?;
+        Ok(img)
+    }
+
+    fn encode(&self, pixels: &[f32], batch: usize) -> Result<Vec<i64>, RuntimeError> {
+        check_encode(&self.manifest, pixels, batch)?;
+        let s = self.manifest.geometry.image_size;
+        let x = Tensor::from_slice(pixels, (batch, 3, s, s), &self.device).map_err(err)?;
+        let codes: Vec<u32> = self
+            .encoder
+            .encode(&x)
+            .and_then(|c| c.flatten_all()?.to_vec1())
+            .map_err(err)?;
+        Ok(codes.into_iter().map(|c| c as i64).collect())
+    }
+}
+
+/// Open a model directory on any runtime, candle included.
+pub fn open_session(
+    dir: &Path,
+    kind: RuntimeKind,
+    opts: &OpenOptions,
+) -> Result<Box<dyn Session>, RuntimeError> {
+    match kind {
+        RuntimeKind::Candle => {
+            let manifest = Manifest::load(dir)?;
+            Ok(Box::new(CandleSession::open(dir, manifest, &Device::Cpu)?))
+        }
+        k => dalle_runtimes::open_session(dir, k, opts),
+    }
+}
+
+/// Open a model directory into a `Generator` on any runtime, candle included.
+pub fn open(dir: &Path, kind: RuntimeKind, opts: &OpenOptions) -> Result<Generator, RuntimeError> {
+    let session = open_session(dir, kind, opts)?;
+    let tokenizer = dalle_runtimes::tokenizer::load(&dir.join(names::TOKENIZER))?;
+    Ok(Generator::new(session, tokenizer))
+}

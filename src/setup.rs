@@ -1,0 +1,94 @@
+//! `dalle setup ort`: the ONNX Runtime shared library from PyPI's wheel (no registry crate ships
+//! it, and ort's own download host is unreachable from many build machines).
+
+use crate::{Error, Result};
+use dalle_runtimes::ort::{LIBRARY, ORT_VERSION};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().map_err(|e| {
+        Error::Usage(format!(
+            "{what}: cannot run {:?} ({e}); needs python3 with pip",
+            cmd.get_program()
+        ))
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(Error::Usage(format!("{what} failed: {last}")));
+    }
+    Ok(())
+}
+
+/// Download the `onnxruntime` (or `onnxruntime-gpu`) wheel and unpack `onnxruntime/capi/*.so*`
+/// into `dir`. Returns the path of the main library.
+pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
+    let package = if gpu {
+        "onnxruntime-gpu"
+    } else {
+        "onnxruntime"
+    };
+    let tmp = dir.with_file_name(format!(
+        ".{}-download-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("ort"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = (|| {
+        run(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                ])
+                .arg(format!("{package}=={ORT_VERSION}"))
+                .arg("--dest")
+                .arg(&tmp),
+            &format!("pip download {package}=={ORT_VERSION}"),
+        )?;
+        let wheel = std::fs::read_dir(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| Error::Usage(format!("pip left no wheel in {}", tmp.display())))?;
+        let script = "import sys, zipfile, os\n\
+            z = zipfile.ZipFile(sys.argv[1]); out = sys.argv[2]\n\
+            for n in z.namelist():\n    \
+                if n.startswith('onnxruntime/capi/lib') and '.so' in n:\n        \
+                    open(os.path.join(out, os.path.basename(n)), 'wb').write(z.read(n))\n";
+        let unpacked = tmp.join("lib");
+        std::fs::create_dir_all(&unpacked).map_err(|e| Error::io(&unpacked, e))?;
+        run(
+            Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(&wheel)
+                .arg(&unpacked),
+            "unpacking the wheel",
+        )?;
+        if !unpacked.join(LIBRARY).is_file() {
+            return Err(Error::Usage(format!(
+                "the {package} wheel holds no {LIBRARY}"
+            )));
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::rename(&unpacked, dir).map_err(|e| Error::io(dir, e))?;
+        Ok(dir.join(LIBRARY))
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}

@@ -1,0 +1,211 @@
+//! Conformance of every runtime on one exported model: prefill = step-by-step, batch rows are
+//! independent, parity with candle, the same seed gives the same images, sessions are shared
+//! across threads, and bad model directories are clear errors. ONNX Runtime runs when its
+//! library is found (scripts/test.sh installs it; in CI its absence is a failure).
+
+use dalle_runtimes::{names, KvCache, OpenOptions, Request, RuntimeError, RuntimeKind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// fp32 logits of two runtimes (DESIGN.md "Parity").
+const LOGITS_TOL: f32 = 1e-4;
+
+fn export_tiny(root: &Path) -> PathBuf {
+    let run = root.join("run");
+    let bin = env!("CARGO_BIN_EXE_dalle");
+    // A random-weight tiny model: the export tests' helper builds it the same way.
+    let cfg = dalle::config::Config::preset("tiny").unwrap();
+    common::random_run(&run, &cfg);
+    let out = root.join("model");
+    let o = std::process::Command::new(bin)
+        .args([
+            "export",
+            "--transformer",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+mod common;
+
+fn runtimes() -> Vec<RuntimeKind> {
+    let mut v = vec![RuntimeKind::Candle, RuntimeKind::Tract];
+    match dalle_runtimes::ort::find_library() {
+        Ok(_) => v.push(RuntimeKind::Ort),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI must test ONNX Runtime: {e}"),
+        Err(e) => eprintln!("skipping ort: {e}"),
+    }
+    v
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_runtime_conforms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let opts = OpenOptions::default();
+    let reference = dalle::runtime::open(&dir, RuntimeKind::Candle, &opts).unwrap();
+    let m = reference.manifest().clone();
+    let s = m.max_seq();
+    let l = m.token_layout();
+    let ids: Vec<i64> = (0..2 * s)
+        .map(|i| {
+            if i % s < l.text_len {
+                (i * 13 % l.text_vocab) as i64
+            } else {
+                l.image((i * 7 % l.codebook) as u32) as i64
+            }
+        })
+        .collect();
+    let mut c = KvCache::new(&m, 2);
+    let want = reference.session().forward(&ids, 2, &mut c).unwrap();
+    let want_images = reference
+        .generate(&Request::new("a red circle").num_images(2).top_k(8).seed(5))
+        .unwrap();
+    let vocab = l.vocab_size();
+    for kind in runtimes() {
+        let g = dalle::runtime::open(&dir, kind, &opts).unwrap();
+        let sess = g.session();
+        // Parity of the whole sequence at past 0.
+        let mut c = KvCache::new(&m, 2);
+        let got = sess.forward(&ids, 2, &mut c).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= LOGITS_TOL, "{}: logits differ by {d}", kind.name());
+        assert_eq!(c.len, s);
+        // Prefill of half then single steps = the whole sequence.
+        let half = s / 2;
+        let row = |r: usize, a: usize, b: usize| ids[r * s + a..r * s + b].to_vec();
+        let mut c = KvCache::new(&m, 2);
+        let mut prefix = row(0, 0, half);
+        prefix.extend(row(1, 0, half));
+        sess.forward(&prefix, 2, &mut c).unwrap();
+        for p in half..s {
+            let step = sess.forward(&[ids[p], ids[s + p]], 2, &mut c).unwrap();
+            for r in 0..2 {
+                let w = &want[(r * s + p) * vocab..(r * s + p + 1) * vocab];
+                let d = max_abs_diff(&step[r * vocab..(r + 1) * vocab], w);
+                assert!(
+                    d <= LOGITS_TOL,
+                    "{}: step {p} row {r} differs by {d}",
+                    kind.name()
+                );
+            }
+        }
+        // Batch independence: row 1 alone gives row 1's logits.
+        let mut c = KvCache::new(&m, 1);
+        let alone = sess.forward(&row(1, 0, s), 1, &mut c).unwrap();
+        let d = max_abs_diff(&alone, &want[s * vocab..]);
+        assert!(
+            d <= LOGITS_TOL,
+            "{}: batch row 1 alone differs by {d}",
+            kind.name()
+        );
+        // Same seed, same images.
+        let out = g
+            .generate(&Request::new("a red circle").num_images(2).top_k(8).seed(5))
+            .unwrap();
+        assert_eq!(out.codes, want_images.codes, "{}", kind.name());
+        assert_eq!(out.images, want_images.images, "{}", kind.name());
+        // Error cases: positions beyond the sequence, ids outside the vocabulary.
+        let mut c = KvCache::new(&m, 1);
+        let e = sess.forward(&vec![0; s + 1], 1, &mut c).unwrap_err();
+        assert!(
+            e.to_string().contains("exceed the model's sequence length"),
+            "{e}"
+        );
+        let e = sess.forward(&[vocab as i64], 1, &mut c).unwrap_err();
+        assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+        let e = sess.decode(&[0; 3], 1).unwrap_err();
+        assert!(matches!(e, RuntimeError::Request(_)), "{e}");
+    }
+}
+
+#[test]
+fn generators_are_shared_across_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let g =
+        Arc::new(dalle::runtime::open(&dir, RuntimeKind::Tract, &OpenOptions::default()).unwrap());
+    let req = |i: u64| {
+        Request::new(format!("shape {i}"))
+            .num_images(1)
+            .seed(i)
+            .top_k(16)
+    };
+    let sequential: Vec<_> = (0..4).map(|i| g.generate(&req(i)).unwrap().codes).collect();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let g = Arc::clone(&g);
+            std::thread::spawn(move || g.generate(&req(i)).unwrap().codes)
+        })
+        .collect();
+    let parallel: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(parallel, sequential);
+}
+
+#[test]
+fn bad_model_directories_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let open = |d: &Path| {
+        dalle::runtime::open(d, RuntimeKind::Tract, &OpenOptions::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    };
+    let d = copy("missing");
+    std::fs::remove_file(d.join(names::DVAE_DECODER)).unwrap();
+    assert!(
+        open(&d).contains("`dvae_decoder.onnx` is missing"),
+        "{}",
+        open(&d)
+    );
+    let d = copy("truncated");
+    let bytes = std::fs::read(d.join(names::TRANSFORMER)).unwrap();
+    std::fs::write(d.join(names::TRANSFORMER), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(open(&d).contains("sha256"), "{}", open(&d));
+    let d = copy("future");
+    let text = std::fs::read_to_string(d.join(names::MANIFEST)).unwrap();
+    std::fs::write(
+        d.join(names::MANIFEST),
+        text.replace("\"schema_version\": 1", "\"schema_version\": 7"),
+    )
+    .unwrap();
+    assert!(open(&d).contains("schema version 7"), "{}", open(&d));
+    // A tokenizer that is not one (its checksum re-recorded, so only the content is wrong).
+    let d = copy("tokenizer");
+    std::fs::write(d.join(names::TOKENIZER), "not json").unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join(names::MANIFEST)).unwrap()).unwrap();
+    let e = dalle_runtimes::manifest::sha256_file(&d.join(names::TOKENIZER)).unwrap();
+    m["files"][names::TOKENIZER] = serde_json::to_value(e).unwrap();
+    std::fs::write(d.join(names::MANIFEST), m.to_string()).unwrap();
+    assert!(
+        open(&d).contains("not a readable tokenizer.json"),
+        "{}",
+        open(&d)
+    );
+    let e = RuntimeKind::parse("onnx").unwrap_err().to_string();
+    assert!(e.contains("candle, tract, ort, cuda, trt"), "{e}");
+}
