@@ -196,11 +196,7 @@ fn bad_model_directories_are_clear_errors() {
     // A tokenizer that is not one (its checksum re-recorded, so only the content is wrong).
     let d = copy("tokenizer");
     std::fs::write(d.join(names::TOKENIZER), "not json").unwrap();
-    let mut m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join(names::MANIFEST)).unwrap()).unwrap();
-    let e = dalle_runtimes::manifest::sha256_file(&d.join(names::TOKENIZER)).unwrap();
-    m["files"][names::TOKENIZER] = serde_json::to_value(e).unwrap();
-    std::fs::write(d.join(names::MANIFEST), m.to_string()).unwrap();
+    rehash(&d, names::TOKENIZER);
     assert!(
         open(&d).contains("not a readable tokenizer.json"),
         "{}",
@@ -208,4 +204,107 @@ fn bad_model_directories_are_clear_errors() {
     );
     let e = RuntimeKind::parse("onnx").unwrap_err().to_string();
     assert!(e.contains("candle, tract, ort, cuda, trt"), "{e}");
+}
+
+/// Record `file`'s new checksum in the manifest, so only its content is wrong.
+fn rehash(dir: &Path, file: &str) {
+    let path = dir.join(names::MANIFEST);
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let e = dalle_runtimes::manifest::sha256_file(&dir.join(file)).unwrap();
+    m["files"][file] = serde_json::to_value(e).unwrap();
+    std::fs::write(&path, m.to_string()).unwrap();
+}
+
+#[test]
+fn a_truncated_graph_with_a_matching_checksum_fails_to_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let path = dir.join(names::TRANSFORMER);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+    rehash(&dir, names::TRANSFORMER);
+    for kind in runtimes() {
+        let e = dalle::runtime::open(&dir, kind, &OpenOptions::default())
+            .err()
+            .unwrap_or_else(|| panic!("{} opened a truncated graph", kind.name()));
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RuntimeError::Load { .. }),
+            "{}: {msg}",
+            kind.name()
+        );
+        assert!(msg.contains("transformer.onnx"), "{}: {msg}", kind.name());
+    }
+}
+
+/// `dalle generate` on CUDA / TensorRT without a GPU build of ONNX Runtime: one error line naming
+/// the provider library; with --allow-fallback a warning and the image on CPU. Without the
+/// library at all: one line saying how to get it.
+#[test]
+fn gpu_providers_without_a_gpu_fail_clearly_or_fall_back() {
+    if dalle_runtimes::ort::find_library().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install ONNX Runtime"
+        );
+        eprintln!("skipping: no ONNX Runtime library");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let png = tmp.path().join("out.png");
+    let dalle = |runtime: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dalle"));
+        c.args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--runtime",
+            runtime,
+        ]);
+        c.args([
+            "--num-images",
+            "1",
+            "--out",
+            png.to_str().unwrap(),
+            "a red circle",
+        ]);
+        c.args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    for (runtime, provider, lib) in [
+        ("trt", "TensorRT", "libonnxruntime_providers_tensorrt.so"),
+        ("cuda", "CUDA", "libonnxruntime_providers_cuda.so"),
+    ] {
+        let o = dalle(runtime, &[], &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(provider) && err.contains(lib) && err.contains("1.31.1"),
+            "{err}"
+        );
+        let o = dalle(runtime, &["--allow-fallback"], &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(err.matches("warning:").count(), 1, "{err}");
+        assert!(png.is_file());
+    }
+    let empty = tmp.path().join("empty-cache");
+    let o = dalle(
+        "ort",
+        &[],
+        &[
+            ("ORT_DYLIB_PATH", ""),
+            ("DALLE_CACHE_DIR", empty.to_str().unwrap()),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("dalle setup ort"), "{err}");
 }
