@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 mod error;
+pub mod eval;
 pub mod export;
 pub mod fsutil;
 pub mod parity;

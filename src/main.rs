@@ -69,6 +69,27 @@ enum Command {
     Train(TrainArgs),
     /// Generate images for a caption.
     Generate(GenerateArgs),
+    /// Zero-shot compositional accuracy on the shapes benchmark (seen vs held-out combinations).
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_parser = ["shapes"], default_value = "shapes")]
+        benchmark: String,
+        #[arg(long, default_value = "tract")]
+        runtime: String,
+        /// Scenes per split.
+        #[arg(long, default_value_t = 100)]
+        samples: usize,
+        /// Guidance scales to compare (1 = none).
+        #[arg(long, value_delimiter = ',', default_value = "1,3")]
+        guidance: Vec<f32>,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        providers: ProviderArgs,
+    },
     /// Compare runtimes on one model directory: logits, greedy tokens, decoded images.
     Parity {
         #[arg(long)]
@@ -333,6 +354,15 @@ struct TrainVaeArgs {
     /// Steps over which β ramps 0 → 6.6 (default: a tenth of the run).
     #[arg(long)]
     beta_steps: Option<usize>,
+    /// Final KL weight β (paper: 6.6).
+    #[arg(long, default_value_t = 6.6)]
+    beta_max: f64,
+    /// Starting gumbel-softmax temperature (paper: 1).
+    #[arg(long, default_value_t = 1.0)]
+    tau_start: f64,
+    /// Gumbel noise multiplier: 1 is the paper, 0 a noise-free softmax relaxation.
+    #[arg(long, default_value_t = 1.0)]
+    gumbel_scale: f64,
 }
 
 #[derive(Args)]
@@ -667,6 +697,21 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     }
     options.schedule.tau_steps = a.tau_steps.unwrap_or(options.schedule.tau_steps).max(1);
     options.schedule.beta_steps = a.beta_steps.unwrap_or(options.schedule.beta_steps).max(1);
+    for (flag, v) in [
+        ("--beta-max", a.beta_max),
+        ("--tau-start", a.tau_start),
+        ("--gumbel-scale", a.gumbel_scale),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{flag} must be a finite number ≥ 0 (got {v})");
+        }
+    }
+    if a.tau_start == 0.0 {
+        bail!("--tau-start must be above 0 (got 0)");
+    }
+    options.schedule.beta_max = a.beta_max;
+    options.schedule.tau_start = a.tau_start;
+    options.schedule.gumbel_scale = a.gumbel_scale;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
@@ -863,6 +908,56 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(a) => train_vae(a)?,
         Command::Train(a) => train(a)?,
         Command::Generate(a) => generate(a)?,
+        Command::Eval {
+            model,
+            benchmark: _,
+            runtime,
+            samples,
+            guidance,
+            top_k,
+            json,
+            providers,
+        } => {
+            if samples == 0 {
+                bail!("--samples must be at least 1");
+            }
+            let kind = dalle_runtimes::RuntimeKind::parse(&runtime)?;
+            let gen = dalle::runtime::open(&model, kind, &providers.options())?;
+            let truth =
+                dalle::eval::ground_truth(samples, gen.manifest().geometry.image_size as u32);
+            let scores =
+                dalle::eval::shapes(&gen, samples, &guidance, top_k, &mut |l| eprintln!("{l}"))?;
+            if json {
+                let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let attrs = ["colour", "shape", "size", "position", "count", "relation"];
+                print!("{:<9} {:>8}", "split", "guidance");
+                for a in attrs {
+                    print!(" {a:>8}");
+                }
+                println!(" {:>8}", "correct");
+                let row = |s: &dalle::eval::Score, g: String| {
+                    print!("{:<9} {g:>8}", s.split);
+                    for a in attrs {
+                        match s.attributes.get(a) {
+                            Some(&(ok, n)) => print!(" {:>7.1}%", 100.0 * ok as f64 / n as f64),
+                            None => print!(" {:>8}", "-"),
+                        }
+                    }
+                    println!(" {:>7.1}%", 100.0 * s.accuracy());
+                };
+                for s in &scores {
+                    row(s, format!("{}", s.guidance_scale));
+                }
+                for s in &truth {
+                    row(s, "truth".into());
+                }
+                println!(
+                    "({samples} scenes per split; `truth` = the judge on the ground-truth renders)"
+                );
+            }
+        }
         Command::Parity {
             model,
             runtimes,

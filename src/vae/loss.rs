@@ -30,8 +30,20 @@ pub fn kl_to_uniform(logits: &Tensor, dim: usize) -> Result<Tensor> {
 /// Gumbel-softmax relaxation (Jang et al. 2016; Maddison et al. 2016) over `dim`:
 /// softmax((logits + g) / τ) with g ~ Gumbel(0, 1) drawn from `rng`.
 pub fn gumbel_softmax(logits: &Tensor, tau: f64, dim: usize, rng: &mut Rng) -> Result<Tensor> {
+    gumbel_softmax_scaled(logits, tau, dim, 1.0, rng)
+}
+
+/// As [`gumbel_softmax`] with the noise multiplied by `scale` (0: a plain softmax relaxation,
+/// no noise; 1: the paper).
+pub fn gumbel_softmax_scaled(
+    logits: &Tensor,
+    tau: f64,
+    dim: usize,
+    scale: f64,
+    rng: &mut Rng,
+) -> Result<Tensor> {
     let noise: Vec<f32> = (0..logits.elem_count())
-        .map(|_| rng.gumbel() as f32)
+        .map(|_| (rng.gumbel() * scale) as f32)
         .collect();
     let g = Tensor::from_vec(noise, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
     softmax(&((logits + g)? / tau)?, dim)
@@ -61,6 +73,13 @@ pub struct VaeSchedule {
     pub lr_start: f64,
     pub lr_end: f64,
     pub lr_steps: usize,
+    /// Multiplier of the gumbel noise (paper: 1). Older run files lack it and get 1.
+    #[serde(default = "one")]
+    pub gumbel_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl VaeSchedule {
@@ -76,6 +95,7 @@ impl VaeSchedule {
             lr_start: 1e-4,
             lr_end: 1.25e-6,
             lr_steps: steps.max(1),
+            gumbel_scale: 1.0,
         }
     }
 

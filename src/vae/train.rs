@@ -1,7 +1,7 @@
 //! Stage-1 training: the ELB with a gumbel-softmax relaxation (Ramesh et al. 2021 §2.1, A.2).
 
 use super::io::{save_dir, split_prefixed, Vae};
-use super::loss::{gumbel_softmax, kl_to_uniform, logit_laplace_nll, VaeSchedule};
+use super::loss::{gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, VaeSchedule};
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
 use crate::data::filters::Filters;
@@ -86,7 +86,7 @@ impl Stage for VaeStage {
         let (tau, beta) = (self.opts.schedule.tau(step), self.opts.schedule.beta(step));
         let logits = self.encoder.forward(&x)?; // (b, vocab, h, w)
         let mut rng = Rng::stream(self.opts.lp.seed, "gumbel", step as u64);
-        let z = gumbel_softmax(&logits, tau, 1, &mut rng)?;
+        let z = gumbel_softmax_scaled(&logits, tau, 1, self.opts.schedule.gumbel_scale, &mut rng)?;
         let stats = self.decoder.forward(&z)?; // (b, 6, H, W)
         let c = self.config.vae.channels;
         let mu = stats.narrow(1, 0, c)?;

@@ -1,0 +1,118 @@
+//! Measuring zero-shot compositional generation on the shapes benchmark: generate an image for
+//! each caption of seen (train-distribution) and held-out scenes, read the image back with
+//! [`judge`], and count what came out right, with and without classifier-free guidance.
+
+pub mod judge;
+
+use crate::data::shapes::{generate_one, Split};
+use dalle_runtimes::{Generator, Request, RuntimeError};
+use serde::Serialize;
+
+/// Scenes of the evaluation come from this seed, not the training sets' (seed 0 by default).
+pub const EVAL_SEED: u64 = 9_001;
+
+/// Accuracy of one (split, guidance) cell.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Score {
+    pub split: String,
+    pub guidance_scale: f32,
+    pub samples: usize,
+    /// attribute → (correct, asked).
+    pub attributes: std::collections::BTreeMap<String, (usize, usize)>,
+    pub fully_correct: usize,
+}
+
+impl Score {
+    pub fn accuracy(&self) -> f64 {
+        self.fully_correct as f64 / self.samples.max(1) as f64
+    }
+
+    fn add(&mut self, v: &judge::Verdict) {
+        self.samples += 1;
+        self.fully_correct += v.correct as usize;
+        for (name, x) in [
+            ("colour", v.colour),
+            ("shape", v.shape),
+            ("size", v.size),
+            ("position", v.position),
+            ("count", v.count),
+            ("relation", v.relation),
+        ] {
+            if let Some(ok) = x {
+                let e = self.attributes.entry(name.into()).or_default();
+                e.0 += ok as usize;
+                e.1 += 1;
+            }
+        }
+    }
+}
+
+/// Generate and judge `samples` scenes of each split at each guidance scale.
+pub fn shapes(
+    gen: &Generator,
+    samples: usize,
+    guidance: &[f32],
+    top_k: Option<usize>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Score>, RuntimeError> {
+    let size = gen.manifest().geometry.image_size as u32;
+    let mut scores = vec![];
+    for split in [Split::Train, Split::Heldout] {
+        let name = if split == Split::Train {
+            "seen"
+        } else {
+            "held-out"
+        };
+        for &g in guidance {
+            let mut score = Score {
+                split: name.into(),
+                guidance_scale: g,
+                ..Default::default()
+            };
+            for i in 0..samples {
+                let s = generate_one(EVAL_SEED, split, i as u64, size);
+                let mut req = Request::new(s.caption.clone())
+                    .seed(i as u64)
+                    .guidance_scale(g);
+                if let Some(k) = top_k {
+                    req = req.top_k(k);
+                }
+                let out = gen.generate(&req)?;
+                let img = &out.images[0];
+                let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+                    .expect("3 bytes a pixel");
+                score.add(&judge::judge(&s.scene, &judge::detect(&img)));
+            }
+            progress(&format!(
+                "{name}, guidance {g}: {}/{} fully correct",
+                score.fully_correct, score.samples
+            ));
+            scores.push(score);
+        }
+    }
+    Ok(scores)
+}
+
+/// The judge on ground-truth renders of the same scenes: the ceiling of [`shapes`].
+pub fn ground_truth(samples: usize, size: u32) -> Vec<Score> {
+    [Split::Train, Split::Heldout]
+        .iter()
+        .map(|&split| {
+            let mut score = Score {
+                split: if split == Split::Train {
+                    "seen"
+                } else {
+                    "held-out"
+                }
+                .into(),
+                guidance_scale: f32::NAN,
+                ..Default::default()
+            };
+            for i in 0..samples {
+                let s = generate_one(EVAL_SEED, split, i as u64, size);
+                score.add(&judge::judge(&s.scene, &judge::detect(&s.image)));
+            }
+            score
+        })
+        .collect()
+}
