@@ -455,6 +455,9 @@ struct GenerateArgs {
     /// A `dalle train` run directory (candle only).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Device of the candle runtime: cpu, or cuda in a `--features cuda` build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     providers: ProviderArgs,
     #[arg(long, default_value_t = 4)]
@@ -544,7 +547,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(model) = &a.model {
         return generate_model(&a, model, kind, &prompt, params);
     }
-    let device = candle_core::Device::Cpu;
+    let device = dalle::util::device(&a.device)?;
     let dir = a
         .checkpoint
         .as_ref()
@@ -625,7 +628,8 @@ fn generate_model(
     prompt: &str,
     params: dalle_runtimes::SamplingParams,
 ) -> Result<()> {
-    let gen = dalle::runtime::open(model, kind, &a.providers.options())?;
+    let device = dalle::util::device(&a.device)?;
+    let gen = dalle::runtime::open_on(model, kind, &a.providers.options(), &device)?;
     let m = gen.manifest().clone();
     let mut prime = vec![];
     if let (Some(img), Some(rows)) = (&a.prime_image, a.prime_rows) {

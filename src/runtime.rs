@@ -179,24 +179,35 @@ impl Session for CandleSession {
     }
 }
 
-/// Open a model directory on any runtime, candle included.
+/// Open a model directory on any runtime, candle included (on `device`; the others ignore it).
 pub fn open_session(
     dir: &Path,
     kind: RuntimeKind,
     opts: &OpenOptions,
+    device: &Device,
 ) -> Result<Box<dyn Session>, RuntimeError> {
     match kind {
         RuntimeKind::Candle => {
             let manifest = Manifest::load(dir)?;
-            Ok(Box::new(CandleSession::open(dir, manifest, &Device::Cpu)?))
+            Ok(Box::new(CandleSession::open(dir, manifest, device)?))
         }
         k => dalle_runtimes::open_session(dir, k, opts),
     }
 }
 
-/// Open a model directory into a `Generator` on any runtime, candle included.
+/// Open a model directory into a `Generator` on any runtime, candle on the CPU included.
 pub fn open(dir: &Path, kind: RuntimeKind, opts: &OpenOptions) -> Result<Generator, RuntimeError> {
-    let session = open_session(dir, kind, opts)?;
+    open_on(dir, kind, opts, &Device::Cpu)
+}
+
+/// As [`open`], with candle on `device` (CPU, or CUDA in a `--features cuda` build).
+pub fn open_on(
+    dir: &Path,
+    kind: RuntimeKind,
+    opts: &OpenOptions,
+    device: &Device,
+) -> Result<Generator, RuntimeError> {
+    let session = open_session(dir, kind, opts, device)?;
     let tokenizer = dalle_runtimes::tokenizer::load(&dir.join(names::TOKENIZER))?;
     Ok(Generator::new(session, tokenizer))
 }
