@@ -363,6 +363,9 @@ struct TrainVaeArgs {
     /// Gumbel noise multiplier: 1 is the paper, 0 a noise-free softmax relaxation.
     #[arg(long, default_value_t = 1.0)]
     gumbel_scale: f64,
+    /// Reconstruction likelihood (paper: logit-laplace).
+    #[arg(long, value_enum, default_value = "logit-laplace")]
+    likelihood: dalle::vae::loss::Likelihood,
 }
 
 #[derive(Args)]
@@ -716,6 +719,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.beta_max = a.beta_max;
     options.schedule.tau_start = a.tau_start;
     options.schedule.gumbel_scale = a.gumbel_scale;
+    options.schedule.likelihood = a.likelihood;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,

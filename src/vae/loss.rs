@@ -76,6 +76,37 @@ pub struct VaeSchedule {
     /// Multiplier of the gumbel noise (paper: 1). Older run files lack it and get 1.
     #[serde(default = "one")]
     pub gumbel_scale: f64,
+    /// Reconstruction term: the paper's logit-Laplace, or a Gaussian (squared error) on the
+    /// mapped pixels for experiments. Older run files lack it and get logit-Laplace.
+    #[serde(default)]
+    pub likelihood: Likelihood,
+}
+
+/// The reconstruction likelihood of stage 1.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Likelihood {
+    /// Ramesh et al. 2021 appendix A.3, with a learned per-pixel scale.
+    #[default]
+    LogitLaplace,
+    /// N(sigmoid(μ), 0.1²) on the mapped pixels; the scale channels are unused.
+    Gaussian,
+}
+
+/// −ln N(x; sigmoid(μ), σ²) summed over every element, without the constant: Σ (x − σ(μ))² / 2σ².
+pub fn gaussian_nll(x: &Tensor, mu: &Tensor, sigma: f64) -> Result<Tensor> {
+    let p = candle_nn::ops::sigmoid(mu)?;
+    (x - p)?.sqr()?.sum_all()? * (0.5 / (sigma * sigma))
 }
 
 fn one() -> f64 {
@@ -96,6 +127,7 @@ impl VaeSchedule {
             lr_end: 1.25e-6,
             lr_steps: steps.max(1),
             gumbel_scale: 1.0,
+            likelihood: Likelihood::LogitLaplace,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Stage-1 training: the ELB with a gumbel-softmax relaxation (Ramesh et al. 2021 §2.1, A.2).
 
 use super::io::{save_dir, split_prefixed, Vae};
-use super::loss::{gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, VaeSchedule};
+use super::loss::{
+    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, Likelihood, VaeSchedule,
+};
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
 use crate::data::filters::Filters;
@@ -91,7 +93,10 @@ impl Stage for VaeStage {
         let c = self.config.vae.channels;
         let mu = stats.narrow(1, 0, c)?;
         let log_b = stats.narrow(1, c, c)?;
-        let nll = logit_laplace_nll(&map_pixels(&x)?, &mu, &log_b)?;
+        let nll = match self.opts.schedule.likelihood {
+            Likelihood::LogitLaplace => logit_laplace_nll(&map_pixels(&x)?, &mu, &log_b)?,
+            Likelihood::Gaussian => gaussian_nll(&map_pixels(&x)?, &mu, 0.1)?,
+        };
         let kl = kl_to_uniform(&logits, 1)?;
         // The ELB per image dimension: recon summed over pixels plus β·KL summed over latents.
         let dims = x.elem_count() as f64;
