@@ -70,12 +70,43 @@ fn weights(
         .collect()
 }
 
-/// A model directory on candle.
+/// The manifest a model of `cfg` would be exported with (no files).
+pub fn manifest_of(cfg: &Config) -> Manifest {
+    let t = &cfg.transformer;
+    Manifest {
+        schema_version: dalle_runtimes::manifest::SCHEMA_VERSION,
+        producer: format!("dalle {}", env!("CARGO_PKG_VERSION")),
+        preset: cfg.preset.clone(),
+        geometry: cfg.geometry,
+        layout: dalle_runtimes::TokenLayout::from(&cfg.geometry).into(),
+        transformer: dalle_runtimes::manifest::TransformerDims {
+            d_model: t.d_model,
+            n_layers: t.n_layers,
+            n_heads: t.n_heads,
+            head_dim: t.d_model / t.n_heads,
+        },
+        dvae: dalle_runtimes::manifest::DvaeDims {
+            group_count: cfg.vae.group_count,
+            n_hid: cfg.vae.n_hid,
+            n_blk_per_group: cfg.vae.n_blk_per_group,
+            n_init: cfg.vae.n_init,
+            channels: cfg.vae.channels,
+        },
+        layers: dalle_runtimes::layer_kinds(t.n_layers, t.conv_kernel),
+        io: Default::default(),
+        opset: 17,
+        dtype: dalle_runtimes::Dtype::F32,
+        sampling: Default::default(),
+        files: Default::default(),
+    }
+}
+
+/// The candle models behind the runtime trait: from a model directory, or from in-memory
+/// models (a training run's checkpoint; then the dVAE is optional).
 pub struct CandleSession {
     manifest: Manifest,
     device: Device,
-    encoder: Encoder,
-    decoder: Decoder,
+    vae: Option<(Encoder, Decoder)>,
     transformer: Transformer,
 }
 
@@ -103,10 +134,30 @@ impl CandleSession {
         Ok(CandleSession {
             manifest,
             device: device.clone(),
-            encoder,
-            decoder,
+            vae: Some((encoder, decoder)),
             transformer,
         })
+    }
+
+    /// A session over models already built (e.g. from a `dalle train` run); without a dVAE,
+    /// `decode` and `encode` are errors.
+    pub fn from_models(
+        transformer: Transformer,
+        vae: Option<(Encoder, Decoder)>,
+        device: &Device,
+    ) -> Self {
+        CandleSession {
+            manifest: manifest_of(transformer.config()),
+            device: device.clone(),
+            vae,
+            transformer,
+        }
+    }
+
+    fn vae(&self) -> Result<&(Encoder, Decoder), RuntimeError> {
+        self.vae
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Request("this candle session has no dVAE".into()))
     }
 }
 
@@ -159,7 +210,8 @@ impl Session for CandleSession {
         let ids: Vec<u32> = tokens.iter().map(|&c| c as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, n), &self.device).map_err(err)?;
         let img = self
-            .decoder
+            .vae()?
+            .1
             .decode(&ids, self.manifest.geometry.grid)
             .and_then(|x| x.flatten_all()?.to_vec1())
             .map_err(err)?;
@@ -171,7 +223,8 @@ impl Session for CandleSession {
         let s = self.manifest.geometry.image_size;
         let x = Tensor::from_slice(pixels, (batch, 3, s, s), &self.device).map_err(err)?;
         let codes: Vec<u32> = self
-            .encoder
+            .vae()?
+            .0
             .encode(&x)
             .and_then(|c| c.flatten_all()?.to_vec1())
             .map_err(err)?;

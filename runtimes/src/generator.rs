@@ -160,86 +160,15 @@ impl Generator {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Output, RuntimeError> {
         let m = self.manifest();
-        let layout = m.token_layout();
-        let n_image = m.geometry.image_tokens();
-        req.params
-            .validate()
-            .map_err(|e| RuntimeError::Request(e.to_string()))?;
-        if req.num_images == 0 {
-            return Err(RuntimeError::Request(
-                "num_images must be at least 1".into(),
-            ));
-        }
-        if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
-            return Err(RuntimeError::Request(format!(
-                "guidance scale must be ≥ 0 (got {})",
-                req.guidance_scale
-            )));
-        }
-        if req.prime.len() >= n_image {
-            return Err(RuntimeError::Request(format!(
-                "priming {} of {n_image} image tokens leaves nothing to generate",
-                req.prime.len()
-            )));
-        }
-        if let Some(bad) = req
-            .prime
-            .iter()
-            .find(|&&c| c as usize >= m.geometry.codebook)
-        {
-            return Err(RuntimeError::Request(format!(
-                "primed code {bad} is outside the codebook (0..{})",
-                m.geometry.codebook
-            )));
-        }
         let (text, truncated) = self.caption(&req.prompt)?;
         if truncated && req.strict {
             return Err(RuntimeError::Request(format!(
                 "the prompt is longer than the model's {} caption tokens (strict)",
-                layout.text_len
+                m.geometry.text_len
             )));
         }
+        let codes = sample_codes(self.session.as_ref(), &text, req, progress)?;
         let n = req.num_images;
-        let guided = req.guidance_scale != 1.0;
-        let b = if guided { 2 * n } else { n };
-        let mut samplers = (0..n as u64)
-            .map(|i| Sampler::for_image(req.params, req.seed, i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| RuntimeError::Request(e.to_string()))?;
-        // Rows 0..n see the caption; with guidance rows n..2n see the empty caption.
-        let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
-        let primed: Vec<u32> = req.prime.iter().map(|&c| layout.image(c)).collect();
-        let mut prefix: Vec<i64> = vec![];
-        for row in 0..b {
-            let caption = if row < n { &text } else { &empty };
-            prefix.extend(caption.iter().chain(&primed).map(|&i| i as i64));
-        }
-        let mut cache = KvCache::new(m, b);
-        let vocab = layout.vocab_size();
-        let mut logits = last_positions(&self.session.forward(&prefix, b, &mut cache)?, b, vocab);
-        let mut codes: Vec<Vec<u32>> = vec![req.prime.clone(); n];
-        let image = layout.image_offset()..vocab;
-        let total = n_image - req.prime.len();
-        for pos in req.prime.len()..n_image {
-            let mut next = Vec::with_capacity(b);
-            for i in 0..n {
-                let mut row = logits[i].clone();
-                if guided {
-                    guide(&mut row, &logits[n + i], req.guidance_scale);
-                }
-                let id = samplers[i].sample(&row, image.clone());
-                codes[i].push((id - layout.image_offset()) as u32);
-                next.push(id as i64);
-            }
-            progress(pos + 1 - req.prime.len(), total);
-            if pos + 1 == n_image {
-                break;
-            }
-            if guided {
-                next.extend_from_within(..n);
-            }
-            logits = last_positions(&self.session.forward(&next, b, &mut cache)?, b, vocab);
-        }
         let flat: Vec<i64> = codes.iter().flatten().map(|&c| c as i64).collect();
         let pixels = self.session.decode(&flat, n)?;
         Ok(Output {
@@ -248,6 +177,99 @@ impl Generator {
             truncated,
         })
     }
+}
+
+/// The sampling loop every runtime shares: `text` (exactly `text_len` unified ids) → the
+/// codebook tokens of `req.num_images` images, row-major. `req.prompt` and `req.strict` are not
+/// read. Prefill the caption (and primed codes) once, then one token per step for all images as
+/// one batch; with guidance, a second half-batch sees the empty caption.
+pub fn sample_codes(
+    session: &dyn Session,
+    text: &[u32],
+    req: &Request,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<u32>>, RuntimeError> {
+    let m = session.manifest();
+    let layout = m.token_layout();
+    let n_image = m.geometry.image_tokens();
+    req.params
+        .validate()
+        .map_err(|e| RuntimeError::Request(e.to_string()))?;
+    if text.len() != layout.text_len {
+        return Err(RuntimeError::Request(format!(
+            "the caption must be {} ids, got {}",
+            layout.text_len,
+            text.len()
+        )));
+    }
+    if req.num_images == 0 {
+        return Err(RuntimeError::Request(
+            "num_images must be at least 1".into(),
+        ));
+    }
+    if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
+        return Err(RuntimeError::Request(format!(
+            "guidance scale must be ≥ 0 (got {})",
+            req.guidance_scale
+        )));
+    }
+    if req.prime.len() >= n_image {
+        return Err(RuntimeError::Request(format!(
+            "priming {} of {n_image} image tokens leaves nothing to generate",
+            req.prime.len()
+        )));
+    }
+    if let Some(bad) = req
+        .prime
+        .iter()
+        .find(|&&c| c as usize >= m.geometry.codebook)
+    {
+        return Err(RuntimeError::Request(format!(
+            "primed code {bad} is outside the codebook (0..{})",
+            m.geometry.codebook
+        )));
+    }
+    let n = req.num_images;
+    let guided = req.guidance_scale != 1.0;
+    let b = if guided { 2 * n } else { n };
+    let mut samplers = (0..n as u64)
+        .map(|i| Sampler::for_image(req.params, req.seed, i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RuntimeError::Request(e.to_string()))?;
+    let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
+    let primed: Vec<u32> = req.prime.iter().map(|&c| layout.image(c)).collect();
+    let mut prefix: Vec<i64> = vec![];
+    for row in 0..b {
+        let caption = if row < n { text } else { &empty[..] };
+        prefix.extend(caption.iter().chain(&primed).map(|&i| i as i64));
+    }
+    let mut cache = KvCache::new(m, b);
+    let vocab = layout.vocab_size();
+    let mut logits = last_positions(&session.forward(&prefix, b, &mut cache)?, b, vocab);
+    let mut codes: Vec<Vec<u32>> = vec![req.prime.clone(); n];
+    let image = layout.image_offset()..vocab;
+    let total = n_image - req.prime.len();
+    for pos in req.prime.len()..n_image {
+        let mut next = Vec::with_capacity(b);
+        for i in 0..n {
+            let mut row = logits[i].clone();
+            if guided {
+                guide(&mut row, &logits[n + i], req.guidance_scale);
+            }
+            let id = samplers[i].sample(&row, image.clone());
+            codes[i].push((id - layout.image_offset()) as u32);
+            next.push(id as i64);
+        }
+        progress(pos + 1 - req.prime.len(), total);
+        if pos + 1 == n_image {
+            break;
+        }
+        if guided {
+            next.extend_from_within(..n);
+        }
+        logits = last_positions(&session.forward(&next, b, &mut cache)?, b, vocab);
+    }
+    Ok(codes)
 }
 
 /// `[b, t, vocab]` → the last position's logits of each row.

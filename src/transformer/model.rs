@@ -192,6 +192,7 @@ pub fn additive_mask(
 /// The transformer; `forward` serves training (whole sequences) and cached decoding.
 #[derive(Clone, Debug)]
 pub struct Transformer {
+    config: Config,
     layout: TokenLayout,
     text_len: usize,
     grid: usize,
@@ -234,6 +235,7 @@ impl Transformer {
             }
         }
         Ok(Transformer {
+            config: cfg.clone(),
             layout,
             text_len: g.text_len,
             grid: g.grid,
@@ -247,6 +249,11 @@ impl Transformer {
             ln_f: LayerNorm::new(d, vb.pp("ln_f"))?,
             head: candle_nn::linear(d, layout.vocab_size(), vb.pp("head"))?,
         })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn layout(&self) -> TokenLayout {
