@@ -78,14 +78,6 @@ fn values_f32(v: &TValue) -> Vec<f32> {
         .collect()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn random_images(b: usize, size: usize, seed: u64) -> Vec<f32> {
     let mut rng = dalle::rng::Rng::new(seed);
     (0..b * 3 * size * size)
@@ -183,7 +175,7 @@ fn check_transformer(dir: &Path, m: &Manifest, c: &Candle, cfg: &Config, tol: f3
         let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
         let ids64: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
         let (got, presents) = tract_step(&plan, &ids64, b, &empty_past(m, b));
-        let d = max_abs_diff(&got, &want);
+        let d = common::max_abs_diff(&got, &want);
         eprintln!(
             "{}: teacher-forced b={b}: max |Δ| {d:.2e}, largest logit {scale:.1}",
             dir.display()
@@ -209,7 +201,7 @@ fn check_transformer(dir: &Path, m: &Manifest, c: &Candle, cfg: &Config, tol: f3
             for r in 0..b {
                 let got = &logits[(r * n + n - 1) * vocab..(r * n + n) * vocab];
                 let want = &want[(r * s + pos - 1) * vocab..(r * s + pos) * vocab];
-                let d = max_abs_diff(got, want);
+                let d = common::max_abs_diff(got, want);
                 assert!(
                     d <= tol * scale.max(1.0),
                     "b={b} position {}: max diff {d}",
@@ -272,7 +264,7 @@ fn check_dvae(dir: &Path, c: &Candle, cfg: &Config, tol: f32) {
         let ids: Vec<i64> = codes.iter().map(|&v| v as i64).collect();
         let out = dec.run(tvec![tract_i64(&[b, n], &ids)]).unwrap();
         assert_eq!(out[0].shape(), &[b, 3, size, size]);
-        let d = max_abs_diff(&values_f32(&out[0]), &want);
+        let d = common::max_abs_diff(&values_f32(&out[0]), &want);
         assert!(d <= tol, "decoder pixels b={b}: max diff {d}");
     }
 }

@@ -43,14 +43,6 @@ fn runtimes() -> Vec<RuntimeKind> {
     v
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn every_runtime_conforms() {
     let tmp = tempfile::tempdir().unwrap();
@@ -81,7 +73,7 @@ fn every_runtime_conforms() {
         // Parity of the whole sequence at past 0.
         let mut c = KvCache::new(&m, 2);
         let got = sess.forward(&ids, 2, &mut c).unwrap();
-        let d = max_abs_diff(&got, &want);
+        let d = common::max_abs_diff(&got, &want);
         assert!(d <= LOGITS_TOL, "{}: logits differ by {d}", kind.name());
         assert_eq!(c.len, s);
         // Prefill of half then single steps = the whole sequence.
@@ -95,7 +87,7 @@ fn every_runtime_conforms() {
             let step = sess.forward(&[ids[p], ids[s + p]], 2, &mut c).unwrap();
             for r in 0..2 {
                 let w = &want[(r * s + p) * vocab..(r * s + p + 1) * vocab];
-                let d = max_abs_diff(&step[r * vocab..(r + 1) * vocab], w);
+                let d = common::max_abs_diff(&step[r * vocab..(r + 1) * vocab], w);
                 assert!(
                     d <= LOGITS_TOL,
                     "{}: step {p} row {r} differs by {d}",
@@ -106,7 +98,7 @@ fn every_runtime_conforms() {
         // Batch independence: row 1 alone gives row 1's logits.
         let mut c = KvCache::new(&m, 1);
         let alone = sess.forward(&row(1, 0, s), 1, &mut c).unwrap();
-        let d = max_abs_diff(&alone, &want[s * vocab..]);
+        let d = common::max_abs_diff(&alone, &want[s * vocab..]);
         assert!(
             d <= LOGITS_TOL,
             "{}: batch row 1 alone differs by {d}",

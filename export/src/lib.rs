@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use dalle_runtimes::Geometry as ModelGeometry;
 pub use onnx::OPSETS;
 
 /// One checkpoint tensor: row-major f32 values and their shape.

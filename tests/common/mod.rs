@@ -97,3 +97,12 @@ pub fn random_run(run: &Path, cfg: &Config) {
     let tok = dalle::text::train(&captions, cfg.geometry.text_vocab, 1).unwrap();
     dalle::text::save(&tok, &run.join("tokenizer.json")).unwrap();
 }
+
+/// Largest elementwise |a − b| of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
