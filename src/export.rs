@@ -100,6 +100,26 @@ pub fn export(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest> {
-    let input = load_input(transformer, vae)?;
+    export_with_sampling(
+        transformer,
+        vae,
+        out,
+        opts,
+        SamplingDefaults::default(),
+        progress,
+    )
+}
+
+/// As [`export`], recording `sampling` in the manifest as the model's default sampling settings.
+pub fn export_with_sampling(
+    transformer: &Path,
+    vae: Option<&Path>,
+    out: &Path,
+    opts: &ExportOptions,
+    sampling: SamplingDefaults,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest> {
+    let mut input = load_input(transformer, vae)?;
+    input.sampling = sampling;
     Ok(dalle_export::export(&input, out, opts, progress)?)
 }

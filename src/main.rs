@@ -71,8 +71,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Zero-shot compositional accuracy on the shapes benchmark (seen vs held-out combinations).
     Eval {
+        /// Model directory; default: the bundled `models/shapes-tiny`.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long, value_parser = ["shapes"], default_value = "shapes")]
         benchmark: String,
         #[arg(long, default_value = "tract")]
@@ -87,6 +88,10 @@ enum Command {
         top_k: Option<usize>,
         #[arg(long)]
         json: bool,
+        /// Write a grid of the first generated images (seen row, held-out row framed in red) at
+        /// the largest guidance scale.
+        #[arg(long)]
+        grid: Option<PathBuf>,
         #[command(flatten)]
         providers: ProviderArgs,
     },
@@ -130,6 +135,15 @@ enum Command {
         /// Graphs whose weights exceed this many bytes keep them in `<graph>.onnx.data`.
         #[arg(long, default_value_t = 1 << 30)]
         external_data_threshold: u64,
+        /// Default sampling of the model, recorded in its manifest (`generate` flags override).
+        #[arg(long, default_value_t = 1.0)]
+        guidance_scale: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
     },
     /// dVAE utilities.
     #[command(subcommand)]
@@ -363,6 +377,16 @@ struct TrainVaeArgs {
     /// Gumbel noise multiplier: 1 is the paper, 0 a noise-free softmax relaxation.
     #[arg(long, default_value_t = 1.0)]
     gumbel_scale: f64,
+    /// Decode the one-hot argmax with straight-through gradients (not in the paper).
+    #[arg(long)]
+    straight_through: bool,
+    /// Standardise each position's logits to this scale before the relaxation (not in the
+    /// paper: 0 = off). Inference is unaffected: the argmax does not change.
+    #[arg(long, default_value_t = 0.0)]
+    logit_scale: f64,
+    /// Weight of the codebook-usage (diversity) term (not in the paper: 0).
+    #[arg(long, default_value_t = 0.0)]
+    diversity: f64,
     /// Reconstruction likelihood (paper: logit-laplace).
     #[arg(long, value_enum, default_value = "logit-laplace")]
     likelihood: dalle::vae::loss::Likelihood,
@@ -448,12 +472,8 @@ struct GenerateArgs {
     /// candle, tract, ort, cuda or trt; default tract with --model, candle with --checkpoint.
     #[arg(long)]
     runtime: Option<String>,
-    /// An exported model directory (`dalle export`).
-    #[arg(
-        long,
-        conflicts_with = "checkpoint",
-        required_unless_present = "checkpoint"
-    )]
+    /// An exported model directory (`dalle export`); default: the bundled `models/shapes-tiny`.
+    #[arg(long, conflicts_with = "checkpoint")]
     model: Option<PathBuf>,
     /// A `dalle train` run directory (candle only).
     #[arg(long)]
@@ -467,14 +487,18 @@ struct GenerateArgs {
     num_images: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    temperature: f32,
+    /// Sampling temperature; default: the model's manifest, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Keep the k most likely tokens; default: the model's manifest, else all.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Nucleus sampling (1: off); default: the model's manifest.
     #[arg(long)]
     top_p: Option<f32>,
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    guidance_scale: f32,
+    /// Classifier-free guidance (1: none); default: the model's manifest, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    guidance_scale: Option<f32>,
     /// Keep the first --prime-rows token rows of this image and generate the rest.
     #[arg(long, requires = "prime_rows")]
     prime_image: Option<PathBuf>,
@@ -515,20 +539,31 @@ impl ProviderArgs {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    let model = match (&a.model, &a.checkpoint) {
+        (Some(m), _) => Some(m.clone()),
+        (None, None) => Some(dalle::bundled_model()?),
+        (None, Some(_)) => None,
+    };
     let runtime = a
         .runtime
         .clone()
-        .unwrap_or_else(|| if a.model.is_some() { "tract" } else { "candle" }.to_string());
+        .unwrap_or_else(|| if model.is_some() { "tract" } else { "candle" }.to_string());
     let kind = dalle_runtimes::RuntimeKind::parse(&runtime)?;
     if a.checkpoint.is_some() && kind != dalle_runtimes::RuntimeKind::Candle {
         bail!("--checkpoint runs on candle only; export the run with `dalle export` and pass --model for --runtime {runtime}");
     }
+    // A model directory's manifest supplies the defaults; a checkpoint has none.
+    let defaults = match &model {
+        Some(m) => dalle_runtimes::Manifest::load(m)?.sampling,
+        None => dalle_runtimes::SamplingDefaults::default(),
+    };
     let params = dalle_runtimes::SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
+        temperature: a.temperature.unwrap_or(defaults.temperature),
+        top_k: a.top_k.or(defaults.top_k),
+        top_p: a.top_p.or(defaults.top_p),
     };
     params.validate()?;
+    let guidance_scale = a.guidance_scale.unwrap_or(defaults.guidance_scale);
     let prompt = match (&a.prompt, &a.prompt_file) {
         (_, Some(f)) => {
             let bytes = std::fs::read(f)
@@ -547,14 +582,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (Some(p), None) => p.clone(),
         (None, None) => String::new(),
     };
-    if let Some(model) = &a.model {
-        return generate_model(&a, model, kind, &prompt, params);
+    if let Some(model) = &model {
+        return generate_model(&a, model, kind, &prompt, params, guidance_scale);
     }
     let device = dalle::util::device(&a.device)?;
     let dir = a
         .checkpoint
         .as_ref()
-        .expect("clap requires --model or --checkpoint");
+        .expect("no model directory means a checkpoint");
     let config = Config::load(&dir.join("config.json"))
         .with_context(|| format!("{} is not a `dalle train` run", dir.display()))?;
     let weights = dalle::vae::io::read_f32(&dir.join("transformer.safetensors"), &device)?;
@@ -600,7 +635,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         num_images: a.num_images,
         params,
         seed: a.seed,
-        guidance_scale: a.guidance_scale,
+        guidance_scale,
         prime,
     };
     let codes = dalle::transformer::generate::generate(&model, &req, &device)?;
@@ -630,6 +665,7 @@ fn generate_model(
     kind: dalle_runtimes::RuntimeKind,
     prompt: &str,
     params: dalle_runtimes::SamplingParams,
+    guidance_scale: f32,
 ) -> Result<()> {
     let device = dalle::util::device(&a.device)?;
     let gen = dalle::runtime::open_on(model, kind, &a.providers.options(), &device)?;
@@ -654,7 +690,7 @@ fn generate_model(
         num_images: a.num_images,
         params,
         seed: a.seed,
-        guidance_scale: a.guidance_scale,
+        guidance_scale,
         prime,
         strict: a.strict,
     };
@@ -708,6 +744,8 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         ("--beta-max", a.beta_max),
         ("--tau-start", a.tau_start),
         ("--gumbel-scale", a.gumbel_scale),
+        ("--diversity", a.diversity),
+        ("--logit-scale", a.logit_scale),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag} must be a finite number ≥ 0 (got {v})");
@@ -720,6 +758,9 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.tau_start = a.tau_start;
     options.schedule.gumbel_scale = a.gumbel_scale;
     options.schedule.likelihood = a.likelihood;
+    options.schedule.straight_through = a.straight_through;
+    options.schedule.diversity = a.diversity;
+    options.schedule.logit_scale = a.logit_scale;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
@@ -924,19 +965,41 @@ fn run(cli: Cli) -> Result<()> {
             guidance,
             top_k,
             json,
+            grid,
             providers,
         } => {
             if samples == 0 {
                 bail!("--samples must be at least 1");
             }
             let kind = dalle_runtimes::RuntimeKind::parse(&runtime)?;
+            let model = match model {
+                Some(m) => m,
+                None => dalle::bundled_model()?,
+            };
             let gen = dalle::runtime::open(&model, kind, &providers.options())?;
             let truth =
                 dalle::eval::ground_truth(samples, gen.manifest().geometry.image_size as u32);
             let scores =
                 dalle::eval::shapes(&gen, samples, &guidance, top_k, &mut |l| eprintln!("{l}"))?;
+            let psnr = dalle::eval::dvae_psnr(&gen, samples)?;
+            let mut examples = vec![];
+            if let Some(path) = &grid {
+                let top = guidance.iter().copied().fold(f32::MIN, f32::max);
+                let rows: Vec<&dalle::eval::Score> =
+                    scores.iter().filter(|s| s.guidance_scale == top).collect();
+                dalle::plot::save_png(&dalle::eval::example_grid(&rows), path)?;
+                for s in &rows {
+                    for (caption, _) in &s.examples {
+                        examples.push(serde_json::json!({ "split": s.split, "caption": caption }));
+                    }
+                }
+                eprintln!(
+                    "wrote the example grid to {} (guidance {top})",
+                    path.display()
+                );
+            }
             if json {
-                let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth });
+                let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth, "dvae_psnr_heldout_db": psnr, "grid_examples": examples });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let attrs = ["colour", "shape", "size", "position", "count", "relation"];
@@ -964,6 +1027,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "({samples} scenes per split; `truth` = the judge on the ground-truth renders)"
                 );
+                println!("dVAE round trip on {samples} held-out renders: PSNR {psnr:.2} dB");
+                for (i, e) in examples.iter().enumerate() {
+                    println!(
+                        "grid {i}: [{}] {}",
+                        e["split"].as_str().unwrap_or(""),
+                        e["caption"].as_str().unwrap_or("")
+                    );
+                }
             }
         }
         Command::Parity {
@@ -1039,7 +1110,21 @@ fn run(cli: Cli) -> Result<()> {
             fp16,
             force,
             external_data_threshold,
+            guidance_scale,
+            top_k,
+            top_p,
+            temperature,
         } => {
+            let sampling = dalle_runtimes::SamplingDefaults {
+                temperature,
+                top_k,
+                top_p,
+                guidance_scale,
+            };
+            sampling.params().validate()?;
+            if !(guidance_scale.is_finite() && guidance_scale >= 0.0) {
+                bail!("--guidance-scale must be a finite number ≥ 0 (got {guidance_scale})");
+            }
             let opts = dalle_export::ExportOptions {
                 opset,
                 dtype: if fp16 {
@@ -1050,10 +1135,14 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 external_data_threshold,
             };
-            let m =
-                dalle::export::export(&transformer, vae.as_deref(), &out, &opts, &mut |line| {
-                    eprintln!("{line}")
-                })?;
+            let m = dalle::export::export_with_sampling(
+                &transformer,
+                vae.as_deref(),
+                &out,
+                &opts,
+                sampling,
+                &mut |line| eprintln!("{line}"),
+            )?;
             println!(
                 "exported {} ({} layers, {}, opset {}) to {}",
                 m.preset,

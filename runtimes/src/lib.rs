@@ -22,7 +22,7 @@ pub mod tract;
 pub use generator::{Generator, Image, Output, Request};
 pub use geometry::{Geometry, GeometryError};
 pub use layout::TokenLayout;
-pub use manifest::{Dtype, Manifest, ManifestError};
+pub use manifest::{Dtype, Manifest, ManifestError, SamplingDefaults};
 pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
 pub use sampler::{Sampler, SamplingError, SamplingParams};
 pub use session::{KvCache, RuntimeError, Session};

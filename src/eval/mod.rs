@@ -20,7 +20,13 @@ pub struct Score {
     /// attribute → (correct, asked).
     pub attributes: std::collections::BTreeMap<String, (usize, usize)>,
     pub fully_correct: usize,
+    /// The first [`EXAMPLES`] captions and generated images, for a grid.
+    #[serde(skip)]
+    pub examples: Vec<(String, image::RgbImage)>,
 }
+
+/// Examples kept per score.
+pub const EXAMPLES: usize = 8;
 
 impl Score {
     pub fn accuracy(&self) -> f64 {
@@ -82,6 +88,9 @@ pub fn shapes(
                 let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
                     .expect("3 bytes a pixel");
                 score.add(&judge::judge(&s.scene, &judge::detect(&img)));
+                if score.examples.len() < EXAMPLES {
+                    score.examples.push((s.caption.clone(), img));
+                }
             }
             progress(&format!(
                 "{name}, guidance {g}: {}/{} fully correct",
@@ -115,4 +124,62 @@ pub fn ground_truth(samples: usize, size: u32) -> Vec<Score> {
             score
         })
         .collect()
+}
+
+/// Mean PSNR (dB) of the model's dVAE round trip (encode → argmax tokens → decode) over the
+/// ground-truth renders of `samples` held-out scenes.
+pub fn dvae_psnr(gen: &Generator, samples: usize) -> Result<f64, RuntimeError> {
+    let size = gen.manifest().geometry.image_size;
+    let plane = size * size;
+    let mut total = 0.0;
+    for i in 0..samples {
+        let s = generate_one(EVAL_SEED, Split::Heldout, i as u64, size as u32);
+        let mut pixels = vec![0f32; 3 * plane];
+        for (p, px) in s.image.pixels().enumerate() {
+            for c in 0..3 {
+                pixels[c * plane + p] = px[c] as f32 / 255.0;
+            }
+        }
+        let codes = gen.session().encode(&pixels, 1)?;
+        let back = gen.session().decode(&codes, 1)?;
+        let mse = pixels
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            / pixels.len() as f64;
+        total += 10.0 * (1.0 / mse.max(1e-10)).log10();
+    }
+    Ok(total / samples.max(1) as f64)
+}
+
+/// One row per score of its examples; rows of held-out scenes framed in red.
+pub fn example_grid(scores: &[&Score]) -> image::RgbImage {
+    let mut tiles = vec![];
+    let cols = scores.iter().map(|s| s.examples.len()).max().unwrap_or(0);
+    for s in scores {
+        for i in 0..cols {
+            let mut img = match s.examples.get(i) {
+                Some((_, img)) => img.clone(),
+                None => match s.examples.first() {
+                    Some((_, first)) => image::RgbImage::from_pixel(
+                        first.width(),
+                        first.height(),
+                        image::Rgb([255; 3]),
+                    ),
+                    None => continue,
+                },
+            };
+            if s.split == "held-out" && i < s.examples.len() {
+                let (w, h) = img.dimensions();
+                for (x, y, px) in img.enumerate_pixels_mut() {
+                    if x < 2 || y < 2 || x + 2 >= w || y + 2 >= h {
+                        *px = image::Rgb([230, 0, 0]);
+                    }
+                }
+            }
+            tiles.push(img);
+        }
+    }
+    crate::plot::grid(&tiles, cols.max(1))
 }

@@ -3,6 +3,7 @@
 pub mod io;
 pub mod loss;
 pub mod model;
+mod ops;
 pub mod train;
 
 pub use model::{Decoder, Encoder};

@@ -47,28 +47,25 @@ impl Conv {
 }
 
 impl Module for Conv {
-    /// Convolution as im2col (shifted views of the padded input) and one matmul. candle's CPU
-    /// `conv2d` backward goes through a naive `conv_transpose2d`; this form back-propagates
-    /// through `narrow`, `stack` and `matmul` only, which is an order of magnitude faster.
+    /// Convolution as im2col and one matmul. candle's CPU `conv2d` backward goes through a naive
+    /// `conv_transpose2d`; this form back-propagates through col2im and `matmul`, an order of
+    /// magnitude faster. Other devices and dtypes use candle's `conv2d`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (n_out, _, k, _) = self.w.dims4()?;
+        if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+            let y = x.conv2d(&self.w, self.pad, 1, 1, 1)?;
+            return y.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?);
+        }
         let cols = if k == 1 {
             x.reshape((b, c, h * w))?
         } else {
-            let p = self.pad;
-            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let mut shifted = Vec::with_capacity(k * k);
-            for dy in 0..k {
-                for dx in 0..k {
-                    shifted.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
-                }
-            }
-            Tensor::stack(&shifted, 2)?.reshape((b, c * k * k, h * w))? // (b, c·k², h·w)
+            x.contiguous()?
+                .apply_op1(super::ops::Im2Col { k, pad: self.pad })?
         };
         let wm = self.w.reshape((n_out, c * k * k))?;
         let y = wm.broadcast_matmul(&cols)?; // (b, n_out, h·w)
-        y.broadcast_add(&self.b.reshape((1, n_out, 1))?)?
+        y.apply_op2(&self.b, super::ops::BiasAdd)?
             .reshape((b, n_out, h, w))
     }
 }
@@ -79,8 +76,11 @@ fn max_pool2(x: &Tensor) -> Result<Tensor> {
     x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
 }
 
-/// Nearest-neighbour ×2 upsampling as a broadcast (its backward is a sum, not a grouped conv).
+/// Nearest-neighbour ×2 upsampling (a custom op on CPU: the broadcast's backward is slow there).
 fn upsample2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(super::ops::Upsample2);
+    }
     let (b, c, h, w) = x.dims4()?;
     x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?
@@ -316,6 +316,11 @@ impl Decoder {
 /// Softmax over `dim` with the max subtracted as a constant: every op has a backward pass
 /// (candle-nn's fused `softmax_last_dim` has none).
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    if dim != last {
+        // candle reduces a contiguous last axis fast and any other axis element by element.
+        return softmax(&x.transpose(dim, last)?.contiguous()?, last)?.transpose(dim, last);
+    }
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(dim)?)
@@ -323,6 +328,10 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Log-softmax over `dim`, built from differentiable ops.
 pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    if dim != last {
+        return log_softmax(&x.transpose(dim, last)?.contiguous()?, last)?.transpose(dim, last);
+    }
     let max = x.max_keepdim(dim)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
