@@ -384,6 +384,13 @@ struct TrainVaeArgs {
     /// paper: 0 = off). Inference is unaffected: the argmax does not change.
     #[arg(long, default_value_t = 0.0)]
     logit_scale: f64,
+    /// Start the encoder's output conv as k-means centroids of its initial features (not in the
+    /// paper).
+    #[arg(long)]
+    kmeans_init: bool,
+    /// Train the decoder alone against the initial (e.g. --kmeans-init) encoder (not in the paper).
+    #[arg(long)]
+    freeze_encoder: bool,
     /// Weight of the codebook-usage (diversity) term (not in the paper: 0).
     #[arg(long, default_value_t = 0.0)]
     diversity: f64,
@@ -761,6 +768,8 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.straight_through = a.straight_through;
     options.schedule.diversity = a.diversity;
     options.schedule.logit_scale = a.logit_scale;
+    options.schedule.kmeans_init = a.kmeans_init;
+    options.schedule.freeze_encoder = a.freeze_encoder;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,

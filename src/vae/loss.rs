@@ -122,6 +122,17 @@ pub struct VaeSchedule {
     /// older run files lack it and get 0.
     #[serde(default)]
     pub logit_scale: f64,
+    /// Start the encoder's output conv as a nearest-centroid quantiser: k-means on the initial
+    /// encoder's features of a few hundred training images (as VQ codebooks are often started),
+    /// so the codes depend on content from the first step. Not in the paper; older run files lack
+    /// it and get false.
+    #[serde(default)]
+    pub kmeans_init: bool,
+    /// Keep the encoder as initialised (with `kmeans_init`: a fixed nearest-centroid quantiser of
+    /// random conv features) and train the decoder alone. Not in the paper; older run files lack it
+    /// and get false.
+    #[serde(default)]
+    pub freeze_encoder: bool,
     /// Weight of the codebook-usage term: ln K − H(mean q) over the batch's positions (the
     /// diversity loss of Baevski et al. 2020), which keeps the encoder from sending every
     /// position to one code. Not in the paper (0); older run files lack it and get 0.
@@ -181,6 +192,8 @@ impl VaeSchedule {
             straight_through: false,
             diversity: 0.0,
             logit_scale: 0.0,
+            kmeans_init: false,
+            freeze_encoder: false,
             likelihood: Likelihood::LogitLaplace,
         }
     }

@@ -196,7 +196,12 @@ impl Stack {
     }
 
     /// Everything after the input conv; `resample` runs between groups.
-    fn trunk(&self, mut x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn trunk(&self, x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        self.output.forward(&self.features(x, resample)?)
+    }
+
+    /// The trunk up to (and including) the ReLU before the output conv.
+    fn features(&self, mut x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
             for b in blocks {
@@ -206,7 +211,7 @@ impl Stack {
                 x = resample(&x)?;
             }
         }
-        self.output.forward(&x.relu()?)
+        x.relu()
     }
 }
 
@@ -233,6 +238,12 @@ impl Encoder {
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
         self.0
             .trunk(self.0.input.forward(&map_pixels(image)?)?, max_pool2)
+    }
+
+    /// (b, 3, H, W) → (b, width, H/f, W/f): what the output conv turns into logits.
+    pub fn features(&self, image: &Tensor) -> Result<Tensor> {
+        self.0
+            .features(self.0.input.forward(&map_pixels(image)?)?, max_pool2)
     }
 
     /// (b, 3, H, W) → (b, grid·grid) token ids (argmax, no noise), raster order.

@@ -92,6 +92,9 @@ impl Stage for VaeStage {
         let x = self.loader.batch_tensor(step, b, &self.device)?; // (b, 3, H, W)
         let (tau, beta) = (self.opts.schedule.tau(step), self.opts.schedule.beta(step));
         let mut logits = self.encoder.forward(&x)?; // (b, vocab, h, w)
+        if self.opts.schedule.freeze_encoder {
+            logits = logits.detach();
+        }
         if self.opts.schedule.logit_scale > 0.0 {
             // Standardise with the codebook axis last, where candle reduces fast.
             let last = logits.transpose(1, 3)?.contiguous()?;
@@ -196,6 +199,13 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
     let (varmap, encoder, decoder) = new_model(&req.config, opts.lp.seed, &req.device)?;
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
+    } else if opts.schedule.kmeans_init {
+        let images: Vec<RgbImage> = loader
+            .fixed(KMEANS_IMAGES)
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
+        kmeans_init(&encoder, &varmap, &images, opts.lp.seed, &req.device)?;
     }
     let lp = opts.lp.clone();
     let mut stage = VaeStage {
@@ -233,4 +243,85 @@ pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
             .sum::<f64>();
     }
     Ok((total / images.len().max(1) as f64, images.len()))
+}
+
+/// Images whose encoder features seed [`kmeans_init`].
+pub const KMEANS_IMAGES: usize = 256;
+
+/// Set the encoder's output conv to `w_k = c_k`, `b_k = −‖c_k‖²/2` for k-means centroids `c_k`
+/// of the current encoder's features of `images`, so that the argmax code is the nearest centroid.
+/// Seeding is k-means++ (Arthur & Vassilvitskii 2007), then Lloyd iterations.
+pub fn kmeans_init(
+    encoder: &Encoder,
+    varmap: &VarMap,
+    images: &[RgbImage],
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
+    let mut feats = vec![];
+    for chunk in images.chunks(32) {
+        let f = encoder.features(&crate::data::images_to_tensor(chunk, device)?)?;
+        let (b, d, h, w) = f.dims4()?;
+        feats.push(f.permute((0, 2, 3, 1))?.reshape((b * h * w, d))?);
+    }
+    let x = Tensor::cat(&feats, 0)?.to_device(&Device::Cpu)?; // (n, d)
+    let (n, d) = x.dims2()?;
+    let rows: Vec<Vec<f32>> = x.to_vec2()?;
+    let dist2 =
+        |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum() };
+    let vars = varmap.data().lock().expect("var map lock").clone();
+    let wvar = &vars["encoder.blocks.output.conv.w"];
+    let bvar = &vars["encoder.blocks.output.conv.b"];
+    let k = wvar.dims()[0];
+    // k-means++ seeding.
+    let mut rng = Rng::stream(seed, "kmeans", 0);
+    let mut centres: Vec<Vec<f32>> = vec![rows[rng.below(n)].clone()];
+    let mut best: Vec<f32> = rows.iter().map(|r| dist2(r, &centres[0])).collect();
+    while centres.len() < k {
+        let total: f64 = best.iter().map(|&v| v as f64).sum();
+        let next = if total <= 0.0 {
+            rng.below(n)
+        } else {
+            let mut t = rng.uniform() * total;
+            let mut pick = n - 1;
+            for (i, &v) in best.iter().enumerate() {
+                t -= v as f64;
+                if t <= 0.0 {
+                    pick = i;
+                    break;
+                }
+            }
+            pick
+        };
+        let c = rows[next].clone();
+        for (b, r) in best.iter_mut().zip(&rows) {
+            *b = b.min(dist2(r, &c));
+        }
+        centres.push(c);
+    }
+    // Lloyd iterations; the assignment step is one matmul.
+    for _ in 0..10 {
+        let c = Tensor::new(centres.concat(), &Device::Cpu)?.reshape((k, d))?;
+        let half_norm = (c.sqr()?.sum(1)? * 0.5)?;
+        let score = x.matmul(&c.t()?)?.broadcast_sub(&half_norm)?; // (n, k)
+        let assign: Vec<u32> = score.argmax(1)?.to_vec1()?;
+        let mut sums = vec![vec![0f64; d]; k];
+        let mut counts = vec![0usize; k];
+        for (r, &a) in rows.iter().zip(&assign) {
+            counts[a as usize] += 1;
+            for (s, v) in sums[a as usize].iter_mut().zip(r) {
+                *s += *v as f64;
+            }
+        }
+        for ((c, s), &m) in centres.iter_mut().zip(&sums).zip(&counts) {
+            if m > 0 {
+                *c = s.iter().map(|v| (*v / m as f64) as f32).collect();
+            }
+        }
+    }
+    let c = Tensor::new(centres.concat(), &Device::Cpu)?.reshape((k, d))?;
+    let bias = (c.sqr()?.sum(1)? * -0.5)?;
+    wvar.set(&c.reshape(wvar.dims())?.to_device(device)?)?;
+    bvar.set(&bias.to_device(device)?)?;
+    Ok(())
 }
