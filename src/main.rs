@@ -380,10 +380,6 @@ struct TrainVaeArgs {
     /// Decode the one-hot argmax with straight-through gradients (not in the paper).
     #[arg(long)]
     straight_through: bool,
-    /// Standardise each position's logits to this scale before the relaxation (not in the
-    /// paper: 0 = off). Inference is unaffected: the argmax does not change.
-    #[arg(long, default_value_t = 0.0)]
-    logit_scale: f64,
     /// Start the encoder's output conv as k-means centroids of its initial features (not in the
     /// paper).
     #[arg(long)]
@@ -391,9 +387,6 @@ struct TrainVaeArgs {
     /// Train the decoder alone against the initial (e.g. --kmeans-init) encoder (not in the paper).
     #[arg(long)]
     freeze_encoder: bool,
-    /// Weight of the codebook-usage (diversity) term (not in the paper: 0).
-    #[arg(long, default_value_t = 0.0)]
-    diversity: f64,
     /// Reconstruction likelihood (paper: logit-laplace).
     #[arg(long, value_enum, default_value = "logit-laplace")]
     likelihood: dalle::vae::loss::Likelihood,
@@ -751,8 +744,6 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         ("--beta-max", a.beta_max),
         ("--tau-start", a.tau_start),
         ("--gumbel-scale", a.gumbel_scale),
-        ("--diversity", a.diversity),
-        ("--logit-scale", a.logit_scale),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag} must be a finite number ≥ 0 (got {v})");
@@ -766,8 +757,6 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.gumbel_scale = a.gumbel_scale;
     options.schedule.likelihood = a.likelihood;
     options.schedule.straight_through = a.straight_through;
-    options.schedule.diversity = a.diversity;
-    options.schedule.logit_scale = a.logit_scale;
     options.schedule.kmeans_init = a.kmeans_init;
     options.schedule.freeze_encoder = a.freeze_encoder;
     a.run.apply(&mut options.lp);

@@ -24,14 +24,22 @@ const MIN_FULLY_CORRECT_SEEN: f64 = 0.15;
 #[test]
 fn bundled_manifest_matches_its_files() {
     let m = dalle_runtimes::Manifest::load(&bundled()).expect("bundled manifest");
-    m.verify_files(&bundled()).expect("bundled files match the manifest");
+    m.verify_files(&bundled())
+        .expect("bundled files match the manifest");
     assert_eq!(m.preset, "tiny");
 }
 
 #[test]
 fn eval_on_the_bundled_model_is_well_above_chance() {
     let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
-        .args(["eval", "--samples", &SAMPLES.to_string(), "--guidance", "3", "--json"])
+        .args([
+            "eval",
+            "--samples",
+            &SAMPLES.to_string(),
+            "--guidance",
+            "3",
+            "--json",
+        ])
         .env_remove("DALLE_MODEL")
         .output()
         .unwrap();

@@ -397,3 +397,57 @@ fn training_lowers_reconstruction_loss_and_resume_is_bit_exact() {
     assert_eq!(vae.grid(), 4);
     assert!(split.join("loss.png").exists());
 }
+
+/// The bundled recipe's stage 1: k-means start, frozen encoder, straight-through hard codes.
+#[test]
+fn kmeans_start_gives_content_codes_and_a_frozen_encoder_stays_put() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32).unwrap();
+    let out = tmp.path().join("run");
+    let mut req = request(&data, &out, 10, false, None);
+    let s = &mut req.options.schedule;
+    s.kmeans_init = true;
+    s.freeze_encoder = true;
+    s.straight_through = true;
+    s.gumbel_scale = 0.0;
+    s.beta_max = 0.0;
+    req.options.lp.ema_decay = 0.0; // the exported weights are the last step's
+    train_vae(req).unwrap();
+
+    let vae = dalle::vae::io::Vae::load(&out, &Device::Cpu).unwrap();
+    let images: Vec<image::RgbImage> = (0..16)
+        .map(|i| {
+            let p = data.join(format!("{i:06}.png"));
+            dalle::data::load_square(&p, 32).unwrap()
+        })
+        .collect();
+    let codes = vae.encode(&images).unwrap();
+    let distinct: std::collections::BTreeSet<u32> = codes.iter().flatten().copied().collect();
+    // Background alone would be a handful of codes (plain field, borders); objects add more.
+    assert!(
+        distinct.len() >= 12,
+        "k-means codes do not depend on content: {} distinct codes",
+        distinct.len()
+    );
+    // Frozen: the encoder weights equal those of a fresh k-means start with the same seed.
+    let again = tmp.path().join("again");
+    let mut req = request(&data, &again, 1, false, None);
+    let s = &mut req.options.schedule;
+    s.kmeans_init = true;
+    s.freeze_encoder = true;
+    s.straight_through = true;
+    req.options.lp.ema_decay = 0.0;
+    train_vae(req).unwrap();
+    let a = candle_core::safetensors::load(out.join("encoder.safetensors"), &Device::Cpu).unwrap();
+    let b =
+        candle_core::safetensors::load(again.join("encoder.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let d = common::max_abs_diff(
+            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(d == 0.0, "{name} moved by {d} with a frozen encoder");
+    }
+}

@@ -49,27 +49,6 @@ pub fn gumbel_softmax_scaled(
     softmax(&((logits + g)? / tau)?, dim)
 }
 
-/// `scale · c / ‖c‖` with `c = logits − mean` over `dim` at every position: no logit exceeds the
-/// mean by more than `scale`, so the softmax cannot saturate.
-pub fn standardise(logits: &Tensor, dim: usize, scale: f64) -> Result<Tensor> {
-    let centred = logits.broadcast_sub(&logits.mean_keepdim(dim)?)?;
-    let norm = (centred.sqr()?.sum_keepdim(dim)? + 1e-6)?.sqrt()?;
-    centred.broadcast_div(&norm)? * scale
-}
-
-/// ln K − H(p̄) with p̄ the mean of softmax(logits) over every position: 0 when the batch uses
-/// all K codes equally, ln K when it uses one.
-pub fn usage_deficit(logits: &Tensor, dim: usize) -> Result<Tensor> {
-    let k = logits.dim(dim)?;
-    let last = logits.rank() - 1;
-    let q = softmax(&logits.transpose(dim, last)?.contiguous()?, last)?;
-    let mean = q.reshape(((), k))?.mean(0)?;
-    let entropy = (mean.clamp(1e-12f32, 1f32)?.log()? * &mean)?
-        .sum_all()?
-        .neg()?;
-    entropy.affine(-1.0, (k as f64).ln())
-}
-
 /// Straight-through estimator over `dim`: the forward value is the one-hot argmax of `soft`, the
 /// gradient that of `soft`.
 pub fn straight_through(soft: &Tensor, dim: usize) -> Result<Tensor> {
@@ -116,12 +95,6 @@ pub struct VaeSchedule {
     /// hard tokens as inference. Off in the paper; older run files lack it and get off.
     #[serde(default)]
     pub straight_through: bool,
-    /// When above 0, each position's centred logits are scaled to this L2 norm over the codebook
-    /// before the relaxation: the relaxed distribution cannot saturate (its gradient never
-    /// vanishes) and the argmax, all that inference uses, is unchanged. Not in the paper (0);
-    /// older run files lack it and get 0.
-    #[serde(default)]
-    pub logit_scale: f64,
     /// Start the encoder's output conv as a nearest-centroid quantiser: k-means on the initial
     /// encoder's features of a few hundred training images (as VQ codebooks are often started),
     /// so the codes depend on content from the first step. Not in the paper; older run files lack
@@ -133,11 +106,6 @@ pub struct VaeSchedule {
     /// and get false.
     #[serde(default)]
     pub freeze_encoder: bool,
-    /// Weight of the codebook-usage term: ln K − H(mean q) over the batch's positions (the
-    /// diversity loss of Baevski et al. 2020), which keeps the encoder from sending every
-    /// position to one code. Not in the paper (0); older run files lack it and get 0.
-    #[serde(default)]
-    pub diversity: f64,
     /// Reconstruction term: the paper's logit-Laplace, or a Gaussian (squared error) on the
     /// mapped pixels for experiments. Older run files lack it and get logit-Laplace.
     #[serde(default)]
@@ -190,8 +158,6 @@ impl VaeSchedule {
             lr_steps: steps.max(1),
             gumbel_scale: 1.0,
             straight_through: false,
-            diversity: 0.0,
-            logit_scale: 0.0,
             kmeans_init: false,
             freeze_encoder: false,
             likelihood: Likelihood::LogitLaplace,

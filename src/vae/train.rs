@@ -2,8 +2,8 @@
 
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
-    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, standardise,
-    straight_through, usage_deficit, Likelihood, VaeSchedule,
+    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, straight_through,
+    Likelihood, VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
@@ -95,11 +95,6 @@ impl Stage for VaeStage {
         if self.opts.schedule.freeze_encoder {
             logits = logits.detach();
         }
-        if self.opts.schedule.logit_scale > 0.0 {
-            // Standardise with the codebook axis last, where candle reduces fast.
-            let last = logits.transpose(1, 3)?.contiguous()?;
-            logits = standardise(&last, 3, self.opts.schedule.logit_scale)?.transpose(1, 3)?;
-        }
         let mut rng = Rng::stream(self.opts.lp.seed, "gumbel", step as u64);
         let mut z =
             gumbel_softmax_scaled(&logits, tau, 1, self.opts.schedule.gumbel_scale, &mut rng)?;
@@ -117,30 +112,20 @@ impl Stage for VaeStage {
         let kl = kl_to_uniform(&logits, 1)?;
         // The ELB per image dimension: recon summed over pixels plus β·KL summed over latents.
         let dims = x.elem_count() as f64;
-        let mut loss = ((&nll + (&kl * beta)?)? / dims)?;
+        let loss = ((&nll + (&kl * beta)?)? / dims)?;
         let latents = (logits.elem_count() / self.config.vae.vocab_size) as f64;
-        let mut metrics = vec![];
-        if self.opts.schedule.diversity > 0.0 {
-            let deficit = usage_deficit(&logits, 1)?;
-            metrics.push(("usage_deficit", scalar(&deficit)?));
-            let w = self.opts.schedule.diversity * latents / dims;
-            loss = loss.add(&deficit.affine(w, 0.0)?)?;
-        }
         let mse = (Decoder::to_image(&stats.detach())? - &x)?
             .sqr()?
             .mean_all()?
             .to_scalar::<f32>()? as f64;
-        metrics.splice(
-            0..0,
-            [
-                ("loss", scalar(&loss)?),
-                ("recon", scalar(&nll)? / dims),
-                ("kl", scalar(&kl)? / latents),
-                ("psnr", 10.0 * (1.0 / mse.max(1e-10)).log10()),
-                ("tau", tau),
-                ("beta", beta),
-            ],
-        );
+        let metrics = vec![
+            ("loss", scalar(&loss)?),
+            ("recon", scalar(&nll)? / dims),
+            ("kl", scalar(&kl)? / latents),
+            ("psnr", 10.0 * (1.0 / mse.max(1e-10)).log10()),
+            ("tau", tau),
+            ("beta", beta),
+        ];
         Ok((loss, metrics))
     }
 
