@@ -50,11 +50,11 @@ $DALLE train $(fresh "$WORK/transformer") --data "$WORK/shapes-train" --vae "$WO
   --checkpoint-every 1000 --sample-every 1000 --log-every 50
 
 stamp "export to $OUT"
-$DALLE export --transformer "$WORK/transformer" --out "$OUT" --force --guidance-scale 3
+$DALLE export --transformer "$WORK/transformer" --out "$OUT" --force --guidance-scale 1 --top-k 8
 
 stamp "eval: $EVAL_SAMPLES scenes per split"
-$DALLE eval --model "$OUT" --samples "$EVAL_SAMPLES" --guidance 1,3 --json > "$WORK/eval.json"
-$DALLE eval --model "$OUT" --samples "$EVAL_SAMPLES" --guidance 1,3 --grid "$OUT/grid.png" | tee "$OUT/eval.txt"
+$DALLE eval --model "$OUT" --samples "$EVAL_SAMPLES" --guidance 1,3 --top-k 8 --json > "$WORK/eval.json"
+$DALLE eval --model "$OUT" --samples "$EVAL_SAMPLES" --guidance 1,3 --top-k 8 --grid "$OUT/grid.png" | tee "$OUT/eval.txt"
 
 cp "$WORK/vae/loss.png" "$OUT/curves-dvae.png"
 cp "$WORK/transformer/loss.png" "$OUT/curves-transformer.png"
@@ -72,7 +72,7 @@ The bundled model: preset \`tiny\` (64 px images, 8×8 tokens, 512 codes; transf
 
 Made by \`scripts/recipe-shapes-tiny.sh\` (seed $SEED, $TRAIN_IMAGES training scenes,
 dVAE $VAE_STEPS steps, transformer $TF_STEPS steps) at commit $commit$dirty on $(nproc) CPU cores
-($(date -u +%Y-%m-%d)). Default sampling recorded in the manifest: guidance scale 3.
+($(date -u +%Y-%m-%d)). Default sampling recorded in the manifest: top-k 8, no guidance.
 
 ## Timeline
 
@@ -85,12 +85,12 @@ $(cat "$WORK/timeline.md")
 $(cat "$WORK/vae-psnr.txt") (held-out renders: encode → argmax tokens → decode).
 Curves: \`curves-dvae.png\`, \`curves-transformer.png\`.
 
-## Eval (\`dalle eval --samples $EVAL_SAMPLES --guidance 1,3\`, tract)
+## Eval (\`dalle eval --samples $EVAL_SAMPLES --guidance 1,3 --top-k 8\`, tract)
 
 \`\`\`
 $(cat "$OUT/eval.txt")
 \`\`\`
 
-\`grid.png\`: first row seen captions, second row held-out captions (framed in red), guidance 3;
+\`grid.png\`: first row seen captions, second row held-out captions (framed in red), no guidance, top-k 8;
 the captions are listed under the table above.
 EOF

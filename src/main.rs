@@ -89,7 +89,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Write a grid of the first generated images (seen row, held-out row framed in red) at
-        /// the largest guidance scale.
+        /// the first guidance scale.
         #[arg(long)]
         grid: Option<PathBuf>,
         #[command(flatten)]
@@ -979,10 +979,10 @@ fn run(cli: Cli) -> Result<()> {
                 dalle::eval::ground_truth(samples, gen.manifest().geometry.image_size as u32);
             let scores =
                 dalle::eval::shapes(&gen, samples, &guidance, top_k, &mut |l| eprintln!("{l}"))?;
-            let psnr = dalle::eval::dvae_psnr(&gen, samples)?;
+            let (psnr, round_trip) = dalle::eval::dvae_round_trip(&gen, samples)?;
             let mut examples = vec![];
             if let Some(path) = &grid {
-                let top = guidance.iter().copied().fold(f32::MIN, f32::max);
+                let top = guidance[0];
                 let rows: Vec<&dalle::eval::Score> =
                     scores.iter().filter(|s| s.guidance_scale == top).collect();
                 dalle::plot::save_png(&dalle::eval::example_grid(&rows), path)?;
@@ -997,7 +997,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             if json {
-                let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth, "dvae_psnr_heldout_db": psnr, "grid_examples": examples });
+                let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth, "judge_on_dvae_round_trip": round_trip, "dvae_psnr_heldout_db": psnr, "grid_examples": examples });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let attrs = ["colour", "shape", "size", "position", "count", "relation"];
@@ -1019,11 +1019,15 @@ fn run(cli: Cli) -> Result<()> {
                 for s in &scores {
                     row(s, format!("{}", s.guidance_scale));
                 }
+                for s in &round_trip {
+                    row(s, "dvae".into());
+                }
                 for s in &truth {
                     row(s, "truth".into());
                 }
                 println!(
-                    "({samples} scenes per split; `truth` = the judge on the ground-truth renders)"
+                    "({samples} scenes per split; `dvae` = the judge on the renders after the dVAE \
+                     round trip, `truth` = on the renders themselves)"
                 );
                 println!("dVAE round trip on {samples} held-out renders: PSNR {psnr:.2} dB");
                 for (i, e) in examples.iter().enumerate() {

@@ -12,14 +12,31 @@ fn bundled() -> PathBuf {
 /// Samples per split: small enough for a debug build, large enough that chance cannot pass.
 const SAMPLES: usize = 16;
 
-/// Chance levels: one of 8 colours; fully correct needs colour, shape (1 of 6), size (1 of 2),
-/// position or relation and count at once, far below 1%.
+/// Chance levels: one of 8 colours; one of 9 cells (or of the cells a relation allows).
 const CHANCE_COLOUR: f64 = 1.0 / 8.0;
+const CHANCE_POSITION: f64 = 1.0 / 9.0;
 
-/// What the bundled model must reach on `SAMPLES` scenes at guidance 3: well above chance, well
-/// below its measured accuracy (models/shapes-tiny/README.md), so sampling noise does not fail CI.
-const MIN_COLOUR: f64 = 3.0 * CHANCE_COLOUR;
-const MIN_FULLY_CORRECT_SEEN: f64 = 0.15;
+/// What the bundled model must reach on `SAMPLES` scenes per split without guidance: well above
+/// chance and well below its measured accuracy (80–90% colour, 92–97% position over 100 scenes,
+/// models/shapes-tiny/README.md), so that sampling noise does not fail CI but a broken model or
+/// exporter does. Shape accuracy is at chance (stage 1 blurs shapes), so it is not asserted.
+const MIN_COLOUR: f64 = 0.5;
+const MIN_POSITION: f64 = 0.5;
+
+/// Run `dalle` with the bundled model as default; fail with its stderr unless it succeeds.
+fn dalle_ok(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
+        .args(args)
+        .env_remove("DALLE_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dalle {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
 
 #[test]
 fn bundled_manifest_matches_its_files() {
@@ -31,61 +48,51 @@ fn bundled_manifest_matches_its_files() {
 
 #[test]
 fn eval_on_the_bundled_model_is_well_above_chance() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
-        .args([
-            "eval",
-            "--samples",
-            &SAMPLES.to_string(),
-            "--guidance",
-            "3",
-            "--json",
-        ])
-        .env_remove("DALLE_MODEL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dalle_ok(&[
+        "eval",
+        "--samples",
+        &SAMPLES.to_string(),
+        "--guidance",
+        "1",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scores = v["scores"].as_array().unwrap();
     assert_eq!(scores.len(), 2, "one score per split");
     for s in scores {
         let split = s["split"].as_str().unwrap();
-        let (ok, n) = (
-            s["attributes"]["colour"][0].as_f64().unwrap(),
-            s["attributes"]["colour"][1].as_f64().unwrap(),
-        );
-        assert!(
-            ok / n >= MIN_COLOUR,
-            "{split}: colour accuracy {ok}/{n} is not above {MIN_COLOUR} (chance {CHANCE_COLOUR})"
-        );
-        if split == "seen" {
-            let full = s["fully_correct"].as_f64().unwrap() / s["samples"].as_f64().unwrap();
+        for (attr, min, chance) in [
+            ("colour", MIN_COLOUR, CHANCE_COLOUR),
+            ("position", MIN_POSITION, CHANCE_POSITION),
+        ] {
+            let (ok, n) = (
+                s["attributes"][attr][0].as_f64().unwrap(),
+                s["attributes"][attr][1].as_f64().unwrap(),
+            );
             assert!(
-                full >= MIN_FULLY_CORRECT_SEEN,
-                "seen: fully correct {full} is below {MIN_FULLY_CORRECT_SEEN}"
+                n > 0.0 && ok / n >= min,
+                "{split}: {attr} accuracy {ok}/{n} is below {min} (chance {chance:.3})"
             );
         }
     }
+    let psnr = v["dvae_psnr_heldout_db"].as_f64().unwrap();
+    assert!(
+        psnr > 28.0,
+        "dVAE round trip PSNR {psnr:.2} dB (measured 31.1)"
+    );
 }
 
 #[test]
 fn generate_without_a_model_uses_the_bundled_one() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("out.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
-        .args(["generate", "a red circle above a blue square", "--out"])
-        .arg(&png)
-        .env_remove("DALLE_MODEL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let png_arg = png.to_str().unwrap();
+    let out = dalle_ok(&[
+        "generate",
+        "a red circle above a blue square",
+        "--out",
+        png_arg,
+    ]);
     let img = image::open(&png).unwrap().to_rgb8();
     // Four 64-px images in a 2×2 grid with 2-px gaps.
     assert_eq!(img.dimensions(), (2 * 66 + 2, 2 * 66 + 2));

@@ -126,31 +126,55 @@ pub fn ground_truth(samples: usize, size: u32) -> Vec<Score> {
         .collect()
 }
 
-/// Mean PSNR (dB) of the model's dVAE round trip (encode → argmax tokens → decode) over the
-/// ground-truth renders of `samples` held-out scenes.
-pub fn dvae_psnr(gen: &Generator, samples: usize) -> Result<f64, RuntimeError> {
+/// The model's dVAE round trip (encode → argmax tokens → decode) on the ground-truth renders of
+/// both splits: the mean PSNR (dB) over the held-out renders, and the judge's scores of the
+/// decoded images, the ceiling stage 1 puts on [`shapes`].
+pub fn dvae_round_trip(gen: &Generator, samples: usize) -> Result<(f64, Vec<Score>), RuntimeError> {
     let size = gen.manifest().geometry.image_size;
     let plane = size * size;
     let mut total = 0.0;
-    for i in 0..samples {
-        let s = generate_one(EVAL_SEED, Split::Heldout, i as u64, size as u32);
-        let mut pixels = vec![0f32; 3 * plane];
-        for (p, px) in s.image.pixels().enumerate() {
-            for c in 0..3 {
-                pixels[c * plane + p] = px[c] as f32 / 255.0;
+    let mut scores = vec![];
+    for split in [Split::Train, Split::Heldout] {
+        let mut score = Score {
+            split: split_name(split).into(),
+            guidance_scale: f32::NAN,
+            ..Default::default()
+        };
+        for i in 0..samples {
+            let s = generate_one(EVAL_SEED, split, i as u64, size as u32);
+            let mut pixels = vec![0f32; 3 * plane];
+            for (p, px) in s.image.pixels().enumerate() {
+                for c in 0..3 {
+                    pixels[c * plane + p] = px[c] as f32 / 255.0;
+                }
             }
+            let codes = gen.session().encode(&pixels, 1)?;
+            let back = gen.session().decode(&codes, 1)?;
+            if split == Split::Heldout {
+                let mse = pixels
+                    .iter()
+                    .zip(&back)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    / pixels.len() as f64;
+                total += 10.0 * (1.0 / mse.max(1e-10)).log10();
+            }
+            let img = &dalle_runtimes::generator::to_images(&back, 1, size)[0];
+            let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+                .expect("3 bytes a pixel");
+            score.add(&judge::judge(&s.scene, &judge::detect(&img)));
         }
-        let codes = gen.session().encode(&pixels, 1)?;
-        let back = gen.session().decode(&codes, 1)?;
-        let mse = pixels
-            .iter()
-            .zip(&back)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            / pixels.len() as f64;
-        total += 10.0 * (1.0 / mse.max(1e-10)).log10();
+        scores.push(score);
     }
-    Ok(total / samples.max(1) as f64)
+    Ok((total / samples.max(1) as f64, scores))
+}
+
+fn split_name(split: Split) -> &'static str {
+    if split == Split::Train {
+        "seen"
+    } else {
+        "held-out"
+    }
 }
 
 /// One row per score of its examples; rows of held-out scenes framed in red.
