@@ -103,7 +103,7 @@ pub fn open_session(
         }
         #[allow(unreachable_patterns)]
         k => {
-            let _ = opts;
+            let _ = (opts, &manifest);
             Err(RuntimeError::NotBuilt {
                 runtime: k.name(),
                 feature: if k == RuntimeKind::Tract {
