@@ -969,6 +969,12 @@ fn run(cli: Cli) -> Result<()> {
             if samples == 0 {
                 bail!("--samples must be at least 1");
             }
+            if let Some(dir) = grid.as_deref().and_then(std::path::Path::parent) {
+                // Fail before the evaluation, not after it.
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    bail!("--grid: directory {} does not exist", dir.display());
+                }
+            }
             let kind = dalle_runtimes::RuntimeKind::parse(&runtime)?;
             let model = match model {
                 Some(m) => m,
