@@ -45,18 +45,7 @@ enum Command {
         json: bool,
     },
     /// Measure candle decode speed with and without the KV cache (random weights).
-    Bench {
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        /// Comma-separated batch sizes.
-        #[arg(long, default_value = "1,16", value_delimiter = ',')]
-        batch: Vec<usize>,
-        /// Image positions timed without the cache (the last ones of the image).
-        #[arg(long, default_value_t = 8)]
-        uncached_steps: usize,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Make or inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -271,6 +260,71 @@ enum VaeCommand {
 }
 
 /// The paper's dataset filters.
+/// `dalle bench`: every runtime's decode speed against the machine's roofline, the KV cache's
+/// gain, training steps, and optionally the PyTorch peer, measured side by side in one run.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// A model directory to measure; default: `--preset` with random weights, exported on the fly.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Comma-separated runtimes (candle, tract, ort; cuda and trt where a GPU is present).
+    #[arg(long, value_delimiter = ',', default_value = "candle,tract")]
+    runtimes: Vec<String>,
+    /// Comma-separated batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// Image positions timed without the KV cache (evenly spaced; the rest interpolated).
+    #[arg(long, default_value_t = 3)]
+    recompute_positions: usize,
+    /// Batch of the training-step timings of both stages; 0 skips them.
+    #[arg(long, default_value_t = 8)]
+    train_batch: usize,
+    /// Timed training steps per stage (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    train_reps: usize,
+    /// Also run a peer implementation in the same invocation: `pytorch` (bench/pytorch_peer.py).
+    #[arg(long, value_parser = ["pytorch"])]
+    peer: Option<String>,
+    /// Python of the peer; default $DALLE_PEER_PYTHON, else target/peer (bench/install-peer.sh).
+    #[arg(long)]
+    peer_python: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    providers: ProviderArgs,
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let runtimes = a
+        .runtimes
+        .iter()
+        .map(|r| dalle_runtimes::RuntimeKind::parse(r))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let opts = dalle::bench::BenchOptions {
+        model: a.model,
+        preset: a.preset,
+        runtimes,
+        batches: a.batch,
+        recompute_positions: a.recompute_positions,
+        train_batch: a.train_batch,
+        train_reps: a.train_reps,
+        peer_python: a
+            .peer
+            .is_some()
+            .then(|| dalle::bench::peer::python(a.peer_python.as_deref())),
+        open: a.providers.options(),
+    };
+    let report = dalle::bench::run(&opts, &mut |line| eprintln!("bench: {line}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", dalle::bench::table(&report));
+    }
+    Ok(())
+}
+
 #[derive(Args, Clone)]
 struct FilterArgs {
     /// Reject captions with fewer words.
@@ -927,31 +981,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", idx.report());
             }
         }
-        Command::Bench {
-            preset,
-            batch,
-            uncached_steps,
-            json,
-        } => {
-            if batch.contains(&0) {
-                bail!("--batch sizes must be at least 1");
-            }
-            let mut rows = vec![];
-            for b in batch {
-                let r = dalle::bench::decode_speed(&preset, b, uncached_steps)?;
-                if !json {
-                    println!(
-                        "{} batch {:>3}: prefill {:.3} s; decode {:.1} image tokens/s with the KV cache, {:.1} without (last {} positions); {:.1}×",
-                        r.preset, r.batch, r.prefill_s, r.cached_tokens_per_s, r.uncached_tokens_per_s, r.uncached_steps,
-                        r.cached_tokens_per_s / r.uncached_tokens_per_s
-                    );
-                }
-                rows.push(r);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            }
-        }
+        Command::Bench(a) => bench(a)?,
         Command::TrainVae(a) => train_vae(a)?,
         Command::Train(a) => train(a)?,
         Command::Generate(a) => generate(a)?,

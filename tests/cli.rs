@@ -54,23 +54,105 @@ fn info_prints_presets_and_rejects_unknown_ones() {
 }
 
 #[test]
-fn bench_measures_cached_and_uncached_decoding() {
+fn bench_reports_decode_roofline_cache_and_training_figures() {
     let json = ok(&[
         "bench",
         "--preset",
         "tiny",
+        "--runtimes",
+        "candle,tract",
         "--batch",
-        "1",
-        "--uncached-steps",
+        "1,2",
+        "--recompute-positions",
         "2",
+        "--train-batch",
+        "2",
+        "--train-reps",
+        "1",
         "--json",
     ]);
-    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let r = &rows[0];
-    assert_eq!(r["batch"], 1);
-    assert!(r["cached_tokens_per_s"].as_f64().unwrap() > 0.0);
-    assert!(r["uncached_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let pos = |v: &serde_json::Value, k: &str| {
+        let x = v[k].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "{k} = {x} in {v}");
+    };
+    for k in ["copy_gb_per_s", "matmul_gflop_per_s"] {
+        pos(&r["ceilings"], k);
+    }
+    let rows = r["decode"].as_array().unwrap();
+    let runs: Vec<(String, u64)> = rows
+        .iter()
+        .map(|d| {
+            (
+                d["runtime"].as_str().unwrap().to_string(),
+                d["batch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        [("candle", 1), ("candle", 2), ("tract", 1), ("tract", 2)].map(|(n, b)| (n.to_string(), b))
+    );
+    for d in rows {
+        for k in [
+            "prefill_s",
+            "first_step_s",
+            "middle_step_s",
+            "last_step_s",
+            "transformer_s",
+            "dvae_decode_s",
+            "whole_image_s",
+            "image_tokens_per_s",
+            "no_cache_transformer_s",
+            "kv_cache_speedup",
+            "decode_floor_s",
+            "decode_floor_fraction",
+            "middle_floor_fraction",
+            "peak_rss_mb",
+        ] {
+            pos(d, k);
+        }
+        // tiny: 32 caption + 64 image positions; 2 timed without the cache, first and last.
+        assert_eq!(d["recompute_positions"], serde_json::json!([32, 95]));
+    }
+    for k in ["transformer_step_s", "dvae_step_s"] {
+        pos(&r["train"], k);
+    }
+    assert!(r["peer"].is_null());
+
+    // A model directory, as a table.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
+    let table = ok(&[
+        "bench",
+        "--model",
+        p(&model),
+        "--runtimes",
+        "tract",
+        "--batch",
+        "1",
+        "--recompute-positions",
+        "2",
+        "--train-batch",
+        "0",
+    ]);
+    assert!(
+        table.contains("memory copy") && table.contains("GFLOP/s"),
+        "{table}"
+    );
+    assert!(table.contains("| tract | 1 |"), "{table}");
+
     fails(&["bench", "--batch", "0"], "at least 1");
+    fails(&["bench", "--runtimes", "nope"], "unknown runtime `nope`");
+    fails(
+        &[
+            "bench",
+            "--peer",
+            "pytorch",
+            "--peer-python",
+            "/nonexistent/python",
+        ],
+        "bench/install-peer.sh",
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use crate::session::{check_decode, check_encode, check_forward, KvCache, RuntimeError, Session};
 use crate::{names, Manifest};
 use ort::session::{Session as OrtSession, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{Tensor, TensorRef};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -273,9 +273,10 @@ impl Session for OrtRuntimeSession {
                 .map_err(&e)?
                 .into(),
         )];
+        // The past is borrowed, not copied: ONNX Runtime reads it in place.
         for (i, (k, v)) in cache.layers.iter().enumerate() {
-            let kt = Tensor::from_array((dims.clone(), k.clone())).map_err(&e)?;
-            let vt = Tensor::from_array((dims.clone(), v.clone())).map_err(&e)?;
+            let kt = TensorRef::from_array_view((dims.clone(), &k[..])).map_err(&e)?;
+            let vt = TensorRef::from_array_view((dims.clone(), &v[..])).map_err(&e)?;
             inputs.push((names::past_key(i), kt.into()));
             inputs.push((names::past_value(i), vt.into()));
         }

@@ -1,0 +1,159 @@
+//! The machine's ceilings, measured in the same run as the benchmark (a large memory copy and a
+//! large f32 matmul), the roofline floor of one decode step, and per-phase peak memory.
+
+use crate::Result;
+use dalle_runtimes::{allowed, Dtype, Manifest};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What this machine can do at most, measured now.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceilings {
+    /// Bytes read plus bytes written per second by a multi-threaded copy of `copy_bytes`.
+    pub copy_gb_per_s: f64,
+    pub copy_bytes: usize,
+    /// f32 matmul rate of candle's CPU kernel on an `matmul_n`³ product.
+    pub matmul_gflop_per_s: f64,
+    pub matmul_n: usize,
+    pub threads: usize,
+}
+
+/// Threads the runtimes use: one per core the process may run on.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Best of `reps` timings of `f`, seconds.
+pub fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Copy bandwidth (read + write) of `bytes` split over `threads` threads, best of 5.
+fn copy_bandwidth(bytes: usize, threads: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0f32; n];
+    let chunk = n.div_ceil(threads);
+    // The first pass faults the destination pages in; it is not timed.
+    let mut copy = || -> Result<()> {
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                s.spawn(move || d.copy_from_slice(c));
+            }
+        });
+        Ok(())
+    };
+    copy()?;
+    let secs = best_of(5, copy)?;
+    std::hint::black_box(&dst);
+    Ok(2.0 * (n * 4) as f64 / secs / 1e9)
+}
+
+/// f32 matmul rate of an n×n by n×n product, best of 3.
+fn matmul_rate(n: usize) -> Result<f64> {
+    use candle_core::{Device, Tensor};
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let secs = best_of(3, || {
+        std::hint::black_box(a.matmul(&b)?);
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / secs / 1e9)
+}
+
+impl Ceilings {
+    pub fn measure() -> Result<Self> {
+        let (copy_bytes, matmul_n, threads) = (512 << 20, 2048, threads());
+        Ok(Ceilings {
+            copy_gb_per_s: copy_bandwidth(copy_bytes, threads)?,
+            copy_bytes,
+            matmul_gflop_per_s: matmul_rate(matmul_n)?,
+            matmul_n,
+            threads,
+        })
+    }
+}
+
+/// Bytes and FLOPs one decode step must at least move and compute.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StepCost {
+    pub bytes: f64,
+    pub flops: f64,
+}
+
+impl StepCost {
+    /// Seconds at the machine's ceilings: whichever of memory and arithmetic takes longer.
+    pub fn floor_s(&self, c: &Ceilings) -> f64 {
+        (self.bytes / (c.copy_gb_per_s * 1e9)).max(self.flops / (c.matmul_gflop_per_s * 1e9))
+    }
+}
+
+/// The least work of decoding one token at sequence position `pos` for `batch` rows: every
+/// weight matrix read once (the token embedding only for the rows used), the keys and values the
+/// layer's mask allows read once (f32, as every runtime keeps the cache), and two FLOPs per
+/// multiply-add of the matmuls and of attention over the allowed keys.
+pub fn decode_step_cost(m: &Manifest, batch: usize, pos: usize) -> StepCost {
+    let t = &m.transformer;
+    let (d, vocab) = (t.d_model as f64, m.layout.vocab_size as f64);
+    let w_bytes = match m.dtype {
+        Dtype::F32 => 4.0,
+        Dtype::F16 => 2.0,
+    };
+    let b = batch as f64;
+    // qkv, proj, fc, mlp proj; the head; layer norms and biases are noise at this size.
+    let layer_params = 12.0 * d * d;
+    let matmul_params = t.n_layers as f64 * layer_params + d * vocab;
+    let keys: f64 = m
+        .layers
+        .iter()
+        .map(|&kind| {
+            (0..=pos)
+                .filter(|&k| allowed(m.geometry.text_len, m.geometry.grid, kind, pos, k))
+                .count() as f64
+        })
+        .sum();
+    StepCost {
+        bytes: matmul_params * w_bytes + b * d * w_bytes + 2.0 * b * keys * d * 4.0,
+        flops: 2.0 * b * matmul_params + 4.0 * b * keys * d,
+    }
+}
+
+/// Reset the peak-RSS mark of this process (Linux `clear_refs` 5), so that the next
+/// [`crate::util::peak_rss_bytes`] reads the peak of what follows. Returns false where the
+/// platform cannot, in which case the reading is the peak since start.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_cost_reads_only_the_allowed_keys() {
+        let cfg = crate::config::Config::preset("tiny").unwrap();
+        let m = crate::runtime::manifest_of(&cfg);
+        let (t, g) = (cfg.geometry.text_len, cfg.geometry.grid);
+        let first = decode_step_cost(&m, 1, t);
+        let last = decode_step_cost(&m, 1, t + g * g - 1);
+        // A dense cache would read ~3× more keys at the last position than at the first; the
+        // masks keep the growth to the column layers' extra rows and the conv window.
+        assert!(last.bytes > first.bytes);
+        let d = cfg.transformer.d_model as f64;
+        let per_key = 2.0 * d * 4.0;
+        let extra_keys = (last.bytes - first.bytes) / per_key;
+        let dense_extra = (m.layers.len() * (g * g - 1)) as f64;
+        assert!(
+            extra_keys < dense_extra / 2.0,
+            "{extra_keys} vs {dense_extra}"
+        );
+        assert_eq!(decode_step_cost(&m, 4, t).flops, 4.0 * first.flops);
+    }
+}

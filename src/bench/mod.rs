@@ -1,0 +1,468 @@
+//! `dalle bench`: decoding speed of every runtime on one model directory (a trained one, or a
+//! preset with random weights exported on the fly), set against the machine's ceilings measured
+//! in the same run (the roofline floor of each decode step), the same decode without the KV
+//! cache, training steps of both stages, and optionally a PyTorch peer (`dalle-pytorch`).
+//!
+//! Every figure is measured in one process, side by side; nothing here asserts a time.
+
+pub mod machine;
+pub mod model;
+pub mod peer;
+pub mod train;
+
+use crate::Result;
+use dalle_runtimes::{KvCache, Manifest, Session};
+use machine::{decode_step_cost, Ceilings};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Steps around the first, middle and last image position whose median is reported: single
+/// steps of a few milliseconds are noisy on a shared machine.
+const WINDOW: usize = 5;
+
+/// One runtime at one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub runtime: String,
+    pub batch: usize,
+    /// Caption prefill (past 0 → text_len), seconds.
+    pub prefill_s: f64,
+    /// Median step time around the first, middle and last image position, seconds.
+    pub first_step_s: f64,
+    pub middle_step_s: f64,
+    pub last_step_s: f64,
+    /// Prefill + every image step with the KV cache (no sampling), seconds.
+    pub transformer_s: f64,
+    /// The dVAE decoder on the whole batch, seconds.
+    pub dvae_decode_s: f64,
+    /// transformer_s + dvae_decode_s.
+    pub whole_image_s: f64,
+    /// batch × image tokens ÷ transformer_s.
+    pub image_tokens_per_s: f64,
+    /// Without the cache (every step recomputes its whole prefix): step times measured at the
+    /// `recompute_positions` image positions and interpolated linearly over the image.
+    pub no_cache_transformer_s: f64,
+    pub recompute_positions: Vec<usize>,
+    /// no_cache_transformer_s ÷ transformer_s.
+    pub kv_cache_speedup: f64,
+    /// Σ over the image of the roofline floor of each step, seconds, and that ÷ the measured
+    /// Σ of steps (1 = at the machine's limit).
+    pub decode_floor_s: f64,
+    pub decode_floor_fraction: f64,
+    /// Floor of the middle step and that ÷ its measured time.
+    pub middle_floor_s: f64,
+    pub middle_floor_fraction: f64,
+    /// Peak resident memory from opening the session to the end of its measurements.
+    pub peak_rss_mb: Option<f64>,
+}
+
+fn probe_ids(m: &Manifest, batch: usize) -> Vec<i64> {
+    let (l, s) = (m.token_layout(), m.max_seq());
+    (0..batch * s)
+        .map(|i| {
+            let (row, p) = (i / s, i % s);
+            if p < l.text_len {
+                ((p * 31 + row * 7) % l.text_vocab) as i64
+            } else {
+                l.image(((p * 17 + row * 5) % l.codebook) as u32) as i64
+            }
+        })
+        .collect()
+}
+
+/// Columns `from..to` of every row of a `[batch, s]` id matrix.
+fn columns(ids: &[i64], s: usize, from: usize, to: usize) -> Vec<i64> {
+    ids.chunks(s).flat_map(|r| &r[from..to]).copied().collect()
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn window(steps: &[f64], centre: usize) -> f64 {
+    let lo = centre
+        .saturating_sub(WINDOW / 2)
+        .min(steps.len() - WINDOW.min(steps.len()));
+    median(&steps[lo..(lo + WINDOW).min(steps.len())])
+}
+
+/// Linear interpolation of `(x, y)` samples (sorted by x) at `x`.
+fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
+    match points {
+        [] => 0.0,
+        [(_, y)] => *y,
+        _ => {
+            let i = points
+                .windows(2)
+                .position(|w| x <= w[1].0)
+                .unwrap_or(points.len() - 2);
+            let ((x0, y0), (x1, y1)) = (points[i], points[i + 1]);
+            y0 + (y1 - y0) * (x as f64 - x0 as f64) / (x1 as f64 - x0 as f64)
+        }
+    }
+}
+
+/// Measure one session at one batch size.
+pub fn measure(
+    session: &dyn Session,
+    batch: usize,
+    recompute: usize,
+    ceilings: &Ceilings,
+) -> Result<DecodeRow> {
+    let m = session.manifest();
+    let (t, s) = (m.geometry.text_len, m.max_seq());
+    let n = s - t;
+    let ids = probe_ids(m, batch);
+    let text = columns(&ids, s, 0, t);
+
+    // Warm-up: plans, allocations and caches of the first calls are not what a user waits for
+    // image after image.
+    let mut cache = KvCache::new(m, batch);
+    session.forward(&text, batch, &mut cache)?;
+    session.forward(&columns(&ids, s, t, t + 1), batch, &mut cache)?;
+
+    let mut cache = KvCache::new(m, batch);
+    let start = Instant::now();
+    session.forward(&text, batch, &mut cache)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let mut steps = Vec::with_capacity(n);
+    for p in t..s {
+        let step = columns(&ids, s, p, p + 1);
+        let start = Instant::now();
+        session.forward(&step, batch, &mut cache)?;
+        steps.push(start.elapsed().as_secs_f64());
+    }
+    let transformer_s = prefill_s + steps.iter().sum::<f64>();
+
+    let codes: Vec<i64> = ids
+        .chunks(s)
+        .flat_map(|r| &r[t..])
+        .map(|&id| id - m.token_layout().image_offset() as i64)
+        .collect();
+    let start = Instant::now();
+    session.decode(&codes, batch)?;
+    let dvae_decode_s = start.elapsed().as_secs_f64();
+
+    // Without the cache: step p recomputes positions 0..=p from scratch.
+    let k = recompute.clamp(2, n);
+    let positions: Vec<usize> = (0..k).map(|i| t + i * (n - 1) / (k - 1)).collect();
+    let mut points = Vec::with_capacity(k);
+    for &p in &positions {
+        let mut fresh = KvCache::new(m, batch);
+        let prefix = columns(&ids, s, 0, p + 1);
+        let start = Instant::now();
+        session.forward(&prefix, batch, &mut fresh)?;
+        points.push((p, start.elapsed().as_secs_f64()));
+    }
+    let no_cache_transformer_s = prefill_s + (t..s).map(|p| interpolate(&points, p)).sum::<f64>();
+
+    let floors: Vec<f64> = (t..s)
+        .map(|p| decode_step_cost(m, batch, p).floor_s(ceilings))
+        .collect();
+    let decode_floor_s: f64 = floors.iter().sum();
+    let middle_step_s = window(&steps, n / 2);
+    let middle_floor_s = floors[n / 2];
+    Ok(DecodeRow {
+        runtime: session.name().to_string(),
+        batch,
+        prefill_s,
+        first_step_s: window(&steps, 0),
+        middle_step_s,
+        last_step_s: window(&steps, n - 1),
+        transformer_s,
+        dvae_decode_s,
+        whole_image_s: transformer_s + dvae_decode_s,
+        image_tokens_per_s: (batch * n) as f64 / transformer_s,
+        no_cache_transformer_s,
+        recompute_positions: positions,
+        kv_cache_speedup: no_cache_transformer_s / transformer_s,
+        decode_floor_s,
+        decode_floor_fraction: decode_floor_s / (transformer_s - prefill_s),
+        middle_floor_s,
+        middle_floor_fraction: middle_floor_s / middle_step_s,
+        peak_rss_mb: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_is_linear_between_samples_and_exact_at_them() {
+        let pts = [(10, 1.0), (20, 3.0), (30, 4.0)];
+        assert_eq!(interpolate(&pts, 10), 1.0);
+        assert_eq!(interpolate(&pts, 15), 2.0);
+        assert_eq!(interpolate(&pts, 25), 3.5);
+        assert_eq!(interpolate(&pts, 30), 4.0);
+    }
+
+    #[test]
+    fn window_median_stays_inside_the_steps() {
+        let steps = [5.0, 1.0, 2.0, 3.0, 4.0, 100.0, 6.0];
+        assert_eq!(window(&steps, 0), 3.0);
+        assert_eq!(window(&steps, 6), 4.0);
+        assert_eq!(window(&steps[..2], 1), 5.0);
+    }
+}
+
+/// What `dalle bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// A model directory; otherwise `preset` with random weights.
+    pub model: Option<std::path::PathBuf>,
+    pub preset: String,
+    pub runtimes: Vec<dalle_runtimes::RuntimeKind>,
+    pub batches: Vec<usize>,
+    /// Image positions timed without the KV cache (at least 2: the first and the last).
+    pub recompute_positions: usize,
+    /// Batch of the training-step timings; 0 skips them.
+    pub train_batch: usize,
+    pub train_reps: usize,
+    /// Python of the PyTorch peer; `None` runs no peer.
+    pub peer_python: Option<std::path::PathBuf>,
+    pub open: dalle_runtimes::OpenOptions,
+}
+
+/// Our figure set against the peer's.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub what: String,
+    pub ours: f64,
+    pub peer: f64,
+    /// How many times faster we are (> 1: faster).
+    pub speedup: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub preset: String,
+    pub transformer_params: usize,
+    pub text_len: usize,
+    pub image_tokens: usize,
+    pub ceilings: Ceilings,
+    pub decode: Vec<DecodeRow>,
+    pub train: Option<train::TrainSteps>,
+    pub peer: Option<peer::PeerReport>,
+    pub versus_peer: Vec<Comparison>,
+}
+
+/// Run the whole benchmark; progress goes to `progress`, one line per phase.
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    if opts.batches.is_empty() || opts.batches.contains(&0) {
+        return Err(crate::Error::Usage(
+            "--batch sizes must be at least 1".into(),
+        ));
+    }
+    if opts.runtimes.is_empty() {
+        return Err(crate::Error::Usage("--runtimes names no runtime".into()));
+    }
+    if let Some(py) = &opts.peer_python {
+        peer::check(py)?;
+    }
+    progress("measuring the machine's ceilings (memory copy, f32 matmul)");
+    let ceilings = Ceilings::measure()?;
+    let model = match &opts.model {
+        Some(dir) => model::BenchModel::existing(dir),
+        None => {
+            progress(&format!(
+                "exporting a random-weight `{}` model",
+                opts.preset
+            ));
+            model::BenchModel::random(&opts.preset, 0)?
+        }
+    };
+    let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;
+    let cfg = crate::runtime::config_of(&manifest);
+    let mut decode = vec![];
+    for &kind in &opts.runtimes {
+        progress(&format!("opening {}", kind.name()));
+        let session =
+            crate::runtime::open_session(&model.dir, kind, &opts.open, &candle_core::Device::Cpu)?;
+        for &batch in &opts.batches {
+            progress(&format!(
+                "{} batch {batch}: decoding one image, then recomputing",
+                kind.name()
+            ));
+            let reset = machine::reset_peak_rss();
+            let mut row = measure(session.as_ref(), batch, opts.recompute_positions, &ceilings)?;
+            row.peak_rss_mb = reset
+                .then(crate::util::peak_rss_bytes)
+                .flatten()
+                .map(|b| b as f64 / (1 << 20) as f64);
+            decode.push(row);
+        }
+    }
+    let train = if opts.train_batch > 0 {
+        progress(&format!(
+            "training steps of both stages at batch {}",
+            opts.train_batch
+        ));
+        Some(train::train_steps(&cfg, opts.train_batch, opts.train_reps)?)
+    } else {
+        None
+    };
+    let peer = match &opts.peer_python {
+        Some(py) => {
+            progress(&format!("running the PyTorch peer ({})", py.display()));
+            Some(peer::run(
+                py,
+                &cfg,
+                &opts.batches,
+                opts.train_batch,
+                machine::threads(),
+            )?)
+        }
+        None => None,
+    };
+    let versus_peer = peer
+        .as_ref()
+        .map(|p| compare(&decode, train.as_ref(), p))
+        .unwrap_or_default();
+    Ok(BenchReport {
+        model: opts.model.as_ref().map_or_else(
+            || format!("{} (random weights)", opts.preset),
+            |d| d.display().to_string(),
+        ),
+        preset: manifest.preset.clone(),
+        transformer_params: cfg.transformer_params(),
+        text_len: manifest.geometry.text_len,
+        image_tokens: manifest.geometry.image_tokens(),
+        ceilings,
+        decode,
+        train,
+        peer,
+        versus_peer,
+    })
+}
+
+fn compare(
+    decode: &[DecodeRow],
+    train: Option<&train::TrainSteps>,
+    peer: &peer::PeerReport,
+) -> Vec<Comparison> {
+    let mut out = vec![];
+    for p in &peer.generate {
+        let best = decode
+            .iter()
+            .filter(|r| r.batch == p.batch)
+            .max_by(|a, b| a.image_tokens_per_s.total_cmp(&b.image_tokens_per_s));
+        if let Some(r) = best {
+            out.push(Comparison {
+                what: format!("image tokens/s, batch {} (best: {})", p.batch, r.runtime),
+                ours: r.image_tokens_per_s,
+                peer: p.image_tokens_per_s,
+                speedup: r.image_tokens_per_s / p.image_tokens_per_s,
+            });
+        }
+    }
+    if let (Some(ours), Some(theirs)) = (train, &peer.train) {
+        for (what, a, b) in [
+            (
+                "transformer",
+                ours.transformer_step_s,
+                theirs.transformer_step_s,
+            ),
+            ("dVAE", ours.dvae_step_s, theirs.dvae_step_s),
+        ] {
+            out.push(Comparison {
+                what: format!("{what} training step s, batch {}", ours.batch),
+                ours: a,
+                peer: b,
+                speedup: b / a,
+            });
+        }
+    }
+    out
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.1}", s * 1e3)
+}
+
+/// The report as plain-text tables.
+pub fn table(r: &BenchReport) -> String {
+    use std::fmt::Write;
+    let c = &r.ceilings;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model: {} — {:.1}M transformer parameters, {} text + {} image tokens",
+        r.model,
+        r.transformer_params as f64 / 1e6,
+        r.text_len,
+        r.image_tokens
+    );
+    let _ = writeln!(
+        s,
+        "machine: {} threads; memory copy {:.1} GB/s (read + write, {} MiB); f32 matmul {:.1} GFLOP/s ({}³)",
+        c.threads,
+        c.copy_gb_per_s,
+        c.copy_bytes >> 20,
+        c.matmul_gflop_per_s,
+        c.matmul_n
+    );
+    let _ = writeln!(
+        s,
+        "\n| runtime | batch | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | peak RSS MB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for d in &r.decode {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {:.0}% / {:.0}% | {} |",
+            d.runtime,
+            d.batch,
+            ms(d.prefill_s),
+            ms(d.first_step_s),
+            ms(d.middle_step_s),
+            ms(d.last_step_s),
+            d.last_step_s / d.first_step_s,
+            d.transformer_s,
+            d.dvae_decode_s,
+            d.image_tokens_per_s,
+            d.no_cache_transformer_s,
+            d.kv_cache_speedup,
+            ms(d.middle_floor_s),
+            100.0 * d.middle_floor_fraction,
+            100.0 * d.decode_floor_fraction,
+            d.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
+        );
+    }
+    if let Some(t) = &r.train {
+        let _ = writeln!(
+            s,
+            "\ntraining step at batch {}: transformer {:.2} s ({:.1}M params), dVAE {:.2} s ({:.2}M params)",
+            t.batch,
+            t.transformer_step_s,
+            t.transformer_params as f64 / 1e6,
+            t.dvae_step_s,
+            t.dvae_params as f64 / 1e6
+        );
+    }
+    if let Some(p) = &r.peer {
+        let _ = writeln!(
+            s,
+            "\npeer: {} {} on torch {} ({} threads; {:.1}M transformer, {:.2}M dVAE params; dense attention with its KV cache)",
+            p.peer,
+            p.version,
+            p.torch,
+            p.threads,
+            p.transformer_params as f64 / 1e6,
+            p.dvae_params as f64 / 1e6
+        );
+        let _ = writeln!(s, "| figure | ours | peer | ours ÷ peer (speed) |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for v in &r.versus_peer {
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.2} | {:.2}× |",
+                v.what, v.ours, v.peer, v.speedup
+            );
+        }
+    }
+    s
+}

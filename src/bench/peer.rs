@@ -1,0 +1,129 @@
+//! The PyTorch peer: `bench/pytorch_peer.py` (lucidrains' dalle-pytorch 1.6.6) run as a child
+//! process in the same geometry and thread count, its JSON read back.
+
+use crate::config::Config;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerGenerate {
+    pub batch: usize,
+    pub prefill_s: f64,
+    pub first_step_s: f64,
+    pub last_step_s: f64,
+    pub transformer_s: f64,
+    pub dvae_decode_s: f64,
+    pub image_tokens_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerTrain {
+    pub batch: usize,
+    pub transformer_step_s: f64,
+    pub dvae_step_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub peer: String,
+    pub version: String,
+    pub torch: String,
+    pub threads: usize,
+    pub transformer_params: usize,
+    pub dvae_params: usize,
+    pub generate: Vec<PeerGenerate>,
+    pub train: Option<PeerTrain>,
+}
+
+/// The script beside the sources of this build.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/pytorch_peer.py")
+}
+
+/// `python`, else `$DALLE_PEER_PYTHON`, else the venv `bench/install-peer.sh` makes.
+pub fn python(python: Option<&Path>) -> PathBuf {
+    python
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("DALLE_PEER_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peer/bin/python"))
+}
+
+const INSTALL: &str = "install it with `bash bench/install-peer.sh` (or point --peer-python / DALLE_PEER_PYTHON at a Python with torch and dalle-pytorch 1.6.6)";
+
+/// Fail before any measurement when the peer cannot run.
+pub fn check(python: &Path) -> Result<()> {
+    if !python.exists() {
+        return Err(Error::Usage(format!(
+            "the PyTorch peer's Python {} does not exist: {INSTALL}",
+            python.display()
+        )));
+    }
+    if !script().is_file() {
+        return Err(Error::Usage(format!(
+            "the PyTorch peer's script {} is missing: run dalle from its source tree",
+            script().display()
+        )));
+    }
+    Ok(())
+}
+
+/// Run the peer on `cfg`'s geometry: generation at `batches`, training steps at `train_batch`
+/// (0: none), with `threads` threads.
+pub fn run(
+    python: &Path,
+    cfg: &Config,
+    batches: &[usize],
+    train_batch: usize,
+    threads: usize,
+) -> Result<PeerReport> {
+    check(python)?;
+    let g = &cfg.geometry;
+    let t = &cfg.transformer;
+    let batch = batches
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let args: Vec<(&str, String)> = vec![
+        ("--dim", t.d_model.to_string()),
+        ("--depth", t.n_layers.to_string()),
+        ("--heads", t.n_heads.to_string()),
+        ("--text-len", g.text_len.to_string()),
+        ("--text-vocab", g.text_vocab.to_string()),
+        ("--image-size", g.image_size.to_string()),
+        ("--grid", g.grid.to_string()),
+        ("--codebook", g.codebook.to_string()),
+        ("--vae-dim", cfg.vae.n_hid.to_string()),
+        ("--train-batch", train_batch.to_string()),
+        ("--threads", threads.to_string()),
+        ("--batch", batch),
+    ];
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script());
+    for (k, v) in &args {
+        cmd.arg(k).arg(v);
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Usage(format!("cannot run {}: {e}; {INSTALL}", python.display())))?;
+    if !out.status.success() {
+        return Err(Error::Usage(format!(
+            "the PyTorch peer failed ({}; its error is above); {INSTALL}",
+            out.status
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line).map_err(|e| {
+        Error::Usage(format!(
+            "the PyTorch peer printed no report ({e}); its output was: {}",
+            text.trim()
+        ))
+    })
+}
