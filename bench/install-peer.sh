@@ -7,13 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-target/peer}
-if "$VENV/bin/python" -c "import torch, dalle_pytorch, einops, axial_positional_embedding" 2>/dev/null; then
+if "$VENV/bin/python" bench/pytorch_peer.py --help >/dev/null 2>&1; then
   echo "PyTorch peer already installed in $VENV"
   exit 0
 fi
-python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" "torch==2.15.0" "einops==0.8.2"
+"${PIP[@]}" "torch==2.15.0" "einops==0.8.2" "numpy==2.4.6"
 "${PIP[@]}" --no-deps "dalle-pytorch==1.6.6" "axial-positional-embedding==0.3.12" "rotary-embedding-torch==0.9.1"
 "$VENV/bin/python" bench/pytorch_peer.py --help >/dev/null
 echo "PyTorch peer installed in $VENV; run: dalle bench --peer pytorch"
