@@ -14,6 +14,7 @@ use dalle_runtimes::{
 };
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 const NAME: &str = "candle";
 
@@ -101,6 +102,9 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
     }
 }
 
+/// The candle session's KV cache between steps: each layer's (keys, values) tensors.
+struct NativeCache(Vec<Option<(Tensor, Tensor)>>);
+
 /// The candle models behind the runtime trait: from a model directory, or from in-memory
 /// models (a training run's checkpoint; then the dVAE is optional).
 pub struct CandleSession {
@@ -178,31 +182,46 @@ impl Session for CandleSession {
     ) -> Result<Vec<f32>, RuntimeError> {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let dev = &self.device;
-        let dims = cache.dims();
-        let layers = cache
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                if cache.len == 0 {
-                    return Ok(None);
-                }
-                let k = Tensor::from_slice(k, &dims, dev)?;
-                let v = Tensor::from_slice(v, &dims, dev)?;
-                Ok(Some((k, v)))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(err)?;
+        // The cache stays as candle tensors between steps (in `cache.native`); host layers are
+        // read only for a cache filled elsewhere.
+        let layers = match cache.native.take() {
+            Some((NAME, state)) => state
+                .downcast::<NativeCache>()
+                .map_err(|_| err("the KV cache's native state is not candle's"))?
+                .0
+                .clone(),
+            Some((owner, _)) if cache.len > 0 => {
+                return Err(RuntimeError::Request(format!(
+                    "this KV cache holds {owner}'s state; candle needs a cache of its own (KvCache::new)"
+                )))
+            }
+            _ => {
+                let dims = cache.dims();
+                cache
+                    .layers
+                    .iter()
+                    .map(|(k, v)| {
+                        if cache.len == 0 {
+                            return Ok(None);
+                        }
+                        let k = Tensor::from_slice(k, &dims, dev)?;
+                        let v = Tensor::from_slice(v, &dims, dev)?;
+                        Ok(Some((k, v)))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map_err(err)?
+            }
+        };
         let mut c = CandleCache::from_layers(layers);
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
         let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;
-        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
-        for (slot, layer) in cache.layers.iter_mut().zip(c.into_layers()) {
-            let (k, v) = layer.ok_or_else(|| err("a layer returned no keys"))?;
-            *slot = (flat(&k).map_err(err)?, flat(&v).map_err(err)?);
+        for layer in cache.layers.iter_mut() {
+            *layer = (vec![], vec![]);
         }
+        cache.native = Some((NAME, Arc::new(NativeCache(c.into_layers()))));
         cache.len += t;
-        flat(&logits).map_err(err)
+        logits.flatten_all().and_then(|x| x.to_vec1()).map_err(err)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

@@ -122,6 +122,14 @@ fn every_runtime_conforms() {
         let e = sess.decode(&[0; 3], 1).unwrap_err();
         assert!(matches!(e, RuntimeError::Request(_)), "{e}");
     }
+    // candle keeps its cache as tensors between steps; another runtime handed that cache says
+    // so instead of reading empty host layers.
+    let mut c = KvCache::new(&m, 1);
+    reference.session().forward(&ids[..4], 1, &mut c).unwrap();
+    assert_eq!(c.native.as_ref().map(|(owner, _)| *owner), Some("candle"));
+    let tract = dalle::runtime::open(&dir, RuntimeKind::Tract, &opts).unwrap();
+    let e = tract.session().forward(&ids[4..5], 1, &mut c).unwrap_err();
+    assert!(e.to_string().contains("holds candle's state"), "{e}");
 }
 
 #[test]

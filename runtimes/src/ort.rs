@@ -274,7 +274,7 @@ impl Session for OrtRuntimeSession {
                 .into(),
         )];
         // The past is borrowed, not copied: ONNX Runtime reads it in place.
-        for (i, (k, v)) in cache.layers.iter().enumerate() {
+        for (i, (k, v)) in cache.host_layers(self.name)?.iter().enumerate() {
             let kt = TensorRef::from_array_view((dims.clone(), &k[..])).map_err(&e)?;
             let vt = TensorRef::from_array_view((dims.clone(), &v[..])).map_err(&e)?;
             inputs.push((names::past_key(i), kt.into()));

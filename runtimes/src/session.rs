@@ -1,11 +1,14 @@
 //! The one trait every runtime implements, and the host-side KV cache it extends.
 
 use crate::{Manifest, ManifestError};
+use std::any::Any;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Keys and values of every layer for the positions seen so far, on the host:
-/// `[batch, heads, len, head_dim]` row-major per layer.
-#[derive(Clone, Debug, PartialEq)]
+/// `[batch, heads, len, head_dim]` row-major per layer — or, for a runtime that keeps them in
+/// its own form between steps (candle: tensors), in [`KvCache::native`], with `layers` left empty.
+#[derive(Clone)]
 pub struct KvCache {
     pub batch: usize,
     pub heads: usize,
@@ -14,6 +17,19 @@ pub struct KvCache {
     pub len: usize,
     /// (keys, values) per layer.
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The owning runtime's name and its own copy of the cache: copying the whole cache to and
+    /// from the host every step costs more than the step itself at long pasts and large batches.
+    pub native: Option<(&'static str, Arc<dyn Any + Send + Sync>)>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("dims", &self.dims())
+            .field("layers", &self.layers.len())
+            .field("native", &self.native.as_ref().map(|(name, _)| name))
+            .finish()
+    }
 }
 
 impl KvCache {
@@ -26,6 +42,21 @@ impl KvCache {
             head_dim: t.head_dim,
             len: 0,
             layers: vec![(vec![], vec![]); t.n_layers],
+            native: None,
+        }
+    }
+
+    /// The host layers, for a runtime that reads them: an error when another runtime holds
+    /// this cache in its own form.
+    pub fn host_layers(
+        &self,
+        runtime: &'static str,
+    ) -> Result<&[(Vec<f32>, Vec<f32>)], RuntimeError> {
+        match &self.native {
+            Some((owner, _)) if self.len > 0 => Err(RuntimeError::Request(format!(
+                "this KV cache holds {owner}'s state; {runtime} needs a cache of its own (KvCache::new)"
+            ))),
+            _ => Ok(&self.layers),
         }
     }
 

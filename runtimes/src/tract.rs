@@ -5,6 +5,7 @@ use crate::session::{check_decode, check_encode, check_forward, KvCache, Runtime
 use crate::{names, Manifest};
 use std::path::Path;
 use std::sync::Arc;
+use tract_onnx::prelude::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::{
     tvec, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec, Tensor,
     TypedRunnableModel,
@@ -36,6 +37,9 @@ fn load(dir: &Path, file: &str) -> Result<Arc<TypedRunnableModel>, RuntimeError>
 
 pub struct TractSession {
     manifest: Manifest,
+    /// A rayon pool of one thread per core for tract's matmuls (tract runs them on the calling
+    /// thread unless told otherwise); scoped to this session's calls, not set process-wide.
+    executor: Executor,
     encoder: Arc<TypedRunnableModel>,
     decoder: Arc<TypedRunnableModel>,
     transformer: Arc<TypedRunnableModel>,
@@ -44,7 +48,9 @@ pub struct TractSession {
 impl TractSession {
     /// Open a model directory whose manifest has been loaded (and verified) already.
     pub fn open(dir: &Path, manifest: Manifest) -> Result<Self, RuntimeError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(TractSession {
+            executor: Executor::multithread_with_name(threads, "dalle-tract"),
             encoder: load(dir, names::DVAE_ENCODER)?,
             decoder: load(dir, names::DVAE_DECODER)?,
             transformer: load(dir, names::TRANSFORMER)?,
@@ -61,11 +67,22 @@ fn tensor<T: tract_onnx::prelude::Datum + Copy>(
 }
 
 fn values<T: tract_onnx::prelude::Datum + Copy>(v: &TValue) -> Result<Vec<T>, RuntimeError> {
-    Ok(v.to_plain_array_view::<T>()
-        .map_err(err)?
-        .iter()
-        .copied()
-        .collect())
+    // Outputs are plain and contiguous: one memcpy, not an element-wise walk of a view.
+    let view = v.to_plain_array_view::<T>().map_err(err)?;
+    Ok(match view.as_slice() {
+        Some(s) => s.to_vec(),
+        None => view.iter().copied().collect(),
+    })
+}
+
+impl TractSession {
+    fn run(
+        &self,
+        plan: &Arc<TypedRunnableModel>,
+        inputs: TVec<TValue>,
+    ) -> Result<TVec<TValue>, RuntimeError> {
+        multithread_tract_scope(self.executor.clone(), || plan.run(inputs)).map_err(err)
+    }
 }
 
 impl Session for TractSession {
@@ -86,11 +103,11 @@ impl Session for TractSession {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let dims = cache.dims();
         let mut inputs: TVec<TValue> = tvec![tensor(&[batch, t], ids)?];
-        for (k, v) in &cache.layers {
+        for (k, v) in cache.host_layers(NAME)? {
             inputs.push(tensor(&dims, k)?);
             inputs.push(tensor(&dims, v)?);
         }
-        let out = self.transformer.run(inputs).map_err(err)?;
+        let out = self.run(&self.transformer, inputs)?;
         for (i, layer) in cache.layers.iter_mut().enumerate() {
             *layer = (values(&out[1 + 2 * i])?, values(&out[2 + 2 * i])?);
         }
@@ -100,20 +117,14 @@ impl Session for TractSession {
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {
         let n = check_decode(&self.manifest, tokens, batch)?;
-        let out = self
-            .decoder
-            .run(tvec![tensor(&[batch, n], tokens)?])
-            .map_err(err)?;
+        let out = self.run(&self.decoder, tvec![tensor(&[batch, n], tokens)?])?;
         values(&out[0])
     }
 
     fn encode(&self, pixels: &[f32], batch: usize) -> Result<Vec<i64>, RuntimeError> {
         check_encode(&self.manifest, pixels, batch)?;
         let s = self.manifest.geometry.image_size;
-        let out = self
-            .encoder
-            .run(tvec![tensor(&[batch, 3, s, s], pixels)?])
-            .map_err(err)?;
+        let out = self.run(&self.encoder, tvec![tensor(&[batch, 3, s, s], pixels)?])?;
         values(&out[0])
     }
 }

@@ -96,11 +96,14 @@ impl Attention {
         })
     }
 
-    /// `mask`: additive (t, past + t), 0 where allowed and −∞ elsewhere.
+    /// `mask`: additive (t, past + t), 0 where allowed and −∞ elsewhere. `keys`: for a single
+    /// query (t = 1), the positions its mask allows; attention then reads only those keys and
+    /// values instead of the whole cache (the same result: masked weights are exactly 0).
     fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
+        keys: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -118,9 +121,18 @@ impl Attention {
         }
         *cache = Some((k.clone(), v.clone()));
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
-        let att = softmax_last(&att.broadcast_add(mask)?)?;
-        let y = att.matmul(&v)?; // (b, h, t, hd)
+        let y = match keys {
+            Some(idx) => {
+                let (k, v) = (k.index_select(idx, 2)?, v.index_select(idx, 2)?); // (b, h, n, hd)
+                let att = softmax_last(&(q.matmul(&k.t()?)? * scale)?)?;
+                att.matmul(&v)?
+            }
+            None => {
+                let att = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
+                let att = softmax_last(&att.broadcast_add(mask)?)?;
+                att.matmul(&v)? // (b, h, t, hd)
+            }
+        };
         self.proj.forward(&y.transpose(1, 2)?.reshape((b, t, d))?)
     }
 }
@@ -162,9 +174,12 @@ impl Block {
         &self,
         x: &Tensor,
         mask: &Tensor,
+        keys: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache)?)?;
+        let x = (x + self
+            .attn
+            .forward(&self.ln_1.forward(x)?, mask, keys, cache)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
     }
 }
@@ -317,9 +332,34 @@ impl Transformer {
             .tokens
             .forward(ids)?
             .broadcast_add(&self.positions(past, t)?)?;
+        // Single-token steps (decoding) attend over the allowed keys only: one index list per
+        // distinct attention kind, shared by its layers.
+        let mut keys: Vec<(AttentionKind, Tensor)> = vec![];
+        if t == 1 {
+            for &kind in &self.kinds {
+                if !keys.iter().any(|(k, _)| *k == kind) {
+                    let idx: Vec<u32> = (0..=past as u32)
+                        .filter(|&k| {
+                            dalle_runtimes::allowed(
+                                self.text_len,
+                                self.grid,
+                                kind,
+                                past,
+                                k as usize,
+                            )
+                        })
+                        .collect();
+                    keys.push((kind, Tensor::new(idx, ids.device())?));
+                }
+            }
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             let mask = self.masks[i].narrow(0, past, t)?.narrow(1, 0, past + t)?;
-            x = block.forward(&x, &mask, &mut cache.layers[i])?;
+            let k = keys
+                .iter()
+                .find(|(k, _)| *k == self.kinds[i])
+                .map(|(_, idx)| idx);
+            x = block.forward(&x, &mask, k, &mut cache.layers[i])?;
         }
         self.head.forward(&self.ln_f.forward(&x)?)
     }
