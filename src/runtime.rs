@@ -184,18 +184,13 @@ impl Session for CandleSession {
         let dev = &self.device;
         // The cache stays as candle tensors between steps (in `cache.native`); host layers are
         // read only for a cache filled elsewhere.
-        let layers = match cache.native.take() {
-            Some((NAME, state)) => state
+        let layers = match cache.take_native(NAME)? {
+            Some(state) => state
                 .downcast::<NativeCache>()
                 .map_err(|_| err("the KV cache's native state is not candle's"))?
                 .0
                 .clone(),
-            Some((owner, _)) if cache.len > 0 => {
-                return Err(RuntimeError::Request(format!(
-                    "this KV cache holds {owner}'s state; candle needs a cache of its own (KvCache::new)"
-                )))
-            }
-            _ => {
+            None => {
                 let dims = cache.dims();
                 cache
                     .layers
@@ -216,10 +211,7 @@ impl Session for CandleSession {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
         let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;
-        for layer in cache.layers.iter_mut() {
-            *layer = (vec![], vec![]);
-        }
-        cache.native = Some((NAME, Arc::new(NativeCache(c.into_layers()))));
+        cache.set_native(NAME, Arc::new(NativeCache(c.into_layers())));
         cache.len += t;
         logits.flatten_all().and_then(|x| x.to_vec1()).map_err(err)
     }

@@ -6,9 +6,12 @@
 use crate::session::{check_decode, check_encode, check_forward, KvCache, RuntimeError, Session};
 use crate::{names, Manifest};
 use ort::session::{Session as OrtSession, SessionInputValue};
-use ort::value::{Tensor, TensorRef};
+use ort::value::{DynValue, Tensor, TensorRef};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// ONNX Runtime's own `present` keys and values per layer: the next step's past.
+struct OrtKv(Vec<(DynValue, DynValue)>);
 
 /// The ONNX Runtime release the adapter is built and tested against (`ort` rc.15 reads ≥ 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -266,6 +269,15 @@ impl Session for OrtRuntimeSession {
     ) -> Result<Vec<f32>, RuntimeError> {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let e = run_err(self.name);
+        // The previous step's `present` values are this step's past, read in place: the cache
+        // stays in ONNX Runtime's memory between steps. A cache filled on the host is borrowed.
+        let native = match cache.take_native(self.name)? {
+            Some(state) => Some(state.downcast::<OrtKv>().map_err(|_| RuntimeError::Run {
+                runtime: self.name,
+                message: "the KV cache's native state is not ONNX Runtime's".into(),
+            })?),
+            None => None,
+        };
         let dims = cache.dims().to_vec();
         let mut inputs: Vec<(String, SessionInputValue)> = vec![(
             names::INPUT_IDS.into(),
@@ -273,27 +285,44 @@ impl Session for OrtRuntimeSession {
                 .map_err(&e)?
                 .into(),
         )];
-        // The past is borrowed, not copied: ONNX Runtime reads it in place.
-        for (i, (k, v)) in cache.host_layers(self.name)?.iter().enumerate() {
-            let kt = TensorRef::from_array_view((dims.clone(), &k[..])).map_err(&e)?;
-            let vt = TensorRef::from_array_view((dims.clone(), &v[..])).map_err(&e)?;
-            inputs.push((names::past_key(i), kt.into()));
-            inputs.push((names::past_value(i), vt.into()));
+        match &native {
+            Some(kv) => {
+                for (i, (k, v)) in kv.0.iter().enumerate() {
+                    inputs.push((names::past_key(i), k.into()));
+                    inputs.push((names::past_value(i), v.into()));
+                }
+            }
+            None => {
+                for (i, (k, v)) in cache.layers.iter().enumerate() {
+                    let kt = TensorRef::from_array_view((dims.clone(), &k[..])).map_err(&e)?;
+                    let vt = TensorRef::from_array_view((dims.clone(), &v[..])).map_err(&e)?;
+                    inputs.push((names::past_key(i), kt.into()));
+                    inputs.push((names::past_value(i), vt.into()));
+                }
+            }
         }
         let mut session = lock(&self.transformer);
-        let out = session.run(inputs).map_err(&e)?;
-        let get = |name: &str| -> Result<Vec<f32>, RuntimeError> {
-            Ok(out[name]
-                .try_extract_tensor::<f32>()
-                .map_err(&e)?
-                .1
-                .to_vec())
-        };
-        for (i, layer) in cache.layers.iter_mut().enumerate() {
-            *layer = (get(&names::present_key(i))?, get(&names::present_value(i))?);
+        let mut out = session.run(inputs).map_err(&e)?;
+        let logits = out[names::LOGITS]
+            .try_extract_tensor::<f32>()
+            .map_err(&e)?
+            .1
+            .to_vec();
+        let mut kv = Vec::with_capacity(cache.layers.len());
+        for i in 0..cache.layers.len() {
+            let mut take = |name: String| {
+                out.remove(&name).ok_or_else(|| RuntimeError::Run {
+                    runtime: self.name,
+                    message: format!("the graph returned no `{name}`"),
+                })
+            };
+            kv.push((take(names::present_key(i))?, take(names::present_value(i))?));
         }
+        drop(out);
+        drop(session);
+        cache.set_native(self.name, Arc::new(OrtKv(kv)));
         cache.len += t;
-        get(names::LOGITS)
+        Ok(logits)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

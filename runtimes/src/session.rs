@@ -53,17 +53,45 @@ impl KvCache {
         runtime: &'static str,
     ) -> Result<&[(Vec<f32>, Vec<f32>)], RuntimeError> {
         match &self.native {
-            Some((owner, _)) if self.len > 0 => Err(RuntimeError::Request(format!(
-                "this KV cache holds {owner}'s state; {runtime} needs a cache of its own (KvCache::new)"
-            ))),
+            Some((owner, _)) if self.len > 0 => Err(foreign(owner, runtime)),
             _ => Ok(&self.layers),
         }
+    }
+
+    /// Take `runtime`'s own state out of the cache (`None`: the cache is empty or on the host);
+    /// an error when another runtime holds it.
+    pub fn take_native(
+        &mut self,
+        runtime: &'static str,
+    ) -> Result<Option<Arc<dyn Any + Send + Sync>>, RuntimeError> {
+        match self.native.take() {
+            Some((owner, state)) if owner == runtime => Ok(Some(state)),
+            Some((owner, state)) if self.len > 0 => {
+                self.native = Some((owner, state));
+                Err(foreign(owner, runtime))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Hand the cache to `runtime`'s own form of it, leaving the host layers empty.
+    pub fn set_native(&mut self, runtime: &'static str, state: Arc<dyn Any + Send + Sync>) {
+        for layer in &mut self.layers {
+            *layer = (vec![], vec![]);
+        }
+        self.native = Some((runtime, state));
     }
 
     /// Shape of one layer's keys or values.
     pub fn dims(&self) -> [usize; 4] {
         [self.batch, self.heads, self.len, self.head_dim]
     }
+}
+
+fn foreign(owner: &str, runtime: &str) -> RuntimeError {
+    RuntimeError::Request(format!(
+        "this KV cache holds {owner}'s state; {runtime} needs a cache of its own (KvCache::new)"
+    ))
 }
 
 /// Why a runtime could not be opened or run.

@@ -35,6 +35,9 @@ fn load(dir: &Path, file: &str) -> Result<Arc<TypedRunnableModel>, RuntimeError>
         .map_err(fail)
 }
 
+/// tract's own `present` keys and values, layer after layer: the next step's past.
+struct TractKv(Vec<TValue>);
+
 pub struct TractSession {
     manifest: Manifest,
     /// A rayon pool of one thread per core for tract's matmuls (tract runs them on the calling
@@ -103,16 +106,27 @@ impl Session for TractSession {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let dims = cache.dims();
         let mut inputs: TVec<TValue> = tvec![tensor(&[batch, t], ids)?];
-        for (k, v) in cache.host_layers(NAME)? {
-            inputs.push(tensor(&dims, k)?);
-            inputs.push(tensor(&dims, v)?);
+        // The previous step's `present` tensors are this step's past, shared, not copied (a
+        // shared input is never updated in place by tract). A host cache is copied in once.
+        match cache.take_native(NAME)? {
+            Some(state) => {
+                let kv = state
+                    .downcast::<TractKv>()
+                    .map_err(|_| err("the KV cache's native state is not tract's"))?;
+                inputs.extend(kv.0.iter().cloned());
+            }
+            None => {
+                for (k, v) in &cache.layers {
+                    inputs.push(tensor(&dims, k)?);
+                    inputs.push(tensor(&dims, v)?);
+                }
+            }
         }
         let out = self.run(&self.transformer, inputs)?;
-        for (i, layer) in cache.layers.iter_mut().enumerate() {
-            *layer = (values(&out[1 + 2 * i])?, values(&out[2 + 2 * i])?);
-        }
+        let logits = values(&out[0])?;
+        cache.set_native(NAME, Arc::new(TractKv(out.into_iter().skip(1).collect())));
         cache.len += t;
-        values(&out[0])
+        Ok(logits)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

@@ -3,10 +3,12 @@
 
 use crate::config::Config;
 use crate::rng::Rng;
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
+use crate::transformer::train::TransformerTrainOptions;
 use crate::transformer::{model::loss, Transformer};
 use crate::vae::loss::{gumbel_softmax, kl_to_uniform, logit_laplace_nll};
 use crate::vae::model::map_pixels;
+use crate::vae::train::VaeTrainOptions;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -20,16 +22,6 @@ pub struct TrainSteps {
     pub transformer_params: usize,
     pub dvae_step_s: f64,
     pub dvae_params: usize,
-}
-
-fn adamw() -> AdamWConfig {
-    AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.96,
-        eps: 1e-8,
-        weight_decay: 4.5e-2,
-        grad_clip: Some(4.0),
-    }
 }
 
 /// Median of `reps` timed calls after one untimed warm-up call.
@@ -54,7 +46,9 @@ pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps
     let vm = VarMap::new();
     let model = Transformer::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     crate::train::init_vars(&vm, 0, crate::transformer::model::init_value)?;
-    let mut opt = AdamW::new(crate::train::named_vars(&vm), adamw())?;
+    // Each stage's own optimiser settings, as `dalle train` / `dalle train-vae` use them.
+    let adamw = TransformerTrainOptions::new(1, batch, 0).lp.adamw;
+    let mut opt = AdamW::new(crate::train::named_vars(&vm), adamw)?;
     let layout = model.layout();
     let s = model.seq_len();
     let transformer_step_s = median_time(reps, |i| {
@@ -77,15 +71,8 @@ pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps
 
     // Stage 1: the ELB of `VaeStage::loss` (logit-Laplace + β·KL through the gumbel-softmax).
     let (vm, encoder, decoder) = crate::vae::train::new_model(cfg, 0, &dev)?;
-    let mut opt = AdamW::new(
-        crate::train::named_vars(&vm),
-        AdamWConfig {
-            beta2: 0.999,
-            weight_decay: 1e-4,
-            grad_clip: None,
-            ..adamw()
-        },
-    )?;
+    let adamw = VaeTrainOptions::new(1, batch, 0).lp.adamw;
+    let mut opt = AdamW::new(crate::train::named_vars(&vm), adamw)?;
     let px = g.image_size;
     let dvae_step_s = median_time(reps, |i| {
         let x = Tensor::rand(0f32, 1.0, (batch, 3, px, px), &dev)?;
