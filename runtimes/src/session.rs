@@ -46,18 +46,6 @@ impl KvCache {
         }
     }
 
-    /// The host layers, for a runtime that reads them: an error when another runtime holds
-    /// this cache in its own form.
-    pub fn host_layers(
-        &self,
-        runtime: &'static str,
-    ) -> Result<&[(Vec<f32>, Vec<f32>)], RuntimeError> {
-        match &self.native {
-            Some((owner, _)) if self.len > 0 => Err(foreign(owner, runtime)),
-            _ => Ok(&self.layers),
-        }
-    }
-
     /// Take `runtime`'s own state out of the cache (`None`: the cache is empty or on the host);
     /// an error when another runtime holds it.
     pub fn take_native(
