@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 /// Keys and values of every layer for the positions seen so far, on the host:
 /// `[batch, heads, len, head_dim]` row-major per layer — or, for a runtime that keeps them in
-/// its own form between steps (candle: tensors), in [`KvCache::native`], with `layers` left empty.
+/// its own form between steps (all of ours do: candle and tract tensors, ONNX Runtime values),
+/// in [`KvCache::native`], with `layers` left empty.
 #[derive(Clone)]
 pub struct KvCache {
     pub batch: usize,
