@@ -277,6 +277,12 @@ impl<'w> Graph<'w> {
         self.constant(Elem::I64, vec![v.len() as i64], raw)
     }
 
+    /// An i64 constant of any shape (index tables).
+    pub fn int_table(&mut self, values: &[i64], dims: &[usize]) -> String {
+        let raw = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(Elem::I64, dims.iter().map(|&d| d as i64).collect(), raw)
+    }
+
     /// A rank-0 i64 constant (a Gather index that drops the axis).
     pub fn int_scalar(&mut self, v: i64) -> String {
         self.constant(Elem::I64, vec![], v.to_le_bytes().to_vec())

@@ -1,8 +1,11 @@
 //! `transformer.onnx`: the stage-2 transformer with a KV cache, op for op as
 //! `dalle::transformer::Transformer`. One graph serves prefill (past length 0) and decoding: the
-//! positions `past .. past + seq` come from the past keys' shape, and each layer's additive mask is
-//! the rows `past .. past + seq`, columns `0 .. past + seq` of a constant table computed from
-//! [`dalle_runtimes::allowed`], one table per distinct attention kind.
+//! positions `past .. past + seq` come from the past keys' shape. Attention is sparse in the
+//! graph as in candle: each query gathers from the cache only the keys its layer's mask allows
+//! (a constant index table per distinct attention kind, built from [`dalle_runtimes::allowed`]),
+//! so a decode step's attention reads the same number of keys at the first image token and the
+//! last; this call's own keys are attended densely under the rows/columns `past .. past + seq`
+//! of a constant mask table.
 
 use crate::onnx::{Attr, Dim, Elem, Graph};
 use crate::{ExportError, TransformerSpec, Weights};
@@ -26,6 +29,138 @@ pub fn mask_table(geometry: &Geometry, kind: AttentionKind) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Each query position's allowed keys in ascending order, padded with the query's own position
+/// to the widest row: `(table [seq_max, width], width)`. A row's keys below any `past ≤ p` are
+/// its first entries, at most `past` of them.
+pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) {
+    let n = geometry.seq_len();
+    let rows: Vec<Vec<i64>> = (0..n)
+        .map(|q| {
+            (0..=q)
+                .filter(|&k| allowed(geometry.text_len, geometry.grid, kind, q, k))
+                .map(|k| k as i64)
+                .collect()
+        })
+        .collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut table = Vec::with_capacity(n * width);
+    for (q, row) in rows.iter().enumerate() {
+        table.extend_from_slice(row);
+        table.extend(std::iter::repeat_n(q as i64, width - row.len()));
+    }
+    (table, width)
+}
+
+/// What every layer of one attention kind shares in a call at positions `past .. end`.
+#[derive(Clone)]
+struct KindTables {
+    /// i64 `[seq, c]`: the cached key positions each query gathers, c = min(width, max(past, 1)).
+    rows: String,
+    /// i64 `[1]`: c.
+    width: String,
+    /// `[seq, c + seq]`: 0 where the query may see the key, −∞ elsewhere (gathered keys at or
+    /// past `past` are this call's own and are counted in the second block instead).
+    mask: String,
+}
+
+fn kind_tables(
+    g: &mut Graph,
+    geometry: &Geometry,
+    kind: AttentionKind,
+    past_len: &str,
+    end: &str,
+) -> KindTables {
+    let n = geometry.seq_len();
+    let (keys, width) = key_table(geometry, kind);
+    let keys = g.int_table(&keys, &[n, width]);
+    let (one, zero) = (g.ints(&[1]), g.ints(&[0]));
+    let w = g.ints(&[width as i64]);
+    let at_least_one = g.op("Max", &[past_len, &one], vec![]);
+    let c = g.op("Min", &[&w, &at_least_one], vec![]);
+    let starts = g.op("Concat", &[past_len, &zero], vec![("axis", Attr::Int(0))]);
+    let ends = g.op("Concat", &[end, &c], vec![("axis", Attr::Int(0))]);
+    let axes = g.ints(&[0, 1]);
+    let rows = g.op("Slice", &[&keys, &starts, &ends, &axes], vec![]);
+    let cached = g.op("Less", &[&rows, past_len], vec![]);
+    let (open, shut) = (g.scalar(0.0), g.scalar(f32::NEG_INFINITY));
+    let cached_mask = g.op("Where", &[&cached, &open, &shut], vec![]);
+    let table = g.table(&mask_table(geometry, kind), &[n, n]);
+    let starts = g.op(
+        "Concat",
+        &[past_len, past_len],
+        vec![("axis", Attr::Int(0))],
+    );
+    let ends = g.op("Concat", &[end, end], vec![("axis", Attr::Int(0))]);
+    let own_mask = g.op("Slice", &[&table, &starts, &ends, &axes], vec![]);
+    let mask = g.op(
+        "Concat",
+        &[&cached_mask, &own_mask],
+        vec![("axis", Attr::Int(1))],
+    );
+    KindTables {
+        rows,
+        width: c,
+        mask,
+    }
+}
+
+/// Attention of `q` `[b, h, seq, hd]` over the cached keys its mask allows — gathered per query
+/// from `cached` by `tables.rows`, so a decode step reads only those, not the whole cache — and
+/// over this call's own keys `new`. Returns `[b, h, seq, hd]`.
+fn sparse_attention(
+    g: &mut Graph,
+    tables: &KindTables,
+    q: &str,
+    new: (&str, &str),
+    cached: (&str, &str),
+    hd: usize,
+) -> String {
+    // [b, h, seq, c, hd]
+    let kg = g.op(
+        "Gather",
+        &[cached.0, &tables.rows],
+        vec![("axis", Attr::Int(2))],
+    );
+    let vg = g.op(
+        "Gather",
+        &[cached.1, &tables.rows],
+        vec![("axis", Attr::Int(2))],
+    );
+    let (three, last) = (g.ints(&[3]), g.ints(&[-1]));
+    let q5 = g.op("Unsqueeze", &[q, &three], vec![]);
+    let kgt = g.op(
+        "Transpose",
+        &[&kg],
+        vec![("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))],
+    );
+    let s_cached = g.op("MatMul", &[&q5, &kgt], vec![]);
+    let s_cached = g.op("Squeeze", &[&s_cached, &three], vec![]);
+    let kt = g.op(
+        "Transpose",
+        &[new.0],
+        vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+    );
+    let s_new = g.op("MatMul", &[q, &kt], vec![]);
+    let s = g.op(
+        "Concat",
+        &[&s_cached, &s_new],
+        vec![("axis", Attr::Int(-1))],
+    );
+    let scale = g.scalar(1.0 / (hd as f32).sqrt());
+    let s = g.op("Mul", &[&s, &scale], vec![]);
+    let s = g.op("Add", &[&s, &tables.mask], vec![]);
+    let att = g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+    let zero = g.ints(&[0]);
+    let a_cached = g.op("Slice", &[&att, &zero, &tables.width, &last], vec![]);
+    let huge = g.ints(&[i64::MAX]);
+    let a_new = g.op("Slice", &[&att, &tables.width, &huge, &last], vec![]);
+    let a_cached = g.op("Unsqueeze", &[&a_cached, &three], vec![]);
+    let y_cached = g.op("MatMul", &[&a_cached, &vg], vec![]);
+    let y_cached = g.op("Squeeze", &[&y_cached, &three], vec![]);
+    let y_new = g.op("MatMul", &[&a_new, new.1], vec![]);
+    g.op("Add", &[&y_cached, &y_new], vec![])
 }
 
 fn layer_norm(g: &mut Graph, x: &str, prefix: &str, d: usize) -> R<String> {
@@ -78,7 +213,7 @@ pub fn transformer(
     let layout = TokenLayout::from(geometry);
     let (d, heads) = (spec.d_model, spec.n_heads);
     let hd = d / heads;
-    let (vocab, seq_max, grid) = (layout.vocab_size(), geometry.seq_len(), geometry.grid);
+    let (vocab, grid) = (layout.vocab_size(), geometry.grid);
     let batch = Dim::Named(names::DIM_BATCH);
     let ids = g.input(
         names::INPUT_IDS,
@@ -139,11 +274,12 @@ pub fn transformer(
             Ok(g.op("Add", &[&tok, &pos], vec![]))
         })?;
 
-        // Mask rows past .. end, columns 0 .. end of each distinct kind's table.
+        // Per distinct kind: which cached keys each query gathers, and the additive mask over
+        // [gathered cached keys ++ this call's keys].
         let kinds = layer_kinds(spec.n_layers, spec.conv_kernel);
-        let mut masks: Vec<(AttentionKind, String)> = vec![];
+        let mut tables: Vec<(AttentionKind, KindTables)> = vec![];
         for &kind in &kinds {
-            if masks.iter().any(|(k, _)| *k == kind) {
+            if tables.iter().any(|(k, _)| *k == kind) {
                 continue;
             }
             let label = match kind {
@@ -151,24 +287,19 @@ pub fn transformer(
                 AttentionKind::Column => "column",
                 AttentionKind::Conv { .. } => "conv",
             };
-            let m = g.scoped(&format!("mask.{label}"), |g| {
-                let table = g.table(&mask_table(geometry, kind), &[seq_max, seq_max]);
-                let zero = g.ints(&[0]);
-                let starts = g.op("Concat", &[&past_len, &zero], vec![("axis", Attr::Int(0))]);
-                let ends = g.op("Concat", &[&end, &end], vec![("axis", Attr::Int(0))]);
-                let axes = g.ints(&[0, 1]);
-                g.op("Slice", &[&table, &starts, &ends, &axes], vec![])
+            let t = g.scoped(&format!("mask.{label}"), |g| {
+                kind_tables(g, geometry, kind, &past_len, &end)
             });
-            masks.push((kind, m));
+            tables.push((kind, t));
         }
 
         let mut x = x;
         for (i, kind) in kinds.iter().enumerate() {
-            let mask = masks
+            let tables = tables
                 .iter()
                 .find(|(k, _)| k == kind)
-                .map(|(_, m)| m.clone());
-            let mask = mask.expect("every kind has a table");
+                .map(|(_, t)| t.clone())
+                .expect("every kind has tables");
             let (pk, pv) = past[i].clone();
             x = g.scoped(&format!("layers.{i}"), |g| -> R<String> {
                 let p = format!("layers.{i}");
@@ -194,19 +325,9 @@ pub fn transformer(
                         g.to_f32_output(&all, &present);
                         all
                     };
-                    let k = cache(g, &pk, &k, names::present_key(i));
-                    let v = cache(g, &pv, &v, names::present_value(i));
-                    let kt = g.op(
-                        "Transpose",
-                        &[&k],
-                        vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
-                    );
-                    let s = g.op("MatMul", &[&q, &kt], vec![]);
-                    let scale = g.scalar(1.0 / (hd as f32).sqrt());
-                    let s = g.op("Mul", &[&s, &scale], vec![]);
-                    let s = g.op("Add", &[&s, &mask], vec![]);
-                    let att = g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-                    let y = g.op("MatMul", &[&att, &v], vec![]);
+                    let all_k = cache(g, &pk, &k, names::present_key(i));
+                    let all_v = cache(g, &pv, &v, names::present_value(i));
+                    let y = sparse_attention(g, &tables, &q, (&k, &v), (&all_k, &all_v), hd);
                     let y = g.op(
                         "Transpose",
                         &[&y],
