@@ -123,3 +123,73 @@ pub fn export_with_sampling(
     input.sampling = sampling;
     Ok(dalle_export::export(&input, out, opts, progress)?)
 }
+
+/// Read an exported model directory back — weights from its graphs' initialisers, sizes and
+/// sampling defaults from its manifest, of any schema version — so it can be exported again by
+/// this version (`dalle export --from-model`): the way to upgrade a directory whose training run
+/// is gone, e.g. the bundled model.
+pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
+    use dalle_runtimes::{names, AttentionKind, Geometry};
+    let path = dir.join(names::MANIFEST);
+    let bad = |message: String| Error::Input {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("is not a model manifest ({e})")))?;
+    fn field<T: serde::de::DeserializeOwned>(
+        v: &serde_json::Value,
+        key: &str,
+    ) -> std::result::Result<T, String> {
+        let x = v.get(key).ok_or_else(|| format!("lacks `{key}`"))?;
+        serde_json::from_value(x.clone()).map_err(|e| format!("`{key}`: {e}"))
+    }
+    let geometry: Geometry = field(&v, "geometry").map_err(&bad)?;
+    let t: dalle_runtimes::manifest::TransformerDims = field(&v, "transformer").map_err(&bad)?;
+    let d: dalle_runtimes::manifest::DvaeDims = field(&v, "dvae").map_err(&bad)?;
+    let layers: Vec<AttentionKind> = field(&v, "layers").map_err(&bad)?;
+    let conv_kernel = match layers.last() {
+        Some(AttentionKind::Conv { kernel }) => *kernel,
+        _ => return Err(bad("its last layer is not convolutional".into())),
+    };
+    let sampling: SamplingDefaults = field(&v, "sampling").map_err(&bad)?;
+    let preset: String = field(&v, "preset").map_err(&bad)?;
+    let graph = |file: &str| -> Result<(dalle_export::Weights, String)> {
+        let p = dir.join(file);
+        Ok((
+            dalle_export::read_initializers(&p)?,
+            p.display().to_string(),
+        ))
+    };
+    let (encoder, encoder_source) = graph(names::DVAE_ENCODER)?;
+    let (decoder, decoder_source) = graph(names::DVAE_DECODER)?;
+    let (transformer_weights, transformer_source) = graph(names::TRANSFORMER)?;
+    Ok(ExportInput {
+        preset,
+        dvae_geometry: geometry,
+        transformer_geometry: geometry,
+        dvae: DvaeSpec {
+            group_count: d.group_count,
+            n_hid: d.n_hid,
+            n_blk_per_group: d.n_blk_per_group,
+            vocab_size: geometry.codebook,
+            n_init: d.n_init,
+            channels: d.channels,
+        },
+        encoder,
+        encoder_source,
+        decoder,
+        decoder_source,
+        transformer: TransformerSpec {
+            d_model: t.d_model,
+            n_layers: t.n_layers,
+            n_heads: t.n_heads,
+            conv_kernel,
+        },
+        transformer_weights,
+        transformer_source,
+        tokenizer: dir.join(names::TOKENIZER),
+        sampling,
+    })
+}

@@ -104,11 +104,16 @@ enum Command {
     /// Export a trained model to an ONNX model directory (manifest, tokenizer, three graphs).
     Export {
         /// A `dalle train` run directory (transformer.safetensors, tokenizer.json, config.json).
-        #[arg(long)]
-        transformer: PathBuf,
+        #[arg(long, required_unless_present = "from_model")]
+        transformer: Option<PathBuf>,
         /// dVAE directory; defaults to the run's own `vae/` copy.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_model")]
         vae: Option<PathBuf>,
+        /// Re-export an exported model directory (any schema version) with this version: its
+        /// weights come from its graphs, its sampling defaults from its manifest (the sampling
+        /// flags below are ignored). Upgrades a directory whose training run is gone.
+        #[arg(long, conflicts_with = "transformer")]
+        from_model: Option<PathBuf>,
         /// Model directory to create.
         #[arg(long)]
         out: PathBuf,
@@ -1143,6 +1148,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export {
             transformer,
             vae,
+            from_model,
             out,
             opset,
             fp16,
@@ -1173,14 +1179,22 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 external_data_threshold,
             };
-            let m = dalle::export::export_with_sampling(
-                &transformer,
-                vae.as_deref(),
-                &out,
-                &opts,
-                sampling,
-                &mut |line| eprintln!("{line}"),
-            )?;
+            let mut progress = |line: &str| eprintln!("{line}");
+            let m = match (&from_model, &transformer) {
+                (Some(dir), _) => {
+                    let input = dalle::export::load_model_dir(dir)?;
+                    dalle_export::export(&input, &out, &opts, &mut progress)?
+                }
+                (None, Some(run)) => dalle::export::export_with_sampling(
+                    run,
+                    vae.as_deref(),
+                    &out,
+                    &opts,
+                    sampling,
+                    &mut progress,
+                )?,
+                (None, None) => bail!("give --transformer RUN_DIR or --from-model MODEL_DIR"),
+            };
             println!(
                 "exported {} ({} layers, {}, opset {}) to {}",
                 m.preset,

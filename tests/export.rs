@@ -130,33 +130,58 @@ fn candle_logits(m: &Candle, ids: &[u32], b: usize, seq: usize) -> Vec<f32> {
         .unwrap()
 }
 
-/// Run `transformer.onnx` on ids (b, t) with the given past (one (k, v) pair per layer, each
-/// (dims, data)); returns logits and the presents.
-#[allow(clippy::type_complexity)]
+/// The caller's side of the graph's KV contract: per layer, keys and values in fixed-capacity
+/// buffers `[b, heads, max_seq, head_dim]`, of which the first `len` positions are filled.
+struct Cache {
+    dims: [usize; 4],
+    len: usize,
+    layers: Vec<[Vec<f32>; 2]>,
+}
+
+fn empty_cache(m: &Manifest, b: usize) -> Cache {
+    let t = &m.transformer;
+    let dims = [b, t.n_heads, m.max_seq(), t.head_dim];
+    let zeros = || vec![0.0; dims.iter().product()];
+    Cache {
+        dims,
+        len: 0,
+        layers: (0..t.n_layers).map(|_| [zeros(), zeros()]).collect(),
+    }
+}
+
+/// Run `transformer.onnx` on ids (b, t) at positions `cache.len ..`; returns the logits and
+/// writes the `present` outputs (only the new positions) into the cache.
 fn tract_step(
     plan: &Arc<TypedRunnableModel>,
     ids: &[i64],
     b: usize,
-    past: &[(TValue, TValue)],
-) -> (Vec<f32>, Vec<(TValue, TValue)>) {
-    let mut inputs: TVec<TValue> = tvec![tract_i64(&[b, ids.len() / b], ids)];
-    for (k, v) in past {
-        inputs.push(k.clone());
-        inputs.push(v.clone());
+    cache: &mut Cache,
+) -> Vec<f32> {
+    let t = ids.len() / b;
+    let mut inputs: TVec<TValue> = tvec![
+        tract_i64(&[b, t], ids),
+        tract_i64(&[1], &[cache.len as i64])
+    ];
+    for kv in &cache.layers {
+        for x in kv {
+            inputs.push(tract_f32(&cache.dims, x));
+        }
     }
     let out = plan.run(inputs).unwrap();
-    let logits = values_f32(&out[0]);
-    let presents = out[1..]
-        .chunks(2)
-        .map(|kv| (kv[0].clone(), kv[1].clone()))
-        .collect();
-    (logits, presents)
-}
-
-fn empty_past(m: &Manifest, b: usize) -> Vec<(TValue, TValue)> {
-    let t = &m.transformer;
-    let empty = || tract_f32(&[b, t.n_heads, 0, t.head_dim], &[]);
-    (0..t.n_layers).map(|_| (empty(), empty())).collect()
+    let [_, h, cap, hd] = cache.dims;
+    for (kv, present) in cache.layers.iter_mut().zip(out[1..].chunks(2)) {
+        for (x, new) in kv.iter_mut().zip(present) {
+            assert_eq!(
+                new.shape(),
+                &[b, h, t, hd],
+                "present holds the new positions only"
+            );
+            let new = values_f32(new);
+            dalle_runtimes::session::write_positions(x, &new, b * h, cap, hd, cache.len, t);
+        }
+    }
+    cache.len += t;
+    values_f32(&out[0])
 }
 
 /// Teacher-forced logits of the whole sequence in one call (past length 0) and, separately,
@@ -174,7 +199,7 @@ fn check_transformer(dir: &Path, m: &Manifest, c: &Candle, cfg: &Config, tol: f3
         let want = candle_logits(c, &ids, b, s);
         let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
         let ids64: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let (got, presents) = tract_step(&plan, &ids64, b, &empty_past(m, b));
+        let got = tract_step(&plan, &ids64, b, &mut empty_cache(m, b));
         let d = common::max_abs_diff(&got, &want);
         eprintln!(
             "{}: teacher-forced b={b}: max |Δ| {d:.2e}, largest logit {scale:.1}",
@@ -184,16 +209,13 @@ fn check_transformer(dir: &Path, m: &Manifest, c: &Candle, cfg: &Config, tol: f3
             d <= tol * scale.max(1.0),
             "teacher-forced b={b}: max diff {d} (scale {scale})"
         );
-        assert_eq!(
-            presents[0].0.shape(),
-            &[b, m.transformer.n_heads, s, m.transformer.head_dim]
-        );
 
         // Prefill the caption, then one token at a time.
         let prefix: Vec<i64> = (0..b)
             .flat_map(|r| ids64[r * s..r * s + t].to_vec())
             .collect();
-        let (mut logits, mut past) = tract_step(&plan, &prefix, b, &empty_past(m, b));
+        let mut cache = empty_cache(m, b);
+        let mut logits = tract_step(&plan, &prefix, b, &mut cache);
         let mut steps = 0;
         for pos in t..=s {
             // `logits` are positions pos - len .. pos - 1; compare the last one.
@@ -212,11 +234,11 @@ fn check_transformer(dir: &Path, m: &Manifest, c: &Candle, cfg: &Config, tol: f3
                 break;
             }
             let next: Vec<i64> = (0..b).map(|r| ids64[r * s + pos]).collect();
-            (logits, past) = tract_step(&plan, &next, b, &past);
+            logits = tract_step(&plan, &next, b, &mut cache);
             steps += 1;
         }
         assert!(steps >= 20, "only {steps} decode steps");
-        assert_eq!(past[0].0.shape()[2], s);
+        assert_eq!(cache.len, s);
     }
 }
 

@@ -189,7 +189,7 @@ fn bad_model_directories_are_clear_errors() {
     let text = std::fs::read_to_string(d.join(names::MANIFEST)).unwrap();
     std::fs::write(
         d.join(names::MANIFEST),
-        text.replace("\"schema_version\": 1", "\"schema_version\": 7"),
+        text.replace("\"schema_version\": 2", "\"schema_version\": 7"),
     )
     .unwrap();
     assert!(open(&d).contains("schema version 7"), "{}", open(&d));

@@ -1,6 +1,8 @@
 //! `transformer.onnx`: the stage-2 transformer with a KV cache, op for op as
 //! `dalle::transformer::Transformer`. One graph serves prefill (past length 0) and decoding: the
-//! positions `past .. past + seq` come from the past keys' shape. Attention is sparse in the
+//! positions `past .. past + seq` come from the `past_sequence_length` input. The cache is a
+//! fixed-capacity buffer per layer that the graph only reads; `present` carries just the new
+//! positions, which the caller writes into its buffer. Attention is sparse in the
 //! graph as in candle: each query gathers from the cache only the keys its layer's mask allows
 //! (a constant index table per distinct attention kind, built from [`dalle_runtimes::allowed`]),
 //! so a decode step's attention reads the same number of keys at the first image token and the
@@ -32,9 +34,9 @@ pub fn mask_table(geometry: &Geometry, kind: AttentionKind) -> Vec<f32> {
 }
 
 /// Each query position's allowed keys in ascending order, padded with the query's own position
-/// to the widest row: `(table [seq_max, width], width)`. A row's keys below any `past ≤ p` are
-/// its first entries, at most `past` of them.
-pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) {
+/// to the widest row (at least `min_width`): `(table [seq_max, width], width)`. A row's keys
+/// below any `past ≤ p` are its first entries, at most `past` of them.
+pub fn key_table(geometry: &Geometry, kind: AttentionKind, min_width: usize) -> (Vec<i64>, usize) {
     let n = geometry.seq_len();
     let rows: Vec<Vec<i64>> = (0..n)
         .map(|q| {
@@ -44,7 +46,7 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) 
                 .collect()
         })
         .collect();
-    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let width = rows.iter().map(Vec::len).max().unwrap_or(1).max(min_width);
     let mut table = Vec::with_capacity(n * width);
     for (q, row) in rows.iter().enumerate() {
         table.extend_from_slice(row);
@@ -53,62 +55,64 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) 
     (table, width)
 }
 
-/// What every layer of one attention kind shares in a call at positions `past .. end`.
+/// What every layer of one attention kind shares in a call at positions `past .. past + seq`.
 #[derive(Clone)]
 struct KindTables {
     /// i64 `[seq, c]`: the cached key positions each query gathers, c = min(width, max(past, 1)).
     rows: String,
-    /// i64 `[1]`: c.
-    width: String,
-    /// `[seq, c + seq]`: 0 where the query may see the key, −∞ elsewhere (gathered keys at or
-    /// past `past` are this call's own and are counted in the second block instead).
-    mask: String,
+    /// `[seq, c]`: 0 where the gathered key is a cached one, −∞ for this call's own positions
+    /// and the padding (those keys are counted in `own` instead, or not at all).
+    cached_mask: String,
+    /// `[seq, seq]`: the mask among this call's own positions.
+    own_mask: String,
 }
 
+/// `positions` is the i64 `[seq]` tensor `past .. past + seq`; `past` is i64 `[1]`. Every shape
+/// follows from `positions` (gathers, not slices with computed bounds), so tract's symbolic
+/// shapes stay `seq`.
 fn kind_tables(
     g: &mut Graph,
     geometry: &Geometry,
     kind: AttentionKind,
-    past_len: &str,
-    end: &str,
+    past: &str,
+    positions: &str,
+    (width, c): (usize, &str),
 ) -> KindTables {
     let n = geometry.seq_len();
-    let (keys, width) = key_table(geometry, kind);
+    let (keys, width) = key_table(geometry, kind, width);
     let keys = g.int_table(&keys, &[n, width]);
-    let (one, zero) = (g.ints(&[1]), g.ints(&[0]));
-    let w = g.ints(&[width as i64]);
-    let at_least_one = g.op("Max", &[past_len, &one], vec![]);
-    let c = g.op("Min", &[&w, &at_least_one], vec![]);
-    let starts = g.op("Concat", &[past_len, &zero], vec![("axis", Attr::Int(0))]);
-    let ends = g.op("Concat", &[end, &c], vec![("axis", Attr::Int(0))]);
-    let axes = g.ints(&[0, 1]);
-    let rows = g.op("Slice", &[&keys, &starts, &ends, &axes], vec![]);
-    let cached = g.op("Less", &[&rows, past_len], vec![]);
+    let rows = g.op("Gather", &[&keys, positions], vec![("axis", Attr::Int(0))]);
+    let c0 = g.op("Squeeze", &[c], vec![]);
+    let (z0, o0) = (g.int_scalar(0), g.int_scalar(1));
+    let cols = g.op("Range", &[&z0, &c0, &o0], vec![]);
+    let rows = g.op("Gather", &[&rows, &cols], vec![("axis", Attr::Int(1))]);
+    let cached = g.op("Less", &[&rows, past], vec![]);
     let (open, shut) = (g.scalar(0.0), g.scalar(f32::NEG_INFINITY));
     let cached_mask = g.op("Where", &[&cached, &open, &shut], vec![]);
     let table = g.table(&mask_table(geometry, kind), &[n, n]);
-    let starts = g.op(
-        "Concat",
-        &[past_len, past_len],
-        vec![("axis", Attr::Int(0))],
-    );
-    let ends = g.op("Concat", &[end, end], vec![("axis", Attr::Int(0))]);
-    let own_mask = g.op("Slice", &[&table, &starts, &ends, &axes], vec![]);
-    let mask = g.op(
-        "Concat",
-        &[&cached_mask, &own_mask],
-        vec![("axis", Attr::Int(1))],
-    );
+    let own = g.op("Gather", &[&table, positions], vec![("axis", Attr::Int(0))]);
+    let own_mask = g.op("Gather", &[&own, positions], vec![("axis", Attr::Int(1))]);
     KindTables {
         rows,
-        width: c,
-        mask,
+        cached_mask,
+        own_mask,
+    }
+}
+
+/// `op` over the last axis, keeping it (axes an attribute before opset 18 for ReduceMax).
+fn reduce_last(g: &mut Graph, op: &str, x: &str, opset: i64) -> String {
+    let keep = ("keepdims", Attr::Int(1));
+    if op == "ReduceMax" && opset < 18 {
+        g.op(op, &[x], vec![("axes", Attr::Ints(vec![-1])), keep])
+    } else {
+        let axes = g.ints(&[-1]);
+        g.op(op, &[x, &axes], vec![keep])
     }
 }
 
 /// Attention of `q` `[b, h, seq, hd]` over the cached keys its mask allows — gathered per query
 /// from `cached` by `tables.rows`, so a decode step reads only those, not the whole cache — and
-/// over this call's own keys `new`. Returns `[b, h, seq, hd]`.
+/// over this call's own keys `new`, as one softmax over both blocks. Returns `[b, h, seq, hd]`.
 fn sparse_attention(
     g: &mut Graph,
     tables: &KindTables,
@@ -116,6 +120,7 @@ fn sparse_attention(
     new: (&str, &str),
     cached: (&str, &str),
     hd: usize,
+    opset: i64,
 ) -> String {
     // [b, h, seq, c, hd]
     let kg = g.op(
@@ -128,8 +133,10 @@ fn sparse_attention(
         &[cached.1, &tables.rows],
         vec![("axis", Attr::Int(2))],
     );
-    let (three, last) = (g.ints(&[3]), g.ints(&[-1]));
-    let q5 = g.op("Unsqueeze", &[q, &three], vec![]);
+    let three = g.ints(&[3]);
+    let scale = g.scalar(1.0 / (hd as f32).sqrt());
+    let q = g.op("Mul", &[q, &scale], vec![]);
+    let q5 = g.op("Unsqueeze", &[&q, &three], vec![]);
     let kgt = g.op(
         "Transpose",
         &[&kg],
@@ -137,30 +144,31 @@ fn sparse_attention(
     );
     let s_cached = g.op("MatMul", &[&q5, &kgt], vec![]);
     let s_cached = g.op("Squeeze", &[&s_cached, &three], vec![]);
+    let s_cached = g.op("Add", &[&s_cached, &tables.cached_mask], vec![]);
     let kt = g.op(
         "Transpose",
         &[new.0],
         vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
     );
-    let s_new = g.op("MatMul", &[q, &kt], vec![]);
-    let s = g.op(
-        "Concat",
-        &[&s_cached, &s_new],
-        vec![("axis", Attr::Int(-1))],
-    );
-    let scale = g.scalar(1.0 / (hd as f32).sqrt());
-    let s = g.op("Mul", &[&s, &scale], vec![]);
-    let s = g.op("Add", &[&s, &tables.mask], vec![]);
-    let att = g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-    let zero = g.ints(&[0]);
-    let a_cached = g.op("Slice", &[&att, &zero, &tables.width, &last], vec![]);
-    let huge = g.ints(&[i64::MAX]);
-    let a_new = g.op("Slice", &[&att, &tables.width, &huge, &last], vec![]);
-    let a_cached = g.op("Unsqueeze", &[&a_cached, &three], vec![]);
-    let y_cached = g.op("MatMul", &[&a_cached, &vg], vec![]);
+    let s_own = g.op("MatMul", &[&q, &kt], vec![]);
+    let s_own = g.op("Add", &[&s_own, &tables.own_mask], vec![]);
+    // Softmax over [cached ++ own]: every row has a finite score (a query sees itself).
+    let m_cached = reduce_last(g, "ReduceMax", &s_cached, opset);
+    let m_own = reduce_last(g, "ReduceMax", &s_own, opset);
+    let m = g.op("Max", &[&m_cached, &m_own], vec![]);
+    let d_cached = g.op("Sub", &[&s_cached, &m], vec![]);
+    let e_cached = g.op("Exp", &[&d_cached], vec![]);
+    let d_own = g.op("Sub", &[&s_own, &m], vec![]);
+    let e_own = g.op("Exp", &[&d_own], vec![]);
+    let z_cached = reduce_last(g, "ReduceSum", &e_cached, opset);
+    let z_own = reduce_last(g, "ReduceSum", &e_own, opset);
+    let z = g.op("Add", &[&z_cached, &z_own], vec![]);
+    let e_cached = g.op("Unsqueeze", &[&e_cached, &three], vec![]);
+    let y_cached = g.op("MatMul", &[&e_cached, &vg], vec![]);
     let y_cached = g.op("Squeeze", &[&y_cached, &three], vec![]);
-    let y_new = g.op("MatMul", &[&a_new, new.1], vec![]);
-    g.op("Add", &[&y_cached, &y_new], vec![])
+    let y_own = g.op("MatMul", &[&e_own, new.1], vec![]);
+    let y = g.op("Add", &[&y_cached, &y_own], vec![]);
+    g.op("Div", &[&y, &z], vec![])
 }
 
 fn layer_norm(g: &mut Graph, x: &str, prefix: &str, d: usize) -> R<String> {
@@ -213,43 +221,42 @@ pub fn transformer(
     let layout = TokenLayout::from(geometry);
     let (d, heads) = (spec.d_model, spec.n_heads);
     let hd = d / heads;
-    let (vocab, grid) = (layout.vocab_size(), geometry.grid);
+    let (vocab, grid, seq_max) = (layout.vocab_size(), geometry.grid, geometry.seq_len());
     let batch = Dim::Named(names::DIM_BATCH);
     let ids = g.input(
         names::INPUT_IDS,
         Elem::I64,
         &[batch.clone(), Dim::Named(names::DIM_SEQ)],
     );
-    let kv_dims = |len: &'static str| {
-        [
-            batch.clone(),
-            Dim::Fixed(heads),
-            Dim::Named(len),
-            Dim::Fixed(hd),
-        ]
-    };
+    let past_len = g.input(names::PAST_LENGTH, Elem::I64, &[Dim::Fixed(1)]);
+    let kv_dims = |len: Dim| [batch.clone(), Dim::Fixed(heads), len, Dim::Fixed(hd)];
     let mut past = vec![];
     for i in 0..spec.n_layers {
-        let k = g.input(&names::past_key(i), Elem::F32, &kv_dims(names::DIM_PAST));
-        let v = g.input(&names::past_value(i), Elem::F32, &kv_dims(names::DIM_PAST));
+        let k = g.input(
+            &names::past_key(i),
+            Elem::F32,
+            &kv_dims(Dim::Fixed(seq_max)),
+        );
+        let v = g.input(
+            &names::past_value(i),
+            Elem::F32,
+            &kv_dims(Dim::Fixed(seq_max)),
+        );
         past.push((k, v));
     }
 
     let x = g.scoped("/model", |g| -> R<String> {
-        // past = past_key_values.0.key.shape[2]; positions past .. past + seq.
-        let (past_len, end) = g.scoped("positions", |g| {
-            let past_len = g.op(
-                "Shape",
-                &[&past[0].0],
-                vec![("start", Attr::Int(2)), ("end", Attr::Int(3))],
-            );
+        // Positions past .. past + seq: Range(0, seq) + past.
+        let positions = g.scoped("positions", |g| {
             let t = g.op(
                 "Shape",
                 &[&ids],
                 vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
             );
-            let end = g.op("Add", &[&past_len, &t], vec![]);
-            (past_len, end)
+            let t = g.op("Squeeze", &[&t], vec![]);
+            let (zero, one) = (g.int_scalar(0), g.int_scalar(1));
+            let offsets = g.op("Range", &[&zero, &t, &one], vec![]);
+            g.op("Add", &[&offsets, &past_len], vec![])
         });
         let x = g.scoped("embed", |g| -> R<String> {
             let table = g.weight("embed.tokens.weight", &[vocab, d])?;
@@ -269,14 +276,26 @@ pub fn transformer(
                 &[&text_pos, &image_pos],
                 vec![("axis", Attr::Int(0))],
             );
-            let axes = g.ints(&[0]);
-            let pos = g.op("Slice", &[&all, &past_len, &end, &axes], vec![]);
+            let pos = g.op("Gather", &[&all, &positions], vec![("axis", Attr::Int(0))]);
             Ok(g.op("Add", &[&tok, &pos], vec![]))
         })?;
 
         // Per distinct kind: which cached keys each query gathers, and the additive mask over
         // [gathered cached keys ++ this call's keys].
         let kinds = layer_kinds(spec.n_layers, spec.conv_kernel);
+        // One gather width for every kind (the widest row of any), so the number of cached keys
+        // a call gathers, c = min(width, max(past, 1)), is one value: tract gives every
+        // computed slice length the same symbol.
+        let width = kinds
+            .iter()
+            .map(|&k| key_table(geometry, k, 1).1)
+            .max()
+            .unwrap_or(1);
+        let c = g.scoped("mask", |g| {
+            let (one, w) = (g.ints(&[1]), g.ints(&[width as i64]));
+            let at_least_one = g.op("Max", &[&past_len, &one], vec![]);
+            g.op("Min", &[&w, &at_least_one], vec![])
+        });
         let mut tables: Vec<(AttentionKind, KindTables)> = vec![];
         for &kind in &kinds {
             if tables.iter().any(|(k, _)| *k == kind) {
@@ -288,7 +307,7 @@ pub fn transformer(
                 AttentionKind::Conv { .. } => "conv",
             };
             let t = g.scoped(&format!("mask.{label}"), |g| {
-                kind_tables(g, geometry, kind, &past_len, &end)
+                kind_tables(g, geometry, kind, &past_len, &positions, (width, &c))
             });
             tables.push((kind, t));
         }
@@ -319,15 +338,12 @@ pub fn transformer(
                         g.op("Gather", &[&qkv, &idx], vec![("axis", Attr::Int(0))])
                     };
                     let (q, k, v) = (pick(g, 0), pick(g, 1), pick(g, 2));
-                    let cache = |g: &mut Graph, past: &str, new: &str, present: String| {
-                        let past = g.from_f32(past);
-                        let all = g.op("Concat", &[&past, new], vec![("axis", Attr::Int(2))]);
-                        g.to_f32_output(&all, &present);
-                        all
-                    };
-                    let all_k = cache(g, &pk, &k, names::present_key(i));
-                    let all_v = cache(g, &pv, &v, names::present_value(i));
-                    let y = sparse_attention(g, &tables, &q, (&k, &v), (&all_k, &all_v), hd);
+                    // The new positions go out as `present`, for the caller to write into its
+                    // buffer; the buffer itself is only read, at the gathered positions.
+                    g.to_f32_output(&k, &names::present_key(i));
+                    g.to_f32_output(&v, &names::present_value(i));
+                    let (ck, cv) = (g.from_f32(&pk), g.from_f32(&pv));
+                    let y = sparse_attention(g, &tables, &q, (&k, &v), (&ck, &cv), hd, opset);
                     let y = g.op(
                         "Transpose",
                         &[&y],
@@ -368,18 +384,20 @@ pub fn transformer(
         g.output(
             &names::present_key(i),
             Elem::F32,
-            &kv_dims(names::DIM_TOTAL),
+            &kv_dims(Dim::Named(names::DIM_SEQ)),
         );
         g.output(
             &names::present_value(i),
             Elem::F32,
-            &kv_dims(names::DIM_TOTAL),
+            &kv_dims(Dim::Named(names::DIM_SEQ)),
         );
     }
     g.finish(
         "transformer",
         opset,
-        "DALL·E stage-2 transformer (Ramesh et al. 2021) with a KV cache: \
-         input_ids at positions past_seq .. past_seq + seq → logits, present keys/values",
+        "DALL·E stage-2 transformer (Ramesh et al. 2021) with a KV cache: input_ids at \
+         positions past_sequence_length .. + seq, past_key_values (fixed-capacity buffers, \
+         read only at the keys each layer's mask allows) → logits, present keys/values of the \
+         new positions (the caller writes them into its buffers)",
     )
 }

@@ -10,7 +10,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The manifest format this crate reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: the KV cache is a fixed-capacity buffer the caller updates (`past_sequence_length` input,
+/// `present` holds only the new positions) — schema 1 graphs concatenated and returned the
+/// whole cache every step.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Element type of the weights and the computation inside the graphs. Inputs and outputs are
 /// f32 / i64 in both cases.
@@ -84,6 +88,7 @@ pub struct IoNames {
     pub image_tokens: String,
     pub input_ids: String,
     pub logits: String,
+    pub past_length: String,
     pub past_key: String,
     pub past_value: String,
     pub present_key: String,
@@ -100,6 +105,7 @@ impl Default for IoNames {
             image_tokens: names::IMAGE_TOKENS.into(),
             input_ids: names::INPUT_IDS.into(),
             logits: names::LOGITS.into(),
+            past_length: names::PAST_LENGTH.into(),
             past_key: template(names::past_key),
             past_value: template(names::past_value),
             present_key: template(names::present_key),
@@ -182,7 +188,7 @@ pub enum ManifestError {
     },
     #[error("{path}: not a valid manifest ({message}); re-export the model with `dalle export`")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: manifest schema version {found}, this build reads {SCHEMA_VERSION}; re-export the model with this version of `dalle export`")]
+    #[error("{path}: manifest schema version {found}, this build reads {SCHEMA_VERSION}; re-export the model with this version: `dalle export --from-model DIR --out NEW_DIR`")]
     Schema { path: PathBuf, found: u32 },
     #[error("{path}: inconsistent manifest: {message}")]
     Invalid { path: PathBuf, message: String },

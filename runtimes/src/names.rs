@@ -20,14 +20,17 @@ pub const IMAGE_TOKENS: &str = "image_tokens";
 pub const INPUT_IDS: &str = "input_ids";
 /// f32 `[batch, seq, vocab]`.
 pub const LOGITS: &str = "logits";
+/// i64 `[1]`: how many positions of the KV cache are filled; this call's tokens sit at
+/// positions `past_sequence_length ..`.
+pub const PAST_LENGTH: &str = "past_sequence_length";
 
 /// Symbolic dimension names of the graphs' inputs and outputs.
 pub const DIM_BATCH: &str = "batch";
 pub const DIM_SEQ: &str = "seq";
-pub const DIM_PAST: &str = "past_seq";
-pub const DIM_TOTAL: &str = "total_seq";
 
-/// f32 `[batch, heads, past_seq, head_dim]` keys of layer `i` for the positions seen so far.
+/// f32 `[batch, heads, max_seq, head_dim]` keys of layer `i`: a fixed-capacity buffer (the
+/// manifest's whole sequence) whose first `past_sequence_length` positions are filled; the rest
+/// is never read. The caller owns it and writes each call's [`present_key`] into it.
 pub fn past_key(i: usize) -> String {
     format!("past_key_values.{i}.key")
 }
@@ -37,7 +40,8 @@ pub fn past_value(i: usize) -> String {
     format!("past_key_values.{i}.value")
 }
 
-/// `[batch, heads, past_seq + seq, head_dim]`: the keys to feed back as `past_key(i)`.
+/// `[batch, heads, seq, head_dim]`: the keys of this call's positions only, to be written into
+/// the caller's buffer at `past_sequence_length ..` before the next call.
 pub fn present_key(i: usize) -> String {
     format!("present.{i}.key")
 }

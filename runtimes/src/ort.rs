@@ -3,15 +3,21 @@
 //! `tensorrt`). Nothing is linked at build time; the library comes from `ORT_DYLIB_PATH` or the
 //! directory `dalle setup ort [--gpu]` fills (see [`library_dir`]).
 
-use crate::session::{check_decode, check_encode, check_forward, KvCache, RuntimeError, Session};
+use crate::session::{
+    check_decode, check_encode, check_forward, to_capacity, write_positions, KvCache, RuntimeError,
+    Session,
+};
 use crate::{names, Manifest};
 use ort::session::{Session as OrtSession, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorRef};
+use ort::value::{Tensor, TensorRef};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// ONNX Runtime's own `present` keys and values per layer: the next step's past.
-struct OrtKv(Vec<(DynValue, DynValue)>);
+/// Keys and values per layer in the graph's fixed-capacity layout `[batch, heads, max_seq,
+/// head_dim]`: lent to ONNX Runtime in place every step, and each step's `present` (only the
+/// new positions) written into them.
+#[derive(Clone)]
+struct OrtKv(Vec<(Vec<f32>, Vec<f32>)>);
 
 /// The ONNX Runtime release the adapter is built and tested against (`ort` rc.15 reads ≥ 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -131,24 +137,24 @@ fn dispatch(
         Provider::Cuda => Ok(Some(ort::ep::CUDA::default().build().error_on_failure())),
         #[cfg(feature = "tensorrt")]
         Provider::TensorRt => {
-            // Optimisation profiles: batch 1..16 (opt 1), caption prefill to a full sequence
-            // of new tokens, past 0..max_seq.
+            // Optimisation profiles: batch 1..16 (opt 1), one new token to a full sequence of
+            // them; the cache buffers always hold max_seq positions.
             let t = &manifest.transformer;
             let max = manifest.max_seq();
-            let shapes = |b: usize, seq: usize, past: usize| {
+            let shapes = |b: usize, seq: usize| {
                 let mut s = vec![format!("{}:{b}x{seq}", names::INPUT_IDS)];
                 for i in 0..t.n_layers {
                     for n in [names::past_key(i), names::past_value(i)] {
-                        s.push(format!("{n}:{b}x{}x{past}x{}", t.n_heads, t.head_dim));
+                        s.push(format!("{n}:{b}x{}x{max}x{}", t.n_heads, t.head_dim));
                     }
                 }
                 s.join(",")
             };
             let mut ep = ort::ep::TensorRT::default()
                 .with_fp16(opts.trt_fp16)
-                .with_profile_min_shapes(shapes(1, 1, 0))
-                .with_profile_opt_shapes(shapes(1, 1, max / 2))
-                .with_profile_max_shapes(shapes(16, max, max));
+                .with_profile_min_shapes(shapes(1, 1))
+                .with_profile_opt_shapes(shapes(1, 1))
+                .with_profile_max_shapes(shapes(16, max));
             if let Some(dir) = &opts.trt_cache_dir {
                 ep = ep
                     .with_engine_cache(true)
@@ -269,58 +275,71 @@ impl Session for OrtRuntimeSession {
     ) -> Result<Vec<f32>, RuntimeError> {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let e = run_err(self.name);
-        // The previous step's `present` values are this step's past, read in place: the cache
-        // stays in ONNX Runtime's memory between steps. A cache filled on the host is borrowed.
-        let native = match cache.take_native(self.name)? {
-            Some(state) => Some(state.downcast::<OrtKv>().map_err(|_| RuntimeError::Run {
-                runtime: self.name,
-                message: "the KV cache's native state is not ONNX Runtime's".into(),
-            })?),
-            None => None,
+        let cap = self.manifest.max_seq();
+        let dims = cache.dims();
+        // The buffers are this cache's alone unless it was cloned; then the clone copies.
+        let mut kv = match cache.take_native(self.name)? {
+            Some(state) => {
+                let state = state.downcast::<OrtKv>().map_err(|_| RuntimeError::Run {
+                    runtime: self.name,
+                    message: "the KV cache's native state is not ONNX Runtime's".into(),
+                })?;
+                Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())
+            }
+            None => OrtKv(
+                cache
+                    .layers
+                    .iter()
+                    .map(|(k, v)| (to_capacity(k, dims, cap), to_capacity(v, dims, cap)))
+                    .collect(),
+            ),
         };
-        let dims = cache.dims().to_vec();
-        let mut inputs: Vec<(String, SessionInputValue)> = vec![(
-            names::INPUT_IDS.into(),
-            Tensor::from_array((vec![batch, t], ids.to_vec()))
-                .map_err(&e)?
-                .into(),
-        )];
-        match &native {
-            Some(kv) => {
-                for (i, (k, v)) in kv.0.iter().enumerate() {
-                    inputs.push((names::past_key(i), k.into()));
-                    inputs.push((names::past_value(i), v.into()));
-                }
-            }
-            None => {
-                for (i, (k, v)) in cache.layers.iter().enumerate() {
-                    let kt = TensorRef::from_array_view((dims.clone(), &k[..])).map_err(&e)?;
-                    let vt = TensorRef::from_array_view((dims.clone(), &v[..])).map_err(&e)?;
-                    inputs.push((names::past_key(i), kt.into()));
-                    inputs.push((names::past_value(i), vt.into()));
-                }
-            }
+        let [b, h, len, hd] = dims;
+        let buffer = vec![b, h, cap, hd];
+        let mut inputs: Vec<(String, SessionInputValue)> = vec![
+            (
+                names::INPUT_IDS.into(),
+                Tensor::from_array((vec![batch, t], ids.to_vec()))
+                    .map_err(&e)?
+                    .into(),
+            ),
+            (
+                names::PAST_LENGTH.into(),
+                Tensor::from_array((vec![1], vec![len as i64]))
+                    .map_err(&e)?
+                    .into(),
+            ),
+        ];
+        for (i, (k, v)) in kv.0.iter().enumerate() {
+            let kt = TensorRef::from_array_view((buffer.clone(), &k[..])).map_err(&e)?;
+            let vt = TensorRef::from_array_view((buffer.clone(), &v[..])).map_err(&e)?;
+            inputs.push((names::past_key(i), kt.into()));
+            inputs.push((names::past_value(i), vt.into()));
         }
         let mut session = lock(&self.transformer);
-        let mut out = session.run(inputs).map_err(&e)?;
+        let out = session.run(inputs).map_err(&e)?;
         let logits = out[names::LOGITS]
             .try_extract_tensor::<f32>()
             .map_err(&e)?
             .1
             .to_vec();
-        let mut kv = Vec::with_capacity(cache.layers.len());
-        for i in 0..cache.layers.len() {
-            let mut take = |name: String| {
-                out.remove(&name).ok_or_else(|| RuntimeError::Run {
+        let mut present = Vec::with_capacity(2 * kv.0.len());
+        for i in 0..kv.0.len() {
+            for name in [names::present_key(i), names::present_value(i)] {
+                let value = out.get(&name).ok_or_else(|| RuntimeError::Run {
                     runtime: self.name,
                     message: format!("the graph returned no `{name}`"),
-                })
-            };
-            kv.push((take(names::present_key(i))?, take(names::present_value(i))?));
+                })?;
+                present.push(value.try_extract_tensor::<f32>().map_err(&e)?.1.to_vec());
+            }
         }
         drop(out);
         drop(session);
-        cache.set_native(self.name, Arc::new(OrtKv(kv)));
+        for (i, (k, v)) in kv.0.iter_mut().enumerate() {
+            write_positions(k, &present[2 * i], b * h, cap, hd, len, t);
+            write_positions(v, &present[2 * i + 1], b * h, cap, hd, len, t);
+        }
+        cache.set_native(self.name, Arc::new(kv));
         cache.len += t;
         Ok(logits)
     }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 /// Keys and values of every layer for the positions seen so far, on the host:
 /// `[batch, heads, len, head_dim]` row-major per layer — or, for a runtime that keeps them in
-/// its own form between steps (all of ours do: candle and tract tensors, ONNX Runtime values),
-/// in [`KvCache::native`], with `layers` left empty.
+/// its own form between steps (all of ours do: candle tensors; tract tensors and host buffers
+/// for ONNX Runtime in the graphs' fixed-capacity layout, updated in place), in
+/// [`KvCache::native`], with `layers` left empty.
 #[derive(Clone)]
 pub struct KvCache {
     pub batch: usize,
@@ -74,6 +75,34 @@ impl KvCache {
     /// Shape of one layer's keys or values.
     pub fn dims(&self) -> [usize; 4] {
         [self.batch, self.heads, self.len, self.head_dim]
+    }
+}
+
+/// One layer's keys or values in the graphs' fixed-capacity layout `[batch, heads, cap, head_dim]`
+/// (positions `len ..` zero), copied from the host layout `[batch, heads, len, head_dim]`.
+pub fn to_capacity(host: &[f32], dims: [usize; 4], cap: usize) -> Vec<f32> {
+    let [b, h, len, hd] = dims;
+    let mut buf = vec![0.0; b * h * cap * hd];
+    if len > 0 {
+        write_positions(&mut buf, host, b * h, cap, hd, 0, len);
+    }
+    buf
+}
+
+/// Write `new` (`rows × t × hd`, e.g. a graph's `present` output) into `buf` (`rows × cap × hd`)
+/// at positions `at .. at + t` of every row.
+pub fn write_positions(
+    buf: &mut [f32],
+    new: &[f32],
+    rows: usize,
+    cap: usize,
+    hd: usize,
+    at: usize,
+    t: usize,
+) {
+    for r in 0..rows {
+        let dst = (r * cap + at) * hd;
+        buf[dst..dst + t * hd].copy_from_slice(&new[r * t * hd..(r + 1) * t * hd]);
     }
 }
 

@@ -1,7 +1,10 @@
 //! The tract runtime (pure Rust, CPU): each graph is loaded once into an optimised plan with
 //! symbolic batch / sequence / past dimensions and reused for every call.
 
-use crate::session::{check_decode, check_encode, check_forward, KvCache, RuntimeError, Session};
+use crate::session::{
+    check_decode, check_encode, check_forward, to_capacity, write_positions, KvCache, RuntimeError,
+    Session,
+};
 use crate::{names, Manifest};
 use std::path::Path;
 use std::sync::Arc;
@@ -35,8 +38,10 @@ fn load(dir: &Path, file: &str) -> Result<Arc<TypedRunnableModel>, RuntimeError>
         .map_err(fail)
 }
 
-/// tract's own `present` keys and values, layer after layer: the next step's past.
-struct TractKv(Vec<TValue>);
+/// Keys and values, layer after layer, in the graph's fixed-capacity layout `[batch, heads,
+/// max_seq, head_dim]`: lent to tract (shared, not copied) every step, then each step's
+/// `present` (only the new positions) written into them in place.
+struct TractKv(Vec<Arc<Tensor>>);
 
 pub struct TractSession {
     manifest: Manifest,
@@ -104,27 +109,50 @@ impl Session for TractSession {
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, RuntimeError> {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
+        let cap = self.manifest.max_seq();
         let dims = cache.dims();
-        let mut inputs: TVec<TValue> = tvec![tensor(&[batch, t], ids)?];
-        // The previous step's `present` tensors are this step's past, shared, not copied (a
-        // shared input is never updated in place by tract). A host cache is copied in once.
-        match cache.take_native(NAME)? {
+        let [b, h, len, hd] = dims;
+        let mut kv = match cache.take_native(NAME)? {
             Some(state) => {
                 let kv = state
                     .downcast::<TractKv>()
                     .map_err(|_| err("the KV cache's native state is not tract's"))?;
-                inputs.extend(kv.0.iter().cloned());
+                // Shared only when the cache was cloned: then the clone copies on write.
+                Arc::try_unwrap(kv).unwrap_or_else(|shared| TractKv(shared.0.clone()))
             }
             None => {
+                let mut buffers = vec![];
                 for (k, v) in &cache.layers {
-                    inputs.push(tensor(&dims, k)?);
-                    inputs.push(tensor(&dims, v)?);
+                    for host in [k, v] {
+                        let data = to_capacity(host, dims, cap);
+                        let tensor = Tensor::from_shape(&[b, h, cap, hd], &data).map_err(err)?;
+                        buffers.push(Arc::new(tensor));
+                    }
                 }
+                TractKv(buffers)
             }
-        }
+        };
+        let mut inputs: TVec<TValue> =
+            tvec![tensor(&[batch, t], ids)?, tensor(&[1], &[len as i64])?];
+        inputs.extend(kv.0.iter().map(|k| TValue::from_const(k.clone())));
         let out = self.run(&self.transformer, inputs)?;
         let logits = values(&out[0])?;
-        cache.set_native(NAME, Arc::new(TractKv(out.into_iter().skip(1).collect())));
+        // tract dropped its references with the run's state: the writes below are in place.
+        for (buffer, present) in kv.0.iter_mut().zip(out.iter().skip(1)) {
+            let new = present.to_plain_array_view::<f32>().map_err(err)?;
+            let new = new
+                .as_slice()
+                .ok_or_else(|| err("a `present` output is not contiguous"))?;
+            let mut buffer = Arc::make_mut(buffer)
+                .to_plain_array_view_mut::<f32>()
+                .map_err(err)?;
+            let buffer = buffer
+                .as_slice_mut()
+                .ok_or_else(|| err("a KV buffer is not contiguous"))?;
+            write_positions(buffer, new, b * h, cap, hd, len, t);
+        }
+        drop(out);
+        cache.set_native(NAME, Arc::new(kv));
         cache.len += t;
         Ok(logits)
     }
