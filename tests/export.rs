@@ -587,3 +587,57 @@ fn cli_prints_a_line_per_graph_and_one_error_line() {
     }
     assert_eq!(Manifest::load(&out).unwrap().dtype, Dtype::F16);
 }
+
+/// A model directory of an older schema is refused with the command that upgrades it, and
+/// `--from-model` re-exports a directory from its own graphs and manifest: same weights, same
+/// dVAE graphs byte for byte, same sampling defaults.
+#[test]
+fn from_model_re_exports_a_model_dir_with_its_weights_and_settings() {
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let old = tmp.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    for e in std::fs::read_dir(&bundled).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+    }
+    let text = std::fs::read_to_string(old.join(names::MANIFEST)).unwrap();
+    let v1 = text.replace("\"schema_version\": 2", "\"schema_version\": 1");
+    assert_ne!(v1, text);
+    std::fs::write(old.join(names::MANIFEST), v1).unwrap();
+    let err = Manifest::load(&old).unwrap_err().to_string();
+    assert!(
+        err.contains("schema version 1") && err.contains("dalle export --from-model"),
+        "{err}"
+    );
+
+    let out = tmp.path().join("new");
+    let input = dalle::export::load_model_dir(&old).unwrap();
+    let m = dalle_export::export(&input, &out, &ExportOptions::default(), &mut |_| {}).unwrap();
+    let src = Manifest::load(&bundled).unwrap();
+    assert_eq!(m.sampling, src.sampling);
+    assert_eq!(m.geometry, src.geometry);
+    assert_eq!(m.layers, src.layers);
+    for f in [names::DVAE_ENCODER, names::DVAE_DECODER, names::TOKENIZER] {
+        let (a, b) = (
+            std::fs::read(bundled.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+        );
+        assert!(a == b, "{f} differs after the round trip");
+    }
+    let weights = |d: &Path| dalle_export::read_initializers(&d.join(names::TRANSFORMER)).unwrap();
+    let (a, b) = (weights(&bundled), weights(&out));
+    assert_eq!(a.len(), b.len());
+    for (name, w) in &a {
+        let x = &b[name];
+        assert!(
+            x.dims == w.dims && x.data == w.data,
+            "weight {name} changed"
+        );
+    }
+    // Not a model directory: one clear error.
+    let err = dalle::export::load_model_dir(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("manifest.json"), "{err}");
+}

@@ -76,10 +76,15 @@ fn kind_tables(
     kind: AttentionKind,
     past: &str,
     positions: &str,
-    (width, c): (usize, &str),
 ) -> KindTables {
     let n = geometry.seq_len();
-    let (keys, width) = key_table(geometry, kind, width);
+    let (keys, width) = key_table(geometry, kind, 1);
+    let c = {
+        let (one, w) = (g.ints(&[1]), g.ints(&[width as i64]));
+        let at_least_one = g.op("Max", &[past, &one], vec![]);
+        g.op("Min", &[&w, &at_least_one], vec![])
+    };
+    let c = &c;
     let keys = g.int_table(&keys, &[n, width]);
     let rows = g.op("Gather", &[&keys, positions], vec![("axis", Attr::Int(0))]);
     let c0 = g.op("Squeeze", &[c], vec![]);
@@ -283,19 +288,6 @@ pub fn transformer(
         // Per distinct kind: which cached keys each query gathers, and the additive mask over
         // [gathered cached keys ++ this call's keys].
         let kinds = layer_kinds(spec.n_layers, spec.conv_kernel);
-        // One gather width for every kind (the widest row of any), so the number of cached keys
-        // a call gathers, c = min(width, max(past, 1)), is one value: tract gives every
-        // computed slice length the same symbol.
-        let width = kinds
-            .iter()
-            .map(|&k| key_table(geometry, k, 1).1)
-            .max()
-            .unwrap_or(1);
-        let c = g.scoped("mask", |g| {
-            let (one, w) = (g.ints(&[1]), g.ints(&[width as i64]));
-            let at_least_one = g.op("Max", &[&past_len, &one], vec![]);
-            g.op("Min", &[&w, &at_least_one], vec![])
-        });
         let mut tables: Vec<(AttentionKind, KindTables)> = vec![];
         for &kind in &kinds {
             if tables.iter().any(|(k, _)| *k == kind) {
@@ -307,7 +299,7 @@ pub fn transformer(
                 AttentionKind::Conv { .. } => "conv",
             };
             let t = g.scoped(&format!("mask.{label}"), |g| {
-                kind_tables(g, geometry, kind, &past_len, &positions, (width, &c))
+                kind_tables(g, geometry, kind, &past_len, &positions)
             });
             tables.push((kind, t));
         }
