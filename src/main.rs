@@ -274,6 +274,10 @@ struct BenchArgs {
     model: Option<PathBuf>,
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Image grid in tokens per side, replacing the preset's (the image side scales with it):
+    /// e.g. `--preset small --grid 32` for a 32×32-token image.
+    #[arg(long, conflicts_with = "model")]
+    grid: Option<usize>,
     /// Comma-separated runtimes (candle, tract, ort; cuda and trt where a GPU is present).
     #[arg(long, value_delimiter = ',', default_value = "candle,tract")]
     runtimes: Vec<String>,
@@ -310,6 +314,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let opts = dalle::bench::BenchOptions {
         model: a.model,
         preset: a.preset,
+        grid: a.grid,
         runtimes,
         batches: a.batch,
         recompute_positions: a.recompute_positions,

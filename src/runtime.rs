@@ -102,7 +102,8 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
     }
 }
 
-/// The candle session's KV cache between steps: each layer's (keys, values) tensors.
+/// The candle session's KV cache between steps: each layer's (keys, values) buffers of the
+/// whole sequence's capacity, written in place step after step.
 struct NativeCache(Vec<Option<(Tensor, Tensor)>>);
 
 /// The candle models behind the runtime trait: from a model directory, or from in-memory
@@ -185,11 +186,24 @@ impl Session for CandleSession {
         // The cache stays as candle tensors between steps (in `cache.native`); host layers are
         // read only for a cache filled elsewhere.
         let layers = match cache.take_native(NAME)? {
-            Some(state) => state
-                .downcast::<NativeCache>()
-                .map_err(|_| err("the KV cache's native state is not candle's"))?
-                .0
-                .clone(),
+            Some(state) => {
+                let state = state
+                    .downcast::<NativeCache>()
+                    .map_err(|_| err("the KV cache's native state is not candle's"))?;
+                // Buffers are written in place: a cache that was cloned gets copies of its own.
+                match Arc::try_unwrap(state) {
+                    Ok(own) => own.0,
+                    Err(shared) => shared
+                        .0
+                        .iter()
+                        .map(|l| match l {
+                            Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
+                            None => Ok(None),
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()
+                        .map_err(err)?,
+                }
+            }
             None => {
                 let dims = cache.dims();
                 cache
@@ -207,7 +221,7 @@ impl Session for CandleSession {
                     .map_err(err)?
             }
         };
-        let mut c = CandleCache::from_layers(layers);
+        let mut c = CandleCache::from_layers(layers, cache.len);
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
         let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;

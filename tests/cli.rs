@@ -141,7 +141,32 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     );
     assert!(table.contains("| tract | 1 |"), "{table}");
 
+    // Another grid for the preset: 4×4 image tokens after tiny's 32 caption positions.
+    let json = ok(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--grid",
+        "4",
+        "--runtimes",
+        "tract",
+        "--batch",
+        "1",
+        "--recompute-positions",
+        "2",
+        "--train-batch",
+        "0",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["image_tokens"], 16, "{r}");
+    assert_eq!(
+        r["decode"][0]["recompute_positions"],
+        serde_json::json!([32, 47])
+    );
+
     fails(&["bench", "--batch", "0"], "at least 1");
+    fails(&["bench", "--grid", "0"], "at least 1");
     fails(&["bench", "--runtimes", "nope"], "unknown runtime `nope`");
     fails(
         &[

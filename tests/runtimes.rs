@@ -104,6 +104,35 @@ fn every_runtime_conforms() {
             "{}: batch row 1 alone differs by {d}",
             kind.name()
         );
+        // A cloned cache is a separate cache: the runtimes write steps into their buffers in
+        // place, so a clone must not see (or overwrite) the other's positions.
+        let (text, x, y, z) = (row(0, 0, half), ids[half], ids[half + 1], ids[half + 2]);
+        let after = |steps: &[i64]| {
+            let mut c = KvCache::new(&m, 1);
+            sess.forward(&text, 1, &mut c).unwrap();
+            let mut logits = vec![];
+            for &t in steps {
+                logits = sess.forward(&[t], 1, &mut c).unwrap();
+            }
+            logits
+        };
+        let mut a = KvCache::new(&m, 1);
+        sess.forward(&text, 1, &mut a).unwrap();
+        let mut b = a.clone();
+        sess.forward(&[x], 1, &mut a).unwrap();
+        sess.forward(&[y], 1, &mut b).unwrap();
+        let (za, zb) = (
+            sess.forward(&[z], 1, &mut a).unwrap(),
+            sess.forward(&[z], 1, &mut b).unwrap(),
+        );
+        for (got, steps) in [(za, [x, z]), (zb, [y, z])] {
+            let d = common::max_abs_diff(&got, &after(&steps));
+            assert!(
+                d <= LOGITS_TOL,
+                "{}: cloned caches interfere ({d})",
+                kind.name()
+            );
+        }
         // Same seed, same images.
         let out = g
             .generate(&Request::new("a red circle").num_images(2).top_k(8).seed(5))

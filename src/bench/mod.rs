@@ -214,6 +214,8 @@ pub struct BenchOptions {
     /// A model directory; otherwise `preset` with random weights.
     pub model: Option<std::path::PathBuf>,
     pub preset: String,
+    /// Image grid replacing the preset's (e.g. 32 for 32×32 image tokens).
+    pub grid: Option<usize>,
     pub runtimes: Vec<dalle_runtimes::RuntimeKind>,
     pub batches: Vec<usize>,
     /// Image positions timed without the KV cache (at least 2: the first and the last).
@@ -257,6 +259,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             "--batch sizes must be at least 1".into(),
         ));
     }
+    if opts.grid == Some(0) {
+        return Err(crate::Error::Usage("--grid must be at least 1".into()));
+    }
     if opts.runtimes.is_empty() {
         return Err(crate::Error::Usage("--runtimes names no runtime".into()));
     }
@@ -272,7 +277,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 "exporting a random-weight `{}` model",
                 opts.preset
             ));
-            model::BenchModel::random(&opts.preset, 0)?
+            model::BenchModel::random(&opts.preset, 0, opts.grid)?
         }
     };
     let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;

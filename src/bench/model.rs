@@ -33,9 +33,16 @@ impl BenchModel {
     }
 
     /// `preset` with random weights (GPT-2's initialisation for the transformer, the dVAE's own
-    /// initialisation), exported as f32 with the default options.
-    pub fn random(preset: &str, seed: u64) -> Result<Self> {
-        let cfg = Config::preset(preset)?;
+    /// initialisation), exported as f32 with the default options; `grid` replaces the preset's
+    /// image grid (the image side scales with it, same pixels per token).
+    pub fn random(preset: &str, seed: u64, grid: Option<usize>) -> Result<Self> {
+        let mut cfg = Config::preset(preset)?;
+        if let Some(grid) = grid {
+            let g = &mut cfg.geometry;
+            g.image_size = g.image_size / g.grid * grid;
+            g.grid = grid;
+            cfg.validate()?;
+        }
         let work =
             std::env::temp_dir().join(format!("dalle-bench-{}-{preset}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);

@@ -12,36 +12,71 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
-/// Keys and values of every layer for the positions seen so far: (b, heads, past, head_dim).
-#[derive(Clone, Debug, Default)]
+/// Keys and values of every layer for the positions seen so far, in buffers of the whole
+/// sequence's capacity, (b, heads, seq_len, head_dim), of which the first `past_len` positions
+/// are filled: a step writes its keys in place instead of concatenating (and so copying) the
+/// whole cache. Not `Clone`: clones would share (and overwrite) the buffers.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         KvCache {
             layers: vec![None; n_layers],
+            len: 0,
         }
     }
 
-    /// A cache holding `layers` (keys, values) per layer, each (b, heads, past, head_dim).
-    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
-        KvCache { layers }
+    /// A cache of `len` positions held in `layers` (keys, values) per layer, each
+    /// (b, heads, ≥ len, head_dim) — capacity buffers from [`KvCache::into_layers`] or tensors
+    /// of exactly `len` positions (moved into buffers at the next step). The tensors must not
+    /// be shared with another cache.
+    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>, len: usize) -> Self {
+        KvCache { layers, len }
     }
 
-    /// The (keys, values) of every layer.
+    /// The (keys, values) buffers of every layer.
     pub fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
         self.layers
     }
 
     /// Number of positions already in the cache.
     pub fn past_len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
-        }
+        self.len
     }
+}
+
+/// One layer's slot of a [`KvCache`] with the positions already filled and the capacity.
+type LayerCache<'a> = (&'a mut Option<(Tensor, Tensor)>, usize, usize);
+
+/// Write this call's keys and values `(k, v)` (b, h, t, hd) into `slot`'s buffers at positions
+/// `past ..`, allocating buffers of `capacity` positions (and moving an exact-length cache into
+/// them) first if needed. Returns the buffers.
+fn store(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    capacity: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, _, hd) = k.dims4()?;
+    let fits = matches!(slot, Some((bk, _)) if bk.dim(2)? == capacity);
+    if !fits {
+        let fresh = || Tensor::zeros((b, h, capacity, hd), k.dtype(), k.device());
+        let (bk, bv) = (fresh()?, fresh()?);
+        if let Some((ok, ov)) = slot.take() {
+            bk.slice_set(&ok.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+            bv.slice_set(&ov.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+        }
+        *slot = Some((bk, bv));
+    }
+    let (bk, bv) = slot.as_ref().expect("allocated above");
+    bk.slice_set(k, 2, past)?;
+    bv.slice_set(v, 2, past)?;
+    Ok((bk.clone(), bv.clone()))
 }
 
 /// Layer normalisation from tensor ops, so that it back-propagates (candle-nn's fused
@@ -99,12 +134,14 @@ impl Attention {
     /// `mask`: additive (t, past + t), 0 where allowed and −∞ elsewhere. `keys`: for a single
     /// query (t = 1), the positions its mask allows; attention then reads only those keys and
     /// values instead of the whole cache (the same result: masked weights are exactly 0).
+    /// `cache`: this layer's buffers, the positions before `past` filled, `capacity` long;
+    /// `None` (training) keeps nothing and stays differentiable.
     fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         keys: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let qkv = self
@@ -115,11 +152,13 @@ impl Attention {
         let q = qkv.get(0)?.contiguous()?;
         let mut k = qkv.get(1)?.contiguous()?;
         let mut v = qkv.get(2)?.contiguous()?;
-        if let Some((pk, pv)) = cache.as_ref() {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
+        if let Some((slot, past, capacity)) = cache {
+            let (bk, bv) = store(slot, &k, &v, past, capacity)?;
+            (k, v) = match keys {
+                Some(_) => (bk, bv),
+                None => (bk.narrow(2, 0, past + t)?, bv.narrow(2, 0, past + t)?),
+            };
         }
-        *cache = Some((k.clone(), v.clone()));
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = match keys {
             Some(idx) => {
@@ -175,7 +214,7 @@ impl Block {
         x: &Tensor,
         mask: &Tensor,
         keys: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let x = (x + self
             .attn
@@ -305,14 +344,9 @@ impl Transformer {
     /// is what `cache` holds (0 without a cache). The cache is extended in place.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let mut scratch;
-        let cache = match cache {
-            Some(c) => c,
-            None => {
-                scratch = KvCache::new(self.blocks.len());
-                &mut scratch
-            }
-        };
+        let mut scratch = KvCache::new(self.blocks.len());
+        let cached = cache.is_some();
+        let cache = cache.unwrap_or(&mut scratch);
         if cache.layers.len() != self.blocks.len() {
             candle_core::bail!(
                 "KV cache has {} layers, the model {}",
@@ -359,8 +393,10 @@ impl Transformer {
                 .iter()
                 .find(|(k, _)| *k == self.kinds[i])
                 .map(|(_, idx)| idx);
-            x = block.forward(&x, &mask, k, &mut cache.layers[i])?;
+            let slot = cached.then(|| (&mut cache.layers[i], past, self.seq_len()));
+            x = block.forward(&x, &mask, k, slot)?;
         }
+        cache.len = past + t;
         self.head.forward(&self.ln_f.forward(&x)?)
     }
 }
