@@ -60,11 +60,10 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind, min_width: usize) -> 
 struct KindTables {
     /// i64 `[seq, c]`: the cached key positions each query gathers, c = min(width, max(past, 1)).
     rows: String,
-    /// `[seq, c]`: 0 where the gathered key is a cached one, −∞ for this call's own positions
-    /// and the padding (those keys are counted in `own` instead, or not at all).
-    cached_mask: String,
-    /// `[seq, seq]`: the mask among this call's own positions.
-    own_mask: String,
+    /// `[seq, seq + c]`: 0 where the query may see the key, −∞ elsewhere, over [this call's own
+    /// positions ++ the gathered cached keys]; a gathered key at or past `past` is one of this
+    /// call's own (counted in the first block) or padding, so it is −∞ in the second.
+    mask: String,
 }
 
 /// `positions` is the i64 `[seq]` tensor `past .. past + seq`; `past` is i64 `[1]`. Every shape
@@ -97,27 +96,18 @@ fn kind_tables(
     let table = g.table(&mask_table(geometry, kind), &[n, n]);
     let own = g.op("Gather", &[&table, positions], vec![("axis", Attr::Int(0))]);
     let own_mask = g.op("Gather", &[&own, positions], vec![("axis", Attr::Int(1))]);
-    KindTables {
-        rows,
-        cached_mask,
-        own_mask,
-    }
-}
-
-/// `op` over the last axis, keeping it (axes an attribute before opset 18 for ReduceMax).
-fn reduce_last(g: &mut Graph, op: &str, x: &str, opset: i64) -> String {
-    let keep = ("keepdims", Attr::Int(1));
-    if op == "ReduceMax" && opset < 18 {
-        g.op(op, &[x], vec![("axes", Attr::Ints(vec![-1])), keep])
-    } else {
-        let axes = g.ints(&[-1]);
-        g.op(op, &[x, &axes], vec![keep])
-    }
+    let mask = g.op(
+        "Concat",
+        &[&own_mask, &cached_mask],
+        vec![("axis", Attr::Int(1))],
+    );
+    KindTables { rows, mask }
 }
 
 /// Attention of `q` `[b, h, seq, hd]` over the cached keys its mask allows — gathered per query
 /// from `cached` by `tables.rows`, so a decode step reads only those, not the whole cache — and
-/// over this call's own keys `new`, as one softmax over both blocks. Returns `[b, h, seq, hd]`.
+/// over this call's own keys `new`, as one softmax over both blocks; `seq` is i64 `[1]`, this
+/// call's length. Returns `[b, h, seq, hd]`.
 fn sparse_attention(
     g: &mut Graph,
     tables: &KindTables,
@@ -125,7 +115,7 @@ fn sparse_attention(
     new: (&str, &str),
     cached: (&str, &str),
     hd: usize,
-    opset: i64,
+    seq: &str,
 ) -> String {
     // [b, h, seq, c, hd]
     let kg = g.op(
@@ -149,31 +139,30 @@ fn sparse_attention(
     );
     let s_cached = g.op("MatMul", &[&q5, &kgt], vec![]);
     let s_cached = g.op("Squeeze", &[&s_cached, &three], vec![]);
-    let s_cached = g.op("Add", &[&s_cached, &tables.cached_mask], vec![]);
     let kt = g.op(
         "Transpose",
         &[new.0],
         vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
     );
     let s_own = g.op("MatMul", &[&q, &kt], vec![]);
-    let s_own = g.op("Add", &[&s_own, &tables.own_mask], vec![]);
-    // Softmax over [cached ++ own]: every row has a finite score (a query sees itself).
-    let m_cached = reduce_last(g, "ReduceMax", &s_cached, opset);
-    let m_own = reduce_last(g, "ReduceMax", &s_own, opset);
-    let m = g.op("Max", &[&m_cached, &m_own], vec![]);
-    let d_cached = g.op("Sub", &[&s_cached, &m], vec![]);
-    let e_cached = g.op("Exp", &[&d_cached], vec![]);
-    let d_own = g.op("Sub", &[&s_own, &m], vec![]);
-    let e_own = g.op("Exp", &[&d_own], vec![]);
-    let z_cached = reduce_last(g, "ReduceSum", &e_cached, opset);
-    let z_own = reduce_last(g, "ReduceSum", &e_own, opset);
-    let z = g.op("Add", &[&z_cached, &z_own], vec![]);
-    let e_cached = g.op("Unsqueeze", &[&e_cached, &three], vec![]);
-    let y_cached = g.op("MatMul", &[&e_cached, &vg], vec![]);
+    // One softmax over [own ++ cached] (own first: its width is `seq`, a shape tract can type,
+    // so both slices below have symbolic lengths). Every row has a finite score: a query sees
+    // itself.
+    let s = g.op(
+        "Concat",
+        &[&s_own, &s_cached],
+        vec![("axis", Attr::Int(-1))],
+    );
+    let s = g.op("Add", &[&s, &tables.mask], vec![]);
+    let att = g.op("Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+    let (zero, huge) = (g.ints(&[0]), g.ints(&[i64::MAX]));
+    let a_own = g.op("Slice", &[&att, &zero, seq, &three], vec![]);
+    let a_cached = g.op("Slice", &[&att, seq, &huge, &three], vec![]);
+    let y_own = g.op("MatMul", &[&a_own, new.1], vec![]);
+    let a_cached = g.op("Unsqueeze", &[&a_cached, &three], vec![]);
+    let y_cached = g.op("MatMul", &[&a_cached, &vg], vec![]);
     let y_cached = g.op("Squeeze", &[&y_cached, &three], vec![]);
-    let y_own = g.op("MatMul", &[&e_own, new.1], vec![]);
-    let y = g.op("Add", &[&y_cached, &y_own], vec![]);
-    g.op("Div", &[&y, &z], vec![])
+    g.op("Add", &[&y_own, &y_cached], vec![])
 }
 
 fn layer_norm(g: &mut Graph, x: &str, prefix: &str, d: usize) -> R<String> {
@@ -195,21 +184,19 @@ fn linear(g: &mut Graph, x: &str, prefix: &str, n_in: usize, n_out: usize) -> R<
     Ok(g.op("Add", &[&y, &b], vec![]))
 }
 
-/// candle's `gelu`: the tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// candle's `gelu`: the tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written
+/// as x·σ(x·(a + b·x²)) with a = 2√(2/π), b = 0.044715·a (0.5·(1 + tanh z) = σ(2z)): six nodes
+/// instead of nine.
 fn gelu(g: &mut Graph, x: &str) -> String {
+    let a = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
     let x2 = g.op("Mul", &[x, x], vec![]);
-    let x3 = g.op("Mul", &[&x2, x], vec![]);
-    let c = g.scalar(0.044715);
-    let cx3 = g.op("Mul", &[&x3, &c], vec![]);
-    let inner = g.op("Add", &[x, &cx3], vec![]);
-    let k = g.scalar((2.0 / std::f64::consts::PI).sqrt() as f32);
-    let scaled = g.op("Mul", &[&inner, &k], vec![]);
-    let t = g.op("Tanh", &[&scaled], vec![]);
-    let one = g.scalar(1.0);
-    let t1 = g.op("Add", &[&t, &one], vec![]);
-    let half = g.scalar(0.5);
-    let hx = g.op("Mul", &[x, &half], vec![]);
-    g.op("Mul", &[&hx, &t1], vec![])
+    let b = g.scalar((0.044715 * a) as f32);
+    let bx2 = g.op("Mul", &[&x2, &b], vec![]);
+    let a = g.scalar(a as f32);
+    let p = g.op("Add", &[&bx2, &a], vec![]);
+    let z = g.op("Mul", &[x, &p], vec![]);
+    let s = g.op("Sigmoid", &[&z], vec![]);
+    g.op("Mul", &[x, &s], vec![])
 }
 
 /// Build the graph. Inputs `input_ids` and `past_key_values.{i}.key/value`; outputs `logits`
@@ -252,16 +239,16 @@ pub fn transformer(
 
     let x = g.scoped("/model", |g| -> R<String> {
         // Positions past .. past + seq: Range(0, seq) + past.
-        let positions = g.scoped("positions", |g| {
-            let t = g.op(
+        let (seq, positions) = g.scoped("positions", |g| {
+            let seq = g.op(
                 "Shape",
                 &[&ids],
                 vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
             );
-            let t = g.op("Squeeze", &[&t], vec![]);
+            let t = g.op("Squeeze", &[&seq], vec![]);
             let (zero, one) = (g.int_scalar(0), g.int_scalar(1));
             let offsets = g.op("Range", &[&zero, &t, &one], vec![]);
-            g.op("Add", &[&offsets, &past_len], vec![])
+            (seq.clone(), g.op("Add", &[&offsets, &past_len], vec![]))
         });
         let x = g.scoped("embed", |g| -> R<String> {
             let table = g.weight("embed.tokens.weight", &[vocab, d])?;
@@ -335,7 +322,7 @@ pub fn transformer(
                     g.to_f32_output(&k, &names::present_key(i));
                     g.to_f32_output(&v, &names::present_value(i));
                     let (ck, cv) = (g.from_f32(&pk), g.from_f32(&pv));
-                    let y = sparse_attention(g, &tables, &q, (&k, &v), (&ck, &cv), hd, opset);
+                    let y = sparse_attention(g, &tables, &q, (&k, &v), (&ck, &cv), hd, &seq);
                     let y = g.op(
                         "Transpose",
                         &[&y],
