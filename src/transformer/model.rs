@@ -106,12 +106,7 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dim with the row max subtracted as a constant (differentiable).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
+use super::ops::softmax_last;
 
 #[derive(Clone, Debug)]
 struct Attention {
@@ -184,7 +179,7 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.fc.forward(x)?.gelu()?)
+        self.proj.forward(&super::ops::gelu(&self.fc.forward(x)?)?)
     }
 }
 

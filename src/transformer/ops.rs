@@ -1,0 +1,213 @@
+//! Fused CPU kernels with backward passes for the transformer's elementwise hot spots: candle's
+//! own `gelu` runs on one thread and back-propagates through a dozen tensor ops (with `powf`),
+//! and a softmax built from tensor ops makes five passes forward and more backward. On other
+//! devices or dtypes these fall back to candle's tensor ops.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+
+/// Inputs smaller than this run on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// `f` over `rows` chunks of `width` values of `x` into `y`, split across the cores.
+fn par_rows(x: &[f32], y: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = x.len() / width.max(1);
+    if x.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
+        f(x, y);
+        return;
+    }
+    let per = rows.div_ceil(threads) * width;
+    std::thread::scope(|s| {
+        for (xc, yc) in x.chunks(per).zip(y.chunks_mut(per)) {
+            let f = &f;
+            s.spawn(move || f(xc, yc));
+        }
+    });
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: contiguous input only"),
+    }
+}
+
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+
+/// candle's tanh-approximated GELU, same f32 expression.
+#[inline]
+fn gelu_f32(v: f32) -> f32 {
+    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
+}
+
+/// Its derivative: ½(1 + t) + ½·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²).
+#[inline]
+fn gelu_grad_f32(v: f32) -> f32 {
+    let t = f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v));
+    0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v)
+}
+
+struct Gelu;
+struct GeluGrad;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        par_rows(x, &mut y, 1, |x, y| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = gelu_f32(v);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.contiguous()?.apply_op1_no_bwd(&GeluGrad)?;
+        Ok(Some(grad.mul(&d)?))
+    }
+}
+
+impl CustomOp1 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        par_rows(x, &mut y, 1, |x, y| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = gelu_grad_f32(v);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// GELU (tanh approximation) with a backward pass: one fused multi-threaded kernel each way on
+/// the CPU in f32; candle's `gelu` elsewhere.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu()
+    }
+}
+
+struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        par_rows(x, &mut y, width, |x, y| {
+            for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in yr.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    /// dx = y ⊙ (dy − Σ dy ⊙ y).
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(grad.broadcast_sub(&dot)?.mul(res)?))
+    }
+}
+
+/// Softmax over the last dim with a backward pass: one fused multi-threaded kernel forward on
+/// the CPU in f32 (rows of −∞ but one finite value are fine; an all −∞ row is NaN, as in
+/// candle); tensor ops elsewhere.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxLast)
+    } else {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max |Δ| {d} > {tol}");
+    }
+
+    /// Forward and gradient of the fused kernels equal candle's tensor-op versions, on a tensor
+    /// large enough to take the multi-threaded path.
+    #[test]
+    fn fused_gelu_and_softmax_match_candle_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&(Tensor::randn(0f32, 2.0, (4, 3, 65, 129), &dev).unwrap())).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 3, 65, 129), &dev).unwrap();
+
+        let ours = gelu(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().gelu().unwrap();
+        close(&ours, &theirs, 1e-6);
+        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+
+        // A masked row as in attention: −∞ where not allowed.
+        let mask: Vec<f32> = (0..129)
+            .map(|k| if k % 3 == 0 { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let mask = Tensor::from_vec(mask, 129, &dev).unwrap();
+        let xm = x.as_tensor().broadcast_add(&mask).unwrap();
+        let ours = softmax_last(&xm).unwrap();
+        let max = xm.max_keepdim(D::Minus1).unwrap().detach();
+        let e = xm.broadcast_sub(&max).unwrap().exp().unwrap();
+        let theirs = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        close(&ours, &theirs, 1e-6);
+        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+    }
+}
