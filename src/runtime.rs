@@ -185,25 +185,18 @@ impl Session for CandleSession {
         let dev = &self.device;
         // The cache stays as candle tensors between steps (in `cache.native`); host layers are
         // read only for a cache filled elsewhere.
-        let layers = match cache.take_native(NAME)? {
-            Some(state) => {
-                let state = state
-                    .downcast::<NativeCache>()
-                    .map_err(|_| err("the KV cache's native state is not candle's"))?;
-                // Buffers are written in place: a cache that was cloned gets copies of its own.
-                match Arc::try_unwrap(state) {
-                    Ok(own) => own.0,
-                    Err(shared) => shared
-                        .0
-                        .iter()
-                        .map(|l| match l {
-                            Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
-                            None => Ok(None),
-                        })
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(err)?,
-                }
-            }
+        let copy = |c: &NativeCache| {
+            let layers = c.0.iter().map(|l| match l {
+                Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
+                None => Ok(None),
+            });
+            Ok(NativeCache(
+                layers.collect::<candle_core::Result<_>>().map_err(err)?,
+            ))
+        };
+        let layers = match cache.take_native_as(NAME, copy)? {
+            // Buffers are written in place: a cache that was cloned gets copies of its own.
+            Some(NativeCache(layers)) => layers,
             None => {
                 let dims = cache.dims();
                 cache

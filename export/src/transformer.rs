@@ -34,9 +34,9 @@ pub fn mask_table(geometry: &Geometry, kind: AttentionKind) -> Vec<f32> {
 }
 
 /// Each query position's allowed keys in ascending order, padded with the query's own position
-/// to the widest row (at least `min_width`): `(table [seq_max, width], width)`. A row's keys
-/// below any `past ≤ p` are its first entries, at most `past` of them.
-pub fn key_table(geometry: &Geometry, kind: AttentionKind, min_width: usize) -> (Vec<i64>, usize) {
+/// to the widest row: `(table [seq_max, width], width)`. A row's keys below any `past ≤ p` are
+/// its first entries, at most `past` of them.
+pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) {
     let n = geometry.seq_len();
     let rows: Vec<Vec<i64>> = (0..n)
         .map(|q| {
@@ -46,7 +46,7 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind, min_width: usize) -> 
                 .collect()
         })
         .collect();
-    let width = rows.iter().map(Vec::len).max().unwrap_or(1).max(min_width);
+    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
     let mut table = Vec::with_capacity(n * width);
     for (q, row) in rows.iter().enumerate() {
         table.extend_from_slice(row);
@@ -77,7 +77,7 @@ fn kind_tables(
     positions: &str,
 ) -> KindTables {
     let n = geometry.seq_len();
-    let (keys, width) = key_table(geometry, kind, 1);
+    let (keys, width) = key_table(geometry, kind);
     let c = {
         let (one, w) = (g.ints(&[1]), g.ints(&[width as i64]));
         let at_least_one = g.op("Max", &[past, &one], vec![]);

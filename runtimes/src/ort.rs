@@ -277,15 +277,8 @@ impl Session for OrtRuntimeSession {
         let e = run_err(self.name);
         let cap = self.manifest.max_seq();
         let dims = cache.dims();
-        // The buffers are this cache's alone unless it was cloned; then the clone copies.
-        let mut kv = match cache.take_native(self.name)? {
-            Some(state) => {
-                let state = state.downcast::<OrtKv>().map_err(|_| RuntimeError::Run {
-                    runtime: self.name,
-                    message: "the KV cache's native state is not ONNX Runtime's".into(),
-                })?;
-                Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())
-            }
+        let mut kv = match cache.take_native_as(self.name, |kv: &OrtKv| Ok(kv.clone()))? {
+            Some(kv) => kv,
             None => OrtKv(
                 cache
                     .layers
@@ -323,22 +316,19 @@ impl Session for OrtRuntimeSession {
             .map_err(&e)?
             .1
             .to_vec();
-        let mut present = Vec::with_capacity(2 * kv.0.len());
-        for i in 0..kv.0.len() {
-            for name in [names::present_key(i), names::present_value(i)] {
+        // Each step's new positions go straight from ONNX Runtime's output into the buffers.
+        for (i, (k, v)) in kv.0.iter_mut().enumerate() {
+            for (buffer, name) in [(k, names::present_key(i)), (v, names::present_value(i))] {
                 let value = out.get(&name).ok_or_else(|| RuntimeError::Run {
                     runtime: self.name,
                     message: format!("the graph returned no `{name}`"),
                 })?;
-                present.push(value.try_extract_tensor::<f32>().map_err(&e)?.1.to_vec());
+                let new = value.try_extract_tensor::<f32>().map_err(&e)?.1;
+                write_positions(buffer, new, b * h, cap, hd, len, t);
             }
         }
         drop(out);
         drop(session);
-        for (i, (k, v)) in kv.0.iter_mut().enumerate() {
-            write_positions(k, &present[2 * i], b * h, cap, hd, len, t);
-            write_positions(v, &present[2 * i + 1], b * h, cap, hd, len, t);
-        }
         cache.set_native(self.name, Arc::new(kv));
         cache.len += t;
         Ok(logits)

@@ -64,6 +64,27 @@ impl KvCache {
         }
     }
 
+    /// `runtime`'s own state of type `T`, taken out of the cache: moved when this cache alone
+    /// holds it, else made by `copy` (a cloned cache shares its state until its first step, and
+    /// every runtime writes its state in place). `None`: the cache is empty or on the host.
+    pub fn take_native_as<T: Any + Send + Sync>(
+        &mut self,
+        runtime: &'static str,
+        copy: impl FnOnce(&T) -> Result<T, RuntimeError>,
+    ) -> Result<Option<T>, RuntimeError> {
+        let Some(state) = self.take_native(runtime)? else {
+            return Ok(None);
+        };
+        let state = state.downcast::<T>().map_err(|_| RuntimeError::Run {
+            runtime,
+            message: format!("the KV cache's native state is not {runtime}'s"),
+        })?;
+        match Arc::try_unwrap(state) {
+            Ok(own) => Ok(Some(own)),
+            Err(shared) => copy(&shared).map(Some),
+        }
+    }
+
     /// Hand the cache to `runtime`'s own form of it, leaving the host layers empty.
     pub fn set_native(&mut self, runtime: &'static str, state: Arc<dyn Any + Send + Sync>) {
         for layer in &mut self.layers {

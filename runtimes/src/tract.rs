@@ -112,14 +112,9 @@ impl Session for TractSession {
         let cap = self.manifest.max_seq();
         let dims = cache.dims();
         let [b, h, len, hd] = dims;
-        let mut kv = match cache.take_native(NAME)? {
-            Some(state) => {
-                let kv = state
-                    .downcast::<TractKv>()
-                    .map_err(|_| err("the KV cache's native state is not tract's"))?;
-                // Shared only when the cache was cloned: then the clone copies on write.
-                Arc::try_unwrap(kv).unwrap_or_else(|shared| TractKv(shared.0.clone()))
-            }
+        // A cloned cache shares the tensors; `Arc::make_mut` below copies them on write.
+        let mut kv = match cache.take_native_as(NAME, |kv: &TractKv| Ok(TractKv(kv.0.clone())))? {
+            Some(kv) => kv,
             None => {
                 let mut buffers = vec![];
                 for (k, v) in &cache.layers {

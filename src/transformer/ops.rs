@@ -53,20 +53,25 @@ fn gelu_grad_f32(v: f32) -> f32 {
 struct Gelu;
 struct GeluGrad;
 
+/// `f` over every value of a contiguous f32 tensor, split across the cores.
+fn map_f32(s: &CpuStorage, l: &Layout, op: &str, f: fn(f32) -> f32) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(s, l, op)?;
+    let mut y = vec![0f32; x.len()];
+    par_rows(x, &mut y, 1, |x, y| {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    });
+    Ok((CpuStorage::F32(y), l.shape().clone()))
+}
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "fused-gelu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        par_rows(x, &mut y, 1, |x, y| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = gelu_f32(v);
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_f32(s, l, self.name(), gelu_f32)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -81,14 +86,7 @@ impl CustomOp1 for GeluGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        par_rows(x, &mut y, 1, |x, y| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = gelu_grad_f32(v);
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_f32(s, l, self.name(), gelu_grad_f32)
     }
 }
 
