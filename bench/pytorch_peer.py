@@ -17,12 +17,17 @@ Prints one JSON object on stdout. Fairness, measured on this package:
   attention over ≤ 320 positions is cheaper than the masked kernels, so this favours the peer.
 - rotary embeddings and token shift are off: our model has learnt position embeddings and no
   shift, and both add per-step work to the peer.
+- dalle-pytorch's DiscreteVAE is a different, much smaller network than the paper's dVAE, so the
+  dVAE training step is also timed on OpenAI's own PyTorch dVAE (`dall_e` 0.1, the network ours
+  mirrors layer for layer) in our geometry (`--vae-groups/--vae-hid/--vae-blocks/--vae-init`)
+  with our loss: logit-Laplace NLL + beta * KL(q || uniform) through a gumbel-softmax at tau = 1.
 """
 
 import argparse
 import importlib.abc
 import importlib.machinery
 import json
+import math
 import sys
 import time
 import types
@@ -174,11 +179,53 @@ def train_steps(vae, dalle, a):
         loss.backward()
         vopt.step()
 
-    return {
+    out = {
         "batch": b,
         "transformer_step_s": median(transformer_step),
         "dvae_step_s": median(vae_step),
     }
+    if a.vae_hid > 0:
+        out["openai_dvae_step_s"], out["openai_dvae_params"] = openai_dvae_step(a, median)
+    return out
+
+
+def openai_dvae_step(a, median):
+    """OpenAI's dVAE (dall_e 0.1) in our geometry, trained on our loss; (median s, params)."""
+    from dall_e import Decoder, Encoder
+    from dall_e.utils import map_pixels
+
+    if a.vae_groups != 4:
+        raise SystemExit(f"dall_e's networks have 4 groups; got --vae-groups {a.vae_groups}")
+    torch.manual_seed(0)
+    # Built without gradients (its init writes weights in place), then made trainable.
+    common = dict(n_blk_per_group=a.vae_blocks, vocab_size=a.codebook, use_mixed_precision=False)
+    enc = Encoder(n_hid=a.vae_hid, **common)
+    dec = Decoder(n_init=a.vae_init, n_hid=a.vae_hid, **common)
+    ps = list(enc.parameters()) + list(dec.parameters())
+    for p in ps:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(ps, lr=1e-4, weight_decay=1e-4)
+    eps = 1e-10
+
+    def step():
+        x = torch.rand(a.train_batch, 3, a.image_size, a.image_size)
+        logits = enc(x)
+        g = -torch.log(-torch.log(torch.rand_like(logits) + eps) + eps)
+        z = torch.softmax(logits + g, dim=1)
+        stats = dec(z)
+        mu, log_b = stats[:, :3], stats[:, 3:6]
+        xm = map_pixels(x)
+        ln_x, ln_1mx = torch.log(xm), torch.log1p(-xm)
+        nll = (log_b + 0.6931471805599453 + ln_x + ln_1mx
+               + (ln_x - ln_1mx - mu).abs() * torch.exp(-log_b)).sum()
+        logq = torch.log_softmax(logits, dim=1)
+        kl = (logq.exp() * logq).sum() + logq[:, 0].numel() * math.log(a.codebook)
+        loss = (nll + 6.6 * kl) / x.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return median(step), sum(p.numel() for p in ps)
 
 
 def main():
@@ -186,7 +233,8 @@ def main():
     for name, default in [
         ("dim", 512), ("depth", 12), ("heads", 8), ("text-len", 64), ("text-vocab", 4096),
         ("image-size", 128), ("grid", 16), ("codebook", 2048), ("vae-dim", 64),
-        ("vae-resblocks", 0), ("train-batch", 8), ("train-reps", 3), ("threads", 0),
+        ("vae-resblocks", 0), ("vae-groups", 4), ("vae-hid", 0), ("vae-blocks", 2),
+        ("vae-init", 128), ("train-batch", 8), ("train-reps", 3), ("threads", 0),
     ]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--batch", default="1,16", help="comma-separated generation batch sizes")

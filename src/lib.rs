@@ -3,6 +3,7 @@
 //! Stage 1 is the discrete VAE ([`vae`]), trained natively in Candle on data read by [`data`];
 //! the shared training skeleton is [`train`]; model presets live in [`config`].
 
+pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod data;

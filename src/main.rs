@@ -10,6 +10,11 @@ use dalle::vae::io::Vae;
 use dalle::vae::train::{VaeTrainOptions, VaeTrainRequest};
 use std::path::PathBuf;
 
+/// Training and batch decoding free and re-allocate the same large tensors every step; this keeps
+/// them mapped instead of faulting them in afresh (see `dalle::alloc`).
+#[global_allocator]
+static ALLOC: dalle::alloc::ReuseLarge = dalle::alloc::ReuseLarge;
+
 #[derive(Parser)]
 #[command(
     name = "dalle",

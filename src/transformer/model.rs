@@ -9,7 +9,7 @@
 
 use crate::config::Config;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
 /// Keys and values of every layer for the positions seen so far, in buffers of the whole
@@ -102,11 +102,41 @@ impl Module for LayerNorm {
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        super::ops::scale_shift(&y, &self.weight, &self.bias)
     }
 }
 
 use super::ops::softmax_last;
+
+/// `x · Wᵀ + b` over the last axis, `weight` (d_out, d_in) as candle-nn's `Linear` stores it.
+/// The leading axes are flattened into one matrix product: candle-nn's version broadcasts the
+/// weight over the batch, so training runs one small matmul per sequence and its backward pass
+/// builds a weight gradient per sequence, (b, d_in, d_out), before summing them; here the
+/// gradient is one (d_in × b·t) · (b·t × d_out) product.
+#[derive(Clone, Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear {
+        weight: vb.get((d_out, d_in), "weight")?,
+        bias: vb.get(d_out, "bias")?,
+    })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let d_in = dims.pop().unwrap_or(1);
+        let rows = x.elem_count() / d_in.max(1);
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = super::ops::add_bias(&y, &self.bias)?;
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
+    }
+}
 
 #[derive(Clone, Debug)]
 struct Attention {
@@ -119,8 +149,8 @@ struct Attention {
 impl Attention {
     fn new(d: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Attention {
-            qkv: candle_nn::linear(d, 3 * d, vb.pp("qkv"))?,
-            proj: candle_nn::linear(d, d, vb.pp("proj"))?,
+            qkv: linear(d, 3 * d, vb.pp("qkv"))?,
+            proj: linear(d, d, vb.pp("proj"))?,
             n_heads,
             head_dim: d / n_heads,
         })
@@ -198,8 +228,8 @@ impl Block {
             attn: Attention::new(d, n_heads, vb.pp("attn"))?,
             ln_2: LayerNorm::new(d, vb.pp("ln_2"))?,
             mlp: Mlp {
-                fc: candle_nn::linear(d, 4 * d, vb.pp("mlp").pp("fc"))?,
-                proj: candle_nn::linear(4 * d, d, vb.pp("mlp").pp("proj"))?,
+                fc: linear(d, 4 * d, vb.pp("mlp").pp("fc"))?,
+                proj: linear(4 * d, d, vb.pp("mlp").pp("proj"))?,
             },
         })
     }
@@ -296,7 +326,7 @@ impl Transformer {
             kinds,
             masks,
             ln_f: LayerNorm::new(d, vb.pp("ln_f"))?,
-            head: candle_nn::linear(d, layout.vocab_size(), vb.pp("head"))?,
+            head: linear(d, layout.vocab_size(), vb.pp("head"))?,
         })
     }
 

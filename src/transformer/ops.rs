@@ -3,7 +3,7 @@
 //! and a softmax built from tensor ops makes five passes forward and more backward. On other
 //! devices or dtypes these fall back to candle's tensor ops.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// Inputs smaller than this run on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
@@ -148,6 +148,153 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Σ over rows of a contiguous `(…, n)` tensor → `(n)`: the weight and bias gradients of a
+/// per-feature scale or shift. candle reduces a broadcast's leading axes element by element
+/// through its strided-index path; this is one pass in memory order.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut sum = vec![0f32; n];
+        for row in x.chunks_exact(n) {
+            sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+        }
+        Ok((CpuStorage::F32(sum), Shape::from(n)))
+    }
+}
+
+fn column_sum(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ColumnSum)
+}
+
+/// `x + b` with `b` over the last axis.
+struct AddBias;
+
+/// `x ⊙ w + b` with `w`, `b` over the last axis (layer norm's affine step).
+struct ScaleShift;
+
+/// The last axis of `x` and the length of each per-feature vector, which must agree.
+fn feature_width(x: &Layout, per_feature: &[&Layout], op: &str) -> Result<usize> {
+    let n = x.shape().dims().last().copied().unwrap_or(1);
+    for l in per_feature {
+        if l.shape().dims() != [n] {
+            candle_core::bail!("{op}: {:?} does not match input {:?}", l.shape(), x.shape());
+        }
+    }
+    Ok(n.max(1))
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = feature_width(l1, &[l2], self.name())?;
+        let (x, b) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let mut y = vec![0f32; x.len()];
+        par_rows(x, &mut y, n, |x, y| {
+            for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                for ((o, &v), &bv) in yr.iter_mut().zip(xr).zip(b) {
+                    *o = v + bv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(column_sum(grad)?)))
+    }
+}
+
+impl CustomOp3 for ScaleShift {
+    fn name(&self) -> &'static str {
+        "scale-shift"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let n = feature_width(l1, &[l2, l3], op)?;
+        let x = contiguous_f32(s1, l1, op)?;
+        let (w, b) = (contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
+        let mut y = vec![0f32; x.len()];
+        par_rows(x, &mut y, n, |x, y| {
+            for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *o = v * wv + bv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.broadcast_mul(w)?;
+        let dw = column_sum(&(grad * x)?)?;
+        Ok((Some(dx), Some(dw), Some(column_sum(grad)?)))
+    }
+}
+
+fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// `x + b`, `b` of the last axis's length, with a one-pass bias gradient on the CPU in f32.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_cpu(x) {
+        x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+/// `x ⊙ w + b`, `w` and `b` of the last axis's length, likewise.
+pub fn scale_shift(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_cpu(x) {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, ScaleShift)
+    } else {
+        x.broadcast_mul(w)?.broadcast_add(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +354,35 @@ mod tests {
             .backward()
             .unwrap();
         close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+    }
+
+    /// The per-feature shift and scale-shift equal candle's broadcasts, values and gradients.
+    #[test]
+    fn fused_bias_and_scale_shift_match_broadcasts_forward_and_backward() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[3, 70, 300]), var(&[300]), var(&[300]));
+        let probe = Tensor::randn(0f32, 1.0, (3, 70, 300), &dev).unwrap();
+        let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+
+        let ours = scale_shift(xt, wt, bt).unwrap();
+        let theirs = xt.broadcast_mul(wt).unwrap().broadcast_add(bt).unwrap();
+        close(&ours, &theirs, 0.0);
+        let (g1, g2) = (grads(ours), grads(theirs));
+        for v in [&x, &w, &b] {
+            close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
+        }
+
+        let ours = add_bias(xt, bt).unwrap();
+        let theirs = xt.broadcast_add(bt).unwrap();
+        close(&ours, &theirs, 0.0);
+        let (g1, g2) = (grads(ours), grads(theirs));
+        for v in [&x, &b] {
+            close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
+        }
+        assert!(add_bias(xt, &wt.narrow(0, 0, 10).unwrap()).is_err());
     }
 }
