@@ -365,16 +365,30 @@ fn compare(
         }
     }
     if let (Some(ours), Some(theirs)) = (train, &peer.train) {
-        for (what, a, b) in [
-            (
-                "transformer",
-                ours.transformer_step_s,
-                theirs.transformer_step_s,
+        let b = ours.batch;
+        let mut rows = vec![(
+            format!("transformer training step s, batch {b}"),
+            ours.transformer_step_s,
+            theirs.transformer_step_s,
+        )];
+        if let Some(openai) = theirs.openai_dvae_step_s {
+            rows.push((
+                format!("dVAE training step s, batch {b} (peer: OpenAI's dall_e dVAE, the same network)"),
+                ours.dvae_step_s,
+                openai,
+            ));
+        }
+        rows.push((
+            format!(
+                "dVAE training step s, batch {b} (peer: dalle-pytorch's DiscreteVAE, {:.2}M params, another network)",
+                peer.dvae_params as f64 / 1e6
             ),
-            ("dVAE", ours.dvae_step_s, theirs.dvae_step_s),
-        ] {
+            ours.dvae_step_s,
+            theirs.dvae_step_s,
+        ));
+        for (what, a, b) in rows {
             out.push(Comparison {
-                what: format!("{what} training step s, batch {}", ours.batch),
+                what,
                 ours: a,
                 peer: b,
                 speedup: b / a,

@@ -21,7 +21,13 @@ pub struct PeerGenerate {
 pub struct PeerTrain {
     pub batch: usize,
     pub transformer_step_s: f64,
+    /// dalle-pytorch's own `DiscreteVAE`: a different, much smaller network than ours.
     pub dvae_step_s: f64,
+    /// OpenAI's `dall_e` 0.1 dVAE (the network ours mirrors) in our geometry, on our loss.
+    #[serde(default)]
+    pub openai_dvae_step_s: Option<f64>,
+    #[serde(default)]
+    pub openai_dvae_params: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,6 +101,10 @@ pub fn run(
         ("--grid", g.grid.to_string()),
         ("--codebook", g.codebook.to_string()),
         ("--vae-dim", cfg.vae.n_hid.to_string()),
+        ("--vae-groups", cfg.vae.group_count.to_string()),
+        ("--vae-hid", cfg.vae.n_hid.to_string()),
+        ("--vae-blocks", cfg.vae.n_blk_per_group.to_string()),
+        ("--vae-init", cfg.vae.n_init.to_string()),
         ("--train-batch", train_batch.to_string()),
         ("--threads", threads.to_string()),
         ("--batch", batch),

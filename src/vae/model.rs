@@ -47,33 +47,35 @@ impl Conv {
 }
 
 impl Module for Conv {
-    /// Convolution as im2col and one matmul. candle's CPU `conv2d` backward goes through a naive
-    /// `conv_transpose2d`; this form back-propagates through col2im and `matmul`, an order of
-    /// magnitude faster. Other devices and dtypes use candle's `conv2d`.
+    /// `x` is channel-major, `(c, b, h, w)`, as everywhere inside [`Stack`]: the convolution is
+    /// one matrix product over the whole batch (`super::ops::ConvCm`, which also back-propagates
+    /// in one step). Other devices and dtypes use candle's `conv2d` on the (b, c, h, w) view.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (n_out, _, k, _) = self.w.dims4()?;
-        if !(x.device().is_cpu() && x.dtype() == DType::F32) {
-            let y = x.conv2d(&self.w, self.pad, 1, 1, 1)?;
-            return y.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?);
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return x.contiguous()?.apply_op3(
+                &self.w,
+                &self.b,
+                super::ops::ConvCm { pad: self.pad },
+            );
         }
-        let cols = if k == 1 {
-            x.reshape((b, c, h * w))?
-        } else {
-            x.contiguous()?
-                .apply_op1(super::ops::Im2Col { k, pad: self.pad })?
-        };
-        let wm = self.w.reshape((n_out, c * k * k))?;
-        let y = wm.broadcast_matmul(&cols)?; // (b, n_out, h·w)
-        y.apply_op2(&self.b, super::ops::BiasAdd)?
-            .reshape((b, n_out, h, w))
+        let n_out = self.w.dim(0)?;
+        let y = x
+            .permute((1, 0, 2, 3))?
+            .conv2d(&self.w, self.pad, 1, 1, 1)?;
+        y.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?)?
+            .permute((1, 0, 2, 3))
     }
+}
+
+/// (b, c, h, w) ↔ (c, b, h, w), contiguous.
+fn swap_batch_channels(x: &Tensor) -> Result<Tensor> {
+    x.permute((1, 0, 2, 3))?.contiguous()
 }
 
 /// 2×2 max pooling as a reshape and two max reductions (differentiable without conv ops).
 fn max_pool2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    let (c, b, h, w) = x.dims4()?;
+    x.reshape((c, b, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
 }
 
 /// Nearest-neighbour ×2 upsampling (a custom op on CPU: the broadcast's backward is slow there).
@@ -81,10 +83,10 @@ fn upsample2(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(super::ops::Upsample2);
     }
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
+    let (c, b, h, w) = x.dims4()?;
+    x.reshape((c, b, h, 1, w, 1))?
+        .broadcast_as((c, b, h, 2, w, 2))?
+        .reshape((c, b, 2 * h, 2 * w))
 }
 
 /// Residual block: `id_path(x) + post_gain · res_path(x)`, post_gain = 1 / n_layers².
@@ -149,7 +151,8 @@ impl Module for Block {
 }
 
 /// The shape both networks share: an input conv, `group_count` groups of residual blocks with a
-/// resampling step between groups, then ReLU and a 1×1 output conv.
+/// resampling step between groups, then ReLU and a 1×1 output conv. Activations inside are
+/// channel-major, (c, b, h, w); [`Encoder`] and [`Decoder`] convert at their edges.
 #[derive(Clone, Debug)]
 struct Stack {
     input: Conv,
@@ -236,14 +239,20 @@ impl Encoder {
 
     /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
-        self.0
-            .trunk(self.0.input.forward(&map_pixels(image)?)?, max_pool2)
+        let x = self
+            .0
+            .input
+            .forward(&swap_batch_channels(&map_pixels(image)?)?)?;
+        swap_batch_channels(&self.0.trunk(x, max_pool2)?)
     }
 
     /// (b, 3, H, W) → (b, width, H/f, W/f): what the output conv turns into logits.
     pub fn features(&self, image: &Tensor) -> Result<Tensor> {
-        self.0
-            .features(self.0.input.forward(&map_pixels(image)?)?, max_pool2)
+        let x = self
+            .0
+            .input
+            .forward(&swap_batch_channels(&map_pixels(image)?)?)?;
+        swap_batch_channels(&self.0.features(x, max_pool2)?)
     }
 
     /// (b, 3, H, W) → (b, grid·grid) token ids (argmax, no noise), raster order.
@@ -289,13 +298,14 @@ impl Decoder {
 
     /// (b, vocab, h, w) soft or hard one-hot codes → (b, 2·channels, H, W) statistics.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        self.stack.trunk(self.stack.input.forward(z)?, upsample2)
+        let x = self.stack.input.forward(&swap_batch_channels(z)?)?;
+        swap_batch_channels(&self.stack.trunk(x, upsample2)?)
     }
 
     /// (b, h·w) token ids → (b, 2·channels, H, W) statistics. The one-hot 1×1 conv is done as a
     /// gather of weight columns: the same numbers as `forward(one_hot)`, without the one-hot.
     pub fn forward_tokens(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
-        let (b, n) = tokens.dims2()?;
+        let b = tokens.dims2()?.0;
         let input = &self.stack.input;
         let n_init = input.w.dim(0)?;
         let table = input
@@ -304,12 +314,9 @@ impl Decoder {
             .t()?
             .contiguous()?; // (vocab, n_init)
         let x = table.embedding(&tokens.flatten_all()?)?; // (b·n, n_init)
-        let x = x
-            .reshape((b, n, n_init))?
-            .transpose(1, 2)?
-            .reshape((b, n_init, grid, grid))?;
-        let x = x.broadcast_add(&input.b.reshape((1, (), 1, 1))?)?;
-        self.stack.trunk(x, upsample2)
+        let x = x.t()?.contiguous()?.reshape((n_init, b, grid, grid))?;
+        let x = x.broadcast_add(&input.b.reshape(((), 1, 1, 1))?)?;
+        swap_batch_channels(&self.stack.trunk(x, upsample2)?)
     }
 
     /// Statistics → image in [0, 1]: `unmap_pixels(sigmoid(μ))`.
@@ -369,7 +376,7 @@ mod tests {
     }
 
     #[test]
-    fn im2col_conv_pool_and_upsample_equal_candles_kernels() {
+    fn conv_pool_and_upsample_equal_candles_kernels() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1f32, (2, 5, 8, 6), &dev).unwrap();
         for k in [1, 3, 7] {
@@ -383,19 +390,15 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&conv.b.reshape((1, 4, 1, 1)).unwrap())
                 .unwrap();
-            let got = conv.forward(&x).unwrap();
+            let got = conv.forward(&swap_batch_channels(&x).unwrap()).unwrap();
+            let got = swap_batch_channels(&got).unwrap();
             assert!(max_diff(&got, &want) < F32_TOL * 50.0, "k={k}");
         }
-        assert_eq!(
-            max_diff(&max_pool2(&x).unwrap(), &x.max_pool2d(2).unwrap()),
-            0.0
-        );
-        assert_eq!(
-            max_diff(
-                &upsample2(&x).unwrap(),
-                &x.upsample_nearest2d(16, 12).unwrap()
-            ),
-            0.0
-        );
+        // Pooling and upsampling of channel-major activations.
+        let cm = swap_batch_channels(&x).unwrap();
+        let pooled = swap_batch_channels(&max_pool2(&cm).unwrap()).unwrap();
+        assert_eq!(max_diff(&pooled, &x.max_pool2d(2).unwrap()), 0.0);
+        let up = swap_batch_channels(&upsample2(&cm).unwrap()).unwrap();
+        assert_eq!(max_diff(&up, &x.upsample_nearest2d(16, 12).unwrap()), 0.0);
     }
 }
