@@ -106,7 +106,7 @@ impl Module for LayerNorm {
     }
 }
 
-use super::ops::softmax_last;
+use super::ops::{masked_softmax, softmax_last};
 
 /// `x · Wᵀ + b` over the last axis, `weight` (d_out, d_in) as candle-nn's `Linear` stores it.
 /// The leading axes are flattened into one matrix product: candle-nn's version broadcasts the
@@ -192,8 +192,7 @@ impl Attention {
                 att.matmul(&v)?
             }
             None => {
-                let att = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
-                let att = softmax_last(&att.broadcast_add(mask)?)?;
+                let att = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?; // (b, h, t, s)
                 att.matmul(&v)? // (b, h, t, hd)
             }
         };

@@ -88,7 +88,12 @@ struct Gelu;
 struct GeluGrad;
 
 /// `f` over every value of a contiguous f32 tensor, split across the cores.
-fn map_f32(s: &CpuStorage, l: &Layout, op: &str, f: fn(f32) -> f32) -> Result<(CpuStorage, Shape)> {
+fn map_f32(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
     let x = contiguous_f32(s, l, op)?;
     let mut y = vec![0f32; x.len()];
     par_rows(x, &mut y, 1, |x, y| {
@@ -136,6 +141,21 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLast;
 
+/// Softmax of one row in place, `x` already shifted/masked: max, exp, normalise.
+#[inline]
+fn softmax_row(y: &mut [f32]) {
+    let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for o in y.iter_mut() {
+        *o = fast_exp(*o - max);
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    for o in y.iter_mut() {
+        *o *= inv;
+    }
+}
+
 impl CustomOp1 for SoftmaxLast {
     fn name(&self) -> &'static str {
         "fused-softmax-last"
@@ -147,25 +167,87 @@ impl CustomOp1 for SoftmaxLast {
         let mut y = vec![0f32; x.len()];
         par_rows(x, &mut y, width, |x, y| {
             for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = fast_exp(v - max);
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                for o in yr.iter_mut() {
-                    *o *= inv;
-                }
+                yr.copy_from_slice(xr);
+                softmax_row(yr);
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    /// dx = y ⊙ (dy − Σ dy ⊙ y).
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(grad.broadcast_sub(&dot)?.mul(res)?))
+        Ok(Some(softmax_grad(res, grad, 1.0)?))
+    }
+}
+
+/// `scale · y ⊙ (dy − Σ dy ⊙ y)` per row: softmax's backward in one pass (as tensor ops it is
+/// four passes over the attention scores and as many allocations).
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let (y, dy) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; y.len()];
+        let scale = self.scale;
+        // Rows of y and dy travel together: zip them into the chunk the worker sees.
+        let rows = y.len() / width;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = rows.div_ceil(threads.max(1)).max(1) * width;
+        let work = |y: &[f32], dy: &[f32], dx: &mut [f32]| {
+            for ((yr, gr), xr) in y
+                .chunks(width)
+                .zip(dy.chunks(width))
+                .zip(dx.chunks_mut(width))
+            {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((o, &a), &g) in xr.iter_mut().zip(yr).zip(gr) {
+                    *o = scale * a * (g - dot);
+                }
+            }
+        };
+        if y.len() < PARALLEL_MIN || threads == 1 {
+            work(y, dy, &mut dx);
+        } else {
+            std::thread::scope(|s| {
+                for ((yc, gc), xc) in y.chunks(per).zip(dy.chunks(per)).zip(dx.chunks_mut(per)) {
+                    s.spawn(move || work(yc, gc, xc));
+                }
+            });
+        }
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax's input gradient from its output `y` and output gradient `dy`, times `scale`.
+fn softmax_grad(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_cpu(y) {
+        y.contiguous()?.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &SoftmaxGrad {
+                scale: scale as f32,
+            },
+        )
+    } else {
+        let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+        dy.broadcast_sub(&dot)?.mul(y)? * scale
     }
 }
 
@@ -173,12 +255,95 @@ impl CustomOp1 for SoftmaxLast {
 /// the CPU in f32 (rows of −∞ but one finite value are fine; an all −∞ row is NaN, as in
 /// candle); tensor ops elsewhere.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if fused_cpu(x) {
         x.contiguous()?.apply_op1(SoftmaxLast)
     } else {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+}
+
+/// softmax(x · scale + mask) over the last axis, `x (…, t, s)` and an additive `mask (t, s)`
+/// (0 or −∞) shared by the leading axes; differentiable in `x` only.
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let (t, width) = match dims {
+            [.., t, s] => (*t, *s),
+            _ => candle_core::bail!("{}: input {dims:?} has no (t, s) axes", self.name()),
+        };
+        if l2.shape().dims() != [t, width] {
+            candle_core::bail!(
+                "{}: mask {:?} is not ({t}, {width})",
+                self.name(),
+                l2.shape()
+            );
+        }
+        let (x, mask) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let scale = self.scale;
+        let mut y = vec![0f32; x.len()];
+        let block = t * width;
+        // Whole (t, s) blocks per worker, so that row i of a block takes mask row i.
+        par_rows(x, &mut y, block.max(1), |x, y| {
+            for (xb, yb) in x.chunks(block).zip(y.chunks_mut(block)) {
+                for ((xr, yr), mr) in xb
+                    .chunks(width)
+                    .zip(yb.chunks_mut(width))
+                    .zip(mask.chunks(width))
+                {
+                    for ((o, &v), &m) in yr.iter_mut().zip(xr).zip(mr) {
+                        *o = v * scale + m;
+                    }
+                    softmax_row(yr);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(softmax_grad(res, grad, self.scale as f64)?), None))
+    }
+}
+
+/// softmax(x · scale + mask) over the last axis with `mask (t, s)` broadcast over `x (…, t, s)`:
+/// one pass forward and one backward on the CPU in f32, instead of a scale, a broadcast add
+/// and a softmax (each with its own backward pass over the attention scores); tensor ops
+/// elsewhere.
+pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_cpu(x) {
+        x.contiguous()?.apply_op2(
+            &mask.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        )
+    } else {
+        softmax_last(&(x * scale)?.broadcast_add(mask)?)
     }
 }
 
