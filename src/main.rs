@@ -956,6 +956,7 @@ fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
 
 fn main() {
     dalle::util::tune_allocator();
+    dalle::alloc::set_reuse(std::env::var_os("DALLE_SYSTEM_ALLOC").is_none());
     dalle::util::default_sigpipe();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
