@@ -34,9 +34,13 @@ fn build(cfg: &Config, seed: u64) -> (VarMap, Transformer) {
     let vm = VarMap::new();
     let model =
         Transformer::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    // Larger than the training init so that attention is far from uniform.
+    // Larger than the training init so that attention is far from uniform (scores ×25), but
+    // not so large that near-tied scores turn f32 rounding into logit differences: at 8–20×
+    // the cached-vs-full gap of batch 3 landed anywhere from 0.3× to 1.7× the 1e-5 tolerance
+    // depending only on how the layer norm rounds (candle's tensor ops or the fused kernel, both
+    // within 5e-7 of each other); at 5× both are 10× inside it.
     dalle::train::init_vars(&vm, seed, |n, d, r| {
-        init_value(n, d, r).iter().map(|v| v * 20.0).collect()
+        init_value(n, d, r).iter().map(|v| v * 5.0).collect()
     })
     .unwrap();
     (vm, model)

@@ -8,7 +8,7 @@
 //! `layers.{i}.mlp.fc`, `layers.{i}.mlp.proj`, `ln_f`, `head` (each `.weight` / `.bias`).
 
 use crate::config::Config;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
@@ -98,10 +98,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        let y = super::ops::normalize(x, 1e-5)?;
         super::ops::scale_shift(&y, &self.weight, &self.bias)
     }
 }

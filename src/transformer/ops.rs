@@ -25,6 +25,29 @@ fn par_rows(x: &[f32], y: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32
     });
 }
 
+/// As [`par_rows`] with a second input read row by row alongside the first.
+fn par_rows2(
+    a: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    width: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = a.len() / width.max(1);
+    if a.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
+        f(a, b, y);
+        return;
+    }
+    let per = rows.div_ceil(threads) * width;
+    std::thread::scope(|s| {
+        for ((ac, bc), yc) in a.chunks(per).zip(b.chunks(per)).zip(y.chunks_mut(per)) {
+            let f = &f;
+            s.spawn(move || f(ac, bc, yc));
+        }
+    });
+}
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: f32 only")
@@ -207,11 +230,7 @@ impl CustomOp2 for SoftmaxGrad {
         let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; y.len()];
         let scale = self.scale;
-        // Rows of y and dy travel together: zip them into the chunk the worker sees.
-        let rows = y.len() / width;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = rows.div_ceil(threads.max(1)).max(1) * width;
-        let work = |y: &[f32], dy: &[f32], dx: &mut [f32]| {
+        par_rows2(y, dy, &mut dx, width, |y, dy, dx| {
             for ((yr, gr), xr) in y
                 .chunks(width)
                 .zip(dy.chunks(width))
@@ -222,16 +241,7 @@ impl CustomOp2 for SoftmaxGrad {
                     *o = scale * a * (g - dot);
                 }
             }
-        };
-        if y.len() < PARALLEL_MIN || threads == 1 {
-            work(y, dy, &mut dx);
-        } else {
-            std::thread::scope(|s| {
-                for ((yc, gc), xc) in y.chunks(per).zip(dy.chunks(per)).zip(dx.chunks_mut(per)) {
-                    s.spawn(move || work(yc, gc, xc));
-                }
-            });
-        }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -344,6 +354,116 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
         )
     } else {
         softmax_last(&(x * scale)?.broadcast_add(mask)?)
+    }
+}
+
+/// Mean and 1/√(variance + ε) of one row, summed in f64: a sequential f32 sum of activations
+/// with a large common offset loses enough bits to double the cached-vs-full decoding gap of
+/// the tests' small model (candle's own reduction sums in SIMD lanes, which is more accurate).
+#[inline]
+fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// Layer norm without its affine step, `(x − mean) / √(var + ε)` over the last axis.
+struct Normalize {
+    eps: f32,
+}
+
+/// Its backward from `x` and `dy`: `(dy − mean(dy) − ŷ·mean(dy ⊙ ŷ)) / σ`.
+struct NormalizeGrad {
+    eps: f32,
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "fused-normalize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        let eps = self.eps;
+        par_rows(x, &mut y, width, |x, y| {
+            for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
+                let (mean, inv) = row_moments(xr, eps);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - mean) * inv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = NormalizeGrad { eps: self.eps };
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &op)?,
+        ))
+    }
+}
+
+impl CustomOp2 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "fused-normalize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let (x, dy) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let n = width as f64;
+        let eps = self.eps;
+        let mut dx = vec![0f32; x.len()];
+        par_rows2(x, dy, &mut dx, width, |x, dy, dx| {
+            for ((xr, gr), or) in x
+                .chunks(width)
+                .zip(dy.chunks(width))
+                .zip(dx.chunks_mut(width))
+            {
+                let (mean, inv) = row_moments(xr, eps);
+                let (mut g_mean, mut gy_mean) = (0f64, 0f64);
+                for (&v, &g) in xr.iter().zip(gr) {
+                    g_mean += g as f64;
+                    gy_mean += (g * (v - mean) * inv) as f64;
+                }
+                let (g_mean, gy_mean) = ((g_mean / n) as f32, (gy_mean / n) as f32);
+                for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gr) {
+                    *o = inv * (g - g_mean - (v - mean) * inv * gy_mean);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `(x − mean) / √(var + ε)` over the last axis, differentiable: one pass each way on the CPU
+/// in f32 (as tensor ops: seven ops forward, each with its own backward pass); tensor ops
+/// elsewhere.
+pub fn normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_cpu(x) {
+        x.contiguous()?.apply_op1(Normalize { eps: eps as f32 })
+    } else {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + eps)?.sqrt()?)
     }
 }
 
@@ -556,6 +676,34 @@ mod tests {
     }
 
     /// The per-feature shift and scale-shift equal candle's broadcasts, values and gradients.
+    /// The fused layer-norm core equals the tensor-op version, values and gradients.
+    #[test]
+    fn fused_normalize_matches_tensor_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 3.0, (4, 70, 512), &dev).unwrap() + 1.5).unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 70, 512), &dev).unwrap();
+        let ours = normalize(x.as_tensor(), 1e-5).unwrap();
+        let xt = x.as_tensor();
+        let mean = xt.mean_keepdim(D::Minus1).unwrap();
+        let xc = xt.broadcast_sub(&mean).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let theirs = xc
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
+        close(&ours, &theirs, 1e-5);
+        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-4);
+    }
+
     #[test]
     fn fast_exp_is_within_a_few_ulp_of_libm() {
         let mut worst = 0f32;
