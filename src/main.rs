@@ -955,6 +955,7 @@ fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
 }
 
 fn main() {
+    dalle::util::pin_thread_count();
     dalle::util::tune_allocator();
     dalle::alloc::set_reuse(std::env::var_os("DALLE_SYSTEM_ALLOC").is_none());
     dalle::util::default_sigpipe();

@@ -128,7 +128,7 @@ impl Module for Linear {
         let mut dims = x.dims().to_vec();
         let d_in = dims.pop().unwrap_or(1);
         let rows = x.elem_count() / d_in.max(1);
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = super::ops::matmul_wt(&x.reshape((rows, d_in))?, &self.weight)?;
         let y = super::ops::add_bias(&y, &self.bias)?;
         dims.push(self.weight.dim(0)?);
         y.reshape(dims)

@@ -10,7 +10,7 @@ const PARALLEL_MIN: usize = 1 << 16;
 
 /// `f` over `rows` chunks of `width` values of `x` into `y`, split across the cores.
 fn par_rows(x: &[f32], y: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::util::threads();
     let rows = x.len() / width.max(1);
     if x.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
         f(x, y);
@@ -33,7 +33,7 @@ fn par_rows2(
     width: usize,
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::util::threads();
     let rows = a.len() / width.max(1);
     if a.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
         f(a, b, y);
@@ -591,6 +591,143 @@ impl CustomOp3 for ScaleShift {
     }
 }
 
+/// Row counts up to this take [`matmul_wt_small`]'s path: decoding, one row per sequence.
+pub const SMALL_ROWS: usize = 4;
+
+/// `x (m, k) · wᵀ` for `w (n, k)` (a `Linear` weight as stored) and few rows `m`: each weight
+/// row is read once, straight from memory, and dotted with every row of `x`. The general
+/// matmul kernel packs the whole weight into panels on every call, which for one row reads and
+/// writes it twice more than the product needs: decoding at batch 1 is a pass over the weights.
+struct MatmulWtSmall;
+
+type Dot = fn(&[f32], &[f32]) -> f32;
+
+/// Σ aᵢbᵢ in 16 lanes (vectorisable without fast-math: the lanes fix the order).
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
+            *s += p * q;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (for the loads): i + 32 ≤ n, so every lane read is inside both slices.
+    while i + 32 <= n {
+        for (u, s) in acc.iter_mut().enumerate() {
+            let (x, y) = (
+                _mm256_loadu_ps(pa.add(i + 8 * u)),
+                _mm256_loadu_ps(pb.add(i + 8 * u)),
+            );
+            *s = _mm256_fmadd_ps(x, y, *s);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    lanes.iter().sum::<f32>() + dot_lanes(&a[i..n], &b[i..n])
+}
+
+/// The fastest dot product this CPU runs.
+fn pick_dot() -> Dot {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return |a, b| unsafe { dot_avx2_fma(a, b) };
+    }
+    dot_lanes
+}
+
+impl CustomOp2 for MatmulWtSmall {
+    fn name(&self) -> &'static str {
+        "matmul-wt-small"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("{}: ({m}, {k}) · ({n}, {k2})ᵀ", self.name());
+        }
+        let (x, w) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let dot = pick_dot();
+        // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
+        let mut out_t = vec![0f32; n * m];
+        let per = n.div_ceil(4 * crate::util::threads()).max(16);
+        use rayon::prelude::*;
+        out_t
+            .par_chunks_mut(per * m.max(1))
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (jj, o) in chunk.chunks_mut(m.max(1)).enumerate() {
+                    let j = c * per + jj;
+                    let wr = &w[j * k..(j + 1) * k];
+                    for (i, v) in o.iter_mut().enumerate() {
+                        *v = dot(&x[i * k..(i + 1) * k], wr);
+                    }
+                }
+            });
+        let out = if m == 1 {
+            out_t
+        } else {
+            let mut out = vec![0f32; m * n];
+            for (j, col) in out_t.chunks(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * n + j] = v;
+                }
+            }
+            out
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}
+
+/// `x (m, k) · wᵀ` for `w (n, k)`: [`MatmulWtSmall`] for up to [`SMALL_ROWS`] rows on the CPU
+/// in f32, candle's matmul otherwise.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if fused_cpu(x) && x.dim(0)? <= SMALL_ROWS {
+        x.contiguous()?.apply_op2(&w.contiguous()?, MatmulWtSmall)
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
 fn fused_cpu(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
@@ -702,6 +839,37 @@ mod tests {
             .backward()
             .unwrap();
         close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-4);
+    }
+
+    /// The few-rows matmul equals candle's, values and gradients, with a length that is not a
+    /// multiple of the vector width.
+    #[test]
+    fn small_row_matmul_matches_candles() {
+        let dev = Device::Cpu;
+        for m in [1, 3] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, 517), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 517), &dev).unwrap()).unwrap();
+            let ours = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
+            let theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            close(&ours, &theirs, 1e-4);
+            let probe = Tensor::randn(0f32, 1.0, (m, 300), &dev).unwrap();
+            let g1 = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w] {
+                close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-4);
+            }
+        }
+        assert_eq!(dot_lanes(&[1.0; 37], &[2.0; 37]), 74.0);
     }
 
     #[test]

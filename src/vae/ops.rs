@@ -37,7 +37,7 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Res
 
 /// Split `dst` into `chunk`-long pieces and run `f(index, piece)` on them across the cores.
 fn par_chunks(dst: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = crate::util::threads();
     let chunks = dst.len() / chunk.max(1);
     if threads == 1 || chunks < 2 {
         dst.chunks_mut(chunk.max(1))
@@ -72,7 +72,7 @@ fn matmul(
     if dst.len() != m * n || !last(m, k, lhs) || !last(k, n, rhs) {
         candle_core::bail!("conv matmul: operands too short for ({m} × {k}) · ({k} × {n})");
     }
-    let threads = candle_core::utils::get_num_threads();
+    let threads = crate::util::threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
