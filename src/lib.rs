@@ -11,6 +11,7 @@ mod error;
 pub mod eval;
 pub mod export;
 pub mod fsutil;
+mod kernels;
 pub mod parity;
 pub mod plot;
 pub mod runtime;

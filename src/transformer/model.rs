@@ -105,11 +105,11 @@ impl Module for LayerNorm {
 
 use super::ops::{masked_softmax, softmax_last};
 
-/// `x · Wᵀ + b` over the last axis, `weight` (d_out, d_in) as candle-nn's `Linear` stores it.
-/// The leading axes are flattened into one matrix product: candle-nn's version broadcasts the
-/// weight over the batch, so training runs one small matmul per sequence and its backward pass
-/// builds a weight gradient per sequence, (b, d_in, d_out), before summing them; here the
-/// gradient is one (d_in × b·t) · (b·t × d_out) product.
+/// `x · Wᵀ + b` over the last axis, `weight` (d_out, d_in) as candle-nn's `Linear` stores it,
+/// as one fused op (`ops::linear`) with the leading axes as rows of one matrix product:
+/// candle-nn's version broadcasts the weight over the batch, so training runs one small matmul
+/// per sequence and its backward pass builds a weight gradient per sequence, (b, d_in, d_out),
+/// before summing them.
 #[derive(Clone, Debug)]
 struct Linear {
     weight: Tensor,
@@ -125,13 +125,7 @@ fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let d_in = dims.pop().unwrap_or(1);
-        let rows = x.elem_count() / d_in.max(1);
-        let y = super::ops::matmul_wt(&x.reshape((rows, d_in))?, &self.weight)?;
-        let y = super::ops::add_bias(&y, &self.bias)?;
-        dims.push(self.weight.dim(0)?);
-        y.reshape(dims)
+        super::ops::linear(x, &self.weight, &self.bias)
     }
 }
 

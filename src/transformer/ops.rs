@@ -492,9 +492,6 @@ fn column_sum(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&ColumnSum)
 }
 
-/// `x + b` with `b` over the last axis.
-struct AddBias;
-
 /// `x ⊙ w + b` with `w`, `b` over the last axis (layer norm's affine step).
 struct ScaleShift;
 
@@ -507,45 +504,6 @@ fn feature_width(x: &Layout, per_feature: &[&Layout], op: &str) -> Result<usize>
         }
     }
     Ok(n.max(1))
-}
-
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "add-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = feature_width(l1, &[l2], self.name())?;
-        let (x, b) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        let mut y = vec![0f32; x.len()];
-        par_rows(x, &mut y, n, |x, y| {
-            for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-                for ((o, &v), &bv) in yr.iter_mut().zip(xr).zip(b) {
-                    *o = v + bv;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(column_sum(grad)?)))
-    }
 }
 
 impl CustomOp3 for ScaleShift {
@@ -591,14 +549,8 @@ impl CustomOp3 for ScaleShift {
     }
 }
 
-/// Row counts up to this take [`matmul_wt_small`]'s path: decoding, one row per sequence.
+/// Row counts up to this take [`gemv_rows`]: decoding, one row per sequence.
 pub const SMALL_ROWS: usize = 4;
-
-/// `x (m, k) · wᵀ` for `w (n, k)` (a `Linear` weight as stored) and few rows `m`: each weight
-/// row is read once, straight from memory, and dotted with every row of `x`. The general
-/// matmul kernel packs the whole weight into panels on every call, which for one row reads and
-/// writes it twice more than the product needs: decoding at batch 1 is a pass over the weights.
-struct MatmulWtSmall;
 
 type Dot = fn(&[f32], &[f32]) -> f32;
 
@@ -655,9 +607,61 @@ fn pick_dot() -> Dot {
     dot_lanes
 }
 
-impl CustomOp2 for MatmulWtSmall {
+/// `x (m, k) · wᵀ` for `w (n, k)` and few rows `m`, written into `out (m, n)`: each weight row
+/// is read once, straight from memory, and dotted with every row of `x`. The general matmul
+/// kernel packs the whole weight into panels on every call, which for one row reads and writes
+/// it twice more than the product needs: decoding at batch 1 is a pass over the weights.
+fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
+    let dot = pick_dot();
+    // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
+    let mut out_t = vec![0f32; n * m];
+    let per = n.div_ceil(4 * crate::util::threads()).max(16);
+    use rayon::prelude::*;
+    out_t
+        .par_chunks_mut(per * m.max(1))
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (jj, o) in chunk.chunks_mut(m.max(1)).enumerate() {
+                let j = c * per + jj;
+                let wr = &w[j * k..(j + 1) * k];
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = dot(&x[i * k..(i + 1) * k], wr);
+                }
+            }
+        });
+    for (j, col) in out_t.chunks(m.max(1)).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+}
+
+/// `x · wᵀ + b` over the last axis of `x` (any rank), `w (n, k)` and `b (n)` as candle-nn's
+/// `Linear` stores them: one graph node each way. As tensor ops (reshape, matmul, bias add,
+/// reshape) every intermediate also costs candle's backward a zero-filled gradient buffer and
+/// an add. Forward: the bias is written first and the product added onto it (one pass);
+/// up to [`SMALL_ROWS`] rows take [`gemv_rows`]. Backward: dx = g·W, dW = gᵀ·x, db = Σ g.
+struct LinearOp;
+
+impl LinearOp {
+    fn dims(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
+        let k = x.shape().dims().last().copied().unwrap_or(1);
+        let (n, k2) = w.shape().dims2()?;
+        if k != k2 || b.shape().dims() != [n] || k == 0 {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?}, bias {:?} do not fit together",
+                x.shape(),
+                w.shape(),
+                b.shape()
+            );
+        }
+        Ok((x.shape().elem_count() / k, n, k))
+    }
+}
+
+impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "matmul-wt-small"
+        "fused-linear"
     }
 
     fn cpu_fwd(
@@ -666,79 +670,85 @@ impl CustomOp2 for MatmulWtSmall {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("{}: ({m}, {k}) · ({n}, {k2})ᵀ", self.name());
-        }
-        let (x, w) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        let dot = pick_dot();
-        // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
-        let mut out_t = vec![0f32; n * m];
-        let per = n.div_ceil(4 * crate::util::threads()).max(16);
-        use rayon::prelude::*;
-        out_t
-            .par_chunks_mut(per * m.max(1))
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (jj, o) in chunk.chunks_mut(m.max(1)).enumerate() {
-                    let j = c * per + jj;
-                    let wr = &w[j * k..(j + 1) * k];
-                    for (i, v) in o.iter_mut().enumerate() {
-                        *v = dot(&x[i * k..(i + 1) * k], wr);
-                    }
-                }
-            });
-        let out = if m == 1 {
-            out_t
-        } else {
-            let mut out = vec![0f32; m * n];
-            for (j, col) in out_t.chunks(m).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    out[i * n + j] = v;
-                }
+        let (m, n, k) = Self::dims(l1, l2, l3)?;
+        let op = self.name();
+        let x = contiguous_f32(s1, l1, op)?;
+        let (w, b) = (contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
+        let mut y = vec![0f32; m * n];
+        if m <= SMALL_ROWS {
+            gemv_rows(x, w, (m, n, k), &mut y);
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(o, &bv)| *o += bv);
             }
-            out
-        };
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        } else {
+            for row in y.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+            // wᵀ as the right operand: element (kk, j) is w[j·k + kk].
+            crate::kernels::matmul((m, n, k), &mut y, (x, k, 1), (w, 1, k), true)?;
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::kernels::{matmul, with_f32};
+        let (m, n, k) = Self::dims(x.layout(), w.layout(), b.layout())?;
+        let op = self.name();
+        let (dx, dw, db) = with_f32(grad, op, |g| {
+            with_f32(w, op, |wv| {
+                with_f32(x, op, |xv| {
+                    let mut dx = vec![0f32; m * k];
+                    matmul((m, k, n), &mut dx, (g, n, 1), (wv, k, 1), false)?;
+                    let mut dw = vec![0f32; n * k];
+                    matmul((n, k, m), &mut dw, (g, 1, n), (xv, k, 1), false)?;
+                    let mut db = vec![0f32; n];
+                    for row in g.chunks_exact(n) {
+                        db.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+                    }
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
     }
 }
 
-/// `x (m, k) · wᵀ` for `w (n, k)`: [`MatmulWtSmall`] for up to [`SMALL_ROWS`] rows on the CPU
-/// in f32, candle's matmul otherwise.
-pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) && x.dim(0)? <= SMALL_ROWS {
-        x.contiguous()?.apply_op2(&w.contiguous()?, MatmulWtSmall)
-    } else {
-        x.matmul(&w.t()?)
+/// `x · wᵀ + b` over the last axis of `x`: [`LinearOp`] on the CPU in f32, tensor ops elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_cpu(x) {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp);
     }
+    let mut dims = x.dims().to_vec();
+    let k = dims.pop().unwrap_or(1);
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    dims.push(w.dim(0)?);
+    y.reshape(dims)
 }
 
 fn fused_cpu(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
-/// `x + b`, `b` of the last axis's length, with a one-pass bias gradient on the CPU in f32.
-pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) {
-        x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
-    } else {
-        x.broadcast_add(b)
-    }
 }
 
 /// `x ⊙ w + b`, `w` and `b` of the last axis's length, likewise.
@@ -812,7 +822,7 @@ mod tests {
         close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
     }
 
-    /// The per-feature shift and scale-shift equal candle's broadcasts, values and gradients.
+    /// The per-feature scale-shift equals candle's broadcasts, values and gradients.
     /// The fused layer-norm core equals the tensor-op version, values and gradients.
     #[test]
     fn fused_normalize_matches_tensor_ops_forward_and_backward() {
@@ -841,34 +851,36 @@ mod tests {
         close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-4);
     }
 
-    /// The few-rows matmul equals candle's, values and gradients, with a length that is not a
-    /// multiple of the vector width.
+    /// The fused linear layer equals candle's matmul + bias, values and gradients of input,
+    /// weight and bias: on the matrix-vector path (1 and 3 rows, a length that is not a
+    /// multiple of the vector width) and the matmul path (a 3-D input of 210 rows).
     #[test]
-    fn small_row_matmul_matches_candles() {
+    fn fused_linear_matches_matmul_and_bias() {
         let dev = Device::Cpu;
-        for m in [1, 3] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, 517), &dev).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 517), &dev).unwrap()).unwrap();
-            let ours = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
-            let theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        for x_shape in [vec![1, 517], vec![3, 517], vec![3, 70, 517]] {
+            let (x, w, b) = (var(&x_shape), var(&[300, 517]), var(&[300]));
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let ours = linear(xt, wt, bt).unwrap();
+            let theirs = xt
+                .broadcast_matmul(&wt.t().unwrap())
+                .unwrap()
+                .broadcast_add(bt)
+                .unwrap();
             close(&ours, &theirs, 1e-4);
-            let probe = Tensor::randn(0f32, 1.0, (m, 300), &dev).unwrap();
-            let g1 = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &w] {
-                close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-4);
+            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g1, g2) = (grads(ours), grads(theirs));
+            for v in [&x, &w, &b] {
+                close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
             }
         }
+        let x = Tensor::zeros((2, 5), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
+        assert!(linear(&x, &w, &b).is_err());
         assert_eq!(dot_lanes(&[1.0; 37], &[2.0; 37]), 74.0);
     }
 
@@ -888,7 +900,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_bias_and_scale_shift_match_broadcasts_forward_and_backward() {
+    fn fused_scale_shift_matches_broadcasts_forward_and_backward() {
         let dev = Device::Cpu;
         let var = |shape: &[usize]| {
             Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
@@ -905,14 +917,6 @@ mod tests {
         for v in [&x, &w, &b] {
             close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
         }
-
-        let ours = add_bias(xt, bt).unwrap();
-        let theirs = xt.broadcast_add(bt).unwrap();
-        close(&ours, &theirs, 0.0);
-        let (g1, g2) = (grads(ours), grads(theirs));
-        for v in [&x, &b] {
-            close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
-        }
-        assert!(add_bias(xt, &wt.narrow(0, 0, 10).unwrap()).is_err());
+        assert!(scale_shift(xt, &wt.narrow(0, 0, 10).unwrap(), bt).is_err());
     }
 }

@@ -12,28 +12,8 @@
 //!
 //! All are f32 on CPU; [`super::model`] uses candle's own ops elsewhere.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
-/// A contiguous f32 CPU tensor's values, copied out only if it is not contiguous already.
-fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(contiguous_f32(cpu, layout, op)?),
-        _ => candle_core::bail!("{op}: CPU tensors only"),
-    }
-}
+use crate::kernels::{contiguous_f32, matmul, with_f32};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Split `dst` into `chunk`-long pieces and run `f(index, piece)` on them across the cores.
 fn par_chunks(dst: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
@@ -56,54 +36,6 @@ fn par_chunks(dst: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Syn
             });
         }
     });
-}
-
-/// `dst (m × n, row-major) = lhs (m × k) · rhs (k × n)`, each operand given as (values, row
-/// stride, column stride), on the cores candle uses.
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-) -> Result<()> {
-    let last = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
-        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
-    };
-    if dst.len() != m * n || !last(m, k, lhs) || !last(k, n, rhs) {
-        candle_core::bail!("conv matmul: operands too short for ({m} × {k}) · ({k} × {n})");
-    }
-    let threads = crate::util::threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index the strides reach is inside its slice (checked above); dst is not
-    // read (read_dst = false) and does not alias the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
 }
 
 /// Geometry of a channel-major convolution input.
@@ -249,7 +181,7 @@ impl CustomOp3 for ConvCm {
             &owned
         };
         let mut y = vec![0f32; n_out * n];
-        matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1))?;
+        matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1), false)?;
         par_chunks(&mut y, n, |o, row| {
             row.iter_mut().for_each(|v| *v += bias[o])
         });
@@ -279,9 +211,9 @@ impl CustomOp3 for ConvCm {
                         &owned
                     };
                     let mut dw = vec![0f32; n_out * ckk];
-                    matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n))?;
+                    matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
                     let mut dcols = vec![0f32; ckk * n];
-                    matmul((ckk, n, n_out), &mut dcols, (wv, 1, ckk), (g, n, 1))?;
+                    matmul((ckk, n, n_out), &mut dcols, (wv, 1, ckk), (g, n, 1), false)?;
                     let dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
                     let db: Vec<f32> = g.chunks_exact(n.max(1)).map(|r| r.iter().sum()).collect();
                     Ok((dx, dw, db))
