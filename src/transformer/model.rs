@@ -8,7 +8,7 @@
 //! `layers.{i}.mlp.fc`, `layers.{i}.mlp.proj`, `ln_f`, `head` (each `.weight` / `.bias`).
 
 use crate::config::Config;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
@@ -420,13 +420,7 @@ impl Transformer {
 /// 1‥text_len−1) and image targets, weighted 1/8 and 7/8. Returns (loss, text, image).
 pub fn loss(logits: &Tensor, ids: &Tensor, text_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, s, _) = logits.dims3()?;
-    let logp = crate::vae::model::log_softmax(&logits.narrow(1, 0, s - 1)?, 2)?; // predicts 1..s
-    let targets = ids
-        .narrow(1, 1, s - 1)?
-        .to_dtype(DType::U32)?
-        .unsqueeze(2)?
-        .contiguous()?;
-    let nll = logp.contiguous()?.gather(&targets, 2)?.squeeze(2)?.neg()?; // (b, s − 1)
+    let nll = super::ops::next_token_nll(logits, ids)?; // (b, s − 1): position p predicts p + 1
     let text = nll.narrow(1, 0, text_len - 1)?.mean_all()?;
     let image = nll.narrow(1, text_len - 1, s - text_len)?.mean_all()?;
     let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
