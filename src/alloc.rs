@@ -7,9 +7,10 @@
 //! in page faults and `munmap`. [`ReuseLarge`] wraps the system allocator and parks freed blocks
 //! of at least [`MIN_BLOCK`] bytes (sizes rounded up to [`GRANULE`]) in a table, handing one back
 //! when the same rounded size is asked for again. What it holds is bounded by the program's own
-//! high-water mark: parked + in-use large bytes stay within 1.5× the most ever in use at once
-//! (the oldest parked blocks go back to the system first). Smaller blocks go straight to the
-//! system.
+//! high-water mark: parked + in-use large bytes stay within about 1.5× the most in use at once
+//! since parking was turned on (the oldest parked blocks go back to the system first; blocks
+//! allocated before are not told apart, hence "about"). Smaller blocks go straight to the
+//! system. Parking is off until [`set_reuse`] or a [`ReuseGuard`] turns it on.
 //!
 //! The `dalle` binary installs it (`#[global_allocator]` in `main.rs`); a program embedding the
 //! library can do the same:
@@ -17,6 +18,7 @@
 //! ```
 //! #[global_allocator]
 //! static ALLOC: dalle::alloc::ReuseLarge = dalle::alloc::ReuseLarge;
+//! let _reuse = dalle::alloc::ReuseGuard::new(); // for the training loop's lifetime
 //! let v = vec![0f32; 1 << 20];
 //! assert!(v.iter().all(|&x| x == 0.0));
 //! ```
@@ -25,12 +27,59 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static ALLOWED: AtomicBool = AtomicBool::new(true);
 
-/// Turn parking on or off (on by default); off, large blocks go straight back to the system.
-/// `dalle` turns it off when `DALLE_SYSTEM_ALLOC` is set, to measure what it saves.
+/// Turn parking on or off (off at start). Training turns it on for its steps (`dalle train`,
+/// `dalle train-vae`, the training phase of `dalle bench`); off, every parked block goes back
+/// to the system, so inference keeps the system allocator's footprint (with parking on through
+/// a whole `dalle bench --grid 32` run, candle's peak RSS was 1.5 GB instead of 0.6 GB: blocks
+/// of the export and the no-cache recompute stayed parked).
 pub fn set_reuse(on: bool) {
+    let on = on && ALLOWED.load(Ordering::Relaxed);
     ENABLED.store(on, Ordering::Relaxed);
+    if !on {
+        let mut evicted = Evicted::new();
+        {
+            let mut p = parked();
+            while p.evict_oldest(&mut evicted) {}
+            // Blocks still in use were counted while parking was on; they go straight to the
+            // system when freed (see `park`).
+            p.live = 0;
+            p.peak = 0;
+        }
+        // SAFETY: every parked block came from `System` with its recorded layout.
+        unsafe { evicted.release() };
+    }
+}
+
+/// Never park (for measuring what parking saves): `dalle` calls this when `DALLE_SYSTEM_ALLOC`
+/// is set.
+pub fn forbid_reuse() {
+    ALLOWED.store(false, Ordering::Relaxed);
+    set_reuse(false);
+}
+
+/// Parking on for the lifetime of the guard (see [`set_reuse`]).
+pub struct ReuseGuard(());
+
+impl ReuseGuard {
+    pub fn new() -> Self {
+        set_reuse(true);
+        ReuseGuard(())
+    }
+}
+
+impl Default for ReuseGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ReuseGuard {
+    fn drop(&mut self) {
+        set_reuse(false);
+    }
 }
 
 /// Blocks smaller than this go to the system allocator untouched.
@@ -259,6 +308,13 @@ mod tests {
     fn a_freed_large_block_is_reused_zeroed_and_small_ones_pass_through() {
         let a = ReuseLarge;
         let big = Layout::from_size_align(3 * MIN_BLOCK + 5, 64).unwrap();
+        // Off (the default): a freed block is not kept.
+        unsafe {
+            let p = a.alloc(big);
+            a.dealloc(p, big);
+        }
+        assert_eq!(parked().parked, 0);
+        set_reuse(true);
         unsafe {
             let p = a.alloc(big);
             assert!(!p.is_null());
@@ -286,7 +342,12 @@ mod tests {
             assert!(!t.is_null());
             a.dealloc(t, small);
         }
-        let p = parked();
-        assert!(p.parked + p.live <= p.peak + p.peak / 2);
+        {
+            let p = parked();
+            assert!(p.parked > 0 && p.parked + p.live <= p.peak + p.peak / 2);
+        }
+        // Turning it off hands every parked block back.
+        set_reuse(false);
+        assert_eq!(parked().parked, 0);
     }
 }

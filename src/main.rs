@@ -10,8 +10,8 @@ use dalle::vae::io::Vae;
 use dalle::vae::train::{VaeTrainOptions, VaeTrainRequest};
 use std::path::PathBuf;
 
-/// Training and batch decoding free and re-allocate the same large tensors every step; this keeps
-/// them mapped instead of faulting them in afresh (see `dalle::alloc`).
+/// Training frees and re-allocates the same large tensors every step; this keeps them mapped
+/// instead of faulting them in afresh, while a training command runs (see `dalle::alloc`).
 #[global_allocator]
 static ALLOC: dalle::alloc::ReuseLarge = dalle::alloc::ReuseLarge;
 
@@ -957,7 +957,9 @@ fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
 fn main() {
     dalle::util::pin_thread_count();
     dalle::util::tune_allocator();
-    dalle::alloc::set_reuse(std::env::var_os("DALLE_SYSTEM_ALLOC").is_none());
+    if std::env::var_os("DALLE_SYSTEM_ALLOC").is_some() {
+        dalle::alloc::forbid_reuse();
+    }
     dalle::util::default_sigpipe();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -999,8 +1001,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(a) => bench(a)?,
-        Command::TrainVae(a) => train_vae(a)?,
-        Command::Train(a) => train(a)?,
+        Command::TrainVae(a) => {
+            let _reuse = dalle::alloc::ReuseGuard::new();
+            train_vae(a)?
+        }
+        Command::Train(a) => {
+            let _reuse = dalle::alloc::ReuseGuard::new();
+            train(a)?
+        }
         Command::Generate(a) => generate(a)?,
         Command::Eval {
             model,

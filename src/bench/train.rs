@@ -39,6 +39,8 @@ fn median_time(reps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f6
 
 /// Time `reps` updates of each stage of `cfg` at `batch` on the CPU.
 pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps> {
+    // As `dalle train` runs: large freed tensors are reused between steps (see `crate::alloc`).
+    let _reuse = crate::alloc::ReuseGuard::new();
     let dev = Device::Cpu;
     let g = &cfg.geometry;
 
