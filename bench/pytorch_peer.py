@@ -2,7 +2,7 @@
 """The PyTorch peer of `dalle bench`: lucidrains' dalle-pytorch 1.6.6 with random weights, in the
 geometry `dalle bench` passes, timed on the CPU with the same thread count.
 
-Install (once): bash bench/install-peer.sh   (a venv in target/peer: torch 2.15.0, dalle-pytorch
+Install (once): bash bench/install-peer.sh   (a venv in target/peer: torch 2.15.0, DALL-E 0.1, dalle-pytorch
 1.6.6 without its unused dependencies). Run by `dalle bench --peer pytorch`, or alone:
 
     target/peer/bin/python bench/pytorch_peer.py --dim 512 --depth 12 --heads 8 \
