@@ -1,8 +1,12 @@
-//! Fused CPU kernels with backward passes for the transformer's elementwise hot spots: candle's
-//! own `gelu` runs on one thread and back-propagates through a dozen tensor ops (with `powf`),
-//! and a softmax built from tensor ops makes five passes forward and more backward. On other
-//! devices or dtypes these fall back to candle's tensor ops.
+//! Fused CPU kernels with backward passes for the transformer's hot spots: GELU, softmax (plain
+//! and scaled + masked), layer norm, the linear layer (with a matrix-vector path for decoding)
+//! and the next-token loss. As tensor ops each of these is several candle ops, and candle's
+//! backward pass zero-fills a gradient buffer and adds into it for every op's input: on the
+//! activations of a training step that is most of the time the matmuls leave. Every kernel is
+//! checked against its tensor-op version, values and gradients (tests below); on other devices
+//! or dtypes the tensor ops run instead.
 
+use crate::kernels::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// Inputs smaller than this run on the calling thread.
@@ -10,19 +14,7 @@ const PARALLEL_MIN: usize = 1 << 16;
 
 /// `f` over `rows` chunks of `width` values of `x` into `y`, split across the cores.
 fn par_rows(x: &[f32], y: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
-    let threads = crate::util::threads();
-    let rows = x.len() / width.max(1);
-    if x.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
-        f(x, y);
-        return;
-    }
-    let per = rows.div_ceil(threads) * width;
-    std::thread::scope(|s| {
-        for (xc, yc) in x.chunks(per).zip(y.chunks_mut(per)) {
-            let f = &f;
-            s.spawn(move || f(xc, yc));
-        }
-    });
+    par_rows2(x, x, y, width, |x, _, y| f(x, y));
 }
 
 /// As [`par_rows`] with a second input read row by row alongside the first.
@@ -46,16 +38,6 @@ fn par_rows2(
             s.spawn(move || f(ac, bc, yc));
         }
     });
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: contiguous input only"),
-    }
 }
 
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
@@ -902,75 +884,101 @@ mod tests {
         assert!(d <= tol, "max |Δ| {d} > {tol}");
     }
 
-    /// Forward and gradient of the fused kernels equal candle's tensor-op versions, on a tensor
-    /// large enough to take the multi-threaded path.
-    #[test]
-    fn fused_gelu_and_softmax_match_candle_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        let x =
-            Var::from_tensor(&(Tensor::randn(0f32, 2.0, (4, 3, 65, 129), &dev).unwrap())).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (4, 3, 65, 129), &dev).unwrap();
+    fn var(shape: &[usize], std: f32) -> Var {
+        Var::from_tensor(&Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()).unwrap()
+    }
 
-        let ours = gelu(x.as_tensor()).unwrap();
-        let theirs = x.as_tensor().gelu().unwrap();
-        close(&ours, &theirs, 1e-6);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+    /// `ours` and `theirs` (the same function of `vars`) agree within `fwd`, and the gradients of
+    /// Σ output ⊙ probe with respect to every var within `bwd`.
+    fn agree(vars: &[&Var], ours: Tensor, theirs: Tensor, fwd: f32, bwd: f32) {
+        close(&ours, &theirs, fwd);
+        let probe = Tensor::randn(0f32, 1.0, ours.dims(), ours.device()).unwrap();
+        let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(ours), grads(theirs));
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d <= bwd, "gradient of var {i}: max |Δ| {d} > {bwd}");
+        }
+    }
+
+    /// softmax from tensor ops, the reference for the fused ones.
+    fn softmax_ops(x: &Tensor) -> Tensor {
+        let max = x.max_keepdim(D::Minus1).unwrap().detach();
+        let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+    }
+
+    /// GELU, softmax and masked softmax equal candle's tensor-op versions, forward and
+    /// backward, on a tensor large enough to take the multi-threaded path.
+    #[test]
+    fn fused_gelu_and_softmaxes_match_candle_ops() {
+        let dev = Device::Cpu;
+        let x = var(&[4, 3, 65, 129], 2.0);
+        let xt = x.as_tensor();
+        agree(&[&x], gelu(xt).unwrap(), xt.gelu().unwrap(), 1e-6, 1e-5);
 
         // A masked row as in attention: −∞ where not allowed.
-        let mask: Vec<f32> = (0..129)
+        let row: Vec<f32> = (0..129)
             .map(|k| if k % 3 == 0 { 0.0 } else { f32::NEG_INFINITY })
             .collect();
-        let mask = Tensor::from_vec(mask, 129, &dev).unwrap();
-        let xm = x.as_tensor().broadcast_add(&mask).unwrap();
-        let ours = softmax_last(&xm).unwrap();
-        let max = xm.max_keepdim(D::Minus1).unwrap().detach();
-        let e = xm.broadcast_sub(&max).unwrap().exp().unwrap();
-        let theirs = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        close(&ours, &theirs, 1e-6);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
+        let row = Tensor::from_vec(row, 129, &dev).unwrap();
+        let xm = xt.broadcast_add(&row).unwrap();
+        agree(
+            &[&x],
+            softmax_last(&xm).unwrap(),
+            softmax_ops(&xm),
+            1e-6,
+            1e-5,
+        );
+
+        // Scale and a (t, s) mask inside the softmax, shared by the leading axes.
+        let (t, s) = (65, 129);
+        let mask: Vec<f32> = (0..t * s)
+            .map(|i| {
+                if i % s <= i / s + 3 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), &dev).unwrap();
+        let theirs = softmax_ops(&(xt * 0.125).unwrap().broadcast_add(&mask).unwrap());
+        let ours = masked_softmax(xt, &mask, 0.125).unwrap();
+        agree(&[&x], ours, theirs, 1e-6, 1e-5);
+        assert!(masked_softmax(xt, &mask.narrow(0, 0, 5).unwrap(), 1.0).is_err());
+    }
+
+    /// The fused layer-norm core equals the tensor-op version, values and gradients.
+    #[test]
+    fn fused_normalize_matches_tensor_ops() {
+        let x = var(&[4, 70, 512], 3.0);
+        let xt = (x.as_tensor() + 1.5).unwrap();
+        let mean = xt.mean_keepdim(D::Minus1).unwrap();
+        let xc = xt.broadcast_sub(&mean).unwrap();
+        let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let theirs = xc
+            .broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
             .unwrap();
-        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+        agree(&[&x], normalize(&xt, 1e-5).unwrap(), theirs, 1e-5, 1e-4);
     }
 
     /// The per-feature scale-shift equals candle's broadcasts, values and gradients.
-    /// The fused layer-norm core equals the tensor-op version, values and gradients.
     #[test]
-    fn fused_normalize_matches_tensor_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(
-            &(Tensor::randn(0f32, 3.0, (4, 70, 512), &dev).unwrap() + 1.5).unwrap(),
-        )
-        .unwrap();
-        let w = Tensor::randn(0f32, 1.0, (4, 70, 512), &dev).unwrap();
-        let ours = normalize(x.as_tensor(), 1e-5).unwrap();
-        let xt = x.as_tensor();
-        let mean = xt.mean_keepdim(D::Minus1).unwrap();
-        let xc = xt.broadcast_sub(&mean).unwrap();
-        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let theirs = xc
-            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-            .unwrap();
-        close(&ours, &theirs, 1e-5);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-4);
+    fn fused_scale_shift_matches_broadcasts() {
+        let (x, w, b) = (var(&[3, 70, 300], 1.0), var(&[300], 1.0), var(&[300], 1.0));
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let theirs = xt.broadcast_mul(wt).unwrap().broadcast_add(bt).unwrap();
+        agree(
+            &[&x, &w, &b],
+            scale_shift(xt, wt, bt).unwrap(),
+            theirs,
+            0.0,
+            1e-3,
+        );
+        assert!(scale_shift(xt, &wt.narrow(0, 0, 10).unwrap(), bt).is_err());
     }
 
     /// The fused linear layer equals candle's matmul + bias, values and gradients of input,
@@ -978,27 +986,20 @@ mod tests {
     /// multiple of the vector width) and the matmul path (a 3-D input of 210 rows).
     #[test]
     fn fused_linear_matches_matmul_and_bias() {
-        let dev = Device::Cpu;
-        let var = |shape: &[usize]| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
-        };
         for x_shape in [vec![1, 517], vec![3, 517], vec![3, 70, 517]] {
-            let (x, w, b) = (var(&x_shape), var(&[300, 517]), var(&[300]));
+            let (x, w, b) = (var(&x_shape, 1.0), var(&[300, 517], 1.0), var(&[300], 1.0));
             let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-            let ours = linear(xt, wt, bt).unwrap();
-            let theirs = xt
-                .broadcast_matmul(&wt.t().unwrap())
-                .unwrap()
-                .broadcast_add(bt)
-                .unwrap();
-            close(&ours, &theirs, 1e-4);
-            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-            let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let (g1, g2) = (grads(ours), grads(theirs));
-            for v in [&x, &w, &b] {
-                close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
-            }
+            let theirs = xt.broadcast_matmul(&wt.t().unwrap()).unwrap();
+            let theirs = theirs.broadcast_add(bt).unwrap();
+            agree(
+                &[&x, &w, &b],
+                linear(xt, wt, bt).unwrap(),
+                theirs,
+                1e-4,
+                1e-3,
+            );
         }
+        let dev = Device::Cpu;
         let x = Tensor::zeros((2, 5), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
@@ -1010,39 +1011,20 @@ mod tests {
     #[test]
     fn fused_next_token_nll_matches_log_softmax_and_gather() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 5, 37), &dev).unwrap()).unwrap();
-        let ids =
-            Tensor::from_vec((0..10u32).map(|i| (i * 7) % 37).collect(), (2, 5), &dev).unwrap();
-        let ours = next_token_nll(x.as_tensor(), &ids).unwrap();
-        let logp =
-            crate::vae::model::log_softmax(&x.as_tensor().narrow(1, 0, 4).unwrap(), 2).unwrap();
-        let targets = ids.narrow(1, 1, 4).unwrap().contiguous().unwrap();
+        let x = var(&[2, 5, 37], 3.0);
+        let xt = x.as_tensor();
+        let ids: Vec<u32> = (0..10u32).map(|i| (i * 7) % 37).collect();
+        let ids = Tensor::from_vec(ids, (2, 5), &dev).unwrap();
+        let logp = crate::vae::model::log_softmax(&xt.narrow(1, 0, 4).unwrap(), 2).unwrap();
+        let targets = ids.narrow(1, 1, 4).unwrap().unsqueeze(2).unwrap();
         let theirs = logp
             .contiguous()
             .unwrap()
-            .gather(&targets.unsqueeze(2).unwrap(), 2)
-            .unwrap()
-            .squeeze(2)
-            .unwrap()
-            .neg()
-            .unwrap();
-        close(&ours, &theirs, 1e-5);
-        let probe = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-5);
+            .gather(&targets.contiguous().unwrap(), 2);
+        let theirs = theirs.unwrap().squeeze(2).unwrap().neg().unwrap();
+        agree(&[&x], next_token_nll(xt, &ids).unwrap(), theirs, 1e-5, 1e-5);
         let bad = Tensor::from_vec(vec![40u32; 10], (2, 5), &dev).unwrap();
-        assert!(next_token_nll(x.as_tensor(), &bad).is_err());
+        assert!(next_token_nll(xt, &bad).is_err());
     }
 
     #[test]
@@ -1058,26 +1040,5 @@ mod tests {
         assert_eq!(fast_exp(-88.0), 0.0);
         assert!(fast_exp(1000.0).is_finite());
         assert!(fast_exp(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn fused_scale_shift_matches_broadcasts_forward_and_backward() {
-        let dev = Device::Cpu;
-        let var = |shape: &[usize]| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
-        };
-        let (x, w, b) = (var(&[3, 70, 300]), var(&[300]), var(&[300]));
-        let probe = Tensor::randn(0f32, 1.0, (3, 70, 300), &dev).unwrap();
-        let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-
-        let ours = scale_shift(xt, wt, bt).unwrap();
-        let theirs = xt.broadcast_mul(wt).unwrap().broadcast_add(bt).unwrap();
-        close(&ours, &theirs, 0.0);
-        let (g1, g2) = (grads(ours), grads(theirs));
-        for v in [&x, &w, &b] {
-            close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-3);
-        }
-        assert!(scale_shift(xt, &wt.narrow(0, 0, 10).unwrap(), bt).is_err());
     }
 }
