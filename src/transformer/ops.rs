@@ -40,6 +40,28 @@ fn par_rows2(
     });
 }
 
+/// Length of the last axis (rows are runs of it), at least 1.
+fn row_width(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// The values of two same-shaped contiguous f32 inputs (an output and its gradient, say) and
+/// their row width.
+fn row_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    op: &str,
+) -> Result<(&'a [f32], &'a [f32], usize)> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op}: {:?} vs {:?}", l1.shape(), l2.shape());
+    }
+    Ok((
+        contiguous_f32(s1, l1, op)?,
+        contiguous_f32(s2, l2, op)?,
+        row_width(l1),
+    ))
+}
+
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 
 /// eˣ in f32 within ~2 ulp, without a libm call, so that loops over it vectorise (a training
@@ -168,7 +190,7 @@ impl CustomOp1 for SoftmaxLast {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let width = row_width(l);
         let mut y = vec![0f32; x.len()];
         par_rows(x, &mut y, width, |x, y| {
             for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
@@ -202,14 +224,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
-        }
-        let (y, dy) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let (y, dy, width) = row_pair((s1, l1), (s2, l2), self.name())?;
         let mut dx = vec![0f32; y.len()];
         let scale = self.scale;
         par_rows2(y, dy, &mut dx, width, |y, dy, dx| {
@@ -367,7 +382,7 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let width = row_width(l);
         let mut y = vec![0f32; x.len()];
         let eps = self.eps;
         par_rows(x, &mut y, width, |x, y| {
@@ -402,14 +417,7 @@ impl CustomOp2 for NormalizeGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
-        }
-        let (x, dy) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let (x, dy, width) = row_pair((s1, l1), (s2, l2), self.name())?;
         let n = width as f64;
         let eps = self.eps;
         let mut dx = vec![0f32; x.len()];
@@ -583,7 +591,7 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let n = row_width(l);
         let mut sum = vec![0f32; n];
         for row in x.chunks_exact(n) {
             sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
