@@ -46,24 +46,35 @@ impl Conv {
     }
 }
 
-impl Module for Conv {
-    /// `x` is channel-major, `(c, b, h, w)`, as everywhere inside [`Stack`]: the convolution is
-    /// one matrix product over the whole batch (`super::ops::ConvCm`, which also back-propagates
-    /// in one step). Other devices and dtypes use candle's `conv2d` on the (b, c, h, w) view.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Conv {
+    /// The convolution of `relu(x)` with `relu`, else of `x`. `x` is channel-major, `(c, b, h,
+    /// w)`, as everywhere inside [`Stack`]: on the CPU one fused op
+    /// (`super::ops::ConvCm`, which also back-propagates in one step, ReLU included). Other
+    /// devices and dtypes use candle's `conv2d` on the (b, c, h, w) view.
+    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             return x.contiguous()?.apply_op3(
                 &self.w,
                 &self.b,
-                super::ops::ConvCm { pad: self.pad },
+                super::ops::ConvCm {
+                    pad: self.pad,
+                    relu,
+                },
             );
         }
+        let x = if relu { x.relu()? } else { x.clone() };
         let n_out = self.w.dim(0)?;
         let y = x
             .permute((1, 0, 2, 3))?
             .conv2d(&self.w, self.pad, 1, 1, 1)?;
         y.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?)?
             .permute((1, 0, 2, 3))
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
     }
 }
 
@@ -144,7 +155,7 @@ impl Module for Block {
         };
         let mut h = x.clone();
         for conv in &self.res_path {
-            h = conv.forward(&h.relu()?)?;
+            h = conv.apply(&h, true)?;
         }
         id + (h * self.post_gain)?
     }
@@ -200,11 +211,16 @@ impl Stack {
 
     /// Everything after the input conv; `resample` runs between groups.
     fn trunk(&self, x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        self.output.forward(&self.features(x, resample)?)
+        self.output.apply(&self.blocks(x, resample)?, true)
     }
 
     /// The trunk up to (and including) the ReLU before the output conv.
-    fn features(&self, mut x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn features(&self, x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        self.blocks(x, resample)?.relu()
+    }
+
+    /// The residual groups, without the ReLU that follows them.
+    fn blocks(&self, mut x: Tensor, resample: fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let last = self.groups.len() - 1;
         for (g, blocks) in self.groups.iter().enumerate() {
             for b in blocks {
@@ -214,7 +230,7 @@ impl Stack {
                 x = resample(&x)?;
             }
         }
-        x.relu()
+        Ok(x)
     }
 }
 

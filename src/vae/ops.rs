@@ -85,17 +85,26 @@ impl Planes {
         }
     }
 
-    /// `x (c, b, h, w)` → columns `(c·k², b·h·w)`.
-    fn im2col(&self, x: &[f32]) -> Vec<f32> {
+    /// `x (c, b, h, w)` → columns `(c·k², b·h·w)`, of `relu(x)` with `relu`.
+    fn im2col(&self, x: &[f32], relu: bool) -> Vec<f32> {
         let (n, kk) = (self.n(), self.k * self.k);
         let mut cols = vec![0f32; self.c * kk * n];
         par_chunks(&mut cols, kk * n, |ci, dst| {
             self.runs(ci, |tap, s, d, len| {
-                let d = tap * n + d;
-                dst[d..d + len].copy_from_slice(&x[s..s + len]);
+                let (d, s) = (&mut dst[tap * n + d..][..len], &x[s..s + len]);
+                if relu {
+                    d.iter_mut().zip(s).for_each(|(d, &s)| *d = s.max(0.0));
+                } else {
+                    d.copy_from_slice(s);
+                }
             });
         });
         cols
+    }
+
+    fn direct(&self) -> super::direct::Geom {
+        let Planes { c, b, h, w, k, pad } = *self;
+        super::direct::Geom { c, b, h, w, k, pad }
     }
 
     /// The adjoint: columns `(c·k², b·h·w)` → `(c, b, h, w)`, each entry added back onto the
@@ -120,10 +129,13 @@ impl Planes {
 }
 
 /// A k×k "same" convolution with bias of channel-major activations: `x (c, b, h, w)`, weight
-/// `(n_out, c, k, k)`, bias `(n_out)` → `(n_out, b, h, w)`. See the module docs.
+/// `(n_out, c, k, k)`, bias `(n_out)` → `(n_out, b, h, w)`, of `relu(x)` with `relu` (the ReLU
+/// that precedes every convolution of a residual path, fused so that neither it nor its gradient
+/// is a tensor of its own). See the module docs.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvCm {
     pub pad: usize,
+    pub relu: bool,
 }
 
 impl ConvCm {
@@ -151,6 +163,13 @@ impl ConvCm {
     }
 }
 
+/// Whether the direct kernels beat im2col + gemm for this layer. Measured per layer of the
+/// `small` dVAE at batch 8 (bench/NOTES.md, optimisation 22): gemm wins once both channel counts
+/// reach 128, where its panels are full and the columns are few pixels long.
+fn use_direct(p: &Planes, n_out: usize) -> bool {
+    super::direct::available(&p.direct()) && p.c.min(n_out) < 128
+}
+
 impl CustomOp3 for ConvCm {
     fn name(&self) -> &'static str {
         "conv-channel-major"
@@ -172,12 +191,20 @@ impl CustomOp3 for ConvCm {
             contiguous_f32(s2, l2, op)?,
             contiguous_f32(s3, l3, op)?,
         );
+        let shape = Shape::from((n_out, p.b, p.h, p.w));
+        if use_direct(&p, n_out) {
+            let y = super::direct::forward(&p.direct(), x, self.relu, w, Some(bias), n_out, None);
+            return Ok((CpuStorage::F32(y), shape));
+        }
         let (n, ckk) = (p.n(), p.c * p.k * p.k);
         let owned;
-        let cols = if p.k == 1 {
+        let cols = if p.k == 1 && !self.relu {
             x
+        } else if p.k == 1 {
+            owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+            &owned
         } else {
-            owned = p.im2col(x);
+            owned = p.im2col(x, self.relu);
             &owned
         };
         let mut y = vec![0f32; n_out * n];
@@ -185,10 +212,12 @@ impl CustomOp3 for ConvCm {
         par_chunks(&mut y, n, |o, row| {
             row.iter_mut().for_each(|v| *v += bias[o])
         });
-        Ok((CpuStorage::F32(y), Shape::from((n_out, p.b, p.h, p.w))))
+        Ok((CpuStorage::F32(y), shape))
     }
 
-    /// dW = g · colsᵀ, db = Σ g over pixels, dx = col2im(Wᵀ · g), the columns recomputed.
+    /// dW = g · colsᵀ, db = Σ g over pixels, dx = col2im(Wᵀ · g), the columns recomputed (or
+    /// the direct kernels: dx is the convolution of g with the flipped, transposed weight); dx
+    /// is zero where the ReLU was.
     fn bwd(
         &self,
         x: &Tensor,
@@ -200,21 +229,43 @@ impl CustomOp3 for ConvCm {
         let (p, n_out) = self.planes(x.layout(), w.layout(), b.layout())?;
         let (n, ckk) = (p.n(), p.c * p.k * p.k);
         let op = self.name();
+        let relu = self.relu;
         let (dx, dw, db) = with_f32(grad, op, |g| {
             with_f32(w, op, |wv| {
                 with_f32(x, op, |xv| {
+                    if use_direct(&p, n_out) {
+                        let geo = super::direct::Geom {
+                            c: n_out,
+                            ..p.direct()
+                        };
+                        let wf = super::direct::flip_transpose(wv, n_out, p.c, p.k);
+                        let mask = relu.then_some(xv);
+                        let dx = super::direct::forward(&geo, g, false, &wf, None, p.c, mask);
+                        let (dw, db) = super::direct::weight_grad(&p.direct(), xv, relu, g, n_out);
+                        return Ok((dx, dw, db));
+                    }
                     let owned;
-                    let cols = if p.k == 1 {
+                    let cols = if p.k == 1 && !relu {
                         xv
+                    } else if p.k == 1 {
+                        owned = xv.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+                        &owned
                     } else {
-                        owned = p.im2col(xv);
+                        owned = p.im2col(xv, relu);
                         &owned
                     };
                     let mut dw = vec![0f32; n_out * ckk];
                     matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
                     let mut dcols = vec![0f32; ckk * n];
                     matmul((ckk, n, n_out), &mut dcols, (wv, 1, ckk), (g, n, 1), false)?;
-                    let dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
+                    let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
+                    if relu {
+                        dx.iter_mut().zip(xv).for_each(|(d, &v)| {
+                            if v <= 0.0 {
+                                *d = 0.0
+                            }
+                        });
+                    }
                     let db: Vec<f32> = g.chunks_exact(n.max(1)).map(|r| r.iter().sum()).collect();
                     Ok((dx, dw, db))
                 })
@@ -325,34 +376,42 @@ mod tests {
         Ok(())
     }
 
-    /// The fused channel-major convolution equals candle's `conv2d` + bias on the same data in
-    /// (b, c, h, w), values and the gradients of input, weight and bias, for every kernel size
-    /// the dVAE uses and a non-square image.
+    /// The fused channel-major convolution equals ReLU + candle's `conv2d` + bias on the same
+    /// data in (b, c, h, w), values and the gradients of input, weight and bias, for every kernel
+    /// size the dVAE uses, with and without the ReLU, on both paths: a width that is not a
+    /// multiple of 8 (im2col + gemm) and one that is (the direct kernels where the CPU has AVX2,
+    /// with output channels, pixels and (channel, tap) pairs that leave partial register tiles).
     #[test]
     fn channel_major_conv_matches_candles_conv2d_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        for k in [1, 3, 7] {
-            let pad = (k - 1) / 2;
-            let x = Tensor::randn(0f32, 1., (3, 2, 6, 5), &dev)?; // (c, b, h, w)
-            let w = Tensor::randn(0f32, 1., (4, 3, k, k), &dev)?;
-            let b = Tensor::randn(0f32, 1., 4, &dev)?;
-            agree(
-                &[x, w, b],
-                1e-4,
-                |t| t[0].apply_op3(&t[1], &t[2], ConvCm { pad }),
-                |t| {
-                    let y = t[0]
-                        .permute((1, 0, 2, 3))?
-                        .conv2d(&t[1], pad, 1, 1, 1)?
-                        .broadcast_add(&t[2].reshape((1, 4, 1, 1))?)?;
-                    y.permute((1, 0, 2, 3))
-                },
-            )?;
+        for (c, n_out, h, w) in [(3, 4, 6, 5), (5, 7, 3, 16), (2, 3, 9, 8)] {
+            for k in [1, 3, 7] {
+                for relu in [false, true] {
+                    let pad = (k - 1) / 2;
+                    let x = Tensor::randn(0f32, 1., (c, 2, h, w), &dev)?; // (c, b, h, w)
+                    let wt = Tensor::randn(0f32, 1., (n_out, c, k, k), &dev)?;
+                    let b = Tensor::randn(0f32, 1., n_out, &dev)?;
+                    agree(
+                        &[x, wt, b],
+                        1e-4,
+                        |t| t[0].apply_op3(&t[1], &t[2], ConvCm { pad, relu }),
+                        |t| {
+                            let x = if relu { t[0].relu()? } else { t[0].clone() };
+                            let y = x
+                                .permute((1, 0, 2, 3))?
+                                .conv2d(&t[1], pad, 1, 1, 1)?
+                                .broadcast_add(&t[2].reshape((1, n_out, 1, 1))?)?;
+                            y.permute((1, 0, 2, 3))
+                        },
+                    )?;
+                }
+            }
         }
         let x = Tensor::zeros((3, 2, 6, 5), candle_core::DType::F32, &dev)?;
         let w = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &dev)?;
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev)?;
-        assert!(x.apply_op3(&w, &b, ConvCm { pad: 1 }).is_err());
+        let relu = false;
+        assert!(x.apply_op3(&w, &b, ConvCm { pad: 1, relu }).is_err());
         Ok(())
     }
 

@@ -1,0 +1,424 @@
+//! Direct k×k convolutions of channel-major activations `(c, b, h, w)` on AVX2/FMA, for the
+//! dVAE's wide, thin layers (16–64 channels over 64–128 px images at batch 8).
+//!
+//! There the im2col + matrix product of [`super::ops::ConvCm`] streams a column matrix k² times
+//! the input through memory, twice per pass, and the product itself has 16–64 rows: it ran at
+//! 25–40 GFLOP/s here where a large product runs at ~190. These kernels read the input in bands
+//! of whole rows, copied once into a zero-padded buffer that stays in the core's L2 cache (the
+//! optional ReLU of the input applied on the way), and keep a 3-channel × 32-pixel tile of the
+//! output in registers while they walk the input channels and kernel taps:
+//!
+//! - [`forward`]: `y = W ⊛ relu?(x) + b`, optionally multiplied by `mask > 0` as it is stored;
+//! - the input gradient is [`forward`] of the output gradient with the weight transposed and
+//!   flipped ([`flip_transpose`]), masked by the pre-ReLU input;
+//! - [`weight_grad`]: `dW[o, i, tap] = Σ_p g[o, p] · relu?(x)[i, p + tap]`, `db[o] = Σ_p g[o, p]`,
+//!   with a partial sum per thread.
+//!
+//! Only x86-64 with AVX2 and FMA and widths that are a multiple of 8 take this path
+//! ([`available`]); everything else keeps im2col.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Output channels per register tile.
+const MR: usize = 3;
+/// 8-float vectors (pixels / 8) per register tile of the forward pass; (input channel, tap)
+/// pairs per tile of the weight gradient.
+const NV: usize = 4;
+/// The padded input band of one work unit is sized to about this many bytes (L2 holds 0.5–2 MB).
+const BAND_BYTES: usize = 384 << 10;
+
+/// Geometry of one convolution: input `(c, b, h, w)`, `k×k` kernel, "same" padding `pad`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geom {
+    pub c: usize,
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl Geom {
+    fn padded_width(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+
+    /// Output rows per work unit: the padded band of all input channels fits [`BAND_BYTES`].
+    fn band_rows(&self) -> usize {
+        let row_bytes = 4 * self.c * self.padded_width();
+        (BAND_BYTES / row_bytes.max(1))
+            .saturating_sub(2 * self.pad)
+            .clamp(1, self.h.max(1))
+    }
+
+    /// Work units: (image, first row, rows).
+    fn units(&self) -> Vec<(usize, usize, usize)> {
+        let r = self.band_rows();
+        (0..self.b)
+            .flat_map(|img| {
+                (0..self.h)
+                    .step_by(r)
+                    .map(move |y0| (img, y0, r.min(self.h - y0)))
+            })
+            .collect()
+    }
+
+    /// Offset of each (input channel, tap) pair in a padded band, in the order of a weight row
+    /// `(c, k, k)`.
+    fn tap_offsets(&self, band_rows: usize) -> Vec<usize> {
+        let (pw, k) = (self.padded_width(), self.k);
+        let plane = (band_rows + 2 * self.pad) * pw;
+        (0..self.c)
+            .flat_map(|ci| (0..k * k).map(move |t| ci * plane + (t / k) * pw + t % k))
+            .collect()
+    }
+
+    /// Copy rows `y0 − pad .. y0 + rows + pad` of image `img`, every channel, into `band`
+    /// (`c × (rows + 2·pad) × (w + 2·pad)`), zero outside the image, ReLU applied if asked.
+    fn fill_band(
+        &self,
+        x: &[f32],
+        (img, y0, rows): (usize, usize, usize),
+        relu: bool,
+        band: &mut [f32],
+    ) {
+        let (pw, p, w, h) = (self.padded_width(), self.pad, self.w, self.h);
+        let ph = rows + 2 * p;
+        for ci in 0..self.c {
+            for ry in 0..ph {
+                let dst = &mut band[(ci * ph + ry) * pw..(ci * ph + ry + 1) * pw];
+                let sy = (y0 + ry).wrapping_sub(p);
+                if sy >= h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &x[((ci * self.b + img) * h + sy) * w..][..w];
+                dst[..p].fill(0.0);
+                dst[p + w..].fill(0.0);
+                let mid = &mut dst[p..p + w];
+                if relu {
+                    mid.iter_mut().zip(src).for_each(|(d, &s)| *d = s.max(0.0));
+                } else {
+                    mid.copy_from_slice(src);
+                }
+            }
+        }
+    }
+}
+
+/// Whether this CPU and geometry can take the direct path.
+pub(crate) fn available(g: &Geom) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        g.w.is_multiple_of(8)
+            && g.w > 0
+            && g.k == 2 * g.pad + 1
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = g;
+        false
+    }
+}
+
+/// A raw pointer that worker threads may share: each writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used by `forward`, whose work units write disjoint pixels.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Through a method, so that closures capture the `Shared` and not its raw field.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Run `f(unit, band_buffer)` over every unit, spread over the cores; each worker returns its
+/// state `S` (made by `init`).
+fn for_units<S: Send>(
+    g: &Geom,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, (usize, usize, usize), &mut [f32]) + Sync,
+) -> Vec<S> {
+    let units = g.units();
+    let band_len = g.c * (g.band_rows() + 2 * g.pad) * g.padded_width();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut state = init();
+        let mut band = vec![0f32; band_len];
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&u) = units.get(i) else { break };
+            f(&mut state, u, &mut band);
+        }
+        state
+    };
+    let threads = crate::util::threads().min(units.len()).max(1);
+    if threads == 1 {
+        return vec![work()];
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("conv worker panicked"))
+            .collect()
+    })
+}
+
+/// The weight `(n_out, c, k, k)` regrouped as tiles of [`MR`] output channels: for tile `o`,
+/// `c·k²` groups of `MR` values (zero for channels past `n_out`).
+fn tile_weights(w: &[f32], n_out: usize, row: usize) -> Vec<f32> {
+    let tiles = n_out.div_ceil(MR);
+    let mut out = vec![0f32; tiles * row * MR];
+    for o in 0..n_out {
+        let (t, i) = (o / MR, o % MR);
+        for (j, &v) in w[o * row..(o + 1) * row].iter().enumerate() {
+            out[(t * row + j) * MR + i] = v;
+        }
+    }
+    out
+}
+
+/// `(n_out, c, k, k)` → `(c, n_out, k, k)` with both spatial axes reversed: the weight whose
+/// "same" convolution of the output gradient is the input gradient.
+pub(crate) fn flip_transpose(w: &[f32], n_out: usize, c: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0f32; w.len()];
+    for o in 0..n_out {
+        for i in 0..c {
+            for t in 0..kk {
+                out[(i * n_out + o) * kk + (kk - 1 - t)] = w[(o * c + i) * kk + t];
+            }
+        }
+    }
+    out
+}
+
+/// `out (n_out, b, h, w) = W ⊛ relu?(x) + bias`, each value multiplied by `mask > 0` when a mask
+/// (the shape of the output) is given. `w` is `(n_out, c, k, k)`. See the module docs.
+pub(crate) fn forward(
+    g: &Geom,
+    x: &[f32],
+    relu: bool,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n_out: usize,
+    mask: Option<&[f32]>,
+) -> Vec<f32> {
+    let row = g.c * g.k * g.k;
+    let plane = g.b * g.h * g.w;
+    assert!(available(g) && x.len() == g.c * plane && w.len() == n_out * row);
+    assert!(bias.is_none_or(|b| b.len() == n_out) && mask.is_none_or(|m| m.len() == n_out * plane));
+    let wt = tile_weights(w, n_out, row);
+    let mut out = vec![0f32; n_out * plane];
+    let dst = Shared(out.as_mut_ptr());
+    let pw = g.padded_width();
+    for_units(
+        g,
+        || (),
+        |_, (img, y0, rows), band| {
+            g.fill_band(x, (img, y0, rows), relu, band);
+            let offs = g.tap_offsets(rows);
+            let vecs = rows * g.w / 8;
+            // Vector v of the band: padded-band and output offsets of its first pixel.
+            let at = |v: usize| {
+                let (r, x0) = (v / (g.w / 8), v % (g.w / 8) * 8);
+                (r * pw + x0, (img * g.h + y0 + r) * g.w + x0)
+            };
+            for t in 0..n_out.div_ceil(MR) {
+                let mut init = [0f32; MR];
+                for (i, v) in init.iter_mut().enumerate() {
+                    *v = bias.and_then(|b| b.get(t * MR + i)).copied().unwrap_or(0.0);
+                }
+                let valid = (n_out - t * MR).min(MR);
+                for v0 in (0..vecs).step_by(NV) {
+                    // A short last tile repeats the band's last vector: written twice, same value.
+                    let pos: [(usize, usize); NV] =
+                        std::array::from_fn(|j| at((v0 + j).min(vecs - 1)));
+                    // SAFETY: `available` checked AVX2/FMA; every band offset + tap offset + 8 is
+                    // inside `band` (a tap reaches at most 2·pad rows and columns past the vector,
+                    // the band has them), every output offset + 8 inside a plane of `out` (w is a
+                    // multiple of 8), and units write disjoint pixels.
+                    unsafe {
+                        tile_forward(
+                            band.as_ptr(),
+                            &pos,
+                            &offs,
+                            wt.as_ptr().add(t * row * MR),
+                            init,
+                            (dst.at(t * MR * plane), plane, valid),
+                            mask.map(|m| m.as_ptr().add(t * MR * plane)),
+                        );
+                    }
+                }
+            }
+        },
+    );
+    out
+}
+
+/// One register tile of [`forward`]: [`MR`] output channels × [`NV`] vectors of 8 pixels.
+/// `pos[j]` = (offset in the band, offset in an output plane) of vector j; `offs` the (channel,
+/// tap) offsets; `wt` their [`MR`] weights each; `out` = (first channel's plane, plane length,
+/// channels to store).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_forward(
+    band: *const f32,
+    pos: &[(usize, usize); NV],
+    offs: &[usize],
+    wt: *const f32,
+    init: [f32; MR],
+    (out, plane, valid): (*mut f32, usize, usize),
+    mask: Option<*const f32>,
+) {
+    use std::arch::x86_64::*;
+    let mut acc: [[__m256; NV]; MR] = std::array::from_fn(|i| [_mm256_set1_ps(init[i]); NV]);
+    let base: [*const f32; NV] = std::array::from_fn(|j| band.add(pos[j].0));
+    for (q, &o) in offs.iter().enumerate() {
+        let wq = wt.add(q * MR);
+        let ws: [__m256; MR] = std::array::from_fn(|i| _mm256_broadcast_ss(&*wq.add(i)));
+        for j in 0..NV {
+            let xv = _mm256_loadu_ps(base[j].add(o));
+            for i in 0..MR {
+                acc[i][j] = _mm256_fmadd_ps(ws[i], xv, acc[i][j]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(valid) {
+        for (j, &a) in row.iter().enumerate() {
+            let at = i * plane + pos[j].1;
+            let v = match mask {
+                Some(m) => {
+                    let keep =
+                        _mm256_cmp_ps(_mm256_loadu_ps(m.add(at)), _mm256_setzero_ps(), _CMP_GT_OQ);
+                    _mm256_and_ps(a, keep)
+                }
+                None => a,
+            };
+            _mm256_storeu_ps(out.add(at), v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_forward(
+    _: *const f32,
+    _: &[(usize, usize); NV],
+    _: &[usize],
+    _: *const f32,
+    _: [f32; MR],
+    _: (*mut f32, usize, usize),
+    _: Option<*const f32>,
+) {
+    unreachable!("direct convolution is only dispatched on x86-64 (see `available`)")
+}
+
+/// The weight and bias gradients of `y = W ⊛ relu?(x) + b` from the output gradient `gy
+/// (n_out, b, h, w)`: `(dW (n_out, c, k, k), db (n_out))`.
+pub(crate) fn weight_grad(
+    g: &Geom,
+    x: &[f32],
+    relu: bool,
+    gy: &[f32],
+    n_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let row = g.c * g.k * g.k;
+    let plane = g.b * g.h * g.w;
+    assert!(available(g) && x.len() == g.c * plane && gy.len() == n_out * plane);
+    let pw = g.padded_width();
+    let parts = for_units(
+        g,
+        || (vec![0f32; n_out * row], vec![0f32; n_out]),
+        |(dw, db), (img, y0, rows), band| {
+            g.fill_band(x, (img, y0, rows), relu, band);
+            let offs = g.tap_offsets(rows);
+            let start = (img * g.h + y0) * g.w;
+            for (o, s) in db.iter_mut().enumerate() {
+                *s += gy[o * plane + start..][..rows * g.w].iter().sum::<f32>();
+            }
+            for t in 0..n_out.div_ceil(MR) {
+                // Rows past n_out repeat the last channel; their sums are dropped.
+                let rows_g: [usize; MR] =
+                    std::array::from_fn(|i| (t * MR + i).min(n_out - 1) * plane + start);
+                let valid = (n_out - t * MR).min(MR);
+                for q0 in (0..row).step_by(NV) {
+                    let qs: [usize; NV] = std::array::from_fn(|j| offs[(q0 + j).min(row - 1)]);
+                    // SAFETY: AVX2/FMA checked by `available`; the band and gradient offsets stay
+                    // inside their slices as in `forward` (the gradient rows of this unit are
+                    // `rows · w` long from `start`).
+                    let sums = unsafe {
+                        tile_weight_grad(band.as_ptr(), pw, &qs, gy.as_ptr(), &rows_g, (rows, g.w))
+                    };
+                    for (i, s) in sums.iter().enumerate().take(valid) {
+                        for (j, &v) in s.iter().enumerate().take(row - q0) {
+                            dw[(t * MR + i) * row + q0 + j] += v;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let (mut dw, mut db) = (vec![0f32; n_out * row], vec![0f32; n_out]);
+    for (pdw, pdb) in parts {
+        dw.iter_mut().zip(&pdw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pdb).for_each(|(a, b)| *a += b);
+    }
+    (dw, db)
+}
+
+/// One tile of [`weight_grad`]: Σ over a band's pixels of gradient rows `gy[rows_g[i] ..]`
+/// times band values at `qs[j]` past each pixel, for [`MR`] output channels × [`NV`] (channel,
+/// tap) pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_weight_grad(
+    band: *const f32,
+    pw: usize,
+    qs: &[usize; NV],
+    gy: *const f32,
+    rows_g: &[usize; MR],
+    (rows, w): (usize, usize),
+) -> [[f32; NV]; MR] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    for r in 0..rows {
+        for x0 in (0..w).step_by(8) {
+            let gv: [__m256; MR] =
+                std::array::from_fn(|i| _mm256_loadu_ps(gy.add(rows_g[i] + r * w + x0)));
+            let b = band.add(r * pw + x0);
+            for j in 0..NV {
+                let xv = _mm256_loadu_ps(b.add(qs[j]));
+                for i in 0..MR {
+                    acc[i][j] = _mm256_fmadd_ps(gv[i], xv, acc[i][j]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; NV]; MR];
+    for i in 0..MR {
+        for j in 0..NV {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]);
+            out[i][j] = lanes.iter().sum();
+        }
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_weight_grad(
+    _: *const f32,
+    _: usize,
+    _: &[usize; NV],
+    _: *const f32,
+    _: &[usize; MR],
+    _: (usize, usize),
+) -> [[f32; NV]; MR] {
+    unreachable!("direct convolution is only dispatched on x86-64 (see `available`)")
+}
