@@ -83,8 +83,12 @@ fn swap_batch_channels(x: &Tensor) -> Result<Tensor> {
     x.permute((1, 0, 2, 3))?.contiguous()
 }
 
-/// 2×2 max pooling as a reshape and two max reductions (differentiable without conv ops).
+/// 2×2 max pooling: a custom op on CPU, elsewhere a reshape and two max reductions
+/// (differentiable without conv ops).
 fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(super::ops::MaxPool2);
+    }
     let (c, b, h, w) = x.dims4()?;
     x.reshape((c, b, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
 }
