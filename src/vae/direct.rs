@@ -170,6 +170,26 @@ fn for_units<S: Send>(
     })
 }
 
+/// What [`forward`] does with each output value `v = W ⊛ x + b` as it stores it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Epilogue<'a> {
+    /// `v`.
+    Store,
+    /// `v · [mask > 0]`, `mask` the shape of the output (a ReLU's gradient).
+    Mask(&'a [f32]),
+    /// `id + gain · v`, `id` the shape of the output (a residual connection).
+    Residual(&'a [f32], f32),
+}
+
+/// [`Epilogue`] as the register tile sees it: the slice's first element for the tile's first
+/// channel.
+#[derive(Clone, Copy)]
+enum TileEpilogue {
+    Store,
+    Mask(*const f32),
+    Residual(*const f32, f32),
+}
+
 /// The weight `(n_out, c, k, k)` regrouped as tiles of [`MR`] output channels: for tile `o`,
 /// `c·k²` groups of `MR` values (zero for channels past `n_out`).
 fn tile_weights(w: &[f32], n_out: usize, row: usize) -> Vec<f32> {
@@ -199,8 +219,8 @@ pub(crate) fn flip_transpose(w: &[f32], n_out: usize, c: usize, k: usize) -> Vec
     out
 }
 
-/// `out (n_out, b, h, w) = W ⊛ relu?(x) + bias`, each value multiplied by `mask > 0` when a mask
-/// (the shape of the output) is given. `w` is `(n_out, c, k, k)`. See the module docs.
+/// `out (n_out, b, h, w) = W ⊛ relu?(x) + bias`, passed through `epilogue` as it is stored. `w`
+/// is `(n_out, c, k, k)`. See the module docs.
 pub(crate) fn forward(
     g: &Geom,
     x: &[f32],
@@ -208,15 +228,20 @@ pub(crate) fn forward(
     w: &[f32],
     bias: Option<&[f32]>,
     n_out: usize,
-    mask: Option<&[f32]>,
+    epilogue: Epilogue,
 ) -> Vec<f32> {
     let row = g.c * g.k * g.k;
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == g.c * plane && w.len() == n_out * row);
-    assert!(bias.is_none_or(|b| b.len() == n_out) && mask.is_none_or(|m| m.len() == n_out * plane));
+    assert!(bias.is_none_or(|b| b.len() == n_out));
+    match epilogue {
+        Epilogue::Mask(m) | Epilogue::Residual(m, _) => assert_eq!(m.len(), n_out * plane),
+        Epilogue::Store => {}
+    }
     let wt = tile_weights(w, n_out, row);
-    let mut out = vec![0f32; n_out * plane];
-    let dst = Shared(out.as_mut_ptr());
+    let len = n_out * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let dst = Shared(out.spare_capacity_mut().as_mut_ptr().cast());
     let pw = g.padded_width();
     for_units(
         g,
@@ -236,14 +261,22 @@ pub(crate) fn forward(
                     *v = bias.and_then(|b| b.get(t * MR + i)).copied().unwrap_or(0.0);
                 }
                 let valid = (n_out - t * MR).min(MR);
+                let first = t * MR * plane;
+                let epi = match epilogue {
+                    Epilogue::Store => TileEpilogue::Store,
+                    Epilogue::Mask(m) => TileEpilogue::Mask(m[first..].as_ptr()),
+                    Epilogue::Residual(id, gain) => {
+                        TileEpilogue::Residual(id[first..].as_ptr(), gain)
+                    }
+                };
                 for v0 in (0..vecs).step_by(NV) {
                     // A short last tile repeats the band's last vector: written twice, same value.
                     let pos: [(usize, usize); NV] =
                         std::array::from_fn(|j| at((v0 + j).min(vecs - 1)));
                     // SAFETY: `available` checked AVX2/FMA; every band offset + tap offset + 8 is
                     // inside `band` (a tap reaches at most 2·pad rows and columns past the vector,
-                    // the band has them), every output offset + 8 inside a plane of `out` (w is a
-                    // multiple of 8), and units write disjoint pixels.
+                    // the band has them), every output offset + 8 inside a plane of `out` and of
+                    // the epilogue's slice (w is a multiple of 8), and units write disjoint pixels.
                     unsafe {
                         tile_forward(
                             band.as_ptr(),
@@ -251,14 +284,17 @@ pub(crate) fn forward(
                             &offs,
                             wt.as_ptr().add(t * row * MR),
                             init,
-                            (dst.at(t * MR * plane), plane, valid),
-                            mask.map(|m| m.as_ptr().add(t * MR * plane)),
+                            (dst.at(first), plane, valid),
+                            epi,
                         );
                     }
                 }
             }
         },
     );
+    // SAFETY: the units cover every (image, row) once and store every channel of every pixel
+    // of their rows, so all `len` values are written.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -275,7 +311,7 @@ unsafe fn tile_forward(
     wt: *const f32,
     init: [f32; MR],
     (out, plane, valid): (*mut f32, usize, usize),
-    mask: Option<*const f32>,
+    epilogue: TileEpilogue,
 ) {
     use std::arch::x86_64::*;
     let mut acc: [[__m256; NV]; MR] = std::array::from_fn(|i| [_mm256_set1_ps(init[i]); NV]);
@@ -293,13 +329,16 @@ unsafe fn tile_forward(
     for (i, row) in acc.iter().enumerate().take(valid) {
         for (j, &a) in row.iter().enumerate() {
             let at = i * plane + pos[j].1;
-            let v = match mask {
-                Some(m) => {
+            let v = match epilogue {
+                TileEpilogue::Store => a,
+                TileEpilogue::Mask(m) => {
                     let keep =
                         _mm256_cmp_ps(_mm256_loadu_ps(m.add(at)), _mm256_setzero_ps(), _CMP_GT_OQ);
                     _mm256_and_ps(a, keep)
                 }
-                None => a,
+                TileEpilogue::Residual(id, gain) => {
+                    _mm256_fmadd_ps(_mm256_set1_ps(gain), a, _mm256_loadu_ps(id.add(at)))
+                }
             };
             _mm256_storeu_ps(out.add(at), v);
         }
@@ -314,7 +353,7 @@ unsafe fn tile_forward(
     _: *const f32,
     _: [f32; MR],
     _: (*mut f32, usize, usize),
-    _: Option<*const f32>,
+    _: TileEpilogue,
 ) {
     unreachable!("direct convolution is only dispatched on x86-64 (see `available`)")
 }

@@ -72,6 +72,29 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// `id + gain · conv(relu(x))`: a residual path's last convolution and the connection
+    /// around it, one op on the CPU (`super::ops::ConvAdd`).
+    fn apply_residual(&self, x: &Tensor, id: &Tensor, gain: f64) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let wb = Tensor::cat(&[&self.w.flatten_all()?, &self.b], 0)?;
+            let conv = super::ops::ConvCm {
+                pad: self.pad,
+                relu: true,
+            };
+            return x.contiguous()?.apply_op3(
+                &wb,
+                &id.contiguous()?,
+                super::ops::ConvAdd {
+                    conv,
+                    gain: gain as f32,
+                },
+            );
+        }
+        id + (self.apply(x, true)? * gain)?
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, false)
@@ -157,11 +180,9 @@ impl Module for Block {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let mut h = x.clone();
-        for conv in &self.res_path {
-            h = conv.apply(&h, true)?;
-        }
-        id + (h * self.post_gain)?
+        let [c1, c2, c3, c4] = &self.res_path;
+        let h = c3.apply(&c2.apply(&c1.apply(x, true)?, true)?, true)?;
+        c4.apply_residual(&h, &id, self.post_gain)
     }
 }
 

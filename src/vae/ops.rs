@@ -12,6 +12,7 @@
 //!
 //! All are f32 on CPU; [`super::model`] uses candle's own ops elsewhere.
 
+use super::direct::Epilogue;
 use crate::kernels::{contiguous_f32, matmul, with_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -139,15 +140,15 @@ pub struct ConvCm {
 }
 
 impl ConvCm {
-    fn planes(&self, x: &Layout, w: &Layout, b: &Layout) -> Result<(Planes, usize)> {
+    fn planes(&self, x: &Layout, w: &[usize], b: &[usize]) -> Result<(Planes, usize)> {
         let (c, bsz, h, wd) = x.shape().dims4()?;
-        let (n_out, cw, k, k2) = w.shape().dims4()?;
-        if cw != c || k != k2 || b.shape().dims() != [n_out] || 2 * self.pad + 1 != k {
+        let &[n_out, cw, k, k2] = w else {
+            candle_core::bail!("conv: weight {w:?} is not (n_out, c, k, k)")
+        };
+        if cw != c || k != k2 || b != [n_out] || 2 * self.pad + 1 != k {
             candle_core::bail!(
-                "conv: input {:?}, weight {:?}, bias {:?} and padding {} do not fit together",
+                "conv: input {:?}, weight {w:?}, bias {b:?} and padding {} do not fit together",
                 x.shape(),
-                w.shape(),
-                b.shape(),
                 self.pad
             );
         }
@@ -170,6 +171,116 @@ fn use_direct(p: &Planes, n_out: usize) -> bool {
     super::direct::available(&p.direct()) && p.c.min(n_out) < 128
 }
 
+/// `W ⊛ relu?(x) + bias` of channel-major `x`, stored through `epilogue` (see
+/// [`super::direct::Epilogue`]).
+fn conv_forward(
+    p: &Planes,
+    n_out: usize,
+    (x, relu): (&[f32], bool),
+    w: &[f32],
+    bias: &[f32],
+    epilogue: Epilogue,
+) -> Result<Vec<f32>> {
+    if use_direct(p, n_out) {
+        let y = super::direct::forward(&p.direct(), x, relu, w, Some(bias), n_out, epilogue);
+        return Ok(y);
+    }
+    let (n, ckk) = (p.n(), p.c * p.k * p.k);
+    let owned;
+    let cols = if p.k == 1 && !relu {
+        x
+    } else if p.k == 1 {
+        owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+        &owned
+    } else {
+        owned = p.im2col(x, relu);
+        &owned
+    };
+    let mut y = vec![0f32; n_out * n];
+    matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1), false)?;
+    par_chunks(&mut y, n, |o, row| {
+        let (b, at) = (bias[o], o * n);
+        match epilogue {
+            Epilogue::Store => row.iter_mut().for_each(|v| *v += b),
+            Epilogue::Mask(m) => row
+                .iter_mut()
+                .zip(&m[at..at + n])
+                .for_each(|(v, &m)| *v = if m > 0.0 { *v + b } else { 0.0 }),
+            Epilogue::Residual(id, gain) => row
+                .iter_mut()
+                .zip(&id[at..at + n])
+                .for_each(|(v, &i)| *v = i + gain * (*v + b)),
+        }
+    });
+    Ok(y)
+}
+
+/// Gradients `(dx, dW, db)` of `gain · (W ⊛ relu?(x) + b)` from the output gradient `g`: dW =
+/// g · colsᵀ, db = Σ g over pixels, dx = col2im(Wᵀ · g) with the columns recomputed (or, on the
+/// direct path, dx is the convolution of g with the flipped, transposed weight), zero where the
+/// ReLU was.
+fn conv_backward(
+    p: &Planes,
+    n_out: usize,
+    (x, relu): (&[f32], bool),
+    w: &[f32],
+    g: &[f32],
+    gain: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (n, ckk) = (p.n(), p.c * p.k * p.k);
+    let scale = |v: &mut Vec<f32>| {
+        if gain != 1.0 {
+            v.iter_mut().for_each(|v| *v *= gain);
+        }
+    };
+    if use_direct(p, n_out) {
+        let geo = super::direct::Geom {
+            c: n_out,
+            ..p.direct()
+        };
+        let mut wf = super::direct::flip_transpose(w, n_out, p.c, p.k);
+        scale(&mut wf);
+        let epilogue = if relu {
+            Epilogue::Mask(x)
+        } else {
+            Epilogue::Store
+        };
+        let dx = super::direct::forward(&geo, g, false, &wf, None, p.c, epilogue);
+        let (mut dw, mut db) = super::direct::weight_grad(&p.direct(), x, relu, g, n_out);
+        scale(&mut dw);
+        scale(&mut db);
+        return Ok((dx, dw, db));
+    }
+    let owned;
+    let cols = if p.k == 1 && !relu {
+        x
+    } else if p.k == 1 {
+        owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+        &owned
+    } else {
+        owned = p.im2col(x, relu);
+        &owned
+    };
+    let mut dw = vec![0f32; n_out * ckk];
+    matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
+    let mut wg = w.to_vec();
+    scale(&mut wg);
+    let mut dcols = vec![0f32; ckk * n];
+    matmul((ckk, n, n_out), &mut dcols, (&wg, 1, ckk), (g, n, 1), false)?;
+    let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
+    if relu {
+        dx.iter_mut().zip(x).for_each(|(d, &v)| {
+            if v <= 0.0 {
+                *d = 0.0
+            }
+        });
+    }
+    let mut db: Vec<f32> = g.chunks_exact(n.max(1)).map(|r| r.iter().sum()).collect();
+    scale(&mut dw);
+    scale(&mut db);
+    Ok((dx, dw, db))
+}
+
 impl CustomOp3 for ConvCm {
     fn name(&self) -> &'static str {
         "conv-channel-major"
@@ -184,40 +295,17 @@ impl CustomOp3 for ConvCm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (p, n_out) = self.planes(l1, l2, l3)?;
+        let (p, n_out) = self.planes(l1, l2.shape().dims(), l3.shape().dims())?;
         let op = self.name();
         let (x, w, bias) = (
             contiguous_f32(s1, l1, op)?,
             contiguous_f32(s2, l2, op)?,
             contiguous_f32(s3, l3, op)?,
         );
-        let shape = Shape::from((n_out, p.b, p.h, p.w));
-        if use_direct(&p, n_out) {
-            let y = super::direct::forward(&p.direct(), x, self.relu, w, Some(bias), n_out, None);
-            return Ok((CpuStorage::F32(y), shape));
-        }
-        let (n, ckk) = (p.n(), p.c * p.k * p.k);
-        let owned;
-        let cols = if p.k == 1 && !self.relu {
-            x
-        } else if p.k == 1 {
-            owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
-            &owned
-        } else {
-            owned = p.im2col(x, self.relu);
-            &owned
-        };
-        let mut y = vec![0f32; n_out * n];
-        matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1), false)?;
-        par_chunks(&mut y, n, |o, row| {
-            row.iter_mut().for_each(|v| *v += bias[o])
-        });
-        Ok((CpuStorage::F32(y), shape))
+        let y = conv_forward(&p, n_out, (x, self.relu), w, bias, Epilogue::Store)?;
+        Ok((CpuStorage::F32(y), Shape::from((n_out, p.b, p.h, p.w))))
     }
 
-    /// dW = g · colsᵀ, db = Σ g over pixels, dx = col2im(Wᵀ · g), the columns recomputed (or
-    /// the direct kernels: dx is the convolution of g with the flipped, transposed weight); dx
-    /// is zero where the ReLU was.
     fn bwd(
         &self,
         x: &Tensor,
@@ -226,48 +314,12 @@ impl CustomOp3 for ConvCm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (p, n_out) = self.planes(x.layout(), w.layout(), b.layout())?;
-        let (n, ckk) = (p.n(), p.c * p.k * p.k);
+        let (p, n_out) = self.planes(x.layout(), w.dims(), b.dims())?;
         let op = self.name();
-        let relu = self.relu;
         let (dx, dw, db) = with_f32(grad, op, |g| {
             with_f32(w, op, |wv| {
                 with_f32(x, op, |xv| {
-                    if use_direct(&p, n_out) {
-                        let geo = super::direct::Geom {
-                            c: n_out,
-                            ..p.direct()
-                        };
-                        let wf = super::direct::flip_transpose(wv, n_out, p.c, p.k);
-                        let mask = relu.then_some(xv);
-                        let dx = super::direct::forward(&geo, g, false, &wf, None, p.c, mask);
-                        let (dw, db) = super::direct::weight_grad(&p.direct(), xv, relu, g, n_out);
-                        return Ok((dx, dw, db));
-                    }
-                    let owned;
-                    let cols = if p.k == 1 && !relu {
-                        xv
-                    } else if p.k == 1 {
-                        owned = xv.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
-                        &owned
-                    } else {
-                        owned = p.im2col(xv, relu);
-                        &owned
-                    };
-                    let mut dw = vec![0f32; n_out * ckk];
-                    matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
-                    let mut dcols = vec![0f32; ckk * n];
-                    matmul((ckk, n, n_out), &mut dcols, (wv, 1, ckk), (g, n, 1), false)?;
-                    let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
-                    if relu {
-                        dx.iter_mut().zip(xv).for_each(|(d, &v)| {
-                            if v <= 0.0 {
-                                *d = 0.0
-                            }
-                        });
-                    }
-                    let db: Vec<f32> = g.chunks_exact(n.max(1)).map(|r| r.iter().sum()).collect();
-                    Ok((dx, dw, db))
+                    conv_backward(&p, n_out, (xv, self.relu), wv, g, 1.0)
                 })
             })
         })?;
@@ -276,6 +328,98 @@ impl CustomOp3 for ConvCm {
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
             Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// A residual block's last convolution and the connection around it, as one op:
+/// `id + gain · (W ⊛ relu?(x) + b)` for `(x, wb, id)`, where `wb` is the weight `(n_out, c, k,
+/// k)` flattened with the bias after it (a custom op takes at most three tensors) and `id` is
+/// `(n_out, b, h, w)`. As candle ops the scaling and the sum were two more passes over the
+/// block's widest activation each way.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvAdd {
+    pub conv: ConvCm,
+    pub gain: f32,
+}
+
+impl ConvAdd {
+    /// The geometry, and the weight's length in `wb`.
+    fn planes(&self, x: &Layout, wb: &Layout, id: &Layout) -> Result<(Planes, usize, usize)> {
+        let n_out = id.shape().dims4()?.0;
+        let (c, k) = (x.shape().dims4()?.0, 2 * self.conv.pad + 1);
+        let wlen = n_out * c * k * k;
+        if wb.shape().dims() != [wlen + n_out] {
+            candle_core::bail!(
+                "conv-add: packed weights {:?} are not a ({n_out}, {c}, {k}, {k}) weight and {n_out} biases",
+                wb.shape()
+            );
+        }
+        let (p, _) = self.conv.planes(x, &[n_out, c, k, k], &[n_out])?;
+        if id.shape().dims() != [n_out, p.b, p.h, p.w] {
+            candle_core::bail!(
+                "conv-add: residual {:?} is not the output shape {:?}",
+                id.shape(),
+                [n_out, p.b, p.h, p.w]
+            );
+        }
+        Ok((p, n_out, wlen))
+    }
+}
+
+impl CustomOp3 for ConvAdd {
+    fn name(&self) -> &'static str {
+        "conv-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (p, n_out, wlen) = self.planes(l1, l2, l3)?;
+        let op = self.name();
+        let (x, wb, id) = (
+            contiguous_f32(s1, l1, op)?,
+            contiguous_f32(s2, l2, op)?,
+            contiguous_f32(s3, l3, op)?,
+        );
+        let (w, bias) = wb.split_at(wlen);
+        let epilogue = Epilogue::Residual(id, self.gain);
+        let y = conv_forward(&p, n_out, (x, self.conv.relu), w, bias, epilogue)?;
+        Ok((CpuStorage::F32(y), l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        id: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (p, n_out, wlen) = self.planes(x.layout(), wb.layout(), id.layout())?;
+        let op = self.name();
+        let relu = self.conv.relu;
+        let (dx, dwb) = with_f32(grad, op, |g| {
+            with_f32(wb, op, |wv| {
+                with_f32(x, op, |xv| {
+                    let (dx, mut dw, db) =
+                        conv_backward(&p, n_out, (xv, relu), &wv[..wlen], g, self.gain)?;
+                    dw.extend_from_slice(&db);
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dwb, wb.shape(), dev)?),
+            Some(grad.clone()),
         ))
     }
 }
@@ -516,6 +660,45 @@ mod tests {
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev)?;
         let relu = false;
         assert!(x.apply_op3(&w, &b, ConvCm { pad: 1, relu }).is_err());
+        Ok(())
+    }
+
+    /// The residual convolution equals `id + gain · (conv(relu(x)) + b)` as candle ops, values
+    /// and the gradients of x, weight, bias (through the packed weight) and id, on both paths.
+    #[test]
+    fn conv_add_matches_scaled_conv_plus_identity() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c, n_out, h, w, k) in [(3, 4, 6, 5, 3), (5, 7, 3, 16, 3), (6, 5, 4, 8, 1)] {
+            let pad = (k - 1) / 2;
+            let gain = 0.37;
+            let inputs = [
+                Tensor::randn(0f32, 1., (c, 2, h, w), &dev)?,
+                Tensor::randn(0f32, 1., (n_out, c, k, k), &dev)?,
+                Tensor::randn(0f32, 1., n_out, &dev)?,
+                Tensor::randn(0f32, 1., (n_out, 2, h, w), &dev)?,
+            ];
+            let op = ConvAdd {
+                conv: ConvCm { pad, relu: true },
+                gain: gain as f32,
+            };
+            agree(
+                &inputs,
+                1e-4,
+                |t| {
+                    let wb = Tensor::cat(&[&t[1].flatten_all()?, &t[2]], 0)?;
+                    t[0].apply_op3(&wb, &t[3], op)
+                },
+                |t| {
+                    let y = t[0]
+                        .relu()?
+                        .permute((1, 0, 2, 3))?
+                        .conv2d(&t[1], pad, 1, 1, 1)?
+                        .broadcast_add(&t[2].reshape((1, n_out, 1, 1))?)?
+                        .permute((1, 0, 2, 3))?;
+                    &t[3] + (y * gain)?
+                },
+            )?;
+        }
         Ok(())
     }
 
