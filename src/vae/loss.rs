@@ -22,8 +22,13 @@ pub fn logit_laplace_nll(x: &Tensor, mu: &Tensor, log_b: &Tensor) -> Result<Tens
 pub fn kl_to_uniform(logits: &Tensor, dim: usize) -> Result<Tensor> {
     let k = logits.dim(dim)?;
     let positions = logits.elem_count() / k;
-    let logq = log_softmax(logits, dim)?;
-    let neg_entropy = (logq.exp()? * &logq)?.sum_all()?;
+    let neg_entropy = if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        let op = super::ops::NegEntropy { dim };
+        logits.contiguous()?.apply_op1(op)?.sum_all()?
+    } else {
+        let logq = log_softmax(logits, dim)?;
+        (logq.exp()? * &logq)?.sum_all()?
+    };
     neg_entropy + positions as f64 * (k as f64).ln()
 }
 

@@ -375,6 +375,12 @@ impl Decoder {
 /// Softmax over `dim` with the max subtracted as a constant: every op has a backward pass
 /// (candle-nn's fused `softmax_last_dim` has none).
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let log = false;
+        return x
+            .contiguous()?
+            .apply_op1(super::ops::SoftmaxAxis { dim, log });
+    }
     let last = x.rank() - 1;
     if dim != last {
         // candle reduces a contiguous last axis fast and any other axis element by element.
@@ -387,6 +393,12 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Log-softmax over `dim`, built from differentiable ops.
 pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let log = true;
+        return x
+            .contiguous()?
+            .apply_op1(super::ops::SoftmaxAxis { dim, log });
+    }
     let last = x.rank() - 1;
     if dim != last {
         return log_softmax(&x.transpose(dim, last)?.contiguous()?, last)?.transpose(dim, last);

@@ -590,6 +590,235 @@ impl CustomOp2 for MaxPool2Grad {
     }
 }
 
+/// `(outer, k, inner)`: a contiguous shape seen around axis `dim`.
+fn around_axis(shape: &Shape, dim: usize, op: &str) -> Result<(usize, usize, usize)> {
+    let dims = shape.dims();
+    if dim >= dims.len() {
+        candle_core::bail!("{op}: axis {dim} of a rank-{} tensor", dims.len());
+    }
+    let (outer, inner) = (
+        dims[..dim].iter().product(),
+        dims[dim + 1..].iter().product(),
+    );
+    Ok((outer, dims[dim], inner))
+}
+
+/// For one block `x (k, inner)`: `lse[j] = ln Σ_r exp(x[r, j])` for every column, by sweeps
+/// along contiguous rows (the reduced axis is the slow one).
+fn column_lse(x: &[f32], k: usize, inner: usize, lse: &mut [f32]) {
+    use crate::transformer::ops::fast_exp;
+    lse.copy_from_slice(&x[..inner]);
+    for row in x.chunks_exact(inner).take(k).skip(1) {
+        lse.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
+    }
+    let mut sum = vec![0f32; inner];
+    for row in x.chunks_exact(inner).take(k) {
+        for ((s, &v), &m) in sum.iter_mut().zip(row).zip(lse.iter()) {
+            *s += fast_exp(v - m);
+        }
+    }
+    lse.iter_mut().zip(&sum).for_each(|(m, s)| *m += s.ln());
+}
+
+/// Softmax (or, with `log`, log-softmax) over axis `dim` of any contiguous tensor, in sweeps
+/// along the rows of each `(k, inner)` block. The dVAE normalises its logits over the codebook,
+/// axis 1 of `(b, vocab, h, w)`: as candle ops that was a transpose and a copy each way around a
+/// last-axis softmax, and a backward pass of half a dozen broadcast ops.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxAxis {
+    pub dim: usize,
+    pub log: bool,
+}
+
+/// The input gradient of [`SoftmaxAxis`] from `(its output, the output's gradient)`.
+#[derive(Clone, Copy, Debug)]
+struct SoftmaxAxisGrad(SoftmaxAxis);
+
+impl CustomOp1 for SoftmaxAxis {
+    fn name(&self) -> &'static str {
+        "softmax-axis"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use crate::transformer::ops::fast_exp;
+        let (_, k, inner) = around_axis(layout.shape(), self.dim, self.name())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        let log = self.log;
+        par_chunks(&mut y, k * inner, |o, dst| {
+            let src = &x[o * k * inner..(o + 1) * k * inner];
+            let mut lse = vec![0f32; inner];
+            column_lse(src, k, inner, &mut lse);
+            for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
+                for ((d, &v), &l) in d.iter_mut().zip(s).zip(&lse) {
+                    *d = if log { v - l } else { fast_exp(v - l) };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&g, &SoftmaxAxisGrad(*self))?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxAxisGrad {
+    fn name(&self) -> &'static str {
+        "softmax-axis-grad"
+    }
+
+    /// softmax: dx = y ⊙ (g − Σ_k g ⊙ y); log-softmax: dx = g − exp(y) ⊙ Σ_k g.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use crate::transformer::ops::fast_exp;
+        let (_, k, inner) = around_axis(l1.shape(), self.0.dim, self.name())?;
+        let (y, g) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "{}: output {:?}, gradient {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let log = self.0.log;
+        let mut dx = vec![0f32; y.len()];
+        par_chunks(&mut dx, k * inner, |o, dst| {
+            let range = o * k * inner..(o + 1) * k * inner;
+            let (y, g) = (&y[range.clone()], &g[range]);
+            let mut t = vec![0f32; inner];
+            for (yr, gr) in y.chunks_exact(inner).zip(g.chunks_exact(inner)) {
+                for ((t, &yv), &gv) in t.iter_mut().zip(yr).zip(gr) {
+                    *t += if log { gv } else { gv * yv };
+                }
+            }
+            for ((d, yr), gr) in dst
+                .chunks_exact_mut(inner)
+                .zip(y.chunks_exact(inner))
+                .zip(g.chunks_exact(inner))
+            {
+                for (((d, &yv), &gv), &t) in d.iter_mut().zip(yr).zip(gr).zip(&t) {
+                    *d = if log {
+                        gv - fast_exp(yv) * t
+                    } else {
+                        yv * (gv - t)
+                    };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Σ_k q ln q over axis `dim` with q = softmax(x) (the negative entropy; the KL to the uniform
+/// distribution less ln k), one value per position: the shape of `x` with `dim` of size 1. The
+/// gradient, `g · q ⊙ (ln q − Σ q ln q)`, recomputes q from `x`.
+#[derive(Clone, Copy, Debug)]
+pub struct NegEntropy {
+    pub dim: usize,
+}
+
+/// The gradient of [`NegEntropy`] from `(x, the per-position gradient)`.
+#[derive(Clone, Copy, Debug)]
+struct NegEntropyGrad(NegEntropy);
+
+/// For one block `x (k, inner)`: ln-normaliser and Σ q ln q of every column.
+fn column_neg_entropy(x: &[f32], k: usize, inner: usize) -> (Vec<f32>, Vec<f32>) {
+    use crate::transformer::ops::fast_exp;
+    let mut lse = vec![0f32; inner];
+    column_lse(x, k, inner, &mut lse);
+    let mut h = vec![0f32; inner];
+    for row in x.chunks_exact(inner).take(k) {
+        for ((h, &v), &l) in h.iter_mut().zip(row).zip(&lse) {
+            let lnq = v - l;
+            *h += fast_exp(lnq) * lnq;
+        }
+    }
+    (lse, h)
+}
+
+impl CustomOp1 for NegEntropy {
+    fn name(&self) -> &'static str {
+        "neg-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, k, inner) = around_axis(layout.shape(), self.dim, self.name())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let mut out = vec![0f32; x.len() / k.max(1)];
+        par_chunks(&mut out, inner, |o, dst| {
+            let (_, h) = column_neg_entropy(&x[o * k * inner..(o + 1) * k * inner], k, inner);
+            dst.copy_from_slice(&h);
+        });
+        let mut dims = layout.shape().dims().to_vec();
+        dims[self.dim] = 1;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&g, &NegEntropyGrad(*self))?,
+        ))
+    }
+}
+
+impl CustomOp2 for NegEntropyGrad {
+    fn name(&self) -> &'static str {
+        "neg-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use crate::transformer::ops::fast_exp;
+        let (outer, k, inner) = around_axis(l1.shape(), self.0.dim, self.name())?;
+        let (x, g) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        if g.len() != outer * inner {
+            candle_core::bail!(
+                "{}: input {:?}, gradient {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut dx = vec![0f32; x.len()];
+        par_chunks(&mut dx, k * inner, |o, dst| {
+            let src = &x[o * k * inner..(o + 1) * k * inner];
+            let (lse, h) = column_neg_entropy(src, k, inner);
+            let g = &g[o * inner..(o + 1) * inner];
+            for (d, row) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
+                for ((((d, &v), &l), &h), &g) in d.iter_mut().zip(row).zip(&lse).zip(&h).zip(g) {
+                    let lnq = v - l;
+                    *d = g * fast_exp(lnq) * (lnq - h);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,6 +928,46 @@ mod tests {
                 },
             )?;
         }
+        Ok(())
+    }
+
+    /// The axis softmax, log-softmax and negative entropy equal their candle-op versions
+    /// (transpose to the last axis), values and gradients, on a middle, first and last axis.
+    #[test]
+    fn axis_softmax_and_entropy_match_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (2, 7, 3, 4), &dev)? * 3.0)?;
+        for dim in [0, 1, 3] {
+            let last = |t: &Tensor, log: bool| -> Result<Tensor> {
+                let t = t.transpose(dim, 3)?.contiguous()?;
+                let y = if log {
+                    candle_nn::ops::log_softmax(&t, 3)?
+                } else {
+                    let m = t.max_keepdim(3)?.detach();
+                    let e = t.broadcast_sub(&m)?.exp()?;
+                    e.broadcast_div(&e.sum_keepdim(3)?)?
+                };
+                y.transpose(dim, 3)
+            };
+            for log in [false, true] {
+                agree(
+                    &[x.clone()],
+                    1e-5,
+                    |t| t[0].apply_op1(SoftmaxAxis { dim, log }),
+                    |t| last(&t[0], log),
+                )?;
+            }
+            agree(
+                &[x.clone()],
+                1e-5,
+                |t| t[0].apply_op1(NegEntropy { dim }),
+                |t| {
+                    let lq = last(&t[0], true)?;
+                    (lq.exp()? * &lq)?.sum_keepdim(dim)
+                },
+            )?;
+        }
+        assert!(x.apply_op1(NegEntropy { dim: 4 }).is_err());
         Ok(())
     }
 
