@@ -951,14 +951,14 @@ mod tests {
             };
             for log in [false, true] {
                 agree(
-                    &[x.clone()],
+                    std::slice::from_ref(&x),
                     1e-5,
                     |t| t[0].apply_op1(SoftmaxAxis { dim, log }),
                     |t| last(&t[0], log),
                 )?;
             }
             agree(
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 1e-5,
                 |t| t[0].apply_op1(NegEntropy { dim }),
                 |t| {
