@@ -171,13 +171,11 @@ struct SoftmaxLast;
 /// Softmax of one row in place, `x` already shifted/masked: max, exp, normalise.
 #[inline]
 fn softmax_row(y: &mut [f32]) {
-    let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let max = crate::kernels::max(y);
     for o in y.iter_mut() {
         *o = fast_exp(*o - max);
-        sum += *o;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / crate::kernels::sum(y);
     for o in y.iter_mut() {
         *o *= inv;
     }
@@ -233,7 +231,7 @@ impl CustomOp2 for SoftmaxGrad {
                 .zip(dy.chunks(width))
                 .zip(dx.chunks_mut(width))
             {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                let dot = crate::kernels::dot(yr, gr);
                 for ((o, &a), &g) in xr.iter_mut().zip(yr).zip(gr) {
                     *o = scale * a * (g - dot);
                 }
@@ -490,9 +488,16 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
 
 /// log Σ exp over one row.
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| fast_exp(v - max)).sum();
-    max + sum.ln()
+    let max = crate::kernels::max(row);
+    let mut acc = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| fast_exp(v - max)).sum();
+    for c in chunks {
+        acc.iter_mut()
+            .zip(c)
+            .for_each(|(s, &v)| *s += fast_exp(v - max));
+    }
+    max + (crate::kernels::sum(&acc) + tail).ln()
 }
 
 impl CustomOp2 for NextTokenNll {
@@ -666,24 +671,6 @@ pub const SMALL_ROWS: usize = 4;
 
 type Dot = fn(&[f32], &[f32]) -> f32;
 
-/// Σ aᵢbᵢ in 16 lanes (vectorisable without fast-math: the lanes fix the order).
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
-            *s += p * q;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
@@ -706,7 +693,7 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-    lanes.iter().sum::<f32>() + dot_lanes(&a[i..n], &b[i..n])
+    lanes.iter().sum::<f32>() + crate::kernels::dot(&a[i..n], &b[i..n])
 }
 
 /// The fastest dot product this CPU runs.
@@ -716,7 +703,7 @@ fn pick_dot() -> Dot {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
         return |a, b| unsafe { dot_avx2_fma(a, b) };
     }
-    dot_lanes
+    crate::kernels::dot
 }
 
 /// `x (m, k) · wᵀ` for `w (n, k)` and few rows `m`, written into `out (m, n)`: each weight row
@@ -1012,7 +999,7 @@ mod tests {
         let w = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
         assert!(linear(&x, &w, &b).is_err());
-        assert_eq!(dot_lanes(&[1.0; 37], &[2.0; 37]), 74.0);
+        assert_eq!(crate::kernels::dot(&[1.0; 37], &[2.0; 37]), 74.0);
     }
 
     /// The fused next-token loss equals log-softmax + gather, values and gradients.

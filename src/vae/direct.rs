@@ -379,7 +379,7 @@ pub(crate) fn weight_grad(
             let offs = g.tap_offsets(rows);
             let start = (img * g.h + y0) * g.w;
             for (o, s) in db.iter_mut().enumerate() {
-                *s += gy[o * plane + start..][..rows * g.w].iter().sum::<f32>();
+                *s += crate::kernels::sum(&gy[o * plane + start..][..rows * g.w]);
             }
             for t in 0..n_out.div_ceil(MR) {
                 // Rows past n_out repeat the last channel; their sums are dropped.

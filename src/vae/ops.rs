@@ -165,10 +165,13 @@ impl ConvCm {
 }
 
 /// Whether the direct kernels beat im2col + gemm for this layer. Measured per layer of the
-/// `small` dVAE at batch 8 (bench/NOTES.md, optimisation 22): gemm wins once both channel counts
-/// reach 128, where its panels are full and the columns are few pixels long.
+/// `small` dVAE at batch 8, forward and backward (bench/NOTES.md, optimisation 22): gemm wins
+/// only for the wide 1×1 expansions (128 → 512, 512 → 2048 channels), where there are no columns
+/// to build and its panels are full; the direct kernels win or tie everywhere else, most (2×) on
+/// the 16–64-channel layers at 64–128 px.
 fn use_direct(p: &Planes, n_out: usize) -> bool {
-    super::direct::available(&p.direct()) && p.c.min(n_out) < 128
+    let wide_expansion = p.k == 1 && p.c >= 128 && n_out >= 4 * p.c;
+    super::direct::available(&p.direct()) && !wide_expansion
 }
 
 /// `W ⊛ relu?(x) + bias` of channel-major `x`, stored through `epilogue` (see
@@ -275,7 +278,7 @@ fn conv_backward(
             }
         });
     }
-    let mut db: Vec<f32> = g.chunks_exact(n.max(1)).map(|r| r.iter().sum()).collect();
+    let mut db: Vec<f32> = g.chunks_exact(n.max(1)).map(crate::kernels::sum).collect();
     scale(&mut dw);
     scale(&mut db);
     Ok((dx, dw, db))
