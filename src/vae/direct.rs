@@ -137,38 +137,57 @@ impl Shared {
     }
 }
 
-/// Run `f(unit, band_buffer)` over every unit, spread over the cores; each worker returns its
-/// state `S` (made by `init`).
+/// Run `f(state, unit, band_buffer)` over every unit, spread over the cores. The units are cut
+/// into at most `groups` runs of consecutive units, each with its own state (made by `init`) and
+/// taken whole by one worker, in unit order; the states come back in group order. So sums kept in
+/// the states come out the same whichever worker took which run and however many cores there
+/// are: training is reproducible (and resumes bit for bit).
 fn for_units<S: Send>(
     g: &Geom,
+    groups: usize,
     init: impl Fn() -> S + Sync,
     f: impl Fn(&mut S, (usize, usize, usize), &mut [f32]) + Sync,
 ) -> Vec<S> {
     let units = g.units();
+    let groups = groups.clamp(1, units.len().max(1));
+    let run = |gi: usize| &units[gi * units.len() / groups..(gi + 1) * units.len() / groups];
     let band_len = g.c * (g.band_rows() + 2 * g.pad) * g.padded_width();
     let next = AtomicUsize::new(0);
     let work = || {
-        let mut state = init();
         let mut band = vec![0f32; band_len];
+        let mut done = Vec::new();
         loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&u) = units.get(i) else { break };
-            f(&mut state, u, &mut band);
+            let gi = next.fetch_add(1, Ordering::Relaxed);
+            if gi >= groups {
+                break;
+            }
+            let mut state = init();
+            for &u in run(gi) {
+                f(&mut state, u, &mut band);
+            }
+            done.push((gi, state));
         }
-        state
+        done
     };
-    let threads = crate::util::threads().min(units.len()).max(1);
-    if threads == 1 {
-        return vec![work()];
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("conv worker panicked"))
-            .collect()
-    })
+    let threads = crate::util::threads().min(groups);
+    let mut done = if threads <= 1 {
+        work()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("conv worker panicked"))
+                .collect()
+        })
+    };
+    done.sort_by_key(|&(gi, _)| gi);
+    done.into_iter().map(|(_, s)| s).collect()
 }
+
+/// Runs of units whose weight-gradient partial sums are kept apart (see [`for_units`]): enough to
+/// balance a few cores, few enough that the partial sums stay small.
+const WEIGHT_GRAD_GROUPS: usize = 8;
 
 /// What [`forward`] does with each output value `v = W ⊛ x + b` as it stores it.
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +264,7 @@ pub(crate) fn forward(
     let pw = g.padded_width();
     for_units(
         g,
+        usize::MAX,
         || (),
         |_, (img, y0, rows), band| {
             g.fill_band(x, (img, y0, rows), relu, band);
@@ -373,6 +393,7 @@ pub(crate) fn weight_grad(
     let pw = g.padded_width();
     let parts = for_units(
         g,
+        WEIGHT_GRAD_GROUPS,
         || (vec![0f32; n_out * row], vec![0f32; n_out]),
         |(dw, db), (img, y0, rows), band| {
             g.fill_band(x, (img, y0, rows), relu, band);
