@@ -399,14 +399,16 @@ pub(crate) fn weight_grad(
             g.fill_band(x, (img, y0, rows), relu, band);
             let offs = g.tap_offsets(rows);
             let start = (img * g.h + y0) * g.w;
-            for (o, s) in db.iter_mut().enumerate() {
-                *s += crate::kernels::sum(&gy[o * plane + start..][..rows * g.w]);
-            }
             for t in 0..n_out.div_ceil(MR) {
                 // Rows past n_out repeat the last channel; their sums are dropped.
                 let rows_g: [usize; MR] =
                     std::array::from_fn(|i| (t * MR + i).min(n_out - 1) * plane + start);
                 let valid = (n_out - t * MR).min(MR);
+                // The bias gradient first: it brings this tile's gradient rows into cache for
+                // the passes below, instead of a pass of its own over the whole gradient.
+                for (i, &r) in rows_g.iter().enumerate().take(valid) {
+                    db[t * MR + i] += crate::kernels::sum(&gy[r..r + rows * g.w]);
+                }
                 for q0 in (0..row).step_by(NV) {
                     let qs: [usize; NV] = std::array::from_fn(|j| offs[(q0 + j).min(row - 1)]);
                     // SAFETY: AVX2/FMA checked by `available`; the band and gradient offsets stay

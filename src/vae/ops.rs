@@ -218,6 +218,9 @@ fn conv_forward(
     Ok(y)
 }
 
+/// `(dx, dW, db)`; no dx when it is not needed.
+type ConvGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Gradients `(dx, dW, db)` of `gain · (W ⊛ relu?(x) + b)` from the output gradient `g`: dW =
 /// g · colsᵀ, db = Σ g over pixels, dx = col2im(Wᵀ · g) with the columns recomputed (or, on the
 /// direct path, dx is the convolution of g with the flipped, transposed weight), zero where the
@@ -229,7 +232,8 @@ fn conv_backward(
     w: &[f32],
     g: &[f32],
     gain: f32,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    need_dx: bool,
+) -> Result<ConvGrads> {
     let (n, ckk) = (p.n(), p.c * p.k * p.k);
     let scale = |v: &mut Vec<f32>| {
         if gain != 1.0 {
@@ -248,7 +252,7 @@ fn conv_backward(
         } else {
             Epilogue::Store
         };
-        let dx = super::direct::forward(&geo, g, false, &wf, None, p.c, epilogue);
+        let dx = need_dx.then(|| super::direct::forward(&geo, g, false, &wf, None, p.c, epilogue));
         let (mut dw, mut db) = super::direct::weight_grad(&p.direct(), x, relu, g, n_out);
         scale(&mut dw);
         scale(&mut db);
@@ -266,18 +270,23 @@ fn conv_backward(
     };
     let mut dw = vec![0f32; n_out * ckk];
     matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
-    let mut wg = w.to_vec();
-    scale(&mut wg);
-    let mut dcols = vec![0f32; ckk * n];
-    matmul((ckk, n, n_out), &mut dcols, (&wg, 1, ckk), (g, n, 1), false)?;
-    let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
-    if relu {
-        dx.iter_mut().zip(x).for_each(|(d, &v)| {
-            if v <= 0.0 {
-                *d = 0.0
-            }
-        });
-    }
+    let dx = if need_dx {
+        let mut wg = w.to_vec();
+        scale(&mut wg);
+        let mut dcols = vec![0f32; ckk * n];
+        matmul((ckk, n, n_out), &mut dcols, (&wg, 1, ckk), (g, n, 1), false)?;
+        let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
+        if relu {
+            dx.iter_mut().zip(x).for_each(|(d, &v)| {
+                if v <= 0.0 {
+                    *d = 0.0
+                }
+            });
+        }
+        Some(dx)
+    } else {
+        None
+    };
     let mut db: Vec<f32> = g.chunks_exact(n.max(1)).map(crate::kernels::sum).collect();
     scale(&mut dw);
     scale(&mut db);
@@ -322,13 +331,15 @@ impl CustomOp3 for ConvCm {
         let (dx, dw, db) = with_f32(grad, op, |g| {
             with_f32(w, op, |wv| {
                 with_f32(x, op, |xv| {
-                    conv_backward(&p, n_out, (xv, self.relu), wv, g, 1.0)
+                    // The encoder's input image needs no gradient: skip its largest product.
+                    conv_backward(&p, n_out, (xv, self.relu), wv, g, 1.0, x.track_op())
                 })
             })
         })?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
             Some(Tensor::from_vec(db, b.shape(), dev)?),
         ))
@@ -411,8 +422,9 @@ impl CustomOp3 for ConvAdd {
         let (dx, dwb) = with_f32(grad, op, |g| {
             with_f32(wb, op, |wv| {
                 with_f32(x, op, |xv| {
+                    let need_dx = x.track_op();
                     let (dx, mut dw, db) =
-                        conv_backward(&p, n_out, (xv, relu), &wv[..wlen], g, self.gain)?;
+                        conv_backward(&p, n_out, (xv, relu), &wv[..wlen], g, self.gain, need_dx)?;
                     dw.extend_from_slice(&db);
                     Ok((dx, dw))
                 })
@@ -420,7 +432,8 @@ impl CustomOp3 for ConvAdd {
         })?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
             Some(Tensor::from_vec(dwb, wb.shape(), dev)?),
             Some(grad.clone()),
         ))
@@ -892,6 +905,12 @@ mod tests {
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev)?;
         let relu = false;
         assert!(x.apply_op3(&w, &b, ConvCm { pad: 1, relu }).is_err());
+        // An input that needs no gradient (the encoder's image) gets none; the weight does.
+        let x = Tensor::randn(0f32, 1., (3, 2, 4, 8), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?)?;
+        let y = x.apply_op3(w.as_tensor(), &b, ConvCm { pad: 1, relu })?;
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_none() && grads.get(w.as_tensor()).is_some());
         Ok(())
     }
 
