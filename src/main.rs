@@ -295,8 +295,9 @@ struct BenchArgs {
     /// Batch of the training-step timings of both stages; 0 skips them.
     #[arg(long, default_value_t = 8)]
     train_batch: usize,
-    /// Timed training steps per stage (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
+    /// Timed training steps per stage, ours and the peer's (after one warm-up step each); the
+    /// median is reported.
+    #[arg(long, default_value_t = 5)]
     train_reps: usize,
     /// Also run a peer implementation in the same invocation: `pytorch` (bench/pytorch_peer.py).
     #[arg(long, value_parser = ["pytorch"])]

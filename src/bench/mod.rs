@@ -317,7 +317,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 py,
                 &cfg,
                 &opts.batches,
-                opts.train_batch,
+                (opts.train_batch, opts.train_reps),
                 machine::threads(),
             )?)
         }

@@ -80,7 +80,7 @@ pub fn run(
     python: &Path,
     cfg: &Config,
     batches: &[usize],
-    train_batch: usize,
+    (train_batch, train_reps): (usize, usize),
     threads: usize,
 ) -> Result<PeerReport> {
     check(python)?;
@@ -106,6 +106,7 @@ pub fn run(
         ("--vae-blocks", cfg.vae.n_blk_per_group.to_string()),
         ("--vae-init", cfg.vae.n_init.to_string()),
         ("--train-batch", train_batch.to_string()),
+        ("--train-reps", train_reps.max(1).to_string()),
         ("--threads", threads.to_string()),
         ("--batch", batch),
     ];
