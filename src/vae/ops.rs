@@ -1,16 +1,17 @@
 //! The dVAE's CPU training hot spots as candle custom ops.
 //!
-//! - [`ConvCm`]: a k×k "same" convolution with bias as one op, forward and backward, on
-//!   channel-major activations `(c, b, h, w)`: forward is `W · im2col(x) + b`, one matrix product
-//!   over every image of the batch at once; backward recomputes the columns and returns the
-//!   input, weight and bias gradients from two more products and a col2im pass. As separate
-//!   candle ops (im2col, a weight broadcast over the batch, matmul, bias add) the columns — k²
-//!   times the input — were kept for the backward pass, and candle's gradient store added a
-//!   zero-filled copy of each large intermediate's gradient.
-//! - nearest ×2 upsampling / 2×2 sum pooling, each the other's backward: as a broadcast, the
-//!   upsampling's backward reduces element by element.
+//! - [`ConvCm`]: a k×k "same" convolution with bias, optionally of `relu(x)`, as one op forward
+//!   and backward, on channel-major activations `(c, b, h, w)`. Where the CPU has AVX2 it runs
+//!   the direct kernels of `super::direct`; otherwise (and for the wide 1×1 expansions, where a
+//!   matrix product is faster) `W · im2col(x) + b`, one product over every image of the batch,
+//!   the columns recomputed in backward. As separate candle ops the columns — k² times the input —
+//!   were kept for the backward pass, and each large intermediate got a zero-filled gradient.
+//! - [`ConvAdd`]: a residual block's last convolution with its gain and the identity sum.
+//! - [`MaxPool2`], [`Upsample2`] / [`SumPool2`] (each the other's backward): one pass each way.
+//! - [`SoftmaxAxis`], [`NegEntropy`]: softmax, log-softmax and Σ q ln q over the codebook axis of
+//!   the logits, without transposes.
 //!
-//! All are f32 on CPU; [`super::model`] uses candle's own ops elsewhere.
+//! All are f32 on CPU; [`super::model`] and [`super::loss`] use candle's own ops elsewhere.
 
 use super::direct::Epilogue;
 use crate::kernels::{contiguous_f32, matmul, with_f32};
