@@ -12,7 +12,8 @@
 //! - the input gradient is [`forward`] of the output gradient with the weight transposed and
 //!   flipped ([`flip_transpose`]), masked by the pre-ReLU input;
 //! - [`weight_grad`]: `dW[o, i, tap] = Σ_p g[o, p] · relu?(x)[i, p + tap]`, `db[o] = Σ_p g[o, p]`,
-//!   with a partial sum per thread.
+//!   with a partial sum per fixed run of work units, added in order (reproducible on any number
+//!   of threads, so training resumes bit for bit).
 //!
 //! Only x86-64 with AVX2 and FMA and widths that are a multiple of 8 take this path
 //! ([`available`]); everything else keeps im2col.

@@ -4,7 +4,7 @@ mod direct;
 pub mod io;
 pub mod loss;
 pub mod model;
-pub mod ops;
+mod ops;
 pub mod train;
 
 pub use model::{Decoder, Encoder};

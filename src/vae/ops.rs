@@ -40,16 +40,8 @@ fn par_chunks(dst: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Syn
     });
 }
 
-/// Geometry of a channel-major convolution input.
-#[derive(Clone, Copy, Debug)]
-struct Planes {
-    c: usize,
-    b: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    pad: usize,
-}
+/// Geometry of a channel-major convolution input (the direct kernels' own).
+use super::direct::Geom as Planes;
 
 impl Planes {
     fn n(&self) -> usize {
@@ -61,9 +53,7 @@ impl Planes {
     /// row `b·h·w` long: column `(ci·k + dy)·k + dx` at pixel `(img, y, x)` holds
     /// `x[ci, img, y + dy − pad, x + dx − pad]`, zero outside the image.
     fn runs(&self, ci: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
-        let Planes {
-            b, h, w, k, pad, ..
-        } = *self;
+        let (b, h, w, k, pad) = (self.b, self.h, self.w, self.k, self.pad);
         for dy in 0..k {
             for dx in 0..k {
                 // x + dx − pad in [0, w)  ⇔  x in [pad − dx, w + pad − dx)
@@ -104,9 +94,14 @@ impl Planes {
         cols
     }
 
-    fn direct(&self) -> super::direct::Geom {
-        let Planes { c, b, h, w, k, pad } = *self;
-        super::direct::Geom { c, b, h, w, k, pad }
+    /// The columns the matrix product reads: `x` itself for a 1×1 kernel without ReLU, else
+    /// [`Self::im2col`].
+    fn columns<'a>(&self, x: &'a [f32], relu: bool) -> std::borrow::Cow<'a, [f32]> {
+        if self.k == 1 && !relu {
+            std::borrow::Cow::Borrowed(x)
+        } else {
+            std::borrow::Cow::Owned(self.im2col(x, relu))
+        }
     }
 
     /// The adjoint: columns `(c·k², b·h·w)` → `(c, b, h, w)`, each entry added back onto the
@@ -172,7 +167,7 @@ impl ConvCm {
 /// the 16–64-channel layers at 64–128 px.
 fn use_direct(p: &Planes, n_out: usize) -> bool {
     let wide_expansion = p.k == 1 && p.c >= 128 && n_out >= 4 * p.c;
-    super::direct::available(&p.direct()) && !wide_expansion
+    super::direct::available(p) && !wide_expansion
 }
 
 /// `W ⊛ relu?(x) + bias` of channel-major `x`, stored through `epilogue` (see
@@ -186,20 +181,11 @@ fn conv_forward(
     epilogue: Epilogue,
 ) -> Result<Vec<f32>> {
     if use_direct(p, n_out) {
-        let y = super::direct::forward(&p.direct(), x, relu, w, Some(bias), n_out, epilogue);
+        let y = super::direct::forward(p, x, relu, w, Some(bias), n_out, epilogue);
         return Ok(y);
     }
     let (n, ckk) = (p.n(), p.c * p.k * p.k);
-    let owned;
-    let cols = if p.k == 1 && !relu {
-        x
-    } else if p.k == 1 {
-        owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
-        &owned
-    } else {
-        owned = p.im2col(x, relu);
-        &owned
-    };
+    let cols = &p.columns(x, relu)[..];
     let mut y = vec![0f32; n_out * n];
     matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1), false)?;
     par_chunks(&mut y, n, |o, row| {
@@ -242,10 +228,7 @@ fn conv_backward(
         }
     };
     if use_direct(p, n_out) {
-        let geo = super::direct::Geom {
-            c: n_out,
-            ..p.direct()
-        };
+        let geo = Planes { c: n_out, ..*p };
         let mut wf = super::direct::flip_transpose(w, n_out, p.c, p.k);
         scale(&mut wf);
         let epilogue = if relu {
@@ -254,26 +237,20 @@ fn conv_backward(
             Epilogue::Store
         };
         let dx = need_dx.then(|| super::direct::forward(&geo, g, false, &wf, None, p.c, epilogue));
-        let (mut dw, mut db) = super::direct::weight_grad(&p.direct(), x, relu, g, n_out);
+        let (mut dw, mut db) = super::direct::weight_grad(p, x, relu, g, n_out);
         scale(&mut dw);
         scale(&mut db);
         return Ok((dx, dw, db));
     }
-    let owned;
-    let cols = if p.k == 1 && !relu {
-        x
-    } else if p.k == 1 {
-        owned = x.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
-        &owned
-    } else {
-        owned = p.im2col(x, relu);
-        &owned
-    };
+    let cols = &p.columns(x, relu)[..];
     let mut dw = vec![0f32; n_out * ckk];
     matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
     let dx = if need_dx {
-        let mut wg = w.to_vec();
-        scale(&mut wg);
+        let wg = if gain == 1.0 {
+            std::borrow::Cow::Borrowed(w)
+        } else {
+            std::borrow::Cow::Owned(w.iter().map(|v| v * gain).collect())
+        };
         let mut dcols = vec![0f32; ckk * n];
         matmul((ckk, n, n_out), &mut dcols, (&wg, 1, ckk), (g, n, 1), false)?;
         let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
@@ -620,6 +597,23 @@ fn around_axis(shape: &Shape, dim: usize, op: &str) -> Result<(usize, usize, usi
     Ok((outer, dims[dim], inner))
 }
 
+/// The two inputs of an axis op's gradient: `(k, inner, a, b)`, where `a` is the forward
+/// op's `(outer, k, inner)` tensor and `b` holds `b_per_outer(k, inner)` values per block.
+fn axis_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    dim: usize,
+    b_per_outer: impl Fn(usize, usize) -> usize,
+    op: &str,
+) -> Result<(usize, usize, &'a [f32], &'a [f32])> {
+    let (outer, k, inner) = around_axis(l1.shape(), dim, op)?;
+    let (a, b) = (contiguous_f32(s1, l1, op)?, contiguous_f32(s2, l2, op)?);
+    if b.len() != outer * b_per_outer(k, inner) {
+        candle_core::bail!("{op}: input {:?}, gradient {:?}", l1.shape(), l2.shape());
+    }
+    Ok((k, inner, a, b))
+}
+
 /// For one block `x (k, inner)`: `lse[j] = ln Σ_r exp(x[r, j])` for every column, by sweeps
 /// along contiguous rows (the reduced axis is the slow one).
 fn column_lse(x: &[f32], k: usize, inner: usize, lse: &mut [f32]) {
@@ -698,19 +692,8 @@ impl CustomOp2 for SoftmaxAxisGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use crate::transformer::ops::fast_exp;
-        let (_, k, inner) = around_axis(l1.shape(), self.0.dim, self.name())?;
-        let (y, g) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "{}: output {:?}, gradient {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        let same = |k, inner| k * inner;
+        let (k, inner, y, g) = axis_pair((s1, l1), (s2, l2), self.0.dim, same, self.name())?;
         let log = self.0.log;
         let mut dx = vec![0f32; y.len()];
         par_chunks(&mut dx, k * inner, |o, dst| {
@@ -807,19 +790,9 @@ impl CustomOp2 for NegEntropyGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use crate::transformer::ops::fast_exp;
-        let (outer, k, inner) = around_axis(l1.shape(), self.0.dim, self.name())?;
-        let (x, g) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-        );
-        if g.len() != outer * inner {
-            candle_core::bail!(
-                "{}: input {:?}, gradient {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        let per_position = |_, inner| inner;
+        let (k, inner, x, g) =
+            axis_pair((s1, l1), (s2, l2), self.0.dim, per_position, self.name())?;
         let mut dx = vec![0f32; x.len()];
         par_chunks(&mut dx, k * inner, |o, dst| {
             let src = &x[o * k * inner..(o + 1) * k * inner];
