@@ -66,8 +66,31 @@ fn weights(
         file: path.display().to_string(),
         message: e.to_string(),
     })?;
-    w.into_iter()
-        .map(|(n, w)| Ok((n, Tensor::from_vec(w.data, w.dims, device).map_err(err)?)))
+    if !device.is_cpu() || file != names::TRANSFORMER {
+        return w
+            .into_iter()
+            .map(|(n, w)| Ok((n, Tensor::from_vec(w.data, w.dims, device).map_err(err)?)))
+            .collect();
+    }
+    // The transformer's weights on the CPU: views into one buffer in huge pages, which a
+    // decoding step streams through once per token (see `util::huge_page_buffer`).
+    let total = w.values().map(|w| w.data.len()).sum();
+    let (mut all, skip) = crate::util::huge_page_buffer(total);
+    let mut at = Vec::with_capacity(w.len());
+    for (name, w) in w {
+        at.push((name, all.len(), w.data.len(), w.dims));
+        all.extend_from_slice(&w.data);
+    }
+    let all = Tensor::from_vec(all, skip + total, device).map_err(err)?;
+    at.into_iter()
+        .map(|(name, start, len, dims)| {
+            Ok((
+                name,
+                all.narrow(0, start, len)
+                    .and_then(|t| t.reshape(dims))
+                    .map_err(err)?,
+            ))
+        })
         .collect()
 }
 

@@ -12,6 +12,8 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
+mod decode;
+
 /// Keys and values of every layer for the positions seen so far, in buffers of the whole
 /// sequence's capacity, (b, heads, seq_len, head_dim), of which the first `past_len` positions
 /// are filled: a step writes its keys in place instead of concatenating (and so copying) the
@@ -358,24 +360,26 @@ impl Transformer {
     /// (b, t) unified ids at positions `past .. past + t` → (b, t, vocab) logits, where `past`
     /// is what `cache` holds (0 without a cache). The cache is extended in place.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        if ids.device().is_cpu() && ids.dim(1)? == 1 && cache.is_some() {
-            // A decoding step runs on one of rayon's threads, so that its parallel kernels (our
-            // matrix-vector kernel, gemm) split their work in place instead of each handing it
-            // to the pool from outside and sleeping until it is done: ~50 hand-offs per step;
-            // 8.5 → 6.8 ms per step at batch 1, 45.7 → 40.4 ms at batch 16 (decode loop of
-            // `small`, side by side). Not for prefill or training: there candle's own
-            // elementwise thread pool then competes with rayon's spinning workers for the
-            // cores (a batch-16 prefill took 1.6 s instead of 0.7 s).
-            return rayon::scope(|_| self.forward_here(ids, cache));
+        let (_, t) = ids.dims2()?;
+        if let Some(cache) = cache {
+            self.check_cache(cache, t)?;
+            if self.decodes_natively(ids) {
+                // A decoding step runs on one of rayon's threads, so that its parallel kernels
+                // (our matrix-vector kernel, gemm, the attention heads) split their work in
+                // place instead of each handing it to the pool from outside and sleeping until
+                // it is done: ~50 hand-offs per step (8.5 → 6.8 ms per step at batch 1 when the
+                // step was still candle ops). Not for prefill or training: there candle's own
+                // elementwise thread pool then competes with rayon's spinning workers for the
+                // cores (a batch-16 prefill took 1.6 s instead of 0.7 s).
+                return rayon::scope(|_| self.decode_step(ids, cache));
+            }
+            return self.forward_here(ids, Some(cache));
         }
-        self.forward_here(ids, cache)
+        self.forward_here(ids, None)
     }
 
-    fn forward_here(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let mut scratch = KvCache::new(self.blocks.len());
-        let cached = cache.is_some();
-        let cache = cache.unwrap_or(&mut scratch);
+    /// The cache fits this model and has room for `t` more positions.
+    fn check_cache(&self, cache: &KvCache, t: usize) -> Result<()> {
         if cache.layers.len() != self.blocks.len() {
             candle_core::bail!(
                 "KV cache has {} layers, the model {}",
@@ -391,6 +395,17 @@ impl Transformer {
                 self.seq_len()
             );
         }
+        Ok(())
+    }
+
+    /// The forward pass as candle tensor ops (training, prefill, other devices).
+    fn forward_here(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let mut scratch = KvCache::new(self.blocks.len());
+        let cached = cache.is_some();
+        let cache = cache.unwrap_or(&mut scratch);
+        self.check_cache(cache, t)?;
+        let past = cache.past_len();
         let mut x = self
             .tokens
             .forward(ids)?

@@ -100,7 +100,7 @@ fn gelu_gate(v: f32) -> f32 {
 
 /// candle's tanh-approximated GELU, ½x(1 + tanh u), as x·σ(2u) (the same function).
 #[inline]
-fn gelu_f32(v: f32) -> f32 {
+pub(crate) fn gelu_f32(v: f32) -> f32 {
     v * gelu_gate(v)
 }
 
@@ -170,7 +170,7 @@ struct SoftmaxLast;
 
 /// Softmax of one row in place, `x` already shifted/masked: max, exp, normalise.
 #[inline]
-fn softmax_row(y: &mut [f32]) {
+pub(crate) fn softmax_row(y: &mut [f32]) {
     let max = crate::kernels::max(y);
     for o in y.iter_mut() {
         *o = fast_exp(*o - max);
@@ -356,7 +356,7 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
 /// with a large common offset loses enough bits to double the cached-vs-full decoding gap of
 /// the tests' small model (candle's own reduction sums in SIMD lanes, which is more accurate).
 #[inline]
-fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -669,7 +669,7 @@ impl CustomOp3 for ScaleShift {
 /// Row counts up to this take [`gemv_rows`]: decoding, one row per sequence.
 pub const SMALL_ROWS: usize = 4;
 
-type Dot = fn(&[f32], &[f32]) -> f32;
+pub(crate) type Dot = fn(&[f32], &[f32]) -> f32;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -697,7 +697,7 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The fastest dot product this CPU runs.
-fn pick_dot() -> Dot {
+pub(crate) fn pick_dot() -> Dot {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
@@ -710,7 +710,7 @@ fn pick_dot() -> Dot {
 /// is read once, straight from memory, and dotted with every row of `x`. The general matmul
 /// kernel packs the whole weight into panels on every call, which for one row reads and writes
 /// it twice more than the product needs: decoding at batch 1 is a pass over the weights.
-fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
+pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
     let dot = pick_dot();
     // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
     let mut out_t = vec![0f32; n * m];

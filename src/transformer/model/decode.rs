@@ -1,0 +1,237 @@
+//! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at the
+//! same position, each layer's small operations (layer norm, attention over the allowed keys,
+//! bias, GELU, residual) as plain loops over per-step buffers, and the weight matrices as
+//! matrix-vector passes ([`ops::gemv_rows`]) or, for many rows, one matrix product. The same
+//! arithmetic as [`Transformer::forward`] on one position (parity tests compare the two); what
+//! it saves is a step's ~200 tensor allocations and ~15 candle ops per layer, each a pass over
+//! its operands and some a hand-off to candle's thread pool — at batch 1 about a third of the
+//! step on top of the weight pass, which is the step's floor.
+
+use super::{store, Attention, Block, KvCache, LayerNorm, Linear, Transformer};
+use crate::transformer::ops;
+use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
+use dalle_runtimes::AttentionKind;
+use rayon::prelude::*;
+
+/// A contiguous f32 CPU tensor's values, borrowed for as long as the guard lives.
+struct Raw<'a>(StorageRef<'a>, usize, usize);
+
+impl Raw<'_> {
+    fn get(&self) -> &[f32] {
+        match &*self.0 {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.1..self.2],
+            // `raw` built this guard only over f32 CPU storage.
+            _ => unreachable!("Raw holds f32 CPU storage only"),
+        }
+    }
+}
+
+fn raw(t: &Tensor) -> Result<Raw<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("decode: weight {:?} is not contiguous", t.shape());
+    };
+    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("decode: weights must be f32 on the CPU");
+    }
+    Ok(Raw(guard, start, end))
+}
+
+/// `x (rows, d)` → `out (rows, d)`: layer norm with its affine step, ε = 1e-5 as the model's.
+fn layer_norm(ln: &LayerNorm, x: &[f32], d: usize, out: &mut [f32]) -> Result<()> {
+    let (w, b) = (raw(&ln.weight)?, raw(&ln.bias)?);
+    let (w, b) = (w.get(), b.get());
+    for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let (mean, inv) = ops::row_moments(xr, 1e-5);
+        for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            *o = (v - mean) * inv * wv + bv;
+        }
+    }
+    Ok(())
+}
+
+/// `out (rows, n) = x (rows, k) · wᵀ + b`, then `f` on every value.
+fn linear(lin: &Linear, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) -> Result<()> {
+    let (w, b) = (raw(&lin.weight)?, raw(&lin.bias)?);
+    let (w, b) = (w.get(), b.get());
+    let n = b.len();
+    let k = w.len() / n.max(1);
+    let m = x.len() / k.max(1);
+    if m <= ops::SMALL_ROWS {
+        ops::gemv_rows(x, w, (m, n, k), out);
+        for row in out.chunks_exact_mut(n) {
+            row.iter_mut().zip(b).for_each(|(o, &bv)| *o = f(*o + bv));
+        }
+    } else {
+        for row in out.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+        crate::kernels::matmul((m, n, k), out, (x, k, 1), (w, 1, k), true)?;
+        out.par_iter_mut().for_each(|o| *o = f(*o));
+    }
+    Ok(())
+}
+
+/// Attention of each row's query over the cached keys and values at positions `keys`:
+/// `qkv (rows, 3·d)` as the qkv projection writes it, `kb`/`vb` the layer's cache buffers
+/// (rows, heads, capacity, hd), `y (rows, d)` the heads' outputs side by side.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    attn: &Attention,
+    qkv: &[f32],
+    kb: &[f32],
+    vb: &[f32],
+    capacity: usize,
+    keys: &[u32],
+    y: &mut [f32],
+) {
+    let (h, hd) = (attn.n_heads, attn.head_dim);
+    let d = h * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let dot = ops::pick_dot();
+    y.par_chunks_mut(hd).enumerate().for_each(|(task, out)| {
+        let (r, head) = (task / h, task % h);
+        let q = &qkv[r * 3 * d + head * hd..][..hd];
+        let base = (r * h + head) * capacity;
+        let mut p: Vec<f32> = keys
+            .iter()
+            .map(|&pos| dot(q, &kb[(base + pos as usize) * hd..][..hd]) * scale)
+            .collect();
+        ops::softmax_row(&mut p);
+        out.fill(0.0);
+        for (&pos, &w) in keys.iter().zip(&p) {
+            let v = &vb[(base + pos as usize) * hd..][..hd];
+            out.iter_mut().zip(v).for_each(|(o, &vv)| *o += w * vv);
+        }
+    });
+}
+
+/// Buffers of one step, reused by every layer.
+struct Scratch {
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    a: Vec<f32>,
+    fc: Vec<f32>,
+}
+
+impl Block {
+    /// One layer on `x (rows, d)` in place; the cache slot gets this position's keys and values.
+    fn decode(
+        &self,
+        x: &mut [f32],
+        s: &mut Scratch,
+        slot: &mut Option<(Tensor, Tensor)>,
+        (past, capacity): (usize, usize),
+        keys: &[u32],
+    ) -> Result<()> {
+        let attn = &self.attn;
+        let (h, hd) = (attn.n_heads, attn.head_dim);
+        let d = h * hd;
+        let rows = x.len() / d;
+        layer_norm(&self.ln_1, x, d, &mut s.h)?;
+        linear(&attn.qkv, &s.h, &mut s.qkv, |v| v)?;
+        // This position's keys and values into the cache buffers, (rows, heads, 1, hd).
+        let part = |i: usize| -> Result<Tensor> {
+            let v: Vec<f32> = s
+                .qkv
+                .chunks_exact(3 * d)
+                .flat_map(|r| r[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            Tensor::from_vec(v, (rows, h, 1, hd), &candle_core::Device::Cpu)
+        };
+        let (kb, vb) = store(slot, &part(1)?, &part(2)?, past, capacity)?;
+        {
+            let (kr, vr) = (raw(&kb)?, raw(&vb)?);
+            attend(attn, &s.qkv, kr.get(), vr.get(), capacity, keys, &mut s.y);
+        }
+        linear(&attn.proj, &s.y, &mut s.a, |v| v)?;
+        x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
+        layer_norm(&self.ln_2, x, d, &mut s.h)?;
+        linear(&self.mlp.fc, &s.h, &mut s.fc, ops::gelu_f32)?;
+        linear(&self.mlp.proj, &s.fc, &mut s.a, |v| v)?;
+        x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
+        Ok(())
+    }
+}
+
+impl Transformer {
+    /// Whether [`Transformer::decode_step`] serves a call: one new position per row, a cache,
+    /// CPU f32 weights.
+    pub(super) fn decodes_natively(&self, ids: &Tensor) -> bool {
+        ids.device().is_cpu()
+            && ids.dim(1).is_ok_and(|t| t == 1)
+            && self.tokens.embeddings().dtype() == candle_core::DType::F32
+    }
+
+    /// `ids (rows, 1)` at position `cache.past_len()` → `(rows, 1, vocab)` logits; the cache is
+    /// extended in place. The caller has checked the cache's layer count and the position.
+    pub(super) fn decode_step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let ids: Vec<u32> = ids
+            .flatten_all()?
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec1()?;
+        let rows = ids.len();
+        let past = cache.past_len();
+        let d = self.config.transformer.d_model;
+        let vocab = self.layout.vocab_size();
+        let capacity = self.seq_len();
+        // Token embedding plus this position's embedding (text position, or image row + column).
+        let mut x = vec![0f32; rows * d];
+        {
+            let table = raw(self.tokens.embeddings())?;
+            let table = table.get();
+            let pos: Vec<f32> = if past < self.text_len {
+                raw(&self.text_pos)?.get()[past * d..(past + 1) * d].to_vec()
+            } else {
+                let (r, c) = (
+                    (past - self.text_len) / self.grid,
+                    (past - self.text_len) % self.grid,
+                );
+                let (rw, cw) = (raw(&self.image_row)?, raw(&self.image_col)?);
+                let (rw, cw) = (&rw.get()[r * d..(r + 1) * d], &cw.get()[c * d..(c + 1) * d]);
+                rw.iter().zip(cw).map(|(a, b)| a + b).collect()
+            };
+            for (xr, &id) in x.chunks_exact_mut(d).zip(&ids) {
+                let Some(e) = table.get(id as usize * d..(id as usize + 1) * d) else {
+                    candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+                };
+                xr.iter_mut()
+                    .zip(e.iter().zip(&pos))
+                    .for_each(|(o, (a, b))| *o = a + b);
+            }
+        }
+        // The positions each distinct attention kind allows this query to read.
+        let mut allowed: Vec<(AttentionKind, Vec<u32>)> = vec![];
+        for &kind in &self.kinds {
+            if !allowed.iter().any(|(k, _)| *k == kind) {
+                let idx = (0..=past as u32)
+                    .filter(|&k| {
+                        dalle_runtimes::allowed(self.text_len, self.grid, kind, past, k as usize)
+                    })
+                    .collect();
+                allowed.push((kind, idx));
+            }
+        }
+        let mut s = Scratch {
+            h: vec![0f32; rows * d],
+            qkv: vec![0f32; rows * 3 * d],
+            y: vec![0f32; rows * d],
+            a: vec![0f32; rows * d],
+            fc: vec![0f32; rows * 4 * d],
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let keys = allowed
+                .iter()
+                .find(|(k, _)| *k == self.kinds[i])
+                .map(|(_, idx)| idx.as_slice())
+                .unwrap_or(&[]);
+            block.decode(&mut x, &mut s, &mut cache.layers[i], (past, capacity), keys)?;
+        }
+        cache.len = past + 1;
+        layer_norm(&self.ln_f, &x, d, &mut s.h)?;
+        let mut logits = vec![0f32; rows * vocab];
+        linear(&self.head, &s.h, &mut logits, |v| v)?;
+        Tensor::from_vec(logits, (rows, 1, vocab), &candle_core::Device::Cpu)
+    }
+}
