@@ -143,19 +143,21 @@ def generate(dalle, batch, text_len):
     }
 
 
-def train_steps(vae, dalle, a):
-    """Median seconds of an Adam update of each stage at batch a.train_batch."""
-    b = a.train_batch
-
-    def median(step):
+def median(step, reps):
+    """Median seconds of `reps` calls of `step` after one untimed warm-up call."""
+    step()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
         step()
-        times = []
-        for _ in range(a.train_reps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
+
+def train_step_fns(vae, dalle, a):
+    """One Adam update of each stage at batch a.train_batch, by name; and the OpenAI dVAE's
+    parameter count (None without --vae-hid)."""
+    b = a.train_batch
     dalle_params = [p for n, p in dalle.named_parameters() if not n.startswith("vae.")]
     opt = torch.optim.AdamW(dalle_params, lr=1e-4, betas=(0.9, 0.96), weight_decay=4.5e-2)
 
@@ -179,18 +181,49 @@ def train_steps(vae, dalle, a):
         loss.backward()
         vopt.step()
 
-    out = {
-        "batch": b,
-        "transformer_step_s": median(transformer_step),
-        "dvae_step_s": median(vae_step),
-    }
+    fns = {"transformer": transformer_step, "dvae": vae_step}
+    openai_params = None
     if a.vae_hid > 0:
-        out["openai_dvae_step_s"], out["openai_dvae_params"] = openai_dvae_step(a, median)
+        fns["openai_dvae"], openai_params = openai_dvae_step(a)
+    return fns, openai_params
+
+
+def train_steps(vae, dalle, a):
+    """Median seconds of an Adam update of each stage at batch a.train_batch."""
+    fns, openai_params = train_step_fns(vae, dalle, a)
+    out = {
+        "batch": a.train_batch,
+        "transformer_step_s": median(fns["transformer"], a.train_reps),
+        "dvae_step_s": median(fns["dvae"], a.train_reps),
+    }
+    if "openai_dvae" in fns:
+        out["openai_dvae_step_s"] = median(fns["openai_dvae"], a.train_reps)
+        out["openai_dvae_params"] = openai_params
     return out
 
 
-def openai_dvae_step(a, median):
-    """OpenAI's dVAE (dall_e 0.1) in our geometry, trained on our loss; (median s, params)."""
+def serve_train(vae, dalle, a):
+    """Training steps on request, so that a caller can alternate them with its own: after a
+    `{"ready": ...}` line, each stdin line names a step (transformer, dvae, openai_dvae), which
+    runs once and answers `{"s": seconds}`; `quit` or end of input stops."""
+    fns, openai_params = train_step_fns(vae, dalle, a)
+    ready = {"ready": True, "steps": sorted(fns), "threads": torch.get_num_threads(),
+             "openai_dvae_params": openai_params}
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "quit":
+            break
+        if name not in fns:
+            print(json.dumps({"error": f"unknown step {name!r}; known: {sorted(fns)}"}), flush=True)
+            continue
+        t = time.perf_counter()
+        fns[name]()
+        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+
+
+def openai_dvae_step(a):
+    """OpenAI's dVAE (dall_e 0.1) in our geometry, trained on our loss: (one step, params)."""
     from dall_e import Decoder, Encoder
     from dall_e.utils import map_pixels
 
@@ -225,7 +258,7 @@ def openai_dvae_step(a, median):
         loss.backward()
         opt.step()
 
-    return median(step), sum(p.numel() for p in ps)
+    return step, sum(p.numel() for p in ps)
 
 
 def main():
@@ -238,10 +271,16 @@ def main():
     ]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--batch", default="1,16", help="comma-separated generation batch sizes")
+    p.add_argument("--serve-train", action="store_true",
+                   help="run training steps on request from stdin (see serve_train)")
     a = p.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     vae, dalle = build(a)
+    if a.serve_train:
+        dalle.train()
+        serve_train(vae, dalle, a)
+        return
     dalle.eval()
     out = {
         "peer": "dalle-pytorch",

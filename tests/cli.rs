@@ -180,6 +180,99 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     );
 }
 
+/// A stand-in for the peer's Python that speaks `pytorch_peer.py`'s protocol (a report on
+/// stdout; `--serve-train`: a ready line, then one answer per requested step) with fixed
+/// times, or that stops after `die_after` answers.
+#[cfg(unix)]
+fn fake_peer(dir: &Path, die_after: usize) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-python");
+    let script = format!(
+        r#"#!/bin/sh
+case " $* " in
+*" --serve-train "*)
+  echo '{{"ready": true, "openai_dvae_params": 1234}}'
+  n=0
+  while read -r step; do
+    [ "$step" = quit ] && exit 0
+    n=$((n + 1))
+    [ "$n" -gt {die_after} ] && {{ echo "fake peer: out of steps" >&2; exit 3; }}
+    case "$step" in
+      transformer) echo '{{"s": 2.0}}' ;;
+      openai_dvae) echo '{{"s": 0.5}}' ;;
+      dvae) echo '{{"s": 0.25}}' ;;
+      *) echo '{{"error": "unknown step"}}' ;;
+    esac
+  done ;;
+*)
+  echo '{{"peer": "fake", "version": "0", "torch": "0", "threads": 1, "transformer_params": 1, "dvae_params": 1, "generate": [{{"batch": 1, "prefill_s": 0.1, "first_step_s": 0.01, "last_step_s": 0.01, "transformer_s": 1.0, "dvae_decode_s": 0.1, "image_tokens_per_s": 16.0}}]}}' ;;
+esac
+"#
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[cfg(unix)]
+#[test]
+fn bench_alternates_training_steps_with_the_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |python: &Path| -> Vec<String> {
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--runtimes",
+            "candle",
+            "--batch",
+            "1",
+            "--recompute-positions",
+            "1",
+            "--train-batch",
+            "1",
+            "--train-reps",
+            "2",
+            "--peer",
+            "pytorch",
+            "--peer-python",
+            p(python),
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let fake = fake_peer(tmp.path(), 100);
+    let a = args(&fake);
+    let json = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let train = &r["peer"]["train"];
+    assert_eq!(train["transformer_step_s"], 2.0, "{r}");
+    assert_eq!(train["openai_dvae_step_s"], 0.5, "{r}");
+    assert_eq!(train["dvae_step_s"], 0.25, "{r}");
+    assert_eq!(train["openai_dvae_params"], 1234, "{r}");
+    let ours = r["train"]["dvae_step_s"].as_f64().unwrap();
+    assert!(ours > 0.0, "{r}");
+    let figures = r["versus_peer"].as_array().unwrap();
+    assert!(
+        figures
+            .iter()
+            .any(|f| f["what"].as_str().unwrap_or("").contains("OpenAI")),
+        "{r}"
+    );
+
+    // A peer that dies between steps is one clear error, not a hang or a panic.
+    let dir = tmp.path().join("dying");
+    std::fs::create_dir(&dir).unwrap();
+    let dying = fake_peer(&dir, 1);
+    let a = args(&dying);
+    fails(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        "the PyTorch peer stopped",
+    );
+}
+
 #[test]
 fn masks_prints_the_contract_matrix() {
     let json = ok(&[

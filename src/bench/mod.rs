@@ -301,27 +301,52 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             decode.push(row);
         }
     }
-    let train = if opts.train_batch > 0 {
-        progress(&format!(
-            "training steps of both stages at batch {}",
-            opts.train_batch
-        ));
-        Some(train::train_steps(&cfg, opts.train_batch, opts.train_reps)?)
-    } else {
-        None
-    };
-    let peer = match &opts.peer_python {
+    let mut peer = match &opts.peer_python {
         Some(py) => {
-            progress(&format!("running the PyTorch peer ({})", py.display()));
+            progress(&format!(
+                "running the PyTorch peer's generation ({})",
+                py.display()
+            ));
             Some(peer::run(
                 py,
                 &cfg,
                 &opts.batches,
-                (opts.train_batch, opts.train_reps),
+                (0, opts.train_reps),
                 machine::threads(),
             )?)
         }
         None => None,
+    };
+    let train = if opts.train_batch > 0 {
+        let mut trainer = match &opts.peer_python {
+            Some(py) => {
+                progress("starting the PyTorch peer's training steps");
+                Some(peer::PeerTrainer::start(
+                    py,
+                    &cfg,
+                    opts.train_batch,
+                    machine::threads(),
+                )?)
+            }
+            None => None,
+        };
+        progress(&format!(
+            "training steps of both stages at batch {}{}",
+            opts.train_batch,
+            if trainer.is_some() {
+                ", each in turn with the peer's"
+            } else {
+                ""
+            }
+        ));
+        let (ours, theirs) =
+            train::train_steps(&cfg, opts.train_batch, opts.train_reps, trainer.as_mut())?;
+        if let Some(p) = peer.as_mut() {
+            p.train = theirs;
+        }
+        Some(ours)
+    } else {
+        None
     };
     let versus_peer = peer
         .as_ref()

@@ -74,16 +74,15 @@ pub fn check(python: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Run the peer on `cfg`'s geometry: generation at `batches`, training steps at `train_batch`
-/// (0: none), with `threads` threads.
-pub fn run(
+/// The peer's command line for `cfg`'s geometry: generation at `batches`, training steps at
+/// `train_batch` (0: none), with `threads` threads.
+fn command(
     python: &Path,
     cfg: &Config,
     batches: &[usize],
     (train_batch, train_reps): (usize, usize),
     threads: usize,
-) -> Result<PeerReport> {
-    check(python)?;
+) -> std::process::Command {
     let g = &cfg.geometry;
     let t = &cfg.transformer;
     let batch = batches
@@ -115,6 +114,20 @@ pub fn run(
     for (k, v) in &args {
         cmd.arg(k).arg(v);
     }
+    cmd
+}
+
+/// Run the peer on `cfg`'s geometry: generation at `batches`, training steps at `train_batch`
+/// (0: none), with `threads` threads.
+pub fn run(
+    python: &Path,
+    cfg: &Config,
+    batches: &[usize],
+    train: (usize, usize),
+    threads: usize,
+) -> Result<PeerReport> {
+    check(python)?;
+    let mut cmd = command(python, cfg, batches, train, threads);
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -137,4 +150,116 @@ pub fn run(
             text.trim()
         ))
     })
+}
+
+/// The peer's training steps on request (`pytorch_peer.py --serve-train`): a child process that
+/// keeps its models and optimisers between steps, so that `dalle bench` can alternate its own
+/// steps with the peer's and both see the machine in the same state (this machine's speed
+/// drifts 20–30% over minutes).
+pub struct PeerTrainer {
+    child: std::process::Child,
+    /// Closed (dropped) to stop the peer: its loop ends at the end of its input.
+    input: Option<std::process::ChildStdin>,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    /// Parameters of OpenAI's dVAE in this geometry, as the peer counted them.
+    pub openai_dvae_params: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct Ready {
+    openai_dvae_params: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    s: Option<f64>,
+    error: Option<String>,
+}
+
+impl PeerTrainer {
+    /// Start the peer and wait until its models are built.
+    pub fn start(python: &Path, cfg: &Config, batch: usize, threads: usize) -> Result<Self> {
+        use std::process::Stdio;
+        check(python)?;
+        let mut child = command(python, cfg, &[], (batch, 1), threads)
+            .arg("--serve-train")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                Error::Usage(format!("cannot run {}: {e}; {INSTALL}", python.display()))
+            })?;
+        let (Some(input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            return Err(Error::Usage("the PyTorch peer's pipes did not open".into()));
+        };
+        let mut peer = PeerTrainer {
+            child,
+            input: Some(input),
+            output: std::io::BufReader::new(output),
+            openai_dvae_params: None,
+        };
+        let ready: Ready = peer.read()?;
+        peer.openai_dvae_params = ready.openai_dvae_params;
+        Ok(peer)
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self
+            .output
+            .read_line(&mut line)
+            .map_err(|e| Error::Usage(format!("reading from the PyTorch peer: {e}")))?;
+        if n == 0 {
+            let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+            return Err(Error::Usage(format!(
+                "the PyTorch peer stopped ({status}; its error is above); {INSTALL}"
+            )));
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| Error::Usage(format!("the PyTorch peer answered `{}` ({e})", line.trim())))
+    }
+
+    /// Seconds of one peer step: `transformer`, `dvae` (dalle-pytorch's own) or `openai_dvae`.
+    pub fn step(&mut self, name: &str) -> Result<f64> {
+        use std::io::Write;
+        // Writing into the pipe of a peer that has exited would end this process (SIGPIPE).
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(Error::Usage(format!(
+                "the PyTorch peer stopped ({status}; its error is above); {INSTALL}"
+            )));
+        }
+        let Some(input) = self.input.as_mut() else {
+            return Err(Error::Usage("the PyTorch peer's input is closed".into()));
+        };
+        writeln!(input, "{name}")
+            .and_then(|_| input.flush())
+            .map_err(|e| Error::Usage(format!("writing to the PyTorch peer: {e}")))?;
+        let a: Answer = self.read()?;
+        match (a.s, a.error) {
+            (Some(s), _) => Ok(s),
+            (None, e) => Err(Error::Usage(format!(
+                "the PyTorch peer could not run step `{name}`: {}",
+                e.unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+impl Drop for PeerTrainer {
+    fn drop(&mut self) {
+        // End of input stops the peer between steps; one in the middle of a step is not waited
+        // for.
+        self.input = None;
+        for _ in 0..20 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,6 +1,7 @@
 //! One training update of each stage (forward, backward, AdamW) on random data, timed: the
 //! figure set against the PyTorch peer's training step.
 
+use super::peer::{PeerTrain, PeerTrainer};
 use crate::config::Config;
 use crate::rng::Rng;
 use crate::train::optim::AdamW;
@@ -24,27 +25,83 @@ pub struct TrainSteps {
     pub dvae_params: usize,
 }
 
-/// Median of `reps` timed calls after one untimed warm-up call.
-fn median_time(reps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    f(0)?;
-    let mut times = vec![];
+/// Medians of `reps` timed calls of our step and of each peer step, taken in turn (ours, then
+/// each peer's) after one untimed warm-up call of each: a drift of the machine's speed during
+/// the measurement slows both sides alike.
+fn alternate(
+    reps: usize,
+    mut ours: impl FnMut(usize) -> Result<()>,
+    peer: &mut Option<&mut PeerTrainer>,
+    peer_steps: &[&str],
+) -> Result<(f64, Vec<f64>)> {
+    ours(0)?;
+    for name in peer_steps {
+        if let Some(p) = peer.as_deref_mut() {
+            p.step(name)?;
+        }
+    }
+    let (mut mine, mut theirs) = (vec![], vec![vec![]; peer_steps.len()]);
     for i in 1..=reps.max(1) {
         let t = std::time::Instant::now();
-        f(i)?;
-        times.push(t.elapsed().as_secs_f64());
+        ours(i)?;
+        mine.push(t.elapsed().as_secs_f64());
+        for (name, times) in peer_steps.iter().zip(&mut theirs) {
+            if let Some(p) = peer.as_deref_mut() {
+                times.push(p.step(name)?);
+            }
+        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Ok((median(mine), theirs.into_iter().map(median).collect()))
 }
 
-/// Time `reps` updates of each stage of `cfg` at `batch` on the CPU.
-pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps> {
+/// Time `reps` updates of each stage of `cfg` at `batch` on the CPU; with a peer, its steps
+/// alternate with ours and come back as its training figures.
+pub fn train_steps(
+    cfg: &Config,
+    batch: usize,
+    reps: usize,
+    mut peer: Option<&mut PeerTrainer>,
+) -> Result<(TrainSteps, Option<PeerTrain>)> {
     // As `dalle train` runs: large freed tensors are reused between steps (see `crate::alloc`).
     let _reuse = crate::alloc::ReuseGuard::new();
-    let dev = Device::Cpu;
-    let g = &cfg.geometry;
+    let (transformer_step_s, peer_transformer) = alternate(
+        reps,
+        transformer_stepper(cfg, batch)?,
+        &mut peer,
+        &["transformer"],
+    )?;
+    let (dvae_step_s, peer_dvae) = alternate(
+        reps,
+        dvae_stepper(cfg, batch)?,
+        &mut peer,
+        &["openai_dvae", "dvae"],
+    )?;
+    let ours = TrainSteps {
+        batch,
+        transformer_step_s,
+        transformer_params: cfg.transformer_params(),
+        dvae_step_s,
+        dvae_params: cfg.vae.encoder_params() + cfg.vae.decoder_params(),
+    };
+    let theirs = peer.map(|p| PeerTrain {
+        batch,
+        transformer_step_s: peer_transformer[0],
+        dvae_step_s: peer_dvae[1],
+        openai_dvae_step_s: Some(peer_dvae[0]),
+        openai_dvae_params: p.openai_dvae_params,
+    });
+    Ok((ours, theirs))
+}
 
-    // Stage 2: captions and image codes drawn at random, the paper's loss and optimizer.
+/// One stage-2 update per call (the argument seeds the batch): captions and image codes drawn
+/// at random, the paper's loss and optimiser.
+pub fn transformer_stepper(cfg: &Config, batch: usize) -> Result<impl FnMut(usize) -> Result<()>> {
+    let dev = Device::Cpu;
+    let g = cfg.geometry;
     let vm = VarMap::new();
     let model = Transformer::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     crate::train::init_vars(&vm, 0, crate::transformer::model::init_value)?;
@@ -53,7 +110,7 @@ pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps
     let mut opt = AdamW::new(crate::train::named_vars(&vm), adamw)?;
     let layout = model.layout();
     let s = model.seq_len();
-    let transformer_step_s = median_time(reps, |i| {
+    Ok(move |i: usize| {
         let mut rng = Rng::stream(0, "bench-ids", i as u64);
         let ids: Vec<u32> = (0..batch * s)
             .map(|j| {
@@ -69,20 +126,26 @@ pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps
         let (total, _, _) = loss(&model.forward(&ids, None)?, &ids, g.text_len)?;
         opt.step(&total.backward()?, 1e-4, i + 1)?;
         Ok(())
-    })?;
+    })
+}
 
-    // Stage 1: the ELB of `VaeStage::loss` (logit-Laplace + β·KL through the gumbel-softmax).
+/// One stage-1 update per call on random images: the ELB of `VaeStage::loss` (logit-Laplace +
+/// β·KL through the gumbel-softmax).
+pub fn dvae_stepper(cfg: &Config, batch: usize) -> Result<impl FnMut(usize) -> Result<()>> {
+    let dev = Device::Cpu;
+    let g = cfg.geometry;
+    let channels = cfg.vae.channels;
     let (vm, encoder, decoder) = crate::vae::train::new_model(cfg, 0, &dev)?;
     let adamw = VaeTrainOptions::new(1, batch, 0).lp.adamw;
     let mut opt = AdamW::new(crate::train::named_vars(&vm), adamw)?;
     let px = g.image_size;
-    let dvae_step_s = median_time(reps, |i| {
+    Ok(move |i: usize| {
         let x = Tensor::rand(0f32, 1.0, (batch, 3, px, px), &dev)?;
         let logits = encoder.forward(&x)?;
         let mut rng = Rng::stream(0, "bench-gumbel", i as u64);
         let z = gumbel_softmax(&logits, 1.0, 1, &mut rng)?;
         let stats = decoder.forward(&z)?;
-        let c = cfg.vae.channels;
+        let c = channels;
         let nll = logit_laplace_nll(
             &map_pixels(&x)?,
             &stats.narrow(1, 0, c)?,
@@ -91,12 +154,5 @@ pub fn train_steps(cfg: &Config, batch: usize, reps: usize) -> Result<TrainSteps
         let l = ((nll + (kl_to_uniform(&logits, 1)? * 6.6)?)? / x.elem_count() as f64)?;
         opt.step(&l.backward()?, 1e-4, i + 1)?;
         Ok(())
-    })?;
-    Ok(TrainSteps {
-        batch,
-        transformer_step_s,
-        transformer_params: cfg.transformer_params(),
-        dvae_step_s,
-        dvae_params: cfg.vae.encoder_params() + cfg.vae.decoder_params(),
     })
 }
