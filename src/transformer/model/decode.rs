@@ -57,8 +57,13 @@ fn linear(lin: &Linear, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Syn
     let n = b.len();
     let k = w.len() / n.max(1);
     let m = x.len() / k.max(1);
-    if m <= ops::SMALL_ROWS {
+    let done = if m <= ops::SMALL_ROWS {
         ops::gemv_rows(x, w, (m, n, k), out);
+        true
+    } else {
+        m <= ops::FEW_ROWS && ops::gemm_few_rows(x, w, (m, n, k), out).is_some()
+    };
+    if done {
         for row in out.chunks_exact_mut(n) {
             row.iter_mut().zip(b).for_each(|(o, &bv)| *o = f(*o + bv));
         }
