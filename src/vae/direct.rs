@@ -140,7 +140,9 @@ impl Shared {
     }
 }
 
-/// Run `f(state, unit, band_buffer)` over every unit, spread over the cores. The units are cut
+/// Run `f(state, unit, band_buffer)` over every unit, spread over the cores (one task per
+/// thread of rayon's pool, already running; spawning two threads per pass, ~200 per dVAE step,
+/// measured 1.71–2.2 s a step against 1.68–1.84 s this way, alternated runs). The units are cut
 /// into at most `groups` runs of consecutive units, each with its own state (made by `init`) and
 /// taken whole by one worker, in unit order; the states come back in group order. So sums kept in
 /// the states come out the same whichever worker took which run and however many cores there
@@ -176,13 +178,11 @@ fn for_units<S: Send>(
     let mut done = if threads <= 1 {
         work()
     } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("conv worker panicked"))
-                .collect()
-        })
+        use rayon::prelude::*;
+        (0..threads)
+            .into_par_iter()
+            .flat_map_iter(|_| work())
+            .collect()
     };
     done.sort_by_key(|&(gi, _)| gi);
     done.into_iter().map(|(_, s)| s).collect()
