@@ -145,7 +145,20 @@ unsafe fn head_avx2(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, o
         }
     });
     let mut p = Vec::with_capacity(keys.len());
-    for &pos in keys {
+    // The keys four ahead, and this key's values (read after the softmax), are prefetched:
+    // the allowed positions jump (text, then windows), and the cache is far larger than the
+    // caches. Decode loop of `small`, batch 16, alternated: 19.9–24.6 → 19.1–22.3 ms a step.
+    for (i, &pos) in keys.iter().enumerate() {
+        if let Some(&next) = keys.get(i + 4) {
+            let kn = k.as_ptr().wrapping_add(next as usize * hd).cast::<i8>();
+            for l in (0..hd * 4).step_by(64) {
+                _mm_prefetch(kn.wrapping_add(l), _MM_HINT_T0);
+            }
+        }
+        let vn = v.as_ptr().wrapping_add(pos as usize * hd).cast::<i8>();
+        for l in (0..hd * 4).step_by(64) {
+            _mm_prefetch(vn.wrapping_add(l), _MM_HINT_T0);
+        }
         let kr = k[pos as usize * hd..][..hd].as_ptr();
         let mut acc = [_mm256_setzero_ps(); 2];
         for (c, qc) in qv.iter().enumerate().take(lanes) {
