@@ -57,23 +57,21 @@ fn linear(lin: &Linear, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Syn
     let n = b.len();
     let k = w.len() / n.max(1);
     let m = x.len() / k.max(1);
-    let done = if m <= ops::SMALL_ROWS {
+    if m <= ops::SMALL_ROWS {
         ops::gemv_rows(x, w, (m, n, k), out);
-        true
-    } else {
-        m <= ops::FEW_ROWS && ops::gemm_few_rows(x, w, (m, n, k), out).is_some()
-    };
-    if done {
         for row in out.chunks_exact_mut(n) {
             row.iter_mut().zip(b).for_each(|(o, &bv)| *o = f(*o + bv));
         }
-    } else {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-        crate::kernels::matmul((m, n, k), out, (x, k, 1), (w, 1, k), true)?;
-        out.par_iter_mut().for_each(|o| *o = f(*o));
+        return Ok(());
     }
+    if m <= ops::FEW_ROWS && ops::gemm_few_rows(x, w, (m, n, k), out, (Some(b), &f)).is_some() {
+        return Ok(());
+    }
+    for row in out.chunks_exact_mut(n) {
+        row.copy_from_slice(b);
+    }
+    crate::kernels::matmul((m, n, k), out, (x, k, 1), (w, 1, k), true)?;
+    out.par_iter_mut().for_each(|o| *o = f(*o));
     Ok(())
 }
 
