@@ -27,7 +27,11 @@ pub struct TrainSteps {
 
 /// Medians of `reps` timed calls of our step and of each peer step, taken in turn (ours, then
 /// each peer's) after one untimed warm-up call of each: a drift of the machine's speed during
-/// the measurement slows both sides alike.
+/// the measurement slows both sides alike. With a peer, each timed step starts after a short
+/// pause ([`SETTLE`]), so that neither side's step overlaps the other's tail (PyTorch's OpenMP
+/// workers spin for a while after a parallel region; ours sleep at once).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn alternate(
     reps: usize,
     mut ours: impl FnMut(usize) -> Result<()>,
@@ -40,13 +44,18 @@ fn alternate(
             p.step(name)?;
         }
     }
+    let paired = peer.is_some();
     let (mut mine, mut theirs) = (vec![], vec![vec![]; peer_steps.len()]);
     for i in 1..=reps.max(1) {
+        if paired {
+            std::thread::sleep(SETTLE);
+        }
         let t = std::time::Instant::now();
         ours(i)?;
         mine.push(t.elapsed().as_secs_f64());
         for (name, times) in peer_steps.iter().zip(&mut theirs) {
             if let Some(p) = peer.as_deref_mut() {
+                std::thread::sleep(SETTLE);
                 times.push(p.step(name)?);
             }
         }
