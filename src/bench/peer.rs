@@ -165,6 +165,13 @@ pub struct PeerTrainer {
     pub openai_dvae_params: Option<usize>,
 }
 
+/// The error for a peer that exited with `status` while steps were still wanted.
+fn stopped(status: &str) -> Error {
+    Error::Usage(format!(
+        "the PyTorch peer stopped ({status}; its error is above); {INSTALL}"
+    ))
+}
+
 #[derive(Deserialize)]
 struct Ready {
     openai_dvae_params: Option<usize>,
@@ -214,9 +221,7 @@ impl PeerTrainer {
             .map_err(|e| Error::Usage(format!("reading from the PyTorch peer: {e}")))?;
         if n == 0 {
             let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-            return Err(Error::Usage(format!(
-                "the PyTorch peer stopped ({status}; its error is above); {INSTALL}"
-            )));
+            return Err(stopped(&status));
         }
         serde_json::from_str(&line)
             .map_err(|e| Error::Usage(format!("the PyTorch peer answered `{}` ({e})", line.trim())))
@@ -227,9 +232,7 @@ impl PeerTrainer {
         use std::io::Write;
         // Writing into the pipe of a peer that has exited would end this process (SIGPIPE).
         if let Ok(Some(status)) = self.child.try_wait() {
-            return Err(Error::Usage(format!(
-                "the PyTorch peer stopped ({status}; its error is above); {INSTALL}"
-            )));
+            return Err(stopped(&status.to_string()));
         }
         let Some(input) = self.input.as_mut() else {
             return Err(Error::Usage("the PyTorch peer's input is closed".into()));

@@ -398,6 +398,37 @@ impl Transformer {
         Ok(())
     }
 
+    /// The key positions a query at `past` may read: one ascending list per distinct attention
+    /// kind (shared by the layers of that kind), and for each layer the index of its list.
+    fn allowed_keys(&self, past: usize) -> (Vec<Vec<u32>>, Vec<usize>) {
+        let mut kinds: Vec<AttentionKind> = vec![];
+        let mut lists = vec![];
+        let of_layer = self
+            .kinds
+            .iter()
+            .map(|&kind| {
+                kinds.iter().position(|&k| k == kind).unwrap_or_else(|| {
+                    kinds.push(kind);
+                    lists.push(
+                        (0..=past as u32)
+                            .filter(|&k| {
+                                dalle_runtimes::allowed(
+                                    self.text_len,
+                                    self.grid,
+                                    kind,
+                                    past,
+                                    k as usize,
+                                )
+                            })
+                            .collect(),
+                    );
+                    kinds.len() - 1
+                })
+            })
+            .collect();
+        (lists, of_layer)
+    }
+
     /// The forward pass as candle tensor ops (training, prefill, other devices).
     fn forward_here(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
@@ -410,33 +441,19 @@ impl Transformer {
             .tokens
             .forward(ids)?
             .broadcast_add(&self.positions(past, t)?)?;
-        // Single-token steps (decoding) attend over the allowed keys only: one index list per
-        // distinct attention kind, shared by its layers.
-        let mut keys: Vec<(AttentionKind, Tensor)> = vec![];
-        if t == 1 {
-            for &kind in &self.kinds {
-                if !keys.iter().any(|(k, _)| *k == kind) {
-                    let idx: Vec<u32> = (0..=past as u32)
-                        .filter(|&k| {
-                            dalle_runtimes::allowed(
-                                self.text_len,
-                                self.grid,
-                                kind,
-                                past,
-                                k as usize,
-                            )
-                        })
-                        .collect();
-                    keys.push((kind, Tensor::new(idx, ids.device())?));
-                }
-            }
-        }
+        // Single-token steps (decoding) attend over the allowed keys only.
+        let (lists, list_of_layer) = self.allowed_keys(past);
+        let keys: Vec<Tensor> = if t == 1 {
+            lists
+                .into_iter()
+                .map(|l| Tensor::new(l, ids.device()))
+                .collect::<Result<_>>()?
+        } else {
+            vec![]
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let mask = self.masks[i].narrow(0, past, t)?.narrow(1, 0, past + t)?;
-            let k = keys
-                .iter()
-                .find(|(k, _)| *k == self.kinds[i])
-                .map(|(_, idx)| idx);
+            let k = keys.get(list_of_layer[i]);
             let slot = cached.then(|| (&mut cache.layers[i], past, self.seq_len()));
             x = block.forward(&x, &mask, k, slot)?;
         }

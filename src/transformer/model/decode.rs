@@ -1,7 +1,8 @@
 //! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at the
 //! same position, each layer's small operations (layer norm, attention over the allowed keys,
 //! bias, GELU, residual) as plain loops over per-step buffers, and the weight matrices as
-//! matrix-vector passes ([`ops::gemv_rows`]) or, for many rows, one matrix product. The same
+//! matrix-vector passes ([`ops::gemv_rows`], ≤ 4 rows), the few-rows product
+//! ([`ops::gemm_few_rows`], ≤ 32) or one matrix product. The same
 //! arithmetic as [`Transformer::forward`] on one position (parity tests compare the two); what
 //! it saves is a step's ~200 tensor allocations and ~15 candle ops per layer, each a pass over
 //! its operands and some a hand-off to candle's thread pool — at batch 1 about a third of the
@@ -10,7 +11,6 @@
 use super::{store, Attention, Block, KvCache, LayerNorm, Linear, Transformer};
 use crate::transformer::ops;
 use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
-use dalle_runtimes::AttentionKind;
 use rayon::prelude::*;
 
 /// A contiguous f32 CPU tensor's values, borrowed for as long as the guard lives.
@@ -292,18 +292,8 @@ impl Transformer {
                     .for_each(|(o, (a, b))| *o = a + b);
             }
         }
-        // The positions each distinct attention kind allows this query to read.
-        let mut allowed: Vec<(AttentionKind, Vec<u32>)> = vec![];
-        for &kind in &self.kinds {
-            if !allowed.iter().any(|(k, _)| *k == kind) {
-                let idx = (0..=past as u32)
-                    .filter(|&k| {
-                        dalle_runtimes::allowed(self.text_len, self.grid, kind, past, k as usize)
-                    })
-                    .collect();
-                allowed.push((kind, idx));
-            }
-        }
+        // The positions each layer's mask allows this query to read.
+        let (allowed, list_of_layer) = self.allowed_keys(past);
         let mut s = Scratch {
             h: vec![0f32; rows * d],
             qkv: vec![0f32; rows * 3 * d],
@@ -312,11 +302,7 @@ impl Transformer {
             fc: vec![0f32; rows * 4 * d],
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let keys = allowed
-                .iter()
-                .find(|(k, _)| *k == self.kinds[i])
-                .map(|(_, idx)| idx.as_slice())
-                .unwrap_or(&[]);
+            let keys = &allowed[list_of_layer[i]];
             block.decode(&mut x, &mut s, &mut cache.layers[i], (past, capacity), keys)?;
         }
         cache.len = past + 1;
