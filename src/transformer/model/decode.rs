@@ -126,22 +126,22 @@ fn head_portable(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, out:
     }
 }
 
-/// [`head_portable`] in 8-lane FMAs for head widths that are a multiple of 8 (up to 128: the
-/// output stays in registers while the values stream past).
+/// [`head_portable`] in 8-lane FMAs for head widths of `LANES` × 8: the query and the output
+/// stay in registers while the keys and values stream past (with the width a runtime value
+/// they lived on the stack, and each value row's FMAs were a load-add-store chain).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, out: &mut [f32]) {
+unsafe fn head_avx2<const LANES: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: &[u32],
+    scale: f32,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    const MAX: usize = 16;
-    let hd = q.len();
-    let lanes = hd / 8;
-    let qv: [__m256; MAX] = std::array::from_fn(|c| {
-        if c < lanes {
-            _mm256_loadu_ps(q.as_ptr().add(8 * c))
-        } else {
-            _mm256_setzero_ps()
-        }
-    });
+    let hd = 8 * LANES;
+    let qv: [__m256; LANES] = std::array::from_fn(|c| _mm256_loadu_ps(q[8 * c..][..8].as_ptr()));
     let mut p = Vec::with_capacity(keys.len());
     // The keys four ahead, and this key's values (read after the softmax), are prefetched:
     // the allowed positions jump (text, then windows), and the cache is far larger than the
@@ -159,7 +159,7 @@ unsafe fn head_avx2(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, o
         }
         let kr = k[pos as usize * hd..][..hd].as_ptr();
         let mut acc = [_mm256_setzero_ps(); 2];
-        for (c, qc) in qv.iter().enumerate().take(lanes) {
+        for (c, qc) in qv.iter().enumerate() {
             acc[c & 1] = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kr.add(8 * c)), acc[c & 1]);
         }
         let s = _mm256_add_ps(acc[0], acc[1]);
@@ -169,29 +169,47 @@ unsafe fn head_avx2(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, o
         p.push(_mm_cvtss_f32(s) * scale);
     }
     ops::softmax_row(&mut p);
-    let mut o = [_mm256_setzero_ps(); MAX];
+    let mut o = [_mm256_setzero_ps(); LANES];
     for (&pos, &w) in keys.iter().zip(&p) {
         let vr = v[pos as usize * hd..][..hd].as_ptr();
         let wv = _mm256_set1_ps(w);
-        for (c, oc) in o.iter_mut().enumerate().take(lanes) {
+        for (c, oc) in o.iter_mut().enumerate() {
             *oc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * c)), *oc);
         }
     }
-    for (c, oc) in o.iter().enumerate().take(lanes) {
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *oc);
+    for (c, oc) in o.iter().enumerate() {
+        _mm256_storeu_ps(out[8 * c..][..8].as_mut_ptr(), *oc);
     }
 }
 
 /// The fastest [`Head`] for this CPU and head width.
 fn pick_head(hd: usize) -> Head {
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(8)
-        && hd <= 128
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-    {
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features (checked above); every slice index is checked.
-        return |q, k, v, keys, scale, out| unsafe { head_avx2(q, k, v, keys, scale, out) };
+        match hd {
+            16 => {
+                return |q, k, v, keys, scale, out| unsafe {
+                    head_avx2::<2>(q, k, v, keys, scale, out)
+                }
+            }
+            32 => {
+                return |q, k, v, keys, scale, out| unsafe {
+                    head_avx2::<4>(q, k, v, keys, scale, out)
+                }
+            }
+            64 => {
+                return |q, k, v, keys, scale, out| unsafe {
+                    head_avx2::<8>(q, k, v, keys, scale, out)
+                }
+            }
+            128 => {
+                return |q, k, v, keys, scale, out| unsafe {
+                    head_avx2::<16>(q, k, v, keys, scale, out)
+                }
+            }
+            _ => {}
+        }
     }
     let _ = hd;
     head_portable
@@ -224,11 +242,10 @@ impl Block {
         linear(&attn.qkv, &s.h, &mut s.qkv, |v| v)?;
         // This position's keys and values into the cache buffers, (rows, heads, 1, hd).
         let part = |i: usize| -> Result<Tensor> {
-            let v: Vec<f32> = s
-                .qkv
-                .chunks_exact(3 * d)
-                .flat_map(|r| r[i * d..(i + 1) * d].iter().copied())
-                .collect();
+            let mut v = Vec::with_capacity(rows * d);
+            for r in s.qkv.chunks_exact(3 * d) {
+                v.extend_from_slice(&r[i * d..(i + 1) * d]);
+            }
             Tensor::from_vec(v, (rows, h, 1, hd), &candle_core::Device::Cpu)
         };
         let (kb, vb) = store(slot, &part(1)?, &part(2)?, past, capacity)?;
@@ -320,7 +337,7 @@ mod tests {
     #[test]
     fn attention_heads_agree_with_the_portable_one() {
         let mut rng = crate::rng::Rng::new(7);
-        for hd in [8, 24, 64, 128] {
+        for hd in [16, 24, 32, 64, 128] {
             let capacity = 40;
             let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
             let (q, k, v) = (draw(hd), draw(capacity * hd), draw(capacity * hd));
