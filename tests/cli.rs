@@ -112,6 +112,9 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
         ] {
             pos(d, k);
         }
+        for k in ["copy_gb_per_s", "matmul_gflop_per_s"] {
+            pos(&d["ceilings"], k);
+        }
         // tiny: 32 caption + 64 image positions; 2 timed without the cache, first and last.
         assert_eq!(d["recompute_positions"], serde_json::json!([32, 95]));
     }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// What this machine can do at most, measured now.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Ceilings {
     /// Bytes read plus bytes written per second by a multi-threaded copy of `copy_bytes`.
     pub copy_gb_per_s: f64,
@@ -75,6 +75,15 @@ fn matmul_rate(n: usize) -> Result<f64> {
 }
 
 impl Ceilings {
+    /// The higher copy rate and the higher matmul rate of two measurements: the stricter floor.
+    pub fn strictest(&self, other: &Ceilings) -> Ceilings {
+        Ceilings {
+            copy_gb_per_s: self.copy_gb_per_s.max(other.copy_gb_per_s),
+            matmul_gflop_per_s: self.matmul_gflop_per_s.max(other.matmul_gflop_per_s),
+            ..self.clone()
+        }
+    }
+
     pub fn measure() -> Result<Self> {
         let (copy_bytes, matmul_n, threads) = (512 << 20, 2048, threads());
         Ok(Ceilings {

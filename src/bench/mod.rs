@@ -54,6 +54,11 @@ pub struct DecodeRow {
     pub middle_floor_fraction: f64,
     /// Peak resident memory from opening the session to the end of its measurements.
     pub peak_rss_mb: Option<f64>,
+    /// The ceilings this row's floor uses: measured just before and just after the row, the
+    /// higher of each (the stricter floor). The machine's speed drifts 20–30% over minutes, so
+    /// a floor from ceilings measured at the start of the run would compare each row with the
+    /// machine of another moment.
+    pub ceilings: Ceilings,
 }
 
 fn probe_ids(m: &Manifest, batch: usize) -> Vec<i64> {
@@ -104,12 +109,28 @@ fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
     }
 }
 
-/// Measure one session at one batch size.
+impl DecodeRow {
+    /// The roofline floor of every image step at `ceilings`, and the measured steps against it.
+    pub fn set_floor(&mut self, m: &Manifest, ceilings: &Ceilings) {
+        let (t, s) = (m.geometry.text_len, m.max_seq());
+        let floors: Vec<f64> = (t..s)
+            .map(|p| decode_step_cost(m, self.batch, p).floor_s(ceilings))
+            .collect();
+        self.decode_floor_s = floors.iter().sum();
+        self.decode_floor_fraction = self.decode_floor_s / (self.transformer_s - self.prefill_s);
+        self.middle_floor_s = floors[(s - t) / 2];
+        self.middle_floor_fraction = self.middle_floor_s / self.middle_step_s;
+        self.ceilings = ceilings.clone();
+    }
+}
+
+/// Measure one session at one batch size; the floor is left at zero for
+/// [`DecodeRow::set_floor`] with the ceilings measured next to the row.
 pub fn measure(
     session: &dyn Session,
     batch: usize,
     recompute: usize,
-    ceilings: &Ceilings,
+    passes: usize,
 ) -> Result<DecodeRow> {
     let m = session.manifest();
     let (t, s) = (m.geometry.text_len, m.max_seq());
@@ -123,17 +144,27 @@ pub fn measure(
     session.forward(&text, batch, &mut cache)?;
     session.forward(&columns(&ids, s, t, t + 1), batch, &mut cache)?;
 
-    let mut cache = KvCache::new(m, batch);
-    let start = Instant::now();
-    session.forward(&text, batch, &mut cache)?;
-    let prefill_s = start.elapsed().as_secs_f64();
-    let mut steps = Vec::with_capacity(n);
-    for p in t..s {
-        let step = columns(&ids, s, p, p + 1);
+    // The fastest of `passes` cached decodes: on a shared machine a pass only ever gets slower
+    // than the code is, by whatever else runs at that moment.
+    let mut best: Option<(f64, Vec<f64>)> = None;
+    for _ in 0..passes.max(1) {
+        let mut cache = KvCache::new(m, batch);
         let start = Instant::now();
-        session.forward(&step, batch, &mut cache)?;
-        steps.push(start.elapsed().as_secs_f64());
+        session.forward(&text, batch, &mut cache)?;
+        let prefill_s = start.elapsed().as_secs_f64();
+        let mut steps = Vec::with_capacity(n);
+        for p in t..s {
+            let step = columns(&ids, s, p, p + 1);
+            let start = Instant::now();
+            session.forward(&step, batch, &mut cache)?;
+            steps.push(start.elapsed().as_secs_f64());
+        }
+        let total = |(p, steps): &(f64, Vec<f64>)| p + steps.iter().sum::<f64>();
+        if best.as_ref().is_none_or(|b| total(&(prefill_s, steps.clone())) < total(b)) {
+            best = Some((prefill_s, steps));
+        }
     }
+    let (prefill_s, steps) = best.expect("at least one pass");
     let transformer_s = prefill_s + steps.iter().sum::<f64>();
 
     let codes: Vec<i64> = ids
@@ -158,18 +189,12 @@ pub fn measure(
     }
     let no_cache_transformer_s = prefill_s + (t..s).map(|p| interpolate(&points, p)).sum::<f64>();
 
-    let floors: Vec<f64> = (t..s)
-        .map(|p| decode_step_cost(m, batch, p).floor_s(ceilings))
-        .collect();
-    let decode_floor_s: f64 = floors.iter().sum();
-    let middle_step_s = window(&steps, n / 2);
-    let middle_floor_s = floors[n / 2];
     Ok(DecodeRow {
         runtime: session.name().to_string(),
         batch,
         prefill_s,
         first_step_s: window(&steps, 0),
-        middle_step_s,
+        middle_step_s: window(&steps, n / 2),
         last_step_s: window(&steps, n - 1),
         transformer_s,
         dvae_decode_s,
@@ -178,11 +203,12 @@ pub fn measure(
         no_cache_transformer_s,
         recompute_positions: positions,
         kv_cache_speedup: no_cache_transformer_s / transformer_s,
-        decode_floor_s,
-        decode_floor_fraction: decode_floor_s / (transformer_s - prefill_s),
-        middle_floor_s,
-        middle_floor_fraction: middle_floor_s / middle_step_s,
+        decode_floor_s: 0.0,
+        decode_floor_fraction: 0.0,
+        middle_floor_s: 0.0,
+        middle_floor_fraction: 0.0,
         peak_rss_mb: None,
+        ceilings: Ceilings::default(),
     })
 }
 
@@ -220,6 +246,8 @@ pub struct BenchOptions {
     pub batches: Vec<usize>,
     /// Image positions timed without the KV cache (at least 2: the first and the last).
     pub recompute_positions: usize,
+    /// Cached decodes of the image per row; the fastest is reported (at least 1).
+    pub passes: usize,
     /// Batch of the training-step timings; 0 skips them.
     pub train_batch: usize,
     pub train_reps: usize,
@@ -292,12 +320,22 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 "{} batch {batch}: decoding one image, then recomputing",
                 kind.name()
             ));
+            // The ceilings next to the row (outside its peak-memory window: the copy's buffers
+            // are 1 GiB).
+            let before = Ceilings::measure()?;
             let reset = machine::reset_peak_rss();
-            let mut row = measure(session.as_ref(), batch, opts.recompute_positions, &ceilings)?;
+            let mut row = measure(
+                session.as_ref(),
+                batch,
+                opts.recompute_positions,
+                opts.passes,
+            )?;
             row.peak_rss_mb = reset
                 .then(crate::util::peak_rss_bytes)
                 .flatten()
                 .map(|b| b as f64 / (1 << 20) as f64);
+            let after = Ceilings::measure()?;
+            row.set_floor(&manifest, &before.strictest(&after));
             decode.push(row);
         }
     }
@@ -312,7 +350,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 &cfg,
                 &opts.batches,
                 (0, opts.train_reps),
-                machine::threads(),
+                (opts.passes, machine::threads()),
             )?)
         }
         None => None,
@@ -451,13 +489,13 @@ pub fn table(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n| runtime | batch | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | peak RSS MB |"
+        "\n| runtime | batch | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: GB/s, GFLOP/s | peak RSS MB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for d in &r.decode {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {:.0}% / {:.0}% | {} |",
+            "| {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {:.0}% / {:.0}% | {:.1}, {:.1} | {} |",
             d.runtime,
             d.batch,
             ms(d.prefill_s),
@@ -473,6 +511,8 @@ pub fn table(r: &BenchReport) -> String {
             ms(d.middle_floor_s),
             100.0 * d.middle_floor_fraction,
             100.0 * d.decode_floor_fraction,
+            d.ceilings.copy_gb_per_s,
+            d.ceilings.matmul_gflop_per_s,
             d.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
         );
     }

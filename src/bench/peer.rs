@@ -81,7 +81,7 @@ fn command(
     cfg: &Config,
     batches: &[usize],
     (train_batch, train_reps): (usize, usize),
-    threads: usize,
+    (passes, threads): (usize, usize),
 ) -> std::process::Command {
     let g = &cfg.geometry;
     let t = &cfg.transformer;
@@ -107,6 +107,7 @@ fn command(
         ("--train-batch", train_batch.to_string()),
         ("--train-reps", train_reps.max(1).to_string()),
         ("--threads", threads.to_string()),
+        ("--passes", passes.max(1).to_string()),
         ("--batch", batch),
     ];
     let mut cmd = std::process::Command::new(python);
@@ -124,10 +125,10 @@ pub fn run(
     cfg: &Config,
     batches: &[usize],
     train: (usize, usize),
-    threads: usize,
+    (passes, threads): (usize, usize),
 ) -> Result<PeerReport> {
     check(python)?;
-    let mut cmd = command(python, cfg, batches, train, threads);
+    let mut cmd = command(python, cfg, batches, train, (passes, threads));
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -188,7 +189,7 @@ impl PeerTrainer {
     pub fn start(python: &Path, cfg: &Config, batch: usize, threads: usize) -> Result<Self> {
         use std::process::Stdio;
         check(python)?;
-        let mut child = command(python, cfg, &[], (batch, 1), threads)
+        let mut child = command(python, cfg, &[], (batch, 1), (1, threads))
             .arg("--serve-train")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
