@@ -296,6 +296,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     if let Some(py) = &opts.peer_python {
         peer::check(py)?;
     }
+    // A missing ONNX Runtime library is an error now rather than minutes into the run.
+    use dalle_runtimes::RuntimeKind;
+    if opts.runtimes.iter().any(|k| *k != RuntimeKind::Candle && *k != RuntimeKind::Tract) {
+        dalle_runtimes::ort::find_library()?;
+    }
     progress("measuring the machine's ceilings (memory copy, f32 matmul)");
     let ceilings = Ceilings::measure()?;
     let model = match &opts.model {
