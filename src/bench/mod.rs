@@ -160,7 +160,10 @@ pub fn measure(
             steps.push(start.elapsed().as_secs_f64());
         }
         let total = |(p, steps): &(f64, Vec<f64>)| p + steps.iter().sum::<f64>();
-        if best.as_ref().is_none_or(|b| total(&(prefill_s, steps.clone())) < total(b)) {
+        if best
+            .as_ref()
+            .is_none_or(|b| total(&(prefill_s, steps.clone())) < total(b))
+        {
             best = Some((prefill_s, steps));
         }
     }
@@ -298,7 +301,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     }
     // A missing ONNX Runtime library is an error now rather than minutes into the run.
     use dalle_runtimes::RuntimeKind;
-    if opts.runtimes.iter().any(|k| *k != RuntimeKind::Candle && *k != RuntimeKind::Tract) {
+    if opts
+        .runtimes
+        .iter()
+        .any(|k| *k != RuntimeKind::Candle && *k != RuntimeKind::Tract)
+    {
         dalle_runtimes::ort::find_library()?;
     }
     progress("measuring the machine's ceilings (memory copy, f32 matmul)");
@@ -496,7 +503,10 @@ pub fn table(r: &BenchReport) -> String {
         s,
         "\n| runtime | batch | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: GB/s, GFLOP/s | peak RSS MB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for d in &r.decode {
         let _ = writeln!(
             s,

@@ -846,12 +846,13 @@ mod tests {
     /// The fused channel-major convolution equals ReLU + candle's `conv2d` + bias on the same
     /// data in (b, c, h, w), values and the gradients of input, weight and bias, for every kernel
     /// size the dVAE uses, with and without the ReLU, on both paths: a width that is not a
-    /// multiple of 8 (im2col + gemm) and one that is (the direct kernels where the CPU has AVX2,
-    /// with output channels, pixels and (channel, tap) pairs that leave partial register tiles).
+    /// multiple of 8 (im2col + gemm) and ones that are (the direct kernels where the CPU has AVX2,
+    /// the AVX-512 forward kernel for widths that are a multiple of 16 where it has AVX-512, with
+    /// output channels, pixels and (channel, tap) pairs that leave partial register tiles).
     #[test]
     fn channel_major_conv_matches_candles_conv2d_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        for (c, n_out, h, w) in [(3, 4, 6, 5), (5, 7, 3, 16), (2, 3, 9, 8)] {
+        for (c, n_out, h, w) in [(3, 4, 6, 5), (5, 7, 3, 16), (2, 3, 9, 8), (3, 13, 4, 32)] {
             for k in [1, 3, 7] {
                 for relu in [false, true] {
                     let pad = (k - 1) / 2;
