@@ -171,4 +171,23 @@ mod tests {
         );
         assert_eq!(decode_step_cost(&m, 4, t).flops, 4.0 * first.flops);
     }
+
+    #[test]
+    fn a_rows_floor_uses_the_higher_of_each_ceiling_around_it() {
+        let at = |copy_gb_per_s, matmul_gflop_per_s| Ceilings {
+            copy_gb_per_s,
+            matmul_gflop_per_s,
+            ..Ceilings::default()
+        };
+        let c = at(40.0, 210.0).strictest(&at(45.0, 190.0));
+        assert_eq!((c.copy_gb_per_s, c.matmul_gflop_per_s), (45.0, 210.0));
+        // The stricter ceilings give a floor no longer than either measurement's.
+        let cost = StepCost {
+            bytes: 1e8,
+            flops: 1e9,
+        };
+        for one in [at(40.0, 210.0), at(45.0, 190.0)] {
+            assert!(cost.floor_s(&c) <= cost.floor_s(&one));
+        }
+    }
 }
