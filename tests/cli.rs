@@ -170,6 +170,7 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
 
     fails(&["bench", "--batch", "0"], "at least 1");
     fails(&["bench", "--grid", "0"], "at least 1");
+    fails(&["bench", "--passes", "0"], "--passes must be at least 1");
     fails(&["bench", "--runtimes", "nope"], "unknown runtime `nope`");
     fails(
         &[

@@ -290,6 +290,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             "--batch sizes must be at least 1".into(),
         ));
     }
+    if opts.passes == 0 {
+        return Err(crate::Error::Usage("--passes must be at least 1".into()));
+    }
     if opts.grid == Some(0) {
         return Err(crate::Error::Usage("--grid must be at least 1".into()));
     }
