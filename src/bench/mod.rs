@@ -146,7 +146,7 @@ pub fn measure(
 
     // The fastest of `passes` cached decodes: on a shared machine a pass only ever gets slower
     // than the code is, by whatever else runs at that moment.
-    let mut best: Option<(f64, Vec<f64>)> = None;
+    let mut best: Option<(f64, f64, Vec<f64>)> = None;
     for _ in 0..passes.max(1) {
         let mut cache = KvCache::new(m, batch);
         let start = Instant::now();
@@ -159,16 +159,12 @@ pub fn measure(
             session.forward(&step, batch, &mut cache)?;
             steps.push(start.elapsed().as_secs_f64());
         }
-        let total = |(p, steps): &(f64, Vec<f64>)| p + steps.iter().sum::<f64>();
-        if best
-            .as_ref()
-            .is_none_or(|b| total(&(prefill_s, steps.clone())) < total(b))
-        {
-            best = Some((prefill_s, steps));
+        let total = prefill_s + steps.iter().sum::<f64>();
+        if best.as_ref().is_none_or(|b| total < b.0) {
+            best = Some((total, prefill_s, steps));
         }
     }
-    let (prefill_s, steps) = best.expect("at least one pass");
-    let transformer_s = prefill_s + steps.iter().sum::<f64>();
+    let (transformer_s, prefill_s, steps) = best.expect("at least one pass");
 
     let codes: Vec<i64> = ids
         .chunks(s)
@@ -303,12 +299,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         peer::check(py)?;
     }
     // A missing ONNX Runtime library is an error now rather than minutes into the run.
-    use dalle_runtimes::RuntimeKind;
-    if opts
-        .runtimes
-        .iter()
-        .any(|k| *k != RuntimeKind::Candle && *k != RuntimeKind::Tract)
-    {
+    use dalle_runtimes::RuntimeKind::{Cuda, Ort, Trt};
+    if opts.runtimes.iter().any(|k| matches!(k, Ort | Cuda | Trt)) {
         dalle_runtimes::ort::find_library()?;
     }
     progress("measuring the machine's ceilings (memory copy, f32 matmul)");
@@ -326,6 +318,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;
     let cfg = crate::runtime::config_of(&manifest);
     let mut decode = vec![];
+    // The ceilings measured after a row are the next row's "before" (only a session opening
+    // lies between them).
+    let mut around: Option<Ceilings> = None;
     for &kind in &opts.runtimes {
         progress(&format!("opening {}", kind.name()));
         let session =
@@ -337,7 +332,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             ));
             // The ceilings next to the row (outside its peak-memory window: the copy's buffers
             // are 1 GiB).
-            let before = Ceilings::measure()?;
+            let before = match around.take() {
+                Some(c) => c,
+                None => Ceilings::measure()?,
+            };
             let reset = machine::reset_peak_rss();
             let mut row = measure(
                 session.as_ref(),
@@ -351,6 +349,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 .map(|b| b as f64 / (1 << 20) as f64);
             let after = Ceilings::measure()?;
             row.set_floor(&manifest, &before.strictest(&after));
+            around = Some(after);
             decode.push(row);
         }
     }

@@ -327,7 +327,7 @@ pub(crate) fn forward(
                         if wide {
                             tile_forward_wide(band.as_ptr(), &pos, &offs, wt, init, out, epi);
                         } else {
-                            let init = [init[0], init[1], init[2]];
+                            let init: [f32; MR] = std::array::from_fn(|i| init[i]);
                             tile_forward(band.as_ptr(), &pos, &offs, wt, init, out, epi);
                         }
                     }
