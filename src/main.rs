@@ -292,10 +292,15 @@ struct BenchArgs {
     /// Image positions timed without the KV cache (evenly spaced; the rest interpolated).
     #[arg(long, default_value_t = 3)]
     recompute_positions: usize,
-    /// Times each image is decoded with the KV cache, ours and the peer's; the fastest pass is
-    /// reported (the machine's ceilings are likewise the best of several tries).
+    /// Times each image is decoded with the KV cache, at least (more until --decode-seconds
+    /// have passed, up to 10× this): the fastest pass gives the whole-image figures and each
+    /// position's fastest step the step times, as the machine's ceilings are the best of
+    /// several tries. The peer's generation is the fastest of this many passes.
     #[arg(long, default_value_t = 3)]
     passes: usize,
+    /// Seconds each runtime × batch row keeps decoding after its --passes (see there).
+    #[arg(long, default_value_t = 10.0)]
+    decode_seconds: f64,
     /// Batch of the training-step timings of both stages; 0 skips them.
     #[arg(long, default_value_t = 8)]
     train_batch: usize,
@@ -329,6 +334,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         batches: a.batch,
         recompute_positions: a.recompute_positions,
         passes: a.passes,
+        decode_seconds: a.decode_seconds,
         train_batch: a.train_batch,
         train_reps: a.train_reps,
         peer_python: a

@@ -57,6 +57,8 @@ fn info_prints_presets_and_rejects_unknown_ones() {
 fn bench_reports_decode_roofline_cache_and_training_figures() {
     let json = ok(&[
         "bench",
+        "--decode-seconds",
+        "0",
         "--preset",
         "tiny",
         "--runtimes",
@@ -109,9 +111,17 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
             "decode_floor_fraction",
             "middle_floor_fraction",
             "peak_rss_mb",
+            "steps_s",
         ] {
             pos(d, k);
         }
+        // Each position's fastest step over the passes sums to at most the fastest pass's.
+        let fastest_pass = d["transformer_s"].as_f64().unwrap() - d["prefill_s"].as_f64().unwrap();
+        assert!(
+            d["steps_s"].as_f64().unwrap() <= fastest_pass * (1.0 + 1e-9),
+            "{d}"
+        );
+        assert!(d["passes"].as_u64().unwrap() >= 1, "{d}");
         for k in ["copy_gb_per_s", "matmul_gflop_per_s"] {
             pos(&d["ceilings"], k);
         }
@@ -127,6 +137,8 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
     let table = ok(&[
         "bench",
+        "--decode-seconds",
+        "0",
         "--model",
         p(&model),
         "--runtimes",
@@ -147,6 +159,8 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     // Another grid for the preset: 4×4 image tokens after tiny's 32 caption positions.
     let json = ok(&[
         "bench",
+        "--decode-seconds",
+        "0",
         "--preset",
         "tiny",
         "--grid",
@@ -171,6 +185,10 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     fails(&["bench", "--batch", "0"], "at least 1");
     fails(&["bench", "--grid", "0"], "at least 1");
     fails(&["bench", "--passes", "0"], "--passes must be at least 1");
+    fails(
+        &["bench", "--decode-seconds=-1"],
+        "--decode-seconds must be a number of seconds, 0 or more",
+    );
     fails(&["bench", "--runtimes", "nope"], "unknown runtime `nope`");
     fails(
         &[
@@ -225,6 +243,8 @@ fn bench_alternates_training_steps_with_the_peer() {
     let args = |python: &Path| -> Vec<String> {
         [
             "bench",
+            "--decode-seconds",
+            "0",
             "--preset",
             "tiny",
             "--runtimes",
