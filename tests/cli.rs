@@ -78,7 +78,7 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
         let x = v[k].as_f64().unwrap_or(f64::NAN);
         assert!(x.is_finite() && x > 0.0, "{k} = {x} in {v}");
     };
-    for k in ["copy_gb_per_s", "matmul_gflop_per_s"] {
+    for k in ["copy_gb_per_s", "read_gb_per_s", "matmul_gflop_per_s"] {
         pos(&r["ceilings"], k);
     }
     let rows = r["decode"].as_array().unwrap();
@@ -122,7 +122,7 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
             "{d}"
         );
         assert!(d["passes"].as_u64().unwrap() >= 1, "{d}");
-        for k in ["copy_gb_per_s", "matmul_gflop_per_s"] {
+        for k in ["copy_gb_per_s", "read_gb_per_s", "matmul_gflop_per_s"] {
             pos(&d["ceilings"], k);
         }
         // tiny: 32 caption + 64 image positions; 2 timed without the cache, first and last.

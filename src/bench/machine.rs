@@ -11,6 +11,11 @@ use std::time::Instant;
 pub struct Ceilings {
     /// Bytes read plus bytes written per second by a multi-threaded copy of `copy_bytes`.
     pub copy_gb_per_s: f64,
+    /// Bytes read per second by a multi-threaded pass over the copy's source (a sum), shown
+    /// beside the copy but not used by the floor, which the copy sets. A decoding step at batch
+    /// 1 is such a pass over the weights; where other tenants load the machine's memory path,
+    /// reading alone can fall below a copy's read + write rate (see bench/NOTES.md).
+    pub read_gb_per_s: f64,
     pub copy_bytes: usize,
     /// f32 matmul rate of candle's CPU kernel on an `matmul_n`³ product.
     pub matmul_gflop_per_s: f64,
@@ -34,10 +39,11 @@ pub fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-/// Copy bandwidth (read + write) of `bytes` split over `threads` threads, best of 5. Both
-/// buffers are in huge pages, as the candle runtime keeps its weights: in 4 KiB pages this
-/// machine's copy measured 28–42 GB/s from run to run, in huge pages 41–44.
-fn copy_bandwidth(bytes: usize, threads: usize) -> Result<f64> {
+/// Copy bandwidth (read + write) of `bytes` split over `threads` threads, and the read
+/// bandwidth of a pass over the source, best of 5 each. Both buffers are in huge pages, as the
+/// candle runtime keeps its weights: in 4 KiB pages this machine's copy measured 28–42 GB/s
+/// from run to run, in huge pages 41–44.
+fn memory_bandwidth(bytes: usize, threads: usize) -> Result<(f64, f64)> {
     let n = bytes / 4;
     let (mut src, s0) = crate::util::huge_page_buffer(n);
     src.extend((0..n).map(|i| i as f32));
@@ -58,7 +64,28 @@ fn copy_bandwidth(bytes: usize, threads: usize) -> Result<f64> {
     copy()?;
     let secs = best_of(5, copy)?;
     std::hint::black_box(&dst);
-    Ok(2.0 * (n * 4) as f64 / secs / 1e9)
+    let read_secs = best_of(5, || {
+        std::thread::scope(|s| {
+            for c in src.chunks(chunk) {
+                s.spawn(move || std::hint::black_box(lane_sum(c)));
+            }
+        });
+        Ok(())
+    })?;
+    Ok((
+        2.0 * (n * 4) as f64 / secs / 1e9,
+        (n * 4) as f64 / read_secs / 1e9,
+    ))
+}
+
+/// Σ of `v` in 16 independent lanes (which the compiler keeps in vector registers).
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut rows = v.chunks_exact(16);
+    for r in &mut rows {
+        acc.iter_mut().zip(r).for_each(|(a, &x)| *a += x);
+    }
+    acc.iter().sum::<f32>() + rows.remainder().iter().sum::<f32>()
 }
 
 /// f32 matmul rate of an n×n by n×n product, best of 3.
@@ -79,6 +106,7 @@ impl Ceilings {
     pub fn strictest(&self, other: &Ceilings) -> Ceilings {
         Ceilings {
             copy_gb_per_s: self.copy_gb_per_s.max(other.copy_gb_per_s),
+            read_gb_per_s: self.read_gb_per_s.max(other.read_gb_per_s),
             matmul_gflop_per_s: self.matmul_gflop_per_s.max(other.matmul_gflop_per_s),
             ..self.clone()
         }
@@ -86,8 +114,10 @@ impl Ceilings {
 
     pub fn measure() -> Result<Self> {
         let (copy_bytes, matmul_n, threads) = (512 << 20, 2048, threads());
+        let (copy_gb_per_s, read_gb_per_s) = memory_bandwidth(copy_bytes, threads)?;
         Ok(Ceilings {
-            copy_gb_per_s: copy_bandwidth(copy_bytes, threads)?,
+            copy_gb_per_s,
+            read_gb_per_s,
             copy_bytes,
             matmul_gflop_per_s: matmul_rate(matmul_n)?,
             matmul_n,

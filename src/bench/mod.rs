@@ -536,16 +536,17 @@ pub fn table(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "machine: {} threads; memory copy {:.1} GB/s (read + write, {} MiB); f32 matmul {:.1} GFLOP/s ({}³)",
+        "machine: {} threads; memory copy {:.1} GB/s (read + write, {} MiB; reading alone {:.1}); f32 matmul {:.1} GFLOP/s ({}³)",
         c.threads,
         c.copy_gb_per_s,
         c.copy_bytes >> 20,
+        c.read_gb_per_s,
         c.matmul_gflop_per_s,
         c.matmul_n
     );
     let _ = writeln!(
         s,
-        "\nStep times are each position's fastest over the row's passes (the machine's ceilings are\nlikewise the best of several tries); the whole-image figures are the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: GB/s, GFLOP/s | peak RSS MB |"
+        "\nStep times are each position's fastest over the row's passes (the machine's ceilings are\nlikewise the best of several tries); the whole-image figures are the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
     );
     let _ = writeln!(
         s,
@@ -554,7 +555,7 @@ pub fn table(r: &BenchReport) -> String {
     for d in &r.decode {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {:.0}% / {:.0}% | {:.1}, {:.1} | {} |",
+            "| {} | {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {:.0}% / {:.0}% | {:.1} ({:.1}), {:.1} | {} |",
             d.runtime,
             d.batch,
             d.passes,
@@ -572,6 +573,7 @@ pub fn table(r: &BenchReport) -> String {
             100.0 * d.middle_floor_fraction,
             100.0 * d.decode_floor_fraction,
             d.ceilings.copy_gb_per_s,
+            d.ceilings.read_gb_per_s,
             d.ceilings.matmul_gflop_per_s,
             d.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
         );
