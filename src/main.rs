@@ -125,7 +125,9 @@ enum Command {
         /// ONNX opset (17 to 21).
         #[arg(long, default_value_t = 17)]
         opset: i64,
-        /// Half-precision weights and computation, for GPU runtimes (inputs and outputs stay f32).
+        /// Half-precision weights and computation (inputs and outputs stay f32), for GPU
+        /// runtimes; the candle runtime also streams them as f16 when decoding up to 4 images at
+        /// a time on the CPU (half the bytes of each step).
         #[arg(long)]
         fp16: bool,
         /// Replace an existing output directory.
@@ -283,6 +285,10 @@ struct BenchArgs {
     /// e.g. `--preset small --grid 32` for a 32×32-token image.
     #[arg(long, conflicts_with = "model")]
     grid: Option<usize>,
+    /// Export the preset's random weights in f16, as `dalle export --fp16` does (the floor
+    /// then counts 2 bytes a weight).
+    #[arg(long, conflicts_with = "model")]
+    fp16: bool,
     /// Comma-separated runtimes (candle, tract, ort; cuda and trt where a GPU is present).
     #[arg(long, value_delimiter = ',', default_value = "candle,tract")]
     runtimes: Vec<String>,
@@ -330,6 +336,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         model: a.model,
         preset: a.preset,
         grid: a.grid,
+        dtype: if a.fp16 {
+            dalle_runtimes::Dtype::F16
+        } else {
+            dalle_runtimes::Dtype::F32
+        },
         runtimes,
         batches: a.batch,
         recompute_positions: a.recompute_positions,

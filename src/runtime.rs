@@ -75,7 +75,7 @@ fn weights(
     // The transformer's weights on the CPU: views into one buffer in huge pages, which a
     // decoding step streams through once per token (see `util::huge_page_buffer`).
     let total = w.values().map(|w| w.data.len()).sum();
-    let (mut all, skip) = crate::util::huge_page_buffer(total);
+    let (mut all, skip) = crate::util::huge_page_buffer::<f32>(total);
     let mut at = Vec::with_capacity(w.len());
     for (name, w) in w {
         at.push((name, all.len(), w.data.len(), w.dims));
@@ -157,8 +157,15 @@ impl CandleSession {
             .map_err(|e| load(names::DVAE_ENCODER, e))?;
         let decoder = Decoder::new(&cfg.vae, vb(names::DVAE_DECODER)?)
             .map_err(|e| load(names::DVAE_DECODER, e))?;
-        let transformer = Transformer::new(&cfg, vb(names::TRANSFORMER)?)
+        let mut transformer = Transformer::new(&cfg, vb(names::TRANSFORMER)?)
             .map_err(|e| load(names::TRANSFORMER, e))?;
+        // Weights exported in f16 (widened to f32 on loading) are streamed as f16 by decoding
+        // steps at batch ≤ 4: the same values, half the bytes of the pass that is the step.
+        if manifest.dtype == dalle_runtimes::Dtype::F16 && device.is_cpu() {
+            transformer
+                .keep_f16_weights()
+                .map_err(|e| load(names::TRANSFORMER, e))?;
+        }
         Ok(CandleSession {
             manifest,
             device: device.clone(),

@@ -11,23 +11,24 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Bytes of a transparent huge page on x86-64 and aarch64 Linux.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// An f32 buffer with room for `len` values after `skip` leading zeros, where `skip` (< 2 MiB)
+/// A buffer with room for `len` values after `skip` leading default values (zeros), where `skip` (< 2 MiB)
 /// puts the values' start on a huge-page boundary and the kernel is asked (Linux
 /// `madvise(MADV_HUGEPAGE)`, which needs no privileges where transparent huge pages are in
 /// `madvise` mode) to back them with 2 MiB pages. A pass over 170 MB of weights in 4 KiB pages
 /// ends each hardware prefetch stream at every page and walks the page table every 4 KiB: a
 /// decoding step's weight pass measured 25–30 GB/s in 4 KiB pages, 33–55 GB/s in huge pages.
 /// Elsewhere the advice is skipped and the buffer is an ordinary one.
-pub fn huge_page_buffer(len: usize) -> (Vec<f32>, usize) {
-    let spare = HUGE_PAGE / std::mem::size_of::<f32>();
-    let mut v: Vec<f32> = Vec::with_capacity(len + spare);
+pub fn huge_page_buffer<T: Copy + Default>(len: usize) -> (Vec<T>, usize) {
+    let size = std::mem::size_of::<T>().max(1);
+    let spare = HUGE_PAGE / size;
+    let mut v: Vec<T> = Vec::with_capacity(len + spare);
     let addr = v.as_ptr() as usize;
     let start = addr.next_multiple_of(HUGE_PAGE);
-    let skip = (start - addr) / std::mem::size_of::<f32>();
+    let skip = (start - addr) / size;
     #[cfg(target_os = "linux")]
     {
-        let end = (addr + (len + skip) * std::mem::size_of::<f32>()).next_multiple_of(HUGE_PAGE);
-        let capacity_end = addr + v.capacity() * std::mem::size_of::<f32>();
+        let end = (addr + (len + skip) * size).next_multiple_of(HUGE_PAGE);
+        let capacity_end = addr + v.capacity() * size;
         // Only whole pages inside the allocation: the last huge page may reach past its end.
         let end = if end > capacity_end {
             end - HUGE_PAGE
@@ -46,7 +47,7 @@ pub fn huge_page_buffer(len: usize) -> (Vec<f32>, usize) {
             }
         }
     }
-    v.resize(skip, 0.0);
+    v.resize(skip, T::default());
     (v, skip)
 }
 

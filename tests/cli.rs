@@ -156,7 +156,8 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     );
     assert!(table.contains("| tract | 1 |"), "{table}");
 
-    // Another grid for the preset: 4×4 image tokens after tiny's 32 caption positions.
+    // Another grid for the preset: 4×4 image tokens after tiny's 32 caption positions; the
+    // weights exported in f16 (candle streams them as such at batch 1).
     let json = ok(&[
         "bench",
         "--decode-seconds",
@@ -165,8 +166,9 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
         "tiny",
         "--grid",
         "4",
+        "--fp16",
         "--runtimes",
-        "tract",
+        "candle,tract",
         "--batch",
         "1",
         "--recompute-positions",
@@ -177,6 +179,7 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
     ]);
     let r: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(r["image_tokens"], 16, "{r}");
+    assert_eq!(r["dtype"], "f16", "{r}");
     assert_eq!(
         r["decode"][0]["recompute_positions"],
         serde_json::json!([32, 47])

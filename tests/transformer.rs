@@ -161,6 +161,63 @@ fn cached_decoding_equals_the_full_forward() {
         .is_err());
 }
 
+/// Logits of a prefill of the caption, then one image token per step.
+fn stepped_logits(model: &Transformer, ids: &Tensor, cfg: &Config) -> Tensor {
+    let (t, s) = (cfg.geometry.text_len, cfg.geometry.seq_len());
+    let mut cache = KvCache::new(model.n_layers());
+    let mut parts = vec![model
+        .forward(&ids.narrow(1, 0, t).unwrap(), Some(&mut cache))
+        .unwrap()];
+    for p in t..s {
+        parts.push(
+            model
+                .forward(&ids.narrow(1, p, 1).unwrap(), Some(&mut cache))
+                .unwrap(),
+        );
+    }
+    Tensor::cat(&parts, 1).unwrap()
+}
+
+#[test]
+fn f16_weight_streaming_gives_the_f32_logits_exactly() {
+    // d_model 40: rows of 40 values take the vector kernel's tail as well.
+    for d in [32, 40] {
+        let mut cfg = micro();
+        cfg.transformer.d_model = d;
+        cfg.validate().unwrap();
+        let (vm, model) = build(&cfg, 4);
+        let mut halved = model.clone();
+        halved.keep_f16_weights().unwrap();
+        let ids = random_ids(1, &cfg, 11);
+        // On weights f16 cannot hold, the steps do read the f16 copy: the logits move.
+        let moved = max_diff(
+            &stepped_logits(&model, &ids, &cfg),
+            &stepped_logits(&halved, &ids, &cfg),
+        );
+        assert!(moved > 0.0, "d_model {d}: the f16 copy was not used");
+        // On weights that are f16 values (an `--fp16` export, widened on loading), the same
+        // logits to the last bit, at batch 1 and 3 (the matrix-vector path).
+        for var in vm.all_vars() {
+            let rounded = var
+                .as_tensor()
+                .to_dtype(DType::F16)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .unwrap();
+            var.set(&rounded).unwrap();
+        }
+        let mut halved = model.clone();
+        halved.keep_f16_weights().unwrap();
+        for b in [1, 3] {
+            let ids = random_ids(b, &cfg, 12 + b as u64);
+            let d = max_diff(
+                &stepped_logits(&model, &ids, &cfg),
+                &stepped_logits(&halved, &ids, &cfg),
+            );
+            assert_eq!(d, 0.0, "d_model {}, batch {b}", cfg.transformer.d_model);
+        }
+    }
+}
+
 #[test]
 fn every_parameter_receives_a_gradient_and_training_lowers_the_loss() {
     let cfg = micro();

@@ -45,10 +45,10 @@ pub fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// from run to run, in huge pages 41–44.
 fn memory_bandwidth(bytes: usize, threads: usize) -> Result<(f64, f64)> {
     let n = bytes / 4;
-    let (mut src, s0) = crate::util::huge_page_buffer(n);
+    let (mut src, s0) = crate::util::huge_page_buffer::<f32>(n);
     src.extend((0..n).map(|i| i as f32));
     let src = &src[s0..];
-    let (mut dst, d0) = crate::util::huge_page_buffer(n);
+    let (mut dst, d0) = crate::util::huge_page_buffer::<f32>(n);
     dst.resize(d0 + n, 0.0);
     let dst = &mut dst[d0..];
     let chunk = n.div_ceil(threads);

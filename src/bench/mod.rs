@@ -271,6 +271,8 @@ pub struct BenchOptions {
     pub preset: String,
     /// Image grid replacing the preset's (e.g. 32 for 32×32 image tokens).
     pub grid: Option<usize>,
+    /// Weights of the preset's export (f16: as `dalle export --fp16`).
+    pub dtype: dalle_runtimes::Dtype,
     pub runtimes: Vec<dalle_runtimes::RuntimeKind>,
     pub batches: Vec<usize>,
     /// Image positions timed without the KV cache (at least 2: the first and the last).
@@ -302,6 +304,8 @@ pub struct Comparison {
 pub struct BenchReport {
     pub model: String,
     pub preset: String,
+    /// The exported weights' precision, which the floor counts the bytes of.
+    pub dtype: dalle_runtimes::Dtype,
     pub transformer_params: usize,
     pub text_len: usize,
     pub image_tokens: usize,
@@ -348,10 +352,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         Some(dir) => model::BenchModel::existing(dir),
         None => {
             progress(&format!(
-                "exporting a random-weight `{}` model",
-                opts.preset
+                "exporting a random-weight `{}` model ({})",
+                opts.preset, opts.dtype
             ));
-            model::BenchModel::random(&opts.preset, 0, opts.grid)?
+            model::BenchModel::random(&opts.preset, 0, opts.grid, opts.dtype)?
         }
     };
     let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;
@@ -452,6 +456,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             |d| d.display().to_string(),
         ),
         preset: manifest.preset.clone(),
+        dtype: manifest.dtype,
         transformer_params: cfg.transformer_params(),
         text_len: manifest.geometry.text_len,
         image_tokens: manifest.geometry.image_tokens(),
@@ -528,9 +533,10 @@ pub fn table(r: &BenchReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "model: {} — {:.1}M transformer parameters, {} text + {} image tokens",
+        "model: {} — {:.1}M transformer parameters in {}, {} text + {} image tokens",
         r.model,
         r.transformer_params as f64 / 1e6,
+        r.dtype,
         r.text_len,
         r.image_tokens
     );

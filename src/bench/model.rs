@@ -33,9 +33,14 @@ impl BenchModel {
     }
 
     /// `preset` with random weights (GPT-2's initialisation for the transformer, the dVAE's own
-    /// initialisation), exported as f32 with the default options; `grid` replaces the preset's
-    /// image grid (the image side scales with it, same pixels per token).
-    pub fn random(preset: &str, seed: u64, grid: Option<usize>) -> Result<Self> {
+    /// initialisation), exported with the default options in `dtype`; `grid` replaces the
+    /// preset's image grid (the image side scales with it, same pixels per token).
+    pub fn random(
+        preset: &str,
+        seed: u64,
+        grid: Option<usize>,
+        dtype: dalle_runtimes::Dtype,
+    ) -> Result<Self> {
         let mut cfg = Config::preset(preset)?;
         if let Some(grid) = grid {
             let g = &mut cfg.geometry;
@@ -85,7 +90,11 @@ impl BenchModel {
             tokenizer,
             sampling: Default::default(),
         };
-        dalle_export::export(&input, &model.dir, &ExportOptions::default(), &mut |_| {})?;
+        let opts = ExportOptions {
+            dtype,
+            ..ExportOptions::default()
+        };
+        dalle_export::export(&input, &model.dir, &opts, &mut |_| {})?;
         Ok(model)
     }
 }

@@ -63,7 +63,7 @@ fn zeroed(shape: (usize, usize, usize, usize), like: &Tensor) -> Result<Tensor> 
         return Tensor::zeros(shape, like.dtype(), like.device());
     }
     let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let (mut v, skip) = crate::util::huge_page_buffer(n);
+    let (mut v, skip) = crate::util::huge_page_buffer::<f32>(n);
     v.resize(skip + n, 0.0);
     Tensor::from_vec(v, skip + n, like.device())?
         .narrow(0, skip, n)?
@@ -132,13 +132,31 @@ use super::ops::{masked_softmax, softmax_last};
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// The weight in f16, for the decoding steps that stream it (see
+    /// [`Transformer::keep_f16_weights`]).
+    half: Option<HalfWeight>,
 }
 
 fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear {
         weight: vb.get((d_out, d_in), "weight")?,
         bias: vb.get(d_out, "bias")?,
+        half: None,
     })
+}
+
+/// One weight matrix's values in IEEE half precision: a run of a buffer shared by all of them.
+#[derive(Clone, Debug)]
+struct HalfWeight {
+    all: std::sync::Arc<Vec<half::f16>>,
+    start: usize,
+    len: usize,
+}
+
+impl HalfWeight {
+    fn get(&self) -> &[half::f16] {
+        &self.all[self.start..self.start + self.len]
+    }
 }
 
 impl Module for Linear {
@@ -295,6 +313,51 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// Keep an f16 copy of every weight matrix (the four of each layer and the head), which
+    /// decoding steps of up to [`super::ops::SMALL_ROWS`] rows on the CPU then stream instead of
+    /// the f32 one: those steps are a pass over the weights, and this halves its bytes. Every
+    /// weight is rounded to f16, so this is for weights that are f16 already — a model exported
+    /// with `--fp16`, which the candle runtime loads widened to f32 — and changes nothing in
+    /// their results. The f32 weights stay for prefill, larger batches and training.
+    pub fn keep_f16_weights(&mut self) -> Result<()> {
+        let mut linears: Vec<&mut Linear> = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| {
+                [
+                    &mut b.attn.qkv,
+                    &mut b.attn.proj,
+                    &mut b.mlp.fc,
+                    &mut b.mlp.proj,
+                ]
+            })
+            .collect();
+        linears.push(&mut self.head);
+        let mut runs = Vec::with_capacity(linears.len());
+        let total = linears.iter().map(|l| l.weight.elem_count()).sum();
+        // In huge pages, as the f32 weights are (see `crate::runtime`).
+        let (mut all, skip) = crate::util::huge_page_buffer::<half::f16>(total);
+        for l in &linears {
+            let w = l
+                .weight
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            runs.push((all.len(), w.len()));
+            all.extend(w.iter().map(|&v| half::f16::from_f32(v)));
+        }
+        debug_assert_eq!(all.len(), skip + total);
+        let all = std::sync::Arc::new(all);
+        for (l, (start, len)) in linears.into_iter().zip(runs) {
+            l.half = Some(HalfWeight {
+                all: all.clone(),
+                start,
+                len,
+            });
+        }
+        Ok(())
+    }
+
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let g = &cfg.geometry;
         let t = &cfg.transformer;

@@ -706,12 +706,83 @@ pub(crate) fn pick_dot() -> Dot {
     crate::kernels::dot
 }
 
+/// A dot product of f32 values with f16 ones.
+pub(crate) type DotF16 = fn(&[f32], &[half::f16]) -> f32;
+
+/// [`dot_avx2_fma`] with `b` in f16, widened by F16C as it is loaded: the same lanes, the
+/// same order of additions, so the same sum as over `b` widened beforehand.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2_fma(a: &[f32], b: &[half::f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (for the loads): i + 32 ≤ n, so every lane read is inside both slices (8 f16 are
+    // the 16 bytes one `_mm_loadu_si128` reads).
+    while i + 32 <= n {
+        for (u, s) in acc.iter_mut().enumerate() {
+            let (x, y) = (
+                _mm256_loadu_ps(pa.add(i + 8 * u)),
+                _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8 * u).cast::<__m128i>())),
+            );
+            *s = _mm256_fmadd_ps(x, y, *s);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    let tail: Vec<f32> = b[i..n].iter().map(|v| v.to_f32()).collect();
+    lanes.iter().sum::<f32>() + crate::kernels::dot(&a[i..n], &tail)
+}
+
+/// The f16 twin of [`pick_dot`]: where F16C is missing, the row is widened first and
+/// [`pick_dot`]'s product taken, so both paths give the f32 kernel's sums.
+pub(crate) fn pick_dot_f16() -> DotF16 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return |a, b| unsafe { dot_f16_avx2_fma(a, b) };
+    }
+    |a, b| {
+        let wide: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        pick_dot()(a, &wide)
+    }
+}
+
 /// `x (m, k) · wᵀ` for `w (n, k)` and few rows `m`, written into `out (m, n)`: each weight row
 /// is read once, straight from memory, and dotted with every row of `x`. The general matmul
 /// kernel packs the whole weight into panels on every call, which for one row reads and writes
 /// it twice more than the product needs: decoding at batch 1 is a pass over the weights.
 pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
     let dot = pick_dot();
+    gemv_rows_by((m, n), out, |j, i| {
+        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
+    });
+}
+
+/// [`gemv_rows`] over weights stored in IEEE half precision (as exported with `--fp16`), each
+/// widened to f32 as it is loaded: half the bytes of the f32 pass, and the same sums (every
+/// f16 is exactly an f32; the kernels add in the same order).
+pub(crate) fn gemv_rows_f16(
+    x: &[f32],
+    w: &[half::f16],
+    (m, n, k): (usize, usize, usize),
+    out: &mut [f32],
+) {
+    let dot = pick_dot_f16();
+    gemv_rows_by((m, n), out, |j, i| {
+        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
+    });
+}
+
+/// `out (m, n)` with `out[i][j] = dot(j, i)`, the weight rows `j` split over the cores.
+fn gemv_rows_by((m, n): (usize, usize), out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
     let mut out_t = vec![0f32; n * m];
     let per = n.div_ceil(4 * crate::util::threads()).max(16);
@@ -721,10 +792,8 @@ pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), 
         .enumerate()
         .for_each(|(c, chunk)| {
             for (jj, o) in chunk.chunks_mut(m.max(1)).enumerate() {
-                let j = c * per + jj;
-                let wr = &w[j * k..(j + 1) * k];
                 for (i, v) in o.iter_mut().enumerate() {
-                    *v = dot(&x[i * k..(i + 1) * k], wr);
+                    *v = dot(c * per + jj, i);
                 }
             }
         });

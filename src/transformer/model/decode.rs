@@ -58,7 +58,10 @@ fn linear(lin: &Linear, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Syn
     let k = w.len() / n.max(1);
     let m = x.len() / k.max(1);
     if m <= ops::SMALL_ROWS {
-        ops::gemv_rows(x, w, (m, n, k), out);
+        match &lin.half {
+            Some(h) => ops::gemv_rows_f16(x, h.get(), (m, n, k), out),
+            None => ops::gemv_rows(x, w, (m, n, k), out),
+        }
         for row in out.chunks_exact_mut(n) {
             row.iter_mut().zip(b).for_each(|(o, &bv)| *o = f(*o + bv));
         }
