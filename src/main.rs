@@ -299,9 +299,9 @@ struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     recompute_positions: usize,
     /// Times each image is decoded with the KV cache, at least (more until --decode-seconds
-    /// have passed, up to 10× this): the fastest pass gives the whole-image figures and each
-    /// position's fastest step the step times, as the machine's ceilings are the best of
-    /// several tries. The peer's generation is the fastest of this many passes.
+    /// have passed, up to 10× this), each pass with the memory rates measured around it: the
+    /// fastest pass gives the whole-image figures, the pass nearest the floor of its own moment
+    /// the step times and floor. The peer's generation is the fastest of this many passes.
     #[arg(long, default_value_t = 3)]
     passes: usize,
     /// Seconds each runtime × batch row keeps decoding after its --passes (see there).

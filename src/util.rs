@@ -8,6 +8,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resident set size of this process now (Linux `VmRSS`), if the platform reports it.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Bytes of a transparent huge page on x86-64 and aarch64 Linux.
 const HUGE_PAGE: usize = 2 << 20;
 

@@ -115,13 +115,17 @@ fn bench_reports_decode_roofline_cache_and_training_figures() {
         ] {
             pos(d, k);
         }
-        // Each position's fastest step over the passes sums to at most the fastest pass's.
-        let fastest_pass = d["transformer_s"].as_f64().unwrap() - d["prefill_s"].as_f64().unwrap();
+        // The floor pass is one of the passes, and its fraction is its floor ÷ its steps.
+        let passes = d["passes"].as_u64().unwrap();
         assert!(
-            d["steps_s"].as_f64().unwrap() <= fastest_pass * (1.0 + 1e-9),
+            passes >= 1 && d["floor_pass"].as_u64().unwrap() < passes,
             "{d}"
         );
-        assert!(d["passes"].as_u64().unwrap() >= 1, "{d}");
+        let fraction = d["decode_floor_s"].as_f64().unwrap() / d["steps_s"].as_f64().unwrap();
+        assert!(
+            (d["decode_floor_fraction"].as_f64().unwrap() - fraction).abs() < 1e-9,
+            "{d}"
+        );
         for k in ["copy_gb_per_s", "read_gb_per_s", "matmul_gflop_per_s"] {
             pos(&d["ceilings"], k);
         }

@@ -39,43 +39,113 @@ pub fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-/// Copy bandwidth (read + write) of `bytes` split over `threads` threads, and the read
-/// bandwidth of a pass over the source, best of 5 each. Both buffers are in huge pages, as the
+/// The buffers the ceilings are measured on, made once and kept, so that they can be measured
+/// again between a row's decoding passes (the machine's speed changes within seconds) without
+/// touching a gigabyte of fresh memory each time. Both copy buffers are in huge pages, as the
 /// candle runtime keeps its weights: in 4 KiB pages this machine's copy measured 28–42 GB/s
 /// from run to run, in huge pages 41–44.
-fn memory_bandwidth(bytes: usize, threads: usize) -> Result<(f64, f64)> {
-    let n = bytes / 4;
-    let (mut src, s0) = crate::util::huge_page_buffer::<f32>(n);
-    src.extend((0..n).map(|i| i as f32));
-    let src = &src[s0..];
-    let (mut dst, d0) = crate::util::huge_page_buffer::<f32>(n);
-    dst.resize(d0 + n, 0.0);
-    let dst = &mut dst[d0..];
-    let chunk = n.div_ceil(threads);
-    // The first pass faults the destination pages in; it is not timed.
-    let mut copy = || -> Result<()> {
+pub struct Probe {
+    src: Vec<f32>,
+    dst: Vec<f32>,
+    /// Where the values start in `src` and `dst` (past their huge-page alignment).
+    skip: (usize, usize),
+    n: usize,
+    a: candle_core::Tensor,
+    b: candle_core::Tensor,
+    /// Resident bytes the probe added to this process when it was made (Linux; else 0): what
+    /// a peak-RSS reading taken while it lives overstates the rest by.
+    pub resident_bytes: u64,
+}
+
+/// Bytes of the copy (512 MiB read, 512 MiB written) and side of the matmul.
+const COPY_BYTES: usize = 512 << 20;
+const MATMUL_N: usize = 2048;
+
+impl Probe {
+    pub fn new() -> Result<Self> {
+        use candle_core::{Device, Tensor};
+        let before = crate::util::rss_bytes();
+        let n = COPY_BYTES / 4;
+        let (mut src, s0) = crate::util::huge_page_buffer::<f32>(n);
+        src.extend((0..n).map(|i| i as f32));
+        let (mut dst, d0) = crate::util::huge_page_buffer::<f32>(n);
+        dst.resize(d0 + n, 0.0);
+        let a = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
+        let mut probe = Probe {
+            src,
+            dst,
+            skip: (s0, d0),
+            n,
+            a,
+            b,
+            resident_bytes: 0,
+        };
+        // Untimed: faults the destination in, and starts the matmul's threads.
+        probe.copy();
+        probe.a.matmul(&probe.b)?;
+        probe.resident_bytes = match (before, crate::util::rss_bytes()) {
+            (Some(b), Some(a)) => a.saturating_sub(b),
+            _ => 0,
+        };
+        Ok(probe)
+    }
+
+    fn copy(&mut self) {
+        let chunk = self.n.div_ceil(threads());
+        let src = &self.src[self.skip.0..];
+        let dst = &mut self.dst[self.skip.1..];
         std::thread::scope(|s| {
             for (d, c) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
                 s.spawn(move || d.copy_from_slice(c));
             }
         });
-        Ok(())
-    };
-    copy()?;
-    let secs = best_of(5, copy)?;
-    std::hint::black_box(&dst);
-    let read_secs = best_of(5, || {
+    }
+
+    fn read(&self) {
+        let chunk = self.n.div_ceil(threads());
         std::thread::scope(|s| {
-            for c in src.chunks(chunk) {
+            for c in self.src[self.skip.0..].chunks(chunk) {
                 s.spawn(move || std::hint::black_box(lane_sum(c)));
             }
         });
-        Ok(())
-    })?;
-    Ok((
-        2.0 * (n * 4) as f64 / secs / 1e9,
-        (n * 4) as f64 / read_secs / 1e9,
-    ))
+    }
+
+    /// The ceilings now: copy and read rates the best of `tries`, the matmul rate the best of
+    /// `tries` − 2 (at least 1; a 2048³ product takes ~4× a copy's time).
+    pub fn measure(&mut self, tries: usize) -> Result<Ceilings> {
+        let matmul_s = best_of(tries.saturating_sub(2), || {
+            std::hint::black_box(self.a.matmul(&self.b)?);
+            Ok(())
+        })?;
+        Ok(Ceilings {
+            matmul_gflop_per_s: 2.0 * (MATMUL_N as f64).powi(3) / matmul_s / 1e9,
+            matmul_n: MATMUL_N,
+            ..self.memory(tries)?
+        })
+    }
+
+    /// The copy and read rates now, best of `tries`; the matmul rate is left at zero (its
+    /// product's output would be fresh memory inside a row's peak-RSS window).
+    pub fn memory(&mut self, tries: usize) -> Result<Ceilings> {
+        let copy_s = best_of(tries, || {
+            self.copy();
+            Ok(())
+        })?;
+        std::hint::black_box(&self.dst);
+        let read_s = best_of(tries, || {
+            self.read();
+            Ok(())
+        })?;
+        let bytes = (self.n * 4) as f64;
+        Ok(Ceilings {
+            copy_gb_per_s: 2.0 * bytes / copy_s / 1e9,
+            read_gb_per_s: bytes / read_s / 1e9,
+            copy_bytes: self.n * 4,
+            threads: threads(),
+            ..Ceilings::default()
+        })
+    }
 }
 
 /// Σ of `v` in 16 independent lanes (which the compiler keeps in vector registers).
@@ -86,19 +156,6 @@ fn lane_sum(v: &[f32]) -> f32 {
         acc.iter_mut().zip(r).for_each(|(a, &x)| *a += x);
     }
     acc.iter().sum::<f32>() + rows.remainder().iter().sum::<f32>()
-}
-
-/// f32 matmul rate of an n×n by n×n product, best of 3.
-fn matmul_rate(n: usize) -> Result<f64> {
-    use candle_core::{Device, Tensor};
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    a.matmul(&b)?;
-    let secs = best_of(3, || {
-        std::hint::black_box(a.matmul(&b)?);
-        Ok(())
-    })?;
-    Ok(2.0 * (n as f64).powi(3) / secs / 1e9)
 }
 
 impl Ceilings {
@@ -112,17 +169,9 @@ impl Ceilings {
         }
     }
 
+    /// Measured once on a fresh [`Probe`]: copy and read the best of 5, matmul of 3.
     pub fn measure() -> Result<Self> {
-        let (copy_bytes, matmul_n, threads) = (512 << 20, 2048, threads());
-        let (copy_gb_per_s, read_gb_per_s) = memory_bandwidth(copy_bytes, threads)?;
-        Ok(Ceilings {
-            copy_gb_per_s,
-            read_gb_per_s,
-            copy_bytes,
-            matmul_gflop_per_s: matmul_rate(matmul_n)?,
-            matmul_n,
-            threads,
-        })
+        Probe::new()?.measure(5)
     }
 }
 

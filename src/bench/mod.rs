@@ -30,19 +30,32 @@ pub struct Passes {
 
 const MAX_PASSES_FACTOR: usize = 10;
 
+/// One cached decode of the image, with the machine's memory rates measured around it.
+#[derive(Clone, Debug, Default)]
+pub struct Pass {
+    pub prefill_s: f64,
+    /// Each image position's step, seconds.
+    pub steps: Vec<f64>,
+    /// Copy and read rates: the higher of those measured just before and just after the pass
+    /// (the matmul rate is left at zero).
+    pub memory: Ceilings,
+}
+
 /// One runtime at one batch size.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct DecodeRow {
     pub runtime: String,
     pub batch: usize,
-    /// Caption prefill (past 0 → text_len), seconds.
+    /// Caption prefill (past 0 → text_len) of the fastest pass, seconds.
     pub prefill_s: f64,
     /// Cached decodes of the image this row ran.
     pub passes: usize,
-    /// Σ over the image of each position's fastest step over the passes, seconds.
+    /// The pass (from 0) whose steps are reported below and set against the floor: the one
+    /// that comes closest to the floor of its own moment ([`DecodeRow::set_floor`]).
+    pub floor_pass: usize,
+    /// Σ of that pass's image steps, seconds.
     pub steps_s: f64,
-    /// Median over the positions around the first, middle and last image position of each
-    /// one's fastest step over the passes, seconds.
+    /// That pass's median step around the first, middle and last image position, seconds.
     pub first_step_s: f64,
     pub middle_step_s: f64,
     pub last_step_s: f64,
@@ -67,13 +80,17 @@ pub struct DecodeRow {
     /// Floor of the middle step and that ÷ its measured time.
     pub middle_floor_s: f64,
     pub middle_floor_fraction: f64,
-    /// Peak resident memory from opening the session to the end of its measurements.
+    /// Peak resident memory from opening the session to the end of its measurements (the
+    /// bench's own probe buffers, resident throughout, taken out).
     pub peak_rss_mb: Option<f64>,
-    /// The ceilings this row's floor uses: measured just before and just after the row, the
-    /// higher of each (the stricter floor). The machine's speed drifts 20–30% over minutes, so
-    /// a floor from ceilings measured at the start of the run would compare each row with the
-    /// machine of another moment.
+    /// The ceilings this row's floor uses: the copy and read rates measured around its floor
+    /// pass (the higher of just before and just after it), the matmul rate the higher of just
+    /// before and just after the row. The machine's speed drifts 20–30% over minutes and its
+    /// memory switches between a fast and a slow state within seconds, so a floor from
+    /// ceilings measured at another moment than the steps compares them with another machine.
     pub ceilings: Ceilings,
+    #[serde(skip)]
+    pub pass_log: Vec<Pass>,
 }
 
 fn probe_ids(m: &Manifest, batch: usize) -> Vec<i64> {
@@ -125,27 +142,57 @@ fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
 }
 
 impl DecodeRow {
-    /// The roofline floor of every image step at `ceilings`, and the measured steps against it.
-    pub fn set_floor(&mut self, m: &Manifest, ceilings: &Ceilings) {
+    /// Set each pass against the roofline floor of its own moment — copy and read rates from
+    /// its [`Pass::memory`], the matmul rate from `around` — and report the pass that comes
+    /// closest to its floor over all its steps: its steps, its floor and its ceilings.
+    pub fn set_floor(&mut self, m: &Manifest, around: &Ceilings) {
         let (t, s) = (m.geometry.text_len, m.max_seq());
-        let floors: Vec<f64> = (t..s)
-            .map(|p| decode_step_cost(m, self.batch, p).floor_s(ceilings))
-            .collect();
+        let n = s - t;
+        let floors_at = |c: &Ceilings| -> Vec<f64> {
+            (t..s)
+                .map(|p| decode_step_cost(m, self.batch, p).floor_s(c))
+                .collect()
+        };
+        let mut best: Option<(f64, usize, Ceilings, Vec<f64>)> = None;
+        for (i, pass) in self.pass_log.iter().enumerate() {
+            let c = Ceilings {
+                copy_gb_per_s: pass.memory.copy_gb_per_s,
+                read_gb_per_s: pass.memory.read_gb_per_s,
+                ..around.clone()
+            };
+            let floors = floors_at(&c);
+            let fraction = floors.iter().sum::<f64>() / pass.steps.iter().sum::<f64>();
+            if best.as_ref().is_none_or(|b| fraction > b.0) {
+                best = Some((fraction, i, c, floors));
+            }
+        }
+        let Some((fraction, i, c, floors)) = best else {
+            return;
+        };
+        let steps = &self.pass_log[i].steps;
+        self.floor_pass = i;
+        self.steps_s = steps.iter().sum();
+        self.first_step_s = window(steps, 0);
+        self.middle_step_s = window(steps, n / 2);
+        self.last_step_s = window(steps, n - 1);
         self.decode_floor_s = floors.iter().sum();
-        self.decode_floor_fraction = self.decode_floor_s / self.steps_s;
-        self.middle_floor_s = floors[(s - t) / 2];
+        self.decode_floor_fraction = fraction;
+        self.middle_floor_s = floors[n / 2];
         self.middle_floor_fraction = self.middle_floor_s / self.middle_step_s;
-        self.ceilings = ceilings.clone();
+        self.ceilings = c;
     }
 }
 
-/// Measure one session at one batch size; the floor is left at zero for
-/// [`DecodeRow::set_floor`] with the ceilings measured next to the row.
+/// Measure one session at one batch size; `memory` measures the machine's memory rates, which
+/// happens before the first cached decode and after each. The step figures are the fastest
+/// pass's, and the floor is left at zero, until [`DecodeRow::set_floor`] sets each pass against
+/// the floor of its moment.
 pub fn measure(
     session: &dyn Session,
     batch: usize,
     recompute: usize,
     passes: Passes,
+    memory: &mut dyn FnMut() -> Result<Ceilings>,
 ) -> Result<DecodeRow> {
     let m = session.manifest();
     let (t, s) = (m.geometry.text_len, m.max_seq());
@@ -159,40 +206,45 @@ pub fn measure(
     session.forward(&text, batch, &mut cache)?;
     session.forward(&columns(&ids, s, t, t + 1), batch, &mut cache)?;
 
-    // Cached decodes, as many as `passes` asks for: the fastest
-    // pass gives the row's whole-image figures, and each position's fastest step over all
-    // passes its step times. This machine's memory system switches between a fast and a slow
-    // state (a two-thread read of 177 MB: ~55 against ~33 GB/s) for spans of a fraction of a
-    // second to tens of seconds, and its ceilings are the best of several tries; a step's best
-    // over the passes is what the code does on the machine those ceilings describe.
-    let mut best: Option<(f64, f64)> = None;
-    let mut fastest = vec![f64::INFINITY; n];
-    let mut ran = 0;
+    // Cached decodes, as many as `passes` asks for, each with the memory rates around it:
+    // this machine's memory switches between a fast and a slow state (a two-thread read of
+    // 177 MB: ~55 against ~33 GB/s) for spans of a fraction of a second to tens of seconds, so
+    // a pass is compared with the machine of its own moment. The fastest pass gives the row's
+    // whole-image figures.
+    let mut log: Vec<Pass> = Vec::new();
+    let mut last = memory()?;
     let begun = Instant::now();
     let at_least = passes.at_least.max(1);
-    while ran < at_least
-        || (begun.elapsed().as_secs_f64() < passes.seconds && ran < MAX_PASSES_FACTOR * at_least)
+    while log.len() < at_least
+        || (begun.elapsed().as_secs_f64() < passes.seconds
+            && log.len() < MAX_PASSES_FACTOR * at_least)
     {
         let mut cache = KvCache::new(m, batch);
         let start = Instant::now();
         session.forward(&text, batch, &mut cache)?;
         let prefill_s = start.elapsed().as_secs_f64();
-        let mut total = prefill_s;
-        for (p, f) in (t..s).zip(fastest.iter_mut()) {
+        let mut steps = Vec::with_capacity(n);
+        for p in t..s {
             let step = columns(&ids, s, p, p + 1);
             let start = Instant::now();
             session.forward(&step, batch, &mut cache)?;
-            let secs = start.elapsed().as_secs_f64();
-            *f = f.min(secs);
-            total += secs;
+            steps.push(start.elapsed().as_secs_f64());
         }
-        if best.is_none_or(|b| total < b.0) {
-            best = Some((total, prefill_s));
-        }
-        ran += 1;
+        let now = memory()?;
+        log.push(Pass {
+            prefill_s,
+            steps,
+            memory: last.strictest(&now),
+        });
+        last = now;
     }
-    let (transformer_s, prefill_s) = best.expect("at least one pass");
-    let steps = fastest;
+    let total = |p: &Pass| p.prefill_s + p.steps.iter().sum::<f64>();
+    let fastest = log
+        .iter()
+        .min_by(|a, b| total(a).total_cmp(&total(b)))
+        .expect("at least one pass");
+    let (transformer_s, prefill_s) = (total(fastest), fastest.prefill_s);
+    let steps = fastest.steps.clone();
 
     let codes: Vec<i64> = ids
         .chunks(s)
@@ -220,7 +272,8 @@ pub fn measure(
         runtime: session.name().to_string(),
         batch,
         prefill_s,
-        passes: ran,
+        passes: log.len(),
+        floor_pass: 0,
         steps_s: steps.iter().sum(),
         first_step_s: window(&steps, 0),
         middle_step_s: window(&steps, n / 2),
@@ -238,6 +291,7 @@ pub fn measure(
         middle_floor_fraction: 0.0,
         peak_rss_mb: None,
         ceilings: Ceilings::default(),
+        pass_log: log,
     })
 }
 
@@ -252,6 +306,45 @@ mod tests {
         assert_eq!(interpolate(&pts, 15), 2.0);
         assert_eq!(interpolate(&pts, 25), 3.5);
         assert_eq!(interpolate(&pts, 30), 4.0);
+    }
+
+    #[test]
+    fn each_pass_meets_the_floor_of_its_own_moment() {
+        let cfg = crate::config::Config::preset("tiny").unwrap();
+        let m = crate::runtime::manifest_of(&cfg);
+        let n = cfg.geometry.image_tokens();
+        let pass = |step: f64, copy: f64| Pass {
+            prefill_s: 0.1,
+            steps: vec![step; n],
+            memory: Ceilings {
+                copy_gb_per_s: copy,
+                read_gb_per_s: copy,
+                ..Ceilings::default()
+            },
+        };
+        // A matmul rate so high that every floor is the memory one: floor ∝ 1 / copy rate.
+        let around = Ceilings {
+            copy_gb_per_s: 1000.0,
+            matmul_gflop_per_s: 1e9,
+            ..Ceilings::default()
+        };
+        let mut row = DecodeRow {
+            batch: 1,
+            // 1 ms steps on a fast machine, 2 ms on one 10× slower: the second is nearer its
+            // floor (5× its fraction), and the row's copy rate is its moment's, not `around`'s.
+            pass_log: vec![pass(1e-3, 100.0), pass(2e-3, 10.0)],
+            ..DecodeRow::default()
+        };
+        row.set_floor(&m, &around);
+        assert_eq!(row.floor_pass, 1);
+        assert_eq!(row.ceilings.copy_gb_per_s, 10.0);
+        assert_eq!(row.ceilings.matmul_gflop_per_s, 1e9);
+        assert_eq!(row.middle_step_s, 2e-3);
+        let bytes = |p| decode_step_cost(&m, 1, p).bytes;
+        let t = cfg.geometry.text_len;
+        let floor: f64 = (t..t + n).map(|p| bytes(p) / 10e9).sum();
+        assert!((row.decode_floor_s - floor).abs() < 1e-12 * floor.max(1.0));
+        assert!((row.decode_floor_fraction - floor / (n as f64 * 2e-3)).abs() < 1e-9);
     }
 
     #[test]
@@ -278,8 +371,7 @@ pub struct BenchOptions {
     /// Image positions timed without the KV cache (at least 2: the first and the last).
     pub recompute_positions: usize,
     /// Cached decodes of the image per row, at least (the peer's generation: exactly), and
-    /// more until `decode_seconds` have passed: the fastest pass gives the whole-image
-    /// figures, each position's fastest step the step times.
+    /// more until `decode_seconds` have passed: see [`measure`] and [`DecodeRow::set_floor`].
     pub passes: usize,
     pub decode_seconds: f64,
     /// Batch of the training-step timings; 0 skips them.
@@ -347,7 +439,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         dalle_runtimes::ort::find_library()?;
     }
     progress("measuring the machine's ceilings (memory copy, f32 matmul)");
-    let ceilings = Ceilings::measure()?;
+    let mut probe = machine::Probe::new()?;
+    let ceilings = probe.measure(5)?;
     let model = match &opts.model {
         Some(dir) => model::BenchModel::existing(dir),
         None => {
@@ -377,7 +470,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             // are 1 GiB).
             let before = match around.take() {
                 Some(c) => c,
-                None => Ceilings::measure()?,
+                None => probe.measure(5)?,
             };
             let reset = machine::reset_peak_rss();
             let mut row = measure(
@@ -388,12 +481,14 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                     at_least: opts.passes,
                     seconds: opts.decode_seconds,
                 },
+                &mut || probe.memory(2),
             )?;
+            // The probe's buffers were resident before the peak was reset: not the row's.
             row.peak_rss_mb = reset
                 .then(crate::util::peak_rss_bytes)
                 .flatten()
-                .map(|b| b as f64 / (1 << 20) as f64);
-            let after = Ceilings::measure()?;
+                .map(|b| b.saturating_sub(probe.resident_bytes) as f64 / (1 << 20) as f64);
+            let after = probe.measure(5)?;
             row.set_floor(&manifest, &before.strictest(&after));
             around = Some(after);
             decode.push(row);
@@ -552,7 +647,7 @@ pub fn table(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\nStep times are each position's fastest over the row's passes (the machine's ceilings are\nlikewise the best of several tries); the whole-image figures are the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
+        "\nEach decoding pass is set against the floor of its own moment (memory rates measured just\nbefore and after it); the step times and floors are those of the pass that comes closest to\nits floor, the whole-image figures the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
     );
     let _ = writeln!(
         s,
