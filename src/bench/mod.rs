@@ -481,13 +481,20 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                     at_least: opts.passes,
                     seconds: opts.decode_seconds,
                 },
-                &mut || probe.memory(2),
+                &mut || {
+                    // The runtime's worker threads may still spin for a moment after a pass
+                    // (ONNX Runtime's do, by default): they would share the cores with the
+                    // probe's copy and make the floor of the moment too lenient.
+                    std::thread::sleep(train::SETTLE);
+                    probe.memory(2)
+                },
             )?;
             // The probe's buffers were resident before the peak was reset: not the row's.
             row.peak_rss_mb = reset
                 .then(crate::util::peak_rss_bytes)
                 .flatten()
                 .map(|b| b.saturating_sub(probe.resident_bytes) as f64 / (1 << 20) as f64);
+            std::thread::sleep(train::SETTLE);
             let after = probe.measure(5)?;
             row.set_floor(&manifest, &before.strictest(&after));
             around = Some(after);

@@ -30,7 +30,7 @@ pub struct TrainSteps {
 /// the measurement slows both sides alike. With a peer, each timed step starts after a short
 /// pause ([`SETTLE`]), so that neither side's step overlaps the other's tail (PyTorch's OpenMP
 /// workers spin for a while after a parallel region; ours sleep at once).
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+pub(crate) const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn alternate(
     reps: usize,
