@@ -41,6 +41,9 @@ target/debug/dalle train-vae --preset tiny --data "$P/data" --out "$P/vae" --ste
 target/debug/dalle train --preset tiny --vae "$P/vae" --data "$P/data" --out "$P/tf" --steps 2 --batch-size 4 >/dev/null
 target/debug/dalle export --transformer "$P/tf" --out "$P/model"
 target/debug/dalle parity --model "$P/model" --runtimes candle,tract,ort
+echo "== dalle parity on the bundled model exported in f16 (f16 tolerances)"
+target/debug/dalle export --from-model models/shapes-tiny --out "$P/model-f16" --fp16 >/dev/null
+target/debug/dalle parity --model "$P/model-f16" --runtimes candle,tract,ort
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -1163,11 +1163,14 @@ fn run(cli: Cli) -> Result<()> {
                         if r.pass { "pass" } else { "FAIL" }
                     );
                 }
-                println!(
-                    "tolerances: logits {:.0e}, image {:.0e}, greedy tokens identical",
-                    dalle::parity::LOGITS_TOL,
-                    dalle::parity::IMAGE_TOL
-                );
+                if let Some(r) = rows.first() {
+                    println!(
+                        "tolerances ({} weights): logits {:.1e}, image {:.1e}, greedy tokens identical",
+                        gens[0].manifest().dtype,
+                        r.tolerances.logits,
+                        r.tolerances.image
+                    );
+                }
             }
             if rows.iter().any(|r| !r.pass) {
                 bail!(
