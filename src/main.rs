@@ -326,6 +326,15 @@ struct BenchArgs {
     providers: ProviderArgs,
 }
 
+/// The weights' precision of an export: `--fp16` or f32.
+fn weights_dtype(fp16: bool) -> dalle_runtimes::Dtype {
+    if fp16 {
+        dalle_runtimes::Dtype::F16
+    } else {
+        dalle_runtimes::Dtype::F32
+    }
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let runtimes = a
         .runtimes
@@ -336,11 +345,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         model: a.model,
         preset: a.preset,
         grid: a.grid,
-        dtype: if a.fp16 {
-            dalle_runtimes::Dtype::F16
-        } else {
-            dalle_runtimes::Dtype::F32
-        },
+        dtype: weights_dtype(a.fp16),
         runtimes,
         batches: a.batch,
         recompute_positions: a.recompute_positions,
@@ -1217,11 +1222,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let opts = dalle_export::ExportOptions {
                 opset,
-                dtype: if fp16 {
-                    dalle_runtimes::Dtype::F16
-                } else {
-                    dalle_runtimes::Dtype::F32
-                },
+                dtype: weights_dtype(fp16),
                 force,
                 external_data_threshold,
             };

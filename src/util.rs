@@ -2,16 +2,18 @@
 
 /// Peak resident set size of this process (Linux `VmHWM`), if the platform reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_bytes("VmHWM:")
 }
 
 /// Resident set size of this process now (Linux `VmRSS`), if the platform reports it.
 pub fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -19,10 +21,10 @@ pub fn rss_bytes() -> Option<u64> {
 /// Bytes of a transparent huge page on x86-64 and aarch64 Linux.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// A buffer with room for `len` values after `skip` leading default values (zeros), where `skip` (< 2 MiB)
-/// puts the values' start on a huge-page boundary and the kernel is asked (Linux
-/// `madvise(MADV_HUGEPAGE)`, which needs no privileges where transparent huge pages are in
-/// `madvise` mode) to back them with 2 MiB pages. A pass over 170 MB of weights in 4 KiB pages
+/// A buffer with room for `len` values after `skip` leading default values (zeros), where
+/// `skip` (< 2 MiB of them) puts the values' start on a huge-page boundary and the kernel is
+/// asked (Linux `madvise(MADV_HUGEPAGE)`, which needs no privileges where transparent huge
+/// pages are in `madvise` mode) to back them with 2 MiB pages. A pass over 170 MB of weights in 4 KiB pages
 /// ends each hardware prefetch stream at every page and walks the page table every 4 KiB: a
 /// decoding step's weight pass measured 25–30 GB/s in 4 KiB pages, 33–55 GB/s in huge pages.
 /// Elsewhere the advice is skipped and the buffer is an ordinary one.

@@ -114,14 +114,25 @@ impl Probe {
     /// The ceilings now: copy and read rates the best of `tries`, the matmul rate the best of
     /// `tries` − 2 (at least 1; a 2048³ product takes ~4× a copy's time).
     pub fn measure(&mut self, tries: usize) -> Result<Ceilings> {
-        let matmul_s = best_of(tries.saturating_sub(2), || {
+        let m = self.matmul(tries.saturating_sub(2))?;
+        Ok(Ceilings {
+            matmul_gflop_per_s: m.matmul_gflop_per_s,
+            matmul_n: m.matmul_n,
+            ..self.memory(tries)?
+        })
+    }
+
+    /// The matmul rate now, best of `tries`; the memory rates are left at zero.
+    pub fn matmul(&self, tries: usize) -> Result<Ceilings> {
+        let secs = best_of(tries, || {
             std::hint::black_box(self.a.matmul(&self.b)?);
             Ok(())
         })?;
         Ok(Ceilings {
-            matmul_gflop_per_s: 2.0 * (MATMUL_N as f64).powi(3) / matmul_s / 1e9,
+            matmul_gflop_per_s: 2.0 * (MATMUL_N as f64).powi(3) / secs / 1e9,
             matmul_n: MATMUL_N,
-            ..self.memory(tries)?
+            threads: threads(),
+            ..Ceilings::default()
         })
     }
 
@@ -167,11 +178,6 @@ impl Ceilings {
             matmul_gflop_per_s: self.matmul_gflop_per_s.max(other.matmul_gflop_per_s),
             ..self.clone()
         }
-    }
-
-    /// Measured once on a fresh [`Probe`]: copy and read the best of 5, matmul of 3.
-    pub fn measure() -> Result<Self> {
-        Probe::new()?.measure(5)
     }
 }
 

@@ -143,8 +143,9 @@ fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
 
 impl DecodeRow {
     /// Set each pass against the roofline floor of its own moment — copy and read rates from
-    /// its [`Pass::memory`], the matmul rate from `around` — and report the pass that comes
-    /// closest to its floor over all its steps: its steps, its floor and its ceilings.
+    /// its [`Pass::memory`], the matmul rate from `around` (its memory rates are not used) —
+    /// and report the pass that comes closest to its floor over all its steps: its steps, its
+    /// floor and its ceilings.
     pub fn set_floor(&mut self, m: &Manifest, around: &Ceilings) {
         let (t, s) = (m.geometry.text_len, m.max_seq());
         let n = s - t;
@@ -156,9 +157,9 @@ impl DecodeRow {
         let mut best: Option<(f64, usize, Ceilings, Vec<f64>)> = None;
         for (i, pass) in self.pass_log.iter().enumerate() {
             let c = Ceilings {
-                copy_gb_per_s: pass.memory.copy_gb_per_s,
-                read_gb_per_s: pass.memory.read_gb_per_s,
-                ..around.clone()
+                matmul_gflop_per_s: around.matmul_gflop_per_s,
+                matmul_n: around.matmul_n,
+                ..pass.memory.clone()
             };
             let floors = floors_at(&c);
             let fraction = floors.iter().sum::<f64>() / pass.steps.iter().sum::<f64>();
@@ -454,7 +455,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;
     let cfg = crate::runtime::config_of(&manifest);
     let mut decode = vec![];
-    // The ceilings measured after a row are the next row's "before" (only a session opening
+    // The matmul rate measured after a row is the next row's "before" (only a session opening
     // lies between them).
     let mut around: Option<Ceilings> = None;
     for &kind in &opts.runtimes {
@@ -466,11 +467,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 "{} batch {batch}: decoding one image, then recomputing",
                 kind.name()
             ));
-            // The ceilings next to the row (outside its peak-memory window: the copy's buffers
-            // are 1 GiB).
+            // The matmul rate next to the row; the memory rates are measured around each of
+            // its passes (below).
             let before = match around.take() {
                 Some(c) => c,
-                None => probe.measure(5)?,
+                None => probe.matmul(3)?,
             };
             let reset = machine::reset_peak_rss();
             let mut row = measure(
@@ -495,7 +496,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 .flatten()
                 .map(|b| b.saturating_sub(probe.resident_bytes) as f64 / (1 << 20) as f64);
             std::thread::sleep(train::SETTLE);
-            let after = probe.measure(5)?;
+            let after = probe.matmul(3)?;
             row.set_floor(&manifest, &before.strictest(&after));
             around = Some(after);
             decode.push(row);
