@@ -44,21 +44,20 @@ pub(crate) struct Geom {
 }
 
 impl Geom {
-    fn padded_width(&self) -> usize {
+    pub(super) fn padded_width(&self) -> usize {
         self.w + 2 * self.pad
     }
 
     /// Output rows per work unit: the padded band of all input channels fits [`BAND_BYTES`].
-    fn band_rows(&self) -> usize {
+    pub(super) fn band_rows(&self) -> usize {
         let row_bytes = 4 * self.c * self.padded_width();
         (BAND_BYTES / row_bytes.max(1))
             .saturating_sub(2 * self.pad)
             .clamp(1, self.h.max(1))
     }
 
-    /// Work units: (image, first row, rows).
-    fn units(&self) -> Vec<(usize, usize, usize)> {
-        let r = self.band_rows();
+    /// Work units: (image, first row, rows), `r` rows each (the last of an image fewer).
+    pub(super) fn units(&self, r: usize) -> Vec<(usize, usize, usize)> {
         (0..self.b)
             .flat_map(|img| {
                 (0..self.h)
@@ -70,6 +69,10 @@ impl Geom {
 
     /// Offset of each (input channel, tap) pair in a padded band, in the order of a weight row
     /// `(c, k, k)`.
+    pub(super) fn band_len(&self, band_rows: usize) -> usize {
+        self.c * (band_rows + 2 * self.pad) * self.padded_width()
+    }
+
     fn tap_offsets(&self, band_rows: usize) -> Vec<usize> {
         let (pw, k) = (self.padded_width(), self.k);
         let plane = (band_rows + 2 * self.pad) * pw;
@@ -80,7 +83,7 @@ impl Geom {
 
     /// Copy rows `y0 − pad .. y0 + rows + pad` of image `img`, every channel, into `band`
     /// (`c × (rows + 2·pad) × (w + 2·pad)`), zero outside the image, ReLU applied if asked.
-    fn fill_band(
+    pub(super) fn fill_band(
         &self,
         x: &[f32],
         (img, y0, rows): (usize, usize, usize),
@@ -130,38 +133,38 @@ pub(crate) fn available(g: &Geom) -> bool {
 
 /// A raw pointer that worker threads may share: each writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(super) struct Shared(pub(super) *mut f32);
 // SAFETY: only used by `forward`, whose work units write disjoint pixels.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
     /// Through a method, so that closures capture the `Shared` and not its raw field.
-    fn at(&self, i: usize) -> *mut f32 {
+    pub(super) fn at(&self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
 
-/// Run `f(state, unit, band_buffer)` over every unit, spread over the cores (one task per
+/// Run `f(state, unit, buffer)` over `units`, spread over the cores (one task per
 /// thread of rayon's pool, already running; spawning two threads per pass, ~200 per dVAE step,
 /// measured 1.71–2.2 s a step against 1.68–1.84 s this way, alternated runs). The units are cut
 /// into at most `groups` runs of consecutive units, each with its own state (made by `init`) and
 /// taken whole by one worker, in unit order; the states come back in group order. So sums kept in
 /// the states come out the same whichever worker took which run and however many cores there
-/// are: training is reproducible (and resumes bit for bit).
-fn for_units<S: Send>(
-    g: &Geom,
+/// are: training is reproducible (and resumes bit for bit). Each worker has one `buffer_len`
+/// buffer for the padded bands (and whatever scratch space `f` needs).
+pub(super) fn for_units<S: Send>(
+    units: Vec<(usize, usize, usize)>,
+    buffer_len: usize,
     groups: usize,
     init: impl Fn() -> S + Sync,
     f: impl Fn(&mut S, (usize, usize, usize), &mut [f32]) + Sync,
 ) -> Vec<S> {
-    let units = g.units();
     let groups = groups.clamp(1, units.len().max(1));
     let run = |gi: usize| &units[gi * units.len() / groups..(gi + 1) * units.len() / groups];
-    let band_len = g.c * (g.band_rows() + 2 * g.pad) * g.padded_width();
     let next = AtomicUsize::new(0);
     let work = || {
-        let mut band = vec![0f32; band_len];
+        let mut band = vec![0f32; buffer_len];
         let mut done = Vec::new();
         loop {
             let gi = next.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +274,9 @@ pub(crate) fn forward(
     n_out: usize,
     epilogue: Epilogue,
 ) -> Vec<f32> {
+    if super::winograd::available(g) {
+        return super::winograd::forward(g, x, relu, w, bias, n_out, epilogue);
+    }
     let row = g.c * g.k * g.k;
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == g.c * plane && w.len() == n_out * row);
@@ -286,8 +292,10 @@ pub(crate) fn forward(
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = Shared(out.spare_capacity_mut().as_mut_ptr().cast());
     let pw = g.padded_width();
+    let r = g.band_rows();
     for_units(
-        g,
+        g.units(r),
+        g.band_len(r),
         usize::MAX,
         || (),
         |_, (img, y0, rows), band| {
@@ -474,8 +482,10 @@ pub(crate) fn weight_grad(
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == g.c * plane && gy.len() == n_out * plane);
     let pw = g.padded_width();
+    let r = g.band_rows();
     let parts = for_units(
-        g,
+        g.units(r),
+        g.band_len(r),
         WEIGHT_GRAD_GROUPS,
         || (vec![0f32; n_out * row], vec![0f32; n_out]),
         |(dw, db), (img, y0, rows), band| {

@@ -6,5 +6,6 @@ pub mod loss;
 pub mod model;
 mod ops;
 pub mod train;
+mod winograd;
 
 pub use model::{Decoder, Encoder};
