@@ -152,31 +152,33 @@ impl Shared {
 /// taken whole by one worker, in unit order; the states come back in group order. So sums kept in
 /// the states come out the same whichever worker took which run and however many cores there
 /// are: training is reproducible (and resumes bit for bit). Each worker has one `buffer_len`
-/// buffer for the padded bands (and whatever scratch space `f` needs).
+/// buffer for the padded bands (and whatever scratch space `f` needs), and calls `finish` on
+/// each run's state after its last unit.
 pub(super) fn for_units<S: Send>(
     units: Vec<(usize, usize, usize)>,
     buffer_len: usize,
     groups: usize,
     init: impl Fn() -> S + Sync,
     f: impl Fn(&mut S, (usize, usize, usize), &mut [f32]) + Sync,
+    finish: impl Fn(&mut S, &mut [f32]) + Sync,
 ) -> Vec<S> {
     let groups = groups.clamp(1, units.len().max(1));
-    let run = |gi: usize| &units[gi * units.len() / groups..(gi + 1) * units.len() / groups];
+    let run = |gi: usize| &units[group_range(units.len(), groups, gi)];
     let next = AtomicUsize::new(0);
     let work = || {
-        let mut band = vec![0f32; buffer_len];
         let mut done = Vec::new();
-        loop {
+        with_scratch(buffer_len, |band| loop {
             let gi = next.fetch_add(1, Ordering::Relaxed);
             if gi >= groups {
                 break;
             }
             let mut state = init();
             for &u in run(gi) {
-                f(&mut state, u, &mut band);
+                f(&mut state, u, band);
             }
+            finish(&mut state, band);
             done.push((gi, state));
-        }
+        });
         done
     };
     let threads = crate::util::threads().min(groups);
@@ -191,6 +193,31 @@ pub(super) fn for_units<S: Send>(
     };
     done.sort_by_key(|&(gi, _)| gi);
     done.into_iter().map(|(_, s)| s).collect()
+}
+
+thread_local! {
+    /// Each thread's buffer for [`for_units`], kept between calls: a training step makes ~200
+    /// convolution calls, each of which would otherwise allocate and zero 0.4–7 MB per thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on this thread's scratch buffer of at least `len` floats (contents left by earlier
+/// calls), or on a fresh one if the thread's is in use further up its stack.
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                *buf = vec![0f32; len];
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// The units of run `gi` of `groups` runs over `len` units (as even as integers allow).
+pub(super) fn group_range(len: usize, groups: usize, gi: usize) -> std::ops::Range<usize> {
+    gi * len / groups..(gi + 1) * len / groups
 }
 
 /// Runs of units whose weight-gradient partial sums are kept apart (see [`for_units`]): enough to
@@ -342,6 +369,7 @@ pub(crate) fn forward(
                 }
             }
         },
+        |_, _| {},
     );
     // SAFETY: the units cover every (image, row) once and store every channel of every pixel
     // of their rows, so all `len` values are written.
@@ -478,6 +506,20 @@ pub(crate) fn weight_grad(
     gy: &[f32],
     n_out: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    if super::winograd::available(g) {
+        return super::winograd::weight_grad(g, x, relu, gy, n_out);
+    }
+    weight_grad_direct(g, x, relu, gy, n_out)
+}
+
+/// [`weight_grad`] by the direct kernel, whatever the geometry.
+pub(crate) fn weight_grad_direct(
+    g: &Geom,
+    x: &[f32],
+    relu: bool,
+    gy: &[f32],
+    n_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let row = g.c * g.k * g.k;
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == g.c * plane && gy.len() == n_out * plane);
@@ -518,6 +560,7 @@ pub(crate) fn weight_grad(
                 }
             }
         },
+        |_, _| {},
     );
     let (mut dw, mut db) = (vec![0f32; n_out * row], vec![0f32; n_out]);
     for (pdw, pdb) in parts {

@@ -1,24 +1,24 @@
 //! 3×3 "same" convolutions by Winograd's minimal filtering F(2×2, 3×3) on AVX-512: each 2×2
 //! block of outputs takes 16 multiply-adds per (input, output) channel pair instead of 36.
 //!
-//! The dVAE's 3×3 layers (forward, and the input gradient, which is the same convolution of the
-//! output gradient with the flipped weight) are ~60% of its training step; the direct kernels of
-//! [`super::direct`] run them at 150–200 GFLOP/s, about the machine's matmul rate, so only fewer
-//! operations make them faster. Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"
-//! (2015): with `d` a 4×4 input tile and `g` the 3×3 kernel, the 2×2 outputs are
+//! The dVAE's 3×3 layers (forward, input gradient — the same convolution of the output gradient
+//! with the flipped weight — and weight gradient) are ~60% of its training step; the direct
+//! kernels of [`super::direct`] run them at 150–200 GFLOP/s, about the machine's matmul rate, so
+//! only fewer operations make them faster. Lavin & Gray, "Fast Algorithms for Convolutional
+//! Neural Networks" (2015): with `d` a 4×4 input tile and `g` the 3×3 kernel, the 2×2 outputs are
 //! `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`.
 //!
-//! A work unit is a band of rows of one image (even, so that tiles do not straddle units),
-//! zero-padded once as in the direct kernels. For each block of 16·`NV` tiles (16 tiles per
-//! vector, along a row of tiles), the unit transforms every input channel's tiles into the
-//! 16 "frequencies" ξ (`Bᵀ d B`, additions only) in a scratch area that stays in L2; then, per
-//! 6 output channels, each ξ is a small product over the input channels with the transformed
+//! [`forward`]: a work unit is a band of rows of one image (whole rows of tiles), zero-padded
+//! once as in the direct kernels. For each block of 16·`NV` tiles (16 tiles per vector: along a
+//! row of tiles, or two rows of 8 at 16 px), the unit transforms every input channel's tiles into
+//! the 16 "frequencies" ξ (`Bᵀ d B`, additions only) in a scratch area that stays in L2; then,
+//! per 6 output channels, each ξ is a small product over the input channels with the transformed
 //! weight, kept in 6 × `NV` registers as in the direct kernel, and the 16 products go through
 //! `Aᵀ · A` (additions), the bias and the epilogue into 2 rows × 32 pixels per vector.
+//! [`weight_grad`]: see there.
 //!
-//! The transforms use only ±1 and ½ (in `G`), so the rounding differs from the direct sum by a
-//! few ulps of the operands' magnitude; the same inputs give the same outputs on any number of
-//! threads (each output is computed by one unit in a fixed order).
+//! The transforms use only ±1 and ½, so the rounding differs from the direct sum by a few ulps
+//! of the operands' magnitude; the same inputs give the same outputs on any number of threads.
 
 use super::direct::{for_units, Epilogue, Geom, Shared};
 
@@ -63,31 +63,53 @@ pub(crate) fn available(g: &Geom) -> bool {
 /// `(ξ, output tile, c, MR)` (zero for channels past `n_out`): what the product of one ξ and
 /// one tile of [`MR`] output channels reads, in the order it reads it.
 fn transform_weights(w: &[f32], n_out: usize, c: usize) -> Vec<f32> {
-    const G: [[f32; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
     let tiles = n_out.div_ceil(MR);
     let mut out = vec![0f32; XI * tiles * c * MR];
     for o in 0..n_out {
         for ci in 0..c {
             let g = &w[(o * c + ci) * 9..][..9];
-            // gg = G g (4×3), then u = gg Gᵀ (4×4).
-            let gg: [[f32; 3]; 4] = std::array::from_fn(|a| {
-                std::array::from_fn(|j| (0..3).map(|i| G[a][i] * g[i * 3 + j]).sum())
-            });
-            for (a, gga) in gg.iter().enumerate() {
-                for (b, gb) in G.iter().enumerate() {
-                    let u: f32 = gga.iter().zip(gb).map(|(p, q)| p * q).sum();
-                    let xi = a * 4 + b;
-                    out[((xi * tiles + o / MR) * c + ci) * MR + o % MR] = u;
-                }
+            for (xi, &u) in g_g_transposed(g.try_into().expect("9 taps"))
+                .iter()
+                .enumerate()
+            {
+                out[((xi * tiles + o / MR) * c + ci) * MR + o % MR] = u;
             }
         }
     }
     out
+}
+
+/// `G g Gᵀ` (4×4, row-major) of a 3×3 kernel `g`, with `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`.
+fn g_g_transposed(g: &[f32; 9]) -> [f32; XI] {
+    // `G v` of a 3-vector.
+    let gv = |v: [f32; 3]| {
+        let half = 0.5 * (v[0] + v[2]);
+        [v[0], half + 0.5 * v[1], half - 0.5 * v[1], v[2]]
+    };
+    let cols: [[f32; 4]; 3] = std::array::from_fn(|j| gv([g[j], g[3 + j], g[6 + j]]));
+    let mut u = [0f32; XI];
+    for a in 0..4 {
+        let row = gv([cols[0][a], cols[1][a], cols[2][a]]);
+        u[a * 4..a * 4 + 4].copy_from_slice(&row);
+    }
+    u
+}
+
+/// `Gᵀ u G` (3×3, row-major) of a 4×4 `u`: the gradient of a kernel from that of its
+/// [`g_g_transposed`].
+fn g_transposed_u_g(u: &[f32; XI]) -> [f32; 9] {
+    // `Gᵀ v` of a 4-vector.
+    let gtv = |v: [f32; 4]| {
+        let half = 0.5 * (v[1] + v[2]);
+        [v[0] + half, 0.5 * (v[1] - v[2]), half + v[3]]
+    };
+    let cols: [[f32; 3]; 4] = std::array::from_fn(|b| gtv([u[b], u[4 + b], u[8 + b], u[12 + b]]));
+    let mut g = [0f32; 9];
+    for i in 0..3 {
+        let row = gtv([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
+        g[i * 3..i * 3 + 3].copy_from_slice(&row);
+    }
+    g
 }
 
 /// `out (n_out, b, h, w) = W ⊛ relu?(x) + bias` for a 3×3 kernel with padding 1, passed through
@@ -184,7 +206,9 @@ fn run<const NV: usize>(
                 // epilogue's slice, and units write disjoint pixels.
                 unsafe {
                     let geo = (band_plane, pw, halves.0);
-                    input_transform::<NV>(band.as_ptr(), geo, c, &pos, v.as_mut_ptr());
+                    let cols = std::array::from_fn(|j| j * LANES);
+                    let to = (v.as_mut_ptr(), NV * LANES, cols);
+                    input_transform::<NV>(band.as_ptr(), geo, c, &pos, to);
                     for t in 0..tiles {
                         let wt = ut.as_ptr().add(t * c * MR);
                         products::<NV>(wt, tiles * c * MR, c, v.as_ptr(), m.as_mut_ptr());
@@ -202,6 +226,7 @@ fn run<const NV: usize>(
                 }
             }
         },
+        |_, _| {},
     );
     // SAFETY: the units cover every (image, row pair) once and store every channel of every
     // pixel of their rows, so all `len` values are written.
@@ -218,8 +243,9 @@ enum Epi {
 }
 
 /// `V[ξ][ci][tile] = (Bᵀ d B)[ξ]` for the 16·NV tiles of `pos` (band offsets) of every input
-/// channel, `v` laid out `(ξ, c, NV·16)`. `(band_plane, pw, half)`: floats per channel and per
-/// row of the band, and from a vector's first tile to its ninth.
+/// channel. `(band_plane, pw, half)`: floats per channel and per row of the band, and from a
+/// vector's first tile to its ninth; `(v, stride, cols)`: V's rows of `stride` floats, one per
+/// (ξ, channel), and the column of each vector's first tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn input_transform<const NV: usize>(
@@ -227,7 +253,7 @@ unsafe fn input_transform<const NV: usize>(
     (band_plane, pw, half): (usize, usize, usize),
     c: usize,
     pos: &[(usize, usize); NV],
-    v: *mut f32,
+    (v, stride, cols): (*mut f32, usize, [usize; NV]),
 ) {
     use std::arch::x86_64::*;
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -261,7 +287,7 @@ unsafe fn input_transform<const NV: usize>(
                 ];
                 for (a, &val) in col.iter().enumerate() {
                     let xi = a * 4 + k;
-                    _mm512_storeu_ps(v.add(((xi * c + ci) * NV + j) * LANES), val);
+                    _mm512_storeu_ps(v.add((xi * c + ci) * stride + cols[j]), val);
                 }
             }
         }
@@ -368,7 +394,7 @@ unsafe fn input_transform<const NV: usize>(
     _: (usize, usize, usize),
     _: usize,
     _: &[(usize, usize); NV],
-    _: *mut f32,
+    _: (*mut f32, usize, [usize; NV]),
 ) {
     unreachable!("Winograd convolution is only dispatched on x86-64 (see `available`)")
 }
@@ -387,4 +413,387 @@ unsafe fn output_transform<const NV: usize>(
     _: Epi,
 ) {
     unreachable!("Winograd convolution is only dispatched on x86-64 (see `available`)")
+}
+
+/// Up to this many bytes of transformed tiles (input and output gradient), [`weight_grad`]
+/// transforms the whole layer at once and splits the products over ξ among the cores: one
+/// reduction over all tiles ...
+const ONE_CHUNK_BYTES: usize = 24 << 20;
+/// ... and one ξ's transformed input (which the products read once per [`MR`] output channels)
+/// within L2.
+const SLICE_BYTES: usize = 384 << 10;
+/// Larger layers go in chunks of about this many bytes, one per core at a time, each with its
+/// own partial sums, ...
+const CHUNK_BYTES: usize = 4 << 20;
+/// ... but at least this many tiles: each register tile's 24 sums are reduced over their 16
+/// lanes once per chunk (128 → 512 channels at 16 px in chunks of 64 tiles: 1.5× slower).
+const CHUNK_TILES: usize = 256;
+
+/// Input channels per register tile of the weight gradient's products.
+const NC: usize = 4;
+
+thread_local! {
+    /// Each thread's buffer for [`weight_grad`]'s transformed tiles, kept between calls.
+    static TILES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The weight and bias gradients of `y = W ⊛ relu?(x) + b` (3×3, padding 1) from the output
+/// gradient `gy (n_out, b, h, w)`: [`super::direct::weight_grad`]'s contract, for the geometries
+/// of [`available`].
+///
+/// `y = Aᵀ [U ⊙ V] A` per tile with `U = G g Gᵀ`, so `∂L/∂U = Σ_tiles (A ∂y Aᵀ) ⊙ V` and
+/// `∂L/∂g = Gᵀ (∂L/∂U) G`: per ξ, a product of the transformed output gradient `Z (n_out ×
+/// tiles)` with the transformed input `V (c × tiles)` over the tiles, 16 multiply-adds per tile
+/// and channel pair where the direct kernel takes 36. The tiles go in chunks of consecutive
+/// units ([`CHUNK_BYTES`]): the units' transforms spread over the cores, then the 16 ξ's
+/// products, each sum reduced over its 16 lanes once per chunk and added to its ξ's partial
+/// gradient in chunk order — so the result does not depend on the number of threads.
+pub(crate) fn weight_grad(
+    g: &Geom,
+    x: &[f32],
+    relu: bool,
+    gy: &[f32],
+    n_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let c = g.c;
+    let plane = g.b * g.h * g.w;
+    assert!(available(g) && x.len() == c * plane && gy.len() == n_out * plane);
+    let pw = g.padded_width();
+    let tr = tile_rows(g);
+    let step = 2 * tr;
+    let rows = (g.band_rows() / step * step).max(step);
+    let units = g.units(rows);
+    // Every unit's rows are a multiple of 2·tr and its tile rows fill whole vectors, so each
+    // unit has a multiple of 16 tiles.
+    let tiles_of = |u: &(usize, usize, usize)| u.2 / 2 * g.w / 2;
+    let first_tile = |u: &(usize, usize, usize)| (u.0 * g.h + u.1) / 2 * (g.w / 2);
+    let per_tile = XI * (c + n_out) * 4;
+    let total: usize = units.iter().map(tiles_of).sum();
+    let cap = if total * per_tile <= ONE_CHUNK_BYTES && total * c * 4 <= SLICE_BYTES {
+        total
+    } else {
+        (CHUNK_BYTES / per_tile)
+            .max(CHUNK_TILES)
+            .max(units.iter().map(tiles_of).max().unwrap_or(0))
+    };
+    let mut chunks: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+    for u in units {
+        match chunks.last_mut() {
+            Some(ch) if ch.iter().map(tiles_of).sum::<usize>() + tiles_of(&u) <= cap => ch.push(u),
+            _ => chunks.push(vec![u]),
+        }
+    }
+    // One cache line more than the columns: rows a power of two apart (512 tiles = 2 KB) map
+    // to the same cache sets, and the products read 10 of them at once (128 → 128 channels at
+    // 16 px: 85 → 158 ms over 4 steps).
+    let stride = cap.next_multiple_of(LANES) + LANES;
+    let (v_len, z_len) = (XI * c * stride, XI * n_out * stride);
+    let band_len = g.band_len(rows);
+    // Transforms one unit's tiles into columns col0 .. of V and Z (rows `stride` apart).
+    let transform = |(img, y0, rows): (usize, usize, usize),
+                     band: &mut [f32],
+                     v: &Shared,
+                     z: &Shared,
+                     col0: usize| {
+        g.fill_band(x, (img, y0, rows), relu, band);
+        let band_plane = (rows + 2) * pw;
+        let per_row = (g.w / 2 * tr).div_ceil(LANES);
+        let vecs = rows / step * per_row;
+        let at = |p: usize| {
+            let (ty, tx) = (p / per_row * tr, p % per_row * LANES);
+            (
+                2 * ty * pw + 2 * tx,
+                (img * g.h + y0 + 2 * ty) * g.w + 2 * tx,
+            )
+        };
+        let halves = if tr == 2 {
+            (2 * pw, 2 * g.w)
+        } else {
+            (LANES, LANES)
+        };
+        for p0 in (0..vecs).step_by(4) {
+            let p: [usize; 4] = std::array::from_fn(|j| (p0 + j).min(vecs - 1));
+            let pos = p.map(at);
+            let cols = p.map(|p| col0 + p * LANES);
+            // SAFETY: AVX-512 checked by `available`; band reads as in `forward`; the gradient
+            // reads are the output pixels `forward` writes; the unit's columns col0 .. col0 +
+            // its tiles ≤ its chunk's ≤ `stride`, so the stores stay inside V and Z, apart from
+            // other units'.
+            unsafe {
+                let geo = (band_plane, pw, halves.0);
+                input_transform::<4>(band.as_ptr(), geo, c, &pos, (v.at(0), stride, cols));
+                let gy = (gy.as_ptr(), plane, n_out, g.w, halves.1);
+                grad_transform(gy, &pos, (z.at(0), stride, cols));
+            }
+        }
+    };
+    // The products of one ξ over a chunk's `k` tiles, added to `du` (n_out × c).
+    let product = |xi: usize, v: &[f32], z: &[f32], k: usize, du: &mut [f32]| {
+        let (zx, vx) = (&z[xi * n_out * stride..], &v[xi * c * stride..]);
+        // SAFETY: AVX-512 checked by `available`; the chunk's units wrote the first `k`
+        // columns of the n_out rows of `zx` and the c rows of `vx`.
+        unsafe { weight_products((zx.as_ptr(), vx.as_ptr(), stride, k), (n_out, c), du) };
+    };
+    // The thread's tile buffer (a fresh one if it is in use further up the stack).
+    let with_tiles = |f: &mut dyn FnMut(&mut [f32], &mut [f32])| {
+        TILES.with(|cell| {
+            let mut fresh = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let buf = match held.as_deref_mut() {
+                Ok(buf) => buf,
+                Err(_) => &mut fresh,
+            };
+            // V and Z start on a cache line (16 floats), as do their rows.
+            if buf.len() < v_len + z_len + 16 {
+                *buf = vec![0f32; v_len + z_len + 16];
+            }
+            let skip = buf.as_ptr().align_offset(64).min(16);
+            let (v, z) = buf[skip..skip + v_len + z_len].split_at_mut(v_len);
+            f(v, z)
+        })
+    };
+    let du = if chunks.len() > 1 {
+        // Large layers: each core takes whole chunks, its own partial gradient per chunk,
+        // the partials added in chunk order.
+        let parts: Vec<Vec<f32>> = chunks
+            .par_iter()
+            .map(|chunk| {
+                let mut du = vec![0f32; XI * n_out * c];
+                with_tiles(&mut |v, z| {
+                    let (vp, zp) = (Shared(v.as_mut_ptr()), Shared(z.as_mut_ptr()));
+                    let base = first_tile(&chunk[0]);
+                    super::direct::with_scratch(band_len, |band| {
+                        for &u in chunk {
+                            transform(u, band, &vp, &zp, first_tile(&u) - base);
+                        }
+                    });
+                    let k: usize = chunk.iter().map(tiles_of).sum();
+                    for (xi, du) in du.chunks_exact_mut(n_out * c).enumerate() {
+                        product(xi, v, z, k, du);
+                    }
+                });
+                du
+            })
+            .collect();
+        let mut du = vec![0f32; XI * n_out * c];
+        for part in &parts {
+            du.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        du
+    } else {
+        // One chunk (the small layers): the units' transforms spread over the cores, then the
+        // 16 ξ's products.
+        let mut du = vec![0f32; XI * n_out * c];
+        with_tiles(&mut |v, z| {
+            let (vp, zp) = (Shared(v.as_mut_ptr()), Shared(z.as_mut_ptr()));
+            for chunk in &chunks {
+                let base = first_tile(&chunk[0]);
+                let (vr, zr) = (&vp, &zp);
+                for_units(
+                    chunk.clone(),
+                    band_len,
+                    usize::MAX,
+                    || (),
+                    |_, u, band| transform(u, band, vr, zr, first_tile(&u) - base),
+                    |_, _| {},
+                );
+                let k: usize = chunk.iter().map(tiles_of).sum();
+                let (v, z) = (&*v, &*z);
+                du.par_chunks_mut(n_out * c)
+                    .enumerate()
+                    .for_each(|(xi, du)| product(xi, v, z, k, du));
+            }
+        });
+        du
+    };
+    let mut dw = vec![0f32; n_out * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, dw)| {
+        for (ci, dw) in dw.chunks_exact_mut(9).enumerate() {
+            let u: [f32; XI] = std::array::from_fn(|xi| du[(xi * n_out + o) * c + ci]);
+            dw.copy_from_slice(&g_transposed_u_g(&u));
+        }
+    });
+    let db = (0..n_out)
+        .into_par_iter()
+        .map(|o| crate::kernels::sum(&gy[o * plane..(o + 1) * plane]))
+        .collect();
+    (dw, db)
+}
+
+/// `Z[ξ][o][tile] = (A ∂y Aᵀ)[ξ]` for the 16·4 tiles of `pos` (output offsets) of every output
+/// channel. `gy` = (output gradient, plane length, channels, image width, from a vector's first
+/// output pixel to its seventeenth); `(z, stride, cols)` as `input_transform`'s destination.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_transform(
+    (gy, plane, n_out, w, half): (*const f32, usize, usize, usize, usize),
+    pos: &[(usize, usize); 4],
+    (z, stride, cols): (*mut f32, usize, [usize; 4]),
+) {
+    use std::arch::x86_64::*;
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let zero = _mm512_setzero_ps();
+    for o in 0..n_out {
+        for (j, &(_, o0)) in pos.iter().enumerate() {
+            let r0 = gy.add(o * plane + o0);
+            // d[a][b]: output row a, column b of each tile.
+            let d: [[__m512; 2]; 2] = std::array::from_fn(|a| {
+                let r = r0.add(a * w);
+                let (lo, hi) = (_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(half)));
+                [
+                    _mm512_permutex2var_ps(lo, even, hi),
+                    _mm512_permutex2var_ps(lo, odd, hi),
+                ]
+            });
+            // Row r of q = A d (4×2), then row r of Z = q Aᵀ (4×4); A = [1 0; 1 1; 1 −1; 0 −1].
+            for r in 0..4 {
+                let qr: [__m512; 2] = std::array::from_fn(|b| {
+                    let (d0, d1) = (d[0][b], d[1][b]);
+                    match r {
+                        0 => d0,
+                        1 => _mm512_add_ps(d0, d1),
+                        2 => _mm512_sub_ps(d0, d1),
+                        _ => _mm512_sub_ps(zero, d1),
+                    }
+                });
+                let row = [
+                    qr[0],
+                    _mm512_add_ps(qr[0], qr[1]),
+                    _mm512_sub_ps(qr[0], qr[1]),
+                    _mm512_sub_ps(zero, qr[1]),
+                ];
+                for (s, &val) in row.iter().enumerate() {
+                    let xi = r * 4 + s;
+                    _mm512_storeu_ps(z.add((xi * n_out + o) * stride + cols[j]), val);
+                }
+            }
+        }
+    }
+}
+
+/// `du[o][ci] += Σ_tiles Z[o][tile] · V[ci][tile]` for one ξ over the first `k` columns (a
+/// multiple of 16) of rows `stride` apart, [`MR`] output × [`NC`] input channels per register
+/// tile, each sum reduced over its 16 lanes at the end.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_products(
+    (z, v, stride, k): (*const f32, *const f32, usize, usize),
+    (n_out, c): (usize, usize),
+    du: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    for ot in 0..n_out.div_ceil(MR) {
+        let orow: [*const f32; MR] =
+            std::array::from_fn(|i| z.add((ot * MR + i).min(n_out - 1) * stride));
+        for ct in 0..c.div_ceil(NC) {
+            let crow: [*const f32; NC] =
+                std::array::from_fn(|j| v.add((ct * NC + j).min(c - 1) * stride));
+            let mut acc = [[_mm512_setzero_ps(); NC]; MR];
+            for t in (0..k).step_by(LANES) {
+                let zs: [__m512; MR] = std::array::from_fn(|i| _mm512_loadu_ps(orow[i].add(t)));
+                let vs: [__m512; NC] = std::array::from_fn(|j| _mm512_loadu_ps(crow[j].add(t)));
+                for (row, &zi) in acc.iter_mut().zip(&zs) {
+                    for (a, &vj) in row.iter_mut().zip(&vs) {
+                        *a = _mm512_fmadd_ps(zi, vj, *a);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate().take(n_out - ot * MR) {
+                for (j, &a) in row.iter().enumerate().take(c - ct * NC) {
+                    du[(ot * MR + i) * c + ct * NC + j] += _mm512_reduce_add_ps(a);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_transform(
+    _: (*const f32, usize, usize, usize, usize),
+    _: &[(usize, usize); 4],
+    _: (*mut f32, usize, [usize; 4]),
+) {
+    unreachable!("Winograd convolution is only dispatched on x86-64 (see `available`)")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn weight_products(
+    _: (*const f32, *const f32, usize, usize),
+    _: (usize, usize),
+    _: &mut [f32],
+) {
+    unreachable!("Winograd convolution is only dispatched on x86-64 (see `available`)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// The Winograd weight and bias gradients equal the direct kernel's, with the whole layer
+    /// in one chunk (16 px: two rows of 8 tiles per vector) and in many (64 px, 64 channels:
+    /// one ξ's slice over all tiles would outgrow L2).
+    #[test]
+    fn weight_gradient_matches_the_direct_kernel_in_one_chunk_and_in_many() {
+        for (c, n_out, b, hw) in [(8, 13, 2, 16), (64, 7, 2, 64)] {
+            let g = Geom {
+                c,
+                b,
+                h: hw,
+                w: hw,
+                k: 3,
+                pad: 1,
+            };
+            if !available(&g) {
+                return; // not an AVX-512 machine: nothing dispatches here
+            }
+            let plane = b * hw * hw;
+            let (x, gy) = (values(c * plane, 1), values(n_out * plane, 2));
+            for relu in [false, true] {
+                let (dw, db) = weight_grad(&g, &x, relu, &gy, n_out);
+                let (rw, rb) = super::super::direct::weight_grad_direct(&g, &x, relu, &gy, n_out);
+                let scale = rw.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let err = dw
+                    .iter()
+                    .zip(&rw)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{c}→{n_out} at {hw} px: dW off by {err} (of {scale})"
+                );
+                let err = db
+                    .iter()
+                    .zip(&rb)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{c}→{n_out} at {hw} px: db off by {err}"
+                );
+            }
+        }
+    }
+
+    /// The kernel transform and its adjoint: ⟨G g Gᵀ, u⟩ = ⟨g, Gᵀ u G⟩.
+    #[test]
+    fn kernel_transform_and_its_gradient_are_adjoint() {
+        let g: [f32; 9] = std::array::from_fn(|i| i as f32 * 0.37 - 1.1);
+        let u: [f32; XI] = std::array::from_fn(|i| (i as f32 * 0.61).sin());
+        let lhs: f32 = g_g_transposed(&g).iter().zip(&u).map(|(a, b)| a * b).sum();
+        let rhs: f32 = g
+            .iter()
+            .zip(&g_transposed_u_g(&u))
+            .map(|(a, b)| a * b)
+            .sum();
+        assert!(
+            (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+    }
 }
