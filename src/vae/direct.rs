@@ -238,10 +238,48 @@ pub(crate) enum Epilogue<'a> {
 /// [`Epilogue`] as the register tile sees it: the slice's first element for the tile's first
 /// channel.
 #[derive(Clone, Copy)]
-enum TileEpilogue {
+pub(super) enum TileEpilogue {
     Store,
     Mask(*const f32),
     Residual(*const f32, f32),
+}
+
+impl TileEpilogue {
+    /// The tile's epilogue for output channels from `first` (the offset of the tile's first
+    /// channel's plane).
+    pub(super) fn at(epilogue: Epilogue, first: usize) -> Self {
+        match epilogue {
+            Epilogue::Store => Self::Store,
+            Epilogue::Mask(m) => Self::Mask(m[first..].as_ptr()),
+            Epilogue::Residual(id, gain) => Self::Residual(id[first..].as_ptr(), gain),
+        }
+    }
+
+    /// 16 output values `v` at offset `at` from the tile's first channel, through the epilogue.
+    ///
+    /// # Safety
+    /// AVX-512F; `at + 16` is inside the epilogue's slice.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn apply16(
+        self,
+        v: std::arch::x86_64::__m512,
+        at: usize,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        match self {
+            Self::Store => v,
+            Self::Mask(m) => {
+                let keep =
+                    _mm512_cmp_ps_mask(_mm512_loadu_ps(m.add(at)), _mm512_setzero_ps(), _CMP_GT_OQ);
+                _mm512_maskz_mov_ps(keep, v)
+            }
+            Self::Residual(id, gain) => {
+                _mm512_fmadd_ps(_mm512_set1_ps(gain), v, _mm512_loadu_ps(id.add(at)))
+            }
+        }
+    }
 }
 
 /// The weight `(n_out, c, k, k)` regrouped as tiles of [`MR`] output channels: for tile `o`,
@@ -301,9 +339,6 @@ pub(crate) fn forward(
     n_out: usize,
     epilogue: Epilogue,
 ) -> Vec<f32> {
-    if super::winograd::available(g) {
-        return super::winograd::forward(g, x, relu, w, bias, n_out, epilogue);
-    }
     let row = g.c * g.k * g.k;
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == g.c * plane && w.len() == n_out * row);
@@ -311,6 +346,9 @@ pub(crate) fn forward(
     match epilogue {
         Epilogue::Mask(m) | Epilogue::Residual(m, _) => assert_eq!(m.len(), n_out * plane),
         Epilogue::Store => {}
+    }
+    if super::winograd::available(g) {
+        return super::winograd::forward(g, x, relu, w, bias, n_out, epilogue);
     }
     let wide = wide(g);
     let (mr, lanes) = if wide { (MR_WIDE, 16) } else { (MR, 8) };
@@ -341,13 +379,7 @@ pub(crate) fn forward(
                 }
                 let valid = (n_out - t * mr).min(mr);
                 let first = t * mr * plane;
-                let epi = match epilogue {
-                    Epilogue::Store => TileEpilogue::Store,
-                    Epilogue::Mask(m) => TileEpilogue::Mask(m[first..].as_ptr()),
-                    Epilogue::Residual(id, gain) => {
-                        TileEpilogue::Residual(id[first..].as_ptr(), gain)
-                    }
-                };
+                let epi = TileEpilogue::at(epilogue, first);
                 for v0 in (0..vecs).step_by(NV) {
                     // A short last tile repeats the band's last vector: written twice, same value.
                     let pos: [(usize, usize); NV] =
@@ -452,21 +484,7 @@ unsafe fn tile_forward_wide(
     for (i, row) in acc.iter().enumerate().take(valid) {
         for (j, &a) in row.iter().enumerate() {
             let at = i * plane + pos[j].1;
-            let v = match epilogue {
-                TileEpilogue::Store => a,
-                TileEpilogue::Mask(m) => {
-                    let keep = _mm512_cmp_ps_mask(
-                        _mm512_loadu_ps(m.add(at)),
-                        _mm512_setzero_ps(),
-                        _CMP_GT_OQ,
-                    );
-                    _mm512_maskz_mov_ps(keep, a)
-                }
-                TileEpilogue::Residual(id, gain) => {
-                    _mm512_fmadd_ps(_mm512_set1_ps(gain), a, _mm512_loadu_ps(id.add(at)))
-                }
-            };
-            _mm512_storeu_ps(out.add(at), v);
+            _mm512_storeu_ps(out.add(at), epilogue.apply16(a, at));
         }
     }
 }

@@ -20,7 +20,7 @@
 //! The transforms use only ±1 and ½, so the rounding differs from the direct sum by a few ulps
 //! of the operands' magnitude; the same inputs give the same outputs on any number of threads.
 
-use super::direct::{for_units, Epilogue, Geom, Shared};
+use super::direct::{for_units, Epilogue, Geom, Shared, TileEpilogue};
 
 /// Output channels per register tile.
 const MR: usize = 6;
@@ -36,6 +36,64 @@ fn tile_rows(g: &Geom) -> usize {
         2
     } else {
         1
+    }
+}
+
+/// Rows per work unit: the direct kernels' band, cut to whole vectors of tiles (a multiple of 2
+/// rows, of 4 at 16 px).
+fn unit_rows(g: &Geom) -> usize {
+    let step = 2 * tile_rows(g);
+    (g.band_rows() / step * step).max(step)
+}
+
+/// A unit's vectors of 16 tiles.
+struct Vectors {
+    /// Vectors in the unit.
+    count: usize,
+    per_row: usize,
+    tr: usize,
+    pw: usize,
+    /// Offset of the unit's first pixel in an output plane.
+    out0: usize,
+    w: usize,
+    /// From a vector's first tile to its ninth: in the band, in an output plane.
+    halves: (usize, usize),
+}
+
+impl Vectors {
+    fn new(g: &Geom, (img, y0, rows): (usize, usize, usize)) -> Self {
+        let tr = tile_rows(g);
+        let per_row = (g.w / 2 * tr).div_ceil(LANES);
+        let pw = g.padded_width();
+        Vectors {
+            count: rows / (2 * tr) * per_row,
+            per_row,
+            tr,
+            pw,
+            out0: (img * g.h + y0) * g.w,
+            w: g.w,
+            halves: if tr == 2 {
+                (2 * pw, 2 * g.w)
+            } else {
+                (LANES, LANES)
+            },
+        }
+    }
+
+    /// Vector p's first tile: the offset of its first input pixel in the band and of its first
+    /// output pixel in an output plane.
+    fn at(&self, p: usize) -> (usize, usize) {
+        let (ty, tx) = (p / self.per_row * self.tr, p % self.per_row * LANES);
+        (
+            2 * ty * self.pw + 2 * tx,
+            self.out0 + 2 * ty * self.w + 2 * tx,
+        )
+    }
+
+    /// The `N` vectors from `p0`: a short last block repeats the unit's last vector (written
+    /// twice, with the same value).
+    fn block<const N: usize>(&self, p0: usize) -> [usize; N] {
+        std::array::from_fn(|j| (p0 + j).min(self.count - 1))
     }
 }
 
@@ -113,8 +171,8 @@ fn g_transposed_u_g(u: &[f32; XI]) -> [f32; 9] {
 }
 
 /// `out (n_out, b, h, w) = W ⊛ relu?(x) + bias` for a 3×3 kernel with padding 1, passed through
-/// `epilogue` as it is stored: [`super::direct::forward`]'s contract, for the geometries of
-/// [`available`].
+/// `epilogue` as it is stored: [`super::direct::forward`]'s contract (which checks the lengths),
+/// for the geometries of [`available`].
 pub(crate) fn forward(
     g: &Geom,
     x: &[f32],
@@ -124,17 +182,13 @@ pub(crate) fn forward(
     n_out: usize,
     epilogue: Epilogue,
 ) -> Vec<f32> {
-    let c = g.c;
-    let plane = g.b * g.h * g.w;
-    assert!(available(g) && x.len() == c * plane && w.len() == n_out * c * 9);
-    assert!(bias.is_none_or(|b| b.len() == n_out));
-    match epilogue {
-        Epilogue::Mask(m) | Epilogue::Residual(m, _) => assert_eq!(m.len(), n_out * plane),
-        Epilogue::Store => {}
-    }
+    assert!(
+        available(g),
+        "Winograd convolution of an unsupported geometry {g:?}"
+    );
     // Few channels: 4 vectors per block (the direct kernel's tile); many: 2, so that the
     // transformed block (16 · c · 16·NV floats) stays within L2 next to the band.
-    if c <= 64 {
+    if g.c <= 64 {
         run::<4>(g, x, relu, w, bias, n_out, epilogue)
     } else {
         run::<2>(g, x, relu, w, bias, n_out, epilogue)
@@ -159,10 +213,7 @@ fn run<const NV: usize>(
     let len = n_out * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = Shared(out.spare_capacity_mut().as_mut_ptr().cast());
-    // Units of whole vectors: 2 or 4 rows at a time.
-    let tr = tile_rows(g);
-    let step = 2 * tr;
-    let rows = (g.band_rows() / step * step).max(step);
+    let rows = unit_rows(g);
     let band_len = g.band_len(rows);
     let v_len = XI * c * NV * LANES;
     let m_len = XI * MR * NV * LANES;
@@ -179,25 +230,10 @@ fn run<const NV: usize>(
             let (v, m) = rest[skip..].split_at_mut(v_len);
             g.fill_band(x, (img, y0, rows), relu, band);
             let band_plane = (rows + 2) * pw;
-            let per_row = (g.w / 2 * tr).div_ceil(LANES);
-            let vecs = rows / step * per_row;
-            // Vector p: offsets of its tiles' first input pixel in the band, and of their first
-            // output pixel in an output plane; its second half starts `halves` further on.
-            let at = |p: usize| {
-                let (ty, tx) = (p / per_row * tr, p % per_row * LANES);
-                (
-                    2 * ty * pw + 2 * tx,
-                    (img * g.h + y0 + 2 * ty) * g.w + 2 * tx,
-                )
-            };
-            let halves = if tr == 2 {
-                (2 * pw, 2 * g.w)
-            } else {
-                (LANES, LANES)
-            };
-            for p0 in (0..vecs).step_by(NV) {
-                // A short last block repeats the unit's last vector: written twice, same value.
-                let pos: [(usize, usize); NV] = std::array::from_fn(|j| at((p0 + j).min(vecs - 1)));
+            let vs = Vectors::new(g, (img, y0, rows));
+            let halves = vs.halves;
+            for p0 in (0..vs.count).step_by(NV) {
+                let pos = vs.block::<NV>(p0).map(|p| vs.at(p));
                 // SAFETY: `available` checked AVX-512; a vector's tiles read band columns
                 // 2·tx .. 2·tx + 33 ≤ w + 1 (16 px: 0 .. 17) of rows 2·ty .. 2·ty + 3 (16 px:
                 // + 5) ≤ rows + 1, inside the band; `v` and `m` have the lengths the kernels
@@ -214,13 +250,7 @@ fn run<const NV: usize>(
                         products::<NV>(wt, tiles * c * MR, c, v.as_ptr(), m.as_mut_ptr());
                         let valid = (n_out - t * MR).min(MR);
                         let out = (dst.at(t * MR * plane), plane, valid, g.w, halves.1);
-                        let epi = match epilogue {
-                            Epilogue::Store => Epi::Store,
-                            Epilogue::Mask(s) => Epi::Mask(s[t * MR * plane..].as_ptr()),
-                            Epilogue::Residual(s, gain) => {
-                                Epi::Residual(s[t * MR * plane..].as_ptr(), gain)
-                            }
-                        };
+                        let epi = TileEpilogue::at(epilogue, t * MR * plane);
                         output_transform::<NV>(m.as_ptr(), &bias[t * MR..], &pos, out, epi);
                     }
                 }
@@ -232,14 +262,6 @@ fn run<const NV: usize>(
     // pixel of their rows, so all `len` values are written.
     unsafe { out.set_len(len) };
     out
-}
-
-/// The epilogue as the output transform sees it: its slice from the tile's first channel.
-#[derive(Clone, Copy)]
-enum Epi {
-    Store,
-    Mask(*const f32),
-    Residual(*const f32, f32),
 }
 
 /// `V[ξ][ci][tile] = (Bᵀ d B)[ξ]` for the 16·NV tiles of `pos` (band offsets) of every input
@@ -340,7 +362,7 @@ unsafe fn output_transform<const NV: usize>(
     bias: &[f32],
     pos: &[(usize, usize); NV],
     (out, plane, valid, w, half): (*mut f32, usize, usize, usize, usize),
-    epilogue: Epi,
+    epilogue: TileEpilogue,
 ) {
     use std::arch::x86_64::*;
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -367,21 +389,7 @@ unsafe fn output_transform<const NV: usize>(
                 for (h, idx) in [lo, hi].into_iter().enumerate() {
                     let at = row + h * half;
                     let y = _mm512_permutex2var_ps(y0, idx, y1);
-                    let y = match epilogue {
-                        Epi::Store => y,
-                        Epi::Mask(mask) => {
-                            let keep = _mm512_cmp_ps_mask(
-                                _mm512_loadu_ps(mask.add(at)),
-                                _mm512_setzero_ps(),
-                                _CMP_GT_OQ,
-                            );
-                            _mm512_maskz_mov_ps(keep, y)
-                        }
-                        Epi::Residual(id, gain) => {
-                            _mm512_fmadd_ps(_mm512_set1_ps(gain), y, _mm512_loadu_ps(id.add(at)))
-                        }
-                    };
-                    _mm512_storeu_ps(out.add(at), y);
+                    _mm512_storeu_ps(out.add(at), epilogue.apply16(y, at));
                 }
             }
         }
@@ -410,7 +418,7 @@ unsafe fn output_transform<const NV: usize>(
     _: &[f32],
     _: &[(usize, usize); NV],
     _: (*mut f32, usize, usize, usize, usize),
-    _: Epi,
+    _: TileEpilogue,
 ) {
     unreachable!("Winograd convolution is only dispatched on x86-64 (see `available`)")
 }
@@ -460,9 +468,7 @@ pub(crate) fn weight_grad(
     let plane = g.b * g.h * g.w;
     assert!(available(g) && x.len() == c * plane && gy.len() == n_out * plane);
     let pw = g.padded_width();
-    let tr = tile_rows(g);
-    let step = 2 * tr;
-    let rows = (g.band_rows() / step * step).max(step);
+    let rows = unit_rows(g);
     let units = g.units(rows);
     // Every unit's rows are a multiple of 2·tr and its tile rows fill whole vectors, so each
     // unit has a multiple of 16 tiles.
@@ -498,23 +504,11 @@ pub(crate) fn weight_grad(
                      col0: usize| {
         g.fill_band(x, (img, y0, rows), relu, band);
         let band_plane = (rows + 2) * pw;
-        let per_row = (g.w / 2 * tr).div_ceil(LANES);
-        let vecs = rows / step * per_row;
-        let at = |p: usize| {
-            let (ty, tx) = (p / per_row * tr, p % per_row * LANES);
-            (
-                2 * ty * pw + 2 * tx,
-                (img * g.h + y0 + 2 * ty) * g.w + 2 * tx,
-            )
-        };
-        let halves = if tr == 2 {
-            (2 * pw, 2 * g.w)
-        } else {
-            (LANES, LANES)
-        };
-        for p0 in (0..vecs).step_by(4) {
-            let p: [usize; 4] = std::array::from_fn(|j| (p0 + j).min(vecs - 1));
-            let pos = p.map(at);
+        let vs = Vectors::new(g, (img, y0, rows));
+        let halves = vs.halves;
+        for p0 in (0..vs.count).step_by(4) {
+            let p = vs.block::<4>(p0);
+            let pos = p.map(|p| vs.at(p));
             let cols = p.map(|p| col0 + p * LANES);
             // SAFETY: AVX-512 checked by `available`; band reads as in `forward`; the gradient
             // reads are the output pixels `forward` writes; the unit's columns col0 .. col0 +
