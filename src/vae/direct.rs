@@ -67,12 +67,13 @@ impl Geom {
             .collect()
     }
 
-    /// Offset of each (input channel, tap) pair in a padded band, in the order of a weight row
-    /// `(c, k, k)`.
+    /// Floats in the padded band of a unit of `band_rows` rows.
     pub(super) fn band_len(&self, band_rows: usize) -> usize {
         self.c * (band_rows + 2 * self.pad) * self.padded_width()
     }
 
+    /// Offset of each (input channel, tap) pair in a padded band, in the order of a weight row
+    /// `(c, k, k)`.
     fn tap_offsets(&self, band_rows: usize) -> Vec<usize> {
         let (pw, k) = (self.padded_width(), self.k);
         let plane = (band_rows + 2 * self.pad) * pw;
@@ -134,7 +135,8 @@ pub(crate) fn available(g: &Geom) -> bool {
 /// A raw pointer that worker threads may share: each writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(super) struct Shared(pub(super) *mut f32);
-// SAFETY: only used by `forward`, whose work units write disjoint pixels.
+// SAFETY: only used where parallel work units write disjoint elements (the outputs of
+// `forward`, the transformed tiles' columns of `winograd::weight_grad`).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
@@ -152,18 +154,16 @@ impl Shared {
 /// taken whole by one worker, in unit order; the states come back in group order. So sums kept in
 /// the states come out the same whichever worker took which run and however many cores there
 /// are: training is reproducible (and resumes bit for bit). Each worker has one `buffer_len`
-/// buffer for the padded bands (and whatever scratch space `f` needs), and calls `finish` on
-/// each run's state after its last unit.
+/// buffer for the padded bands (and whatever scratch space `f` needs).
 pub(super) fn for_units<S: Send>(
     units: Vec<(usize, usize, usize)>,
     buffer_len: usize,
     groups: usize,
     init: impl Fn() -> S + Sync,
     f: impl Fn(&mut S, (usize, usize, usize), &mut [f32]) + Sync,
-    finish: impl Fn(&mut S, &mut [f32]) + Sync,
 ) -> Vec<S> {
     let groups = groups.clamp(1, units.len().max(1));
-    let run = |gi: usize| &units[group_range(units.len(), groups, gi)];
+    let run = |gi: usize| &units[gi * units.len() / groups..(gi + 1) * units.len() / groups];
     let next = AtomicUsize::new(0);
     let work = || {
         let mut done = Vec::new();
@@ -176,7 +176,6 @@ pub(super) fn for_units<S: Send>(
             for &u in run(gi) {
                 f(&mut state, u, band);
             }
-            finish(&mut state, band);
             done.push((gi, state));
         });
         done
@@ -213,11 +212,6 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
         }
         Err(_) => f(&mut vec![0f32; len]),
     })
-}
-
-/// The units of run `gi` of `groups` runs over `len` units (as even as integers allow).
-pub(super) fn group_range(len: usize, groups: usize, gi: usize) -> std::ops::Range<usize> {
-    gi * len / groups..(gi + 1) * len / groups
 }
 
 /// Runs of units whose weight-gradient partial sums are kept apart (see [`for_units`]): enough to
@@ -401,7 +395,6 @@ pub(crate) fn forward(
                 }
             }
         },
-        |_, _| {},
     );
     // SAFETY: the units cover every (image, row) once and store every channel of every pixel
     // of their rows, so all `len` values are written.
@@ -578,7 +571,6 @@ pub(crate) fn weight_grad_direct(
                 }
             }
         },
-        |_, _| {},
     );
     let (mut dw, mut db) = (vec![0f32; n_out * row], vec![0f32; n_out]);
     for (pdw, pdb) in parts {

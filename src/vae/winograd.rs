@@ -256,7 +256,6 @@ fn run<const NV: usize>(
                 }
             }
         },
-        |_, _| {},
     );
     // SAFETY: the units cover every (image, row pair) once and store every channel of every
     // pixel of their rows, so all `len` values are written.
@@ -452,10 +451,12 @@ thread_local! {
 /// `y = Aᵀ [U ⊙ V] A` per tile with `U = G g Gᵀ`, so `∂L/∂U = Σ_tiles (A ∂y Aᵀ) ⊙ V` and
 /// `∂L/∂g = Gᵀ (∂L/∂U) G`: per ξ, a product of the transformed output gradient `Z (n_out ×
 /// tiles)` with the transformed input `V (c × tiles)` over the tiles, 16 multiply-adds per tile
-/// and channel pair where the direct kernel takes 36. The tiles go in chunks of consecutive
-/// units ([`CHUNK_BYTES`]): the units' transforms spread over the cores, then the 16 ξ's
-/// products, each sum reduced over its 16 lanes once per chunk and added to its ξ's partial
-/// gradient in chunk order — so the result does not depend on the number of threads.
+/// and channel pair where the direct kernel takes 36. A layer whose transformed tiles fit
+/// [`ONE_CHUNK_BYTES`] (and one ξ's input slice [`SLICE_BYTES`]) is transformed at once, its
+/// units spread over the cores, and its 16 products then split among them; a larger one goes in
+/// chunks of consecutive units ([`CHUNK_BYTES`], at least [`CHUNK_TILES`]), one chunk per core
+/// at a time with partial sums of its own, added in chunk order. Each sum is reduced over its 16
+/// lanes once per chunk. Either way the result does not depend on the number of threads.
 pub(crate) fn weight_grad(
     g: &Geom,
     x: &[f32],
@@ -470,8 +471,8 @@ pub(crate) fn weight_grad(
     let pw = g.padded_width();
     let rows = unit_rows(g);
     let units = g.units(rows);
-    // Every unit's rows are a multiple of 2·tr and its tile rows fill whole vectors, so each
-    // unit has a multiple of 16 tiles.
+    // Every unit's rows are a multiple of 2 (of 4 at 16 px) and its tile rows fill whole
+    // vectors, so each unit has a multiple of 16 tiles.
     let tiles_of = |u: &(usize, usize, usize)| u.2 / 2 * g.w / 2;
     let first_tile = |u: &(usize, usize, usize)| (u.0 * g.h + u.1) / 2 * (g.w / 2);
     let per_tile = XI * (c + n_out) * 4;
@@ -590,7 +591,6 @@ pub(crate) fn weight_grad(
                     usize::MAX,
                     || (),
                     |_, u, band| transform(u, band, vr, zr, first_tile(&u) - base),
-                    |_, _| {},
                 );
                 let k: usize = chunk.iter().map(tiles_of).sum();
                 let (v, z) = (&*v, &*z);
