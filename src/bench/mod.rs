@@ -59,6 +59,10 @@ pub struct DecodeRow {
     pub first_step_s: f64,
     pub middle_step_s: f64,
     pub last_step_s: f64,
+    /// The last image step ÷ the first (each the median of its [`WINDOW`]), the median over
+    /// every pass: a hiccup in one pass's last steps does not decide whether the step cost is
+    /// flat (session 11: 1.56 from one pass's 21 ms steps, 1.07 when rerun).
+    pub last_over_first: f64,
     /// Prefill + every image step with the KV cache (no sampling), seconds.
     pub transformer_s: f64,
     /// The dVAE decoder on the whole batch, seconds.
@@ -181,6 +185,21 @@ impl DecodeRow {
         self.middle_floor_s = floors[n / 2];
         self.middle_floor_fraction = self.middle_floor_s / self.middle_step_s;
         self.ceilings = c;
+        self.last_over_first = last_over_first(&self.pass_log, n);
+    }
+}
+
+/// The median over `log`'s passes of last ÷ first image step (NaN for no passes).
+fn last_over_first(log: &[Pass], n: usize) -> f64 {
+    let mut r: Vec<f64> = log
+        .iter()
+        .map(|p| window(&p.steps, n - 1) / window(&p.steps, 0))
+        .collect();
+    r.sort_by(f64::total_cmp);
+    match r.len() {
+        0 => f64::NAN,
+        l if l % 2 == 1 => r[l / 2],
+        l => 0.5 * (r[l / 2 - 1] + r[l / 2]),
     }
 }
 
@@ -279,6 +298,7 @@ pub fn measure(
         first_step_s: window(&steps, 0),
         middle_step_s: window(&steps, n / 2),
         last_step_s: window(&steps, n - 1),
+        last_over_first: last_over_first(&log, n),
         transformer_s,
         dvae_decode_s,
         whole_image_s: transformer_s + dvae_decode_s,
@@ -346,6 +366,22 @@ mod tests {
         let floor: f64 = (t..t + n).map(|p| bytes(p) / 10e9).sum();
         assert!((row.decode_floor_s - floor).abs() < 1e-12 * floor.max(1.0));
         assert!((row.decode_floor_fraction - floor / (n as f64 * 2e-3)).abs() < 1e-9);
+    }
+
+    /// Last ÷ first is the median over the passes: one pass with slow last steps (a hiccup)
+    /// does not decide it, whichever pass the row reports.
+    #[test]
+    fn last_over_first_is_the_median_over_passes() {
+        let flat = |v: f64| Pass {
+            steps: vec![v; 20],
+            ..Pass::default()
+        };
+        let mut hiccup = flat(1.0);
+        hiccup.steps[15..].fill(1.6);
+        let log = [flat(1.0), hiccup.clone(), flat(2.0)];
+        assert_eq!(last_over_first(&log, 20), 1.0);
+        assert!((last_over_first(&[flat(1.0), hiccup], 20) - 1.3).abs() < 1e-12);
+        assert!(last_over_first(&[], 20).is_nan());
     }
 
     #[test]
@@ -655,7 +691,7 @@ pub fn table(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\nEach decoding pass is set against the floor of its own moment (memory rates measured just\nbefore and after it); the step times and floors are those of the pass that comes closest to\nits floor, the whole-image figures the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
+        "\nEach decoding pass is set against the floor of its own moment (memory rates measured just\nbefore and after it); the step times and floors are those of the pass that comes closest to\nits floor, last÷first the median over the passes, the whole-image figures the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
     );
     let _ = writeln!(
         s,
@@ -672,7 +708,7 @@ pub fn table(r: &BenchReport) -> String {
             ms(d.first_step_s),
             ms(d.middle_step_s),
             ms(d.last_step_s),
-            d.last_step_s / d.first_step_s,
+            d.last_over_first,
             d.transformer_s,
             d.dvae_decode_s,
             d.image_tokens_per_s,
