@@ -185,7 +185,6 @@ impl DecodeRow {
         self.middle_floor_s = floors[n / 2];
         self.middle_floor_fraction = self.middle_floor_s / self.middle_step_s;
         self.ceilings = c;
-        self.last_over_first = last_over_first(&self.pass_log, n);
     }
 }
 

@@ -203,7 +203,16 @@ thread_local! {
 /// `f` on this thread's scratch buffer of at least `len` floats (contents left by earlier
 /// calls), or on a fresh one if the thread's is in use further up its stack.
 pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    with_buffer(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] on the thread-local buffer `key`.
+pub(super) fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
                 *buf = vec![0f32; len];
@@ -212,6 +221,12 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
         }
         Err(_) => f(&mut vec![0f32; len]),
     })
+}
+
+/// The part of `buf` from its first cache line boundary on (up to 16 floats are skipped).
+pub(super) fn cache_aligned(buf: &mut [f32]) -> &mut [f32] {
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    &mut buf[skip..]
 }
 
 /// Runs of units whose weight-gradient partial sums are kept apart (see [`for_units`]): enough to

@@ -20,7 +20,7 @@
 //! The transforms use only ±1 and ½, so the rounding differs from the direct sum by a few ulps
 //! of the operands' magnitude; the same inputs give the same outputs on any number of threads.
 
-use super::direct::{for_units, Epilogue, Geom, Shared, TileEpilogue};
+use super::direct::{cache_aligned, for_units, with_buffer, Epilogue, Geom, Shared, TileEpilogue};
 
 /// Output channels per register tile.
 const MR: usize = 6;
@@ -226,8 +226,7 @@ fn run<const NV: usize>(
         || (),
         |_, (img, y0, rows), buffer| {
             let (band, rest) = buffer.split_at_mut(band_len);
-            let skip = rest.as_ptr().align_offset(64).min(16);
-            let (v, m) = rest[skip..].split_at_mut(v_len);
+            let (v, m) = cache_aligned(rest).split_at_mut(v_len);
             g.fill_band(x, (img, y0, rows), relu, band);
             let band_plane = (rows + 2) * pw;
             let vs = Vectors::new(g, (img, y0, rows));
@@ -532,19 +531,9 @@ pub(crate) fn weight_grad(
     };
     // The thread's tile buffer (a fresh one if it is in use further up the stack).
     let with_tiles = |f: &mut dyn FnMut(&mut [f32], &mut [f32])| {
-        TILES.with(|cell| {
-            let mut fresh = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let buf = match held.as_deref_mut() {
-                Ok(buf) => buf,
-                Err(_) => &mut fresh,
-            };
-            // V and Z start on a cache line (16 floats), as do their rows.
-            if buf.len() < v_len + z_len + 16 {
-                *buf = vec![0f32; v_len + z_len + 16];
-            }
-            let skip = buf.as_ptr().align_offset(64).min(16);
-            let (v, z) = buf[skip..skip + v_len + z_len].split_at_mut(v_len);
+        // V and Z start on a cache line (16 floats), as do their rows.
+        with_buffer(&TILES, v_len + z_len + 16, |buf| {
+            let (v, z) = cache_aligned(buf)[..v_len + z_len].split_at_mut(v_len);
             f(v, z)
         })
     };
