@@ -13,6 +13,7 @@ use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
 mod decode;
+mod team;
 
 /// Keys and values of every layer for the positions seen so far, in buffers of the whole
 /// sequence's capacity, (b, heads, seq_len, head_dim), of which the first `past_len` positions
@@ -443,14 +444,10 @@ impl Transformer {
         if let Some(cache) = cache {
             self.check_cache(cache, t)?;
             if self.decodes_natively(ids) {
-                // A decoding step runs on one of rayon's threads, so that its parallel kernels
-                // (our matrix-vector kernel, gemm, the attention heads) split their work in
-                // place instead of each handing it to the pool from outside and sleeping until
-                // it is done: ~50 hand-offs per step (8.5 → 6.8 ms per step at batch 1 when the
-                // step was still candle ops). Not for prefill or training: there candle's own
-                // elementwise thread pool then competes with rayon's spinning workers for the
-                // cores (a batch-16 prefill took 1.6 s instead of 0.7 s).
-                return rayon::scope(|_| self.decode_step(ids, cache));
+                // On rayon's threads (see `decode_step`). Not prefill or training: there
+                // candle's own elementwise thread pool then competes with rayon's spinning
+                // workers for the cores (a batch-16 prefill took 1.6 s instead of 0.7 s).
+                return self.decode_step(ids, cache);
             }
             return self.forward_here(ids, Some(cache));
         }
