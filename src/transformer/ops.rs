@@ -355,12 +355,31 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
 /// Mean and 1/√(variance + ε) of one row, summed in f64: a sequential f32 sum of activations
 /// with a large common offset loses enough bits to double the cached-vs-full decoding gap of
 /// the tests' small model (candle's own reduction sums in SIMD lanes, which is more accurate).
+/// Each sum runs in [`LANES`] independent f64 lanes, which the compiler keeps in vector
+/// registers: one chain of dependent f64 adds took ~1.2 µs for a row of 512 (25 rows per
+/// decoding step and sequence, 0.4 ms of a batch-16 step).
 #[inline]
 pub(crate) fn row_moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = lane_sum(x, |v| v as f64) / n;
+    let var = lane_sum(x, |v| (v as f64 - mean).powi(2)) / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// Lanes of [`lane_sum`].
+const LANES: usize = 8;
+
+/// Σ f(v) over `x` in f64, [`LANES`] partial sums added at the end.
+#[inline]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f64>()
 }
 
 /// Layer norm without its affine step, `(x − mean) / √(var + ε)` over the last axis.
