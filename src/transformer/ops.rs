@@ -785,21 +785,6 @@ pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), 
     });
 }
 
-/// [`gemv_rows`] over weights stored in IEEE half precision (as exported with `--fp16`), each
-/// widened to f32 as it is loaded: half the bytes of the f32 pass, and the same sums (every
-/// f16 is exactly an f32; the kernels add in the same order).
-pub(crate) fn gemv_rows_f16(
-    x: &[f32],
-    w: &[half::f16],
-    (m, n, k): (usize, usize, usize),
-    out: &mut [f32],
-) {
-    let dot = pick_dot_f16();
-    gemv_rows_by((m, n), out, |j, i| {
-        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
-    });
-}
-
 /// `out (m, n)` with `out[i][j] = dot(j, i)`, the weight rows `j` split over the cores.
 fn gemv_rows_by((m, n): (usize, usize), out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.

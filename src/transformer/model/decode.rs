@@ -1,7 +1,8 @@
 //! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at the
 //! same position, each layer's small operations (layer norm, attention over the allowed keys,
 //! bias, GELU, residual) as plain loops over per-step buffers, and the weight matrices as
-//! matrix-vector passes ([`ops::gemv_rows`], ≤ 4 rows), the few-rows product
+//! matrix-vector passes shared by a [`Team`] (≤ [`ops::SMALL_ROWS`] rows; f32 weights, or
+//! their f16 copy, see [`Transformer::keep_f16_weights`]), the few-rows product
 //! ([`ops::gemm_few_rows`], ≤ 32) or one matrix product. The same
 //! arithmetic as [`Transformer::forward`] on one position (parity tests compare the two); what
 //! it saves is a step's ~200 tensor allocations and ~15 candle ops per layer, each a pass over
@@ -114,16 +115,6 @@ fn linear(
                 let dot = ops::pick_dot();
                 by_rows(4, &|j, i| dot(row(i), &w[j * k..(j + 1) * k]));
             }
-        }
-        return Ok(());
-    }
-    if m <= ops::SMALL_ROWS {
-        match &lin.half {
-            Some(h) => ops::gemv_rows_f16(x, h.get(), (m, n, k), out),
-            None => ops::gemv_rows(x, w, (m, n, k), out),
-        }
-        for row in out.chunks_exact_mut(n) {
-            row.iter_mut().zip(b).for_each(|(o, &bv)| *o = f(*o + bv));
         }
         return Ok(());
     }
