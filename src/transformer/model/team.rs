@@ -100,11 +100,44 @@ impl Team {
             .store(phase << 32 | parts as u64, Ordering::Release);
         while let Some(run) = self.claim(phase, true) {
             let n = run.len() as u32;
-            run.for_each(job);
+            // A part that panics here must not unwind this thread's frames (which the job
+            // borrows) while a helper is still inside a part of the same job: the phase is
+            // closed, the helpers' runs are waited for, and then the panic goes on.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.for_each(job)));
             self.done.fetch_add(n, Ordering::Release);
+            if let Err(panic) = ran {
+                let skipped = self.close(phase);
+                self.done.fetch_add(skipped, Ordering::Release);
+                self.wait(parts);
+                std::panic::resume_unwind(panic);
+            }
         }
+        self.wait(parts);
+    }
+
+    /// Spins until `parts` parts of the current phase are counted done.
+    fn wait(&self, parts: usize) {
         while self.done.load(Ordering::Acquire) < parts as u32 {
             std::hint::spin_loop();
+        }
+    }
+
+    /// Takes every unclaimed part of `phase` off the counter; returns how many there were.
+    fn close(&self, phase: u64) -> u32 {
+        let mut w = self.word.load(Ordering::Acquire);
+        loop {
+            let (lo, hi) = ((w >> 16) & 0xffff, w & 0xffff);
+            if w >> 32 != phase || lo >= hi {
+                return 0;
+            }
+            let closed = phase << 32 | hi << 16 | hi;
+            match self
+                .word
+                .compare_exchange_weak(w, closed, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return (hi - lo) as u32,
+                Err(now) => w = now,
+            }
         }
     }
 
@@ -236,6 +269,25 @@ mod tests {
             total.load(Ordering::Relaxed)
         });
         assert_eq!(sum, 4950);
+    }
+
+    #[test]
+    fn a_part_that_panics_reaches_the_caller_after_the_other_parts_end() {
+        let finished = AtomicU32::new(0);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Team::run(rayon::current_num_threads() - 1, |team| {
+                team.parallel(64, &|i| {
+                    // The leader claims from the front: part 0 is its first.
+                    assert!(i != 0, "part 0 fails");
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    finished.fetch_add(1, Ordering::Relaxed);
+                });
+            })
+        }));
+        assert!(caught.is_err());
+        // Whatever a helper had claimed was finished before the panic left `parallel`; the
+        // rest of the phase was dropped.
+        assert!(finished.load(Ordering::Relaxed) < 64);
     }
 
     #[test]
