@@ -685,7 +685,8 @@ impl CustomOp3 for ScaleShift {
     }
 }
 
-/// Row counts up to this take [`gemv_rows`]: decoding, one row per sequence.
+/// Row counts up to this are a pass over the weights, one row per sequence: [`gemv_rows`] in
+/// the graph's linear op, a team's matrix-vector pass in a native decoding step.
 pub const SMALL_ROWS: usize = 4;
 
 pub(crate) type Dot = fn(&[f32], &[f32]) -> f32;
@@ -780,13 +781,6 @@ pub(crate) fn pick_dot_f16() -> DotF16 {
 /// it twice more than the product needs: decoding at batch 1 is a pass over the weights.
 pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
     let dot = pick_dot();
-    gemv_rows_by((m, n), out, |j, i| {
-        dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k])
-    });
-}
-
-/// `out (m, n)` with `out[i][j] = dot(j, i)`, the weight rows `j` split over the cores.
-fn gemv_rows_by((m, n): (usize, usize), out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
     let mut out_t = vec![0f32; n * m];
     let per = n.div_ceil(4 * crate::util::threads()).max(16);
@@ -796,8 +790,9 @@ fn gemv_rows_by((m, n): (usize, usize), out: &mut [f32], dot: impl Fn(usize, usi
         .enumerate()
         .for_each(|(c, chunk)| {
             for (jj, o) in chunk.chunks_mut(m.max(1)).enumerate() {
+                let j = c * per + jj;
                 for (i, v) in o.iter_mut().enumerate() {
-                    *v = dot(c * per + jj, i);
+                    *v = dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
                 }
             }
         });

@@ -264,6 +264,32 @@ impl TileEpilogue {
         }
     }
 
+    /// 8 output values `v` at offset `at` from the tile's first channel, through the epilogue.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `at + 8` is inside the epilogue's slice.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn apply8(
+        self,
+        v: std::arch::x86_64::__m256,
+        at: usize,
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        match self {
+            Self::Store => v,
+            Self::Mask(m) => {
+                let keep =
+                    _mm256_cmp_ps(_mm256_loadu_ps(m.add(at)), _mm256_setzero_ps(), _CMP_GT_OQ);
+                _mm256_and_ps(v, keep)
+            }
+            Self::Residual(id, gain) => {
+                _mm256_fmadd_ps(_mm256_set1_ps(gain), v, _mm256_loadu_ps(id.add(at)))
+            }
+        }
+    }
+
     /// 16 output values `v` at offset `at` from the tile's first channel, through the epilogue.
     ///
     /// # Safety
@@ -448,18 +474,7 @@ unsafe fn tile_forward(
     for (i, row) in acc.iter().enumerate().take(valid) {
         for (j, &a) in row.iter().enumerate() {
             let at = i * plane + pos[j].1;
-            let v = match epilogue {
-                TileEpilogue::Store => a,
-                TileEpilogue::Mask(m) => {
-                    let keep =
-                        _mm256_cmp_ps(_mm256_loadu_ps(m.add(at)), _mm256_setzero_ps(), _CMP_GT_OQ);
-                    _mm256_and_ps(a, keep)
-                }
-                TileEpilogue::Residual(id, gain) => {
-                    _mm256_fmadd_ps(_mm256_set1_ps(gain), a, _mm256_loadu_ps(id.add(at)))
-                }
-            };
-            _mm256_storeu_ps(out.add(at), v);
+            _mm256_storeu_ps(out.add(at), epilogue.apply8(a, at));
         }
     }
 }

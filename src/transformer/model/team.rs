@@ -50,7 +50,7 @@ impl<T> std::ops::Deref for Line<T> {
 unsafe impl Sync for Team {}
 
 /// Most parts one phase may have (they are counted in 16 bits of `word`).
-pub(super) const MAX_PARTS: usize = u16::MAX as usize;
+const MAX_PARTS: usize = u16::MAX as usize;
 
 impl Team {
     /// Runs `f` on this thread as the leader, with a helper spawned for each other thread of
@@ -124,34 +124,32 @@ impl Team {
 
     /// Takes every unclaimed part of `phase` off the counter; returns how many there were.
     fn close(&self, phase: u64) -> u32 {
-        let mut w = self.word.load(Ordering::Acquire);
-        loop {
-            let (lo, hi) = ((w >> 16) & 0xffff, w & 0xffff);
-            if w >> 32 != phase || lo >= hi {
-                return 0;
-            }
-            let closed = phase << 32 | hi << 16 | hi;
-            match self
-                .word
-                .compare_exchange_weak(w, closed, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return (hi - lo) as u32,
-                Err(now) => w = now,
-            }
-        }
+        self.take(phase, true, |left| left)
+            .map_or(0, |run| run.len() as u32)
     }
 
     /// Claims the next unclaimed parts of `phase`, from the front or from the back: a share of
     /// what is left (guided scheduling), so that a phase takes a handful of claims, each one
     /// exchange of a cache line between the cores, and still ends on single parts.
     fn claim(&self, phase: u64, front: bool) -> Option<std::ops::Range<usize>> {
+        self.take(phase, front, |left| left.div_ceil(self.share))
+    }
+
+    /// Takes `how_many(left)` of the `left` unclaimed parts of `phase` from one end of the
+    /// counter; None when the phase is over or another.
+    fn take(
+        &self,
+        phase: u64,
+        front: bool,
+        how_many: impl Fn(u64) -> u64,
+    ) -> Option<std::ops::Range<usize>> {
         let mut w = self.word.load(Ordering::Acquire);
         loop {
             let (lo, hi) = ((w >> 16) & 0xffff, w & 0xffff);
             if w >> 32 != phase || lo >= hi {
                 return None;
             }
-            let take = (hi - lo).div_ceil(self.share);
+            let take = how_many(hi - lo);
             let (next, parts) = if front {
                 (w + (take << 16), lo..lo + take)
             } else {
