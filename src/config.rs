@@ -25,12 +25,28 @@ pub struct VaeConfig {
     pub n_init: usize,
     /// Image channels (RGB: 3).
     pub channels: usize,
+    /// Scale of every residual branch. `None` is `dall_e`'s 1 / n_layers² (n_layers = blocks in
+    /// all groups), which keeps OpenAI's weights loading unchanged; configs without the field get it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_gain: Option<f64>,
 }
 
 impl VaeConfig {
     /// Pixels per token along one side.
     pub fn downsample(&self) -> usize {
         1 << (self.group_count - 1)
+    }
+
+    /// The residual branches' scale: [`VaeConfig::post_gain`] or `dall_e`'s 1 / n_layers².
+    pub fn post_gain(&self) -> f64 {
+        self.post_gain
+            .unwrap_or_else(|| Self::dall_e_post_gain(self.group_count, self.n_blk_per_group))
+    }
+
+    /// `dall_e`'s residual scale, 1 / n_layers² with n_layers = `group_count · n_blk_per_group`.
+    pub fn dall_e_post_gain(group_count: usize, n_blk_per_group: usize) -> f64 {
+        let n = (group_count * n_blk_per_group) as f64;
+        1.0 / (n * n)
     }
 
     /// Width of group `g` (1-based).
@@ -57,6 +73,14 @@ impl VaeConfig {
                 "vae.group_count",
                 format!("must be at most 8 (got {})", self.group_count),
             ));
+        }
+        if let Some(g) = self.post_gain {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(Error::config(
+                    "vae.post_gain",
+                    format!("must be a positive number (got {g})"),
+                ));
+            }
         }
         if !self.n_hid.is_multiple_of(4) {
             return Err(Error::config(
@@ -179,7 +203,7 @@ pub struct Config {
 }
 
 /// Names accepted by [`Config::preset`].
-pub const PRESETS: [&str; 3] = ["tiny", "small", "paper"];
+pub const PRESETS: [&str; 4] = ["tiny", "shapes", "small", "paper"];
 
 impl Config {
     /// One of the named presets (see `PRESETS`).
@@ -188,6 +212,13 @@ impl Config {
             "tiny" => (
                 geom(64, 8, 512, 32, 1024),
                 vae(4, 32, 1, 512, 64),
+                tf(128, 4, 4, 11),
+            ),
+            // The bundled model: `tiny`'s transformer over a 16×16 grid of an f4 dVAE (three
+            // groups), since an f8 token of a 64-px image cannot carry an 8–10 px shape.
+            "shapes" => (
+                geom(64, 16, 512, 32, 1024),
+                vae(3, 64, 1, 512, 64),
                 tf(128, 4, 4, 11),
             ),
             "small" => (
@@ -308,6 +339,7 @@ fn vae(
         vocab_size,
         n_init,
         channels: 3,
+        post_gain: None,
     }
 }
 
@@ -335,7 +367,7 @@ mod tests {
     fn unknown_preset_lists_valid_ones() {
         let e = Config::preset("huge").unwrap_err().to_string();
         assert!(
-            e.contains("huge") && e.contains("tiny, small, paper"),
+            e.contains("huge") && e.contains("tiny, shapes, small, paper"),
             "{e}"
         );
     }
@@ -359,6 +391,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("transformer.d_model"));
+    }
+
+    #[test]
+    fn post_gain_defaults_to_dall_e_and_old_configs_load() {
+        let c = Config::preset("shapes").unwrap();
+        assert_eq!(c.vae.post_gain, None);
+        assert!((c.vae.post_gain() - 1.0 / 9.0).abs() < 1e-15);
+        // A config written before the field existed reads as dall_e's value and writes back
+        // without the field.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(!text.contains("post_gain"), "{text}");
+        let mut set = c.clone();
+        set.vae.post_gain = Some(1.0);
+        let back: Config = serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
+        assert_eq!(back.vae.post_gain(), 1.0);
+        set.vae.post_gain = Some(-1.0);
+        assert!(set
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("vae.post_gain"));
     }
 
     #[test]

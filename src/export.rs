@@ -40,6 +40,7 @@ pub fn dvae_spec(c: &Config) -> DvaeSpec {
         vocab_size: v.vocab_size,
         n_init: v.n_init,
         channels: v.channels,
+        post_gain: v.post_gain(),
     }
 }
 
@@ -176,6 +177,9 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
             vocab_size: geometry.codebook,
             n_init: d.n_init,
             channels: d.channels,
+            post_gain: d.post_gain.unwrap_or_else(|| {
+                crate::config::VaeConfig::dall_e_post_gain(d.group_count, d.n_blk_per_group)
+            }),
         },
         encoder,
         encoder_source,

@@ -471,6 +471,22 @@ struct TrainVaeArgs {
     /// Starting gumbel-softmax temperature (paper: 1).
     #[arg(long, default_value_t = 1.0)]
     tau_start: f64,
+    /// Final gumbel-softmax temperature, the floor τ anneals to (paper: 1/16).
+    #[arg(long, default_value_t = 1.0 / 16.0)]
+    tau_end: f64,
+    /// Update at which the β ramp starts (paper: 0): e.g. once reconstructions are good.
+    #[arg(long, default_value_t = 0)]
+    beta_start: usize,
+    /// Scale of the dVAE's residual branches (default: dall_e's 1 / n_layers²); stored in the
+    /// run's config.json, so export and every runtime use it.
+    #[arg(long)]
+    post_gain: Option<f64>,
+    /// Width of the dVAE's first group (default: the preset's), stored in config.json.
+    #[arg(long)]
+    n_hid: Option<usize>,
+    /// Residual blocks per dVAE group (default: the preset's), stored in config.json.
+    #[arg(long)]
+    blocks_per_group: Option<usize>,
     /// Gumbel noise multiplier: 1 is the paper, 0 a noise-free softmax relaxation.
     #[arg(long, default_value_t = 1.0)]
     gumbel_scale: f64,
@@ -484,6 +500,10 @@ struct TrainVaeArgs {
     /// Train the decoder alone against the initial (e.g. --kmeans-init) encoder (not in the paper).
     #[arg(long)]
     freeze_encoder: bool,
+    /// From this update on, freeze the encoder and train the decoder on the argmax codes that
+    /// stage 2 and the runtimes decode, instead of relaxed samples (not in the paper).
+    #[arg(long)]
+    decoder_finetune_from: Option<usize>,
     /// Reconstruction likelihood (paper: logit-laplace).
     #[arg(long, value_enum, default_value = "logit-laplace")]
     likelihood: dalle::vae::loss::Likelihood,
@@ -504,6 +524,10 @@ struct TrainArgs {
     /// BPE-dropout rate (paper: 0.1); resume is bit-exact only at 0.
     #[arg(long, default_value_t = 0.1)]
     bpe_dropout: f32,
+    /// Held-out data (same format as --data): its loss (EMA weights, up to 256 samples) is
+    /// measured at every sample step and joins metrics.csv and the curves.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
 }
 
 fn train(a: TrainArgs) -> Result<()> {
@@ -530,6 +554,7 @@ fn train(a: TrainArgs) -> Result<()> {
         vae: a.vae,
         data: a.run.data.clone(),
         out: a.run.out.clone(),
+        eval_data: a.eval_data.clone(),
         options,
         resume: a.run.resume,
         stop_at: a.run.stop_at,
@@ -829,7 +854,13 @@ fn generate_model(
 }
 
 fn train_vae(a: TrainVaeArgs) -> Result<()> {
-    let (config, device, lr) = a.run.check(a.batch_size)?;
+    let (mut config, device, lr) = a.run.check(a.batch_size)?;
+    if a.post_gain.is_some() || a.n_hid.is_some() || a.blocks_per_group.is_some() {
+        config.vae.post_gain = a.post_gain.or(config.vae.post_gain);
+        config.vae.n_hid = a.n_hid.unwrap_or(config.vae.n_hid);
+        config.vae.n_blk_per_group = a.blocks_per_group.unwrap_or(config.vae.n_blk_per_group);
+        config.validate()?;
+    }
     let mut options = VaeTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
     if let Some(lr) = lr {
         options.schedule.lr_end = lr * (options.schedule.lr_end / options.schedule.lr_start);
@@ -840,22 +871,26 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     for (flag, v) in [
         ("--beta-max", a.beta_max),
         ("--tau-start", a.tau_start),
+        ("--tau-end", a.tau_end),
         ("--gumbel-scale", a.gumbel_scale),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag} must be a finite number ≥ 0 (got {v})");
         }
     }
-    if a.tau_start == 0.0 {
-        bail!("--tau-start must be above 0 (got 0)");
+    if a.tau_start == 0.0 || a.tau_end == 0.0 {
+        bail!("--tau-start and --tau-end must be above 0 (got 0)");
     }
     options.schedule.beta_max = a.beta_max;
     options.schedule.tau_start = a.tau_start;
+    options.schedule.tau_end = a.tau_end;
+    options.schedule.beta_start = a.beta_start;
     options.schedule.gumbel_scale = a.gumbel_scale;
     options.schedule.likelihood = a.likelihood;
     options.schedule.straight_through = a.straight_through;
     options.schedule.kmeans_init = a.kmeans_init;
     options.schedule.freeze_encoder = a.freeze_encoder;
+    options.schedule.decoder_finetune_from = a.decoder_finetune_from;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
@@ -1295,6 +1330,7 @@ fn run(cli: Cli) -> Result<()> {
                 vocab_size,
                 n_init,
                 channels,
+                post_gain: None,
             };
             let c = dalle::vae::io::import_openai(&encoder, &decoder, vae, image_size, &out)?;
             println!(

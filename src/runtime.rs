@@ -45,6 +45,7 @@ pub fn config_of(m: &Manifest) -> Config {
             vocab_size: m.geometry.codebook,
             n_init: m.dvae.n_init,
             channels: m.dvae.channels,
+            post_gain: m.dvae.post_gain,
         },
         transformer: TransformerConfig {
             d_model: m.transformer.d_model,
@@ -115,6 +116,7 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
             n_blk_per_group: cfg.vae.n_blk_per_group,
             n_init: cfg.vae.n_init,
             channels: cfg.vae.channels,
+            post_gain: cfg.vae.post_gain,
         },
         layers: dalle_runtimes::layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),

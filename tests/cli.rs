@@ -49,7 +49,7 @@ fn info_prints_presets_and_rejects_unknown_ones() {
     );
     fails(
         &["info", "--preset", "huge"],
-        "valid presets are tiny, small, paper",
+        "valid presets are tiny, shapes, small, paper",
     );
 }
 

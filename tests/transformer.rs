@@ -558,6 +558,7 @@ mod training {
             vae: vae.to_path_buf(),
             data: data.to_path_buf(),
             out: out.to_path_buf(),
+            eval_data: Some(data.to_path_buf()),
             options,
             resume,
             stop_at,

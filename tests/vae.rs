@@ -24,6 +24,7 @@ fn micro() -> Config {
         vocab_size: 64,
         n_init: 16,
         channels: 3,
+        post_gain: None,
     };
     c.validate().unwrap();
     c
@@ -213,6 +214,7 @@ fn parameter_names_and_shapes_match_dall_e() {
         vocab_size: 16,
         n_init: 8,
         channels: 3,
+        post_gain: None,
     };
     let enc = names_and_shapes(|vb| {
         Encoder::new(&cfg, vb).unwrap();

@@ -45,8 +45,7 @@ fn trunk(
     n_out: usize,
     (mut side, resample): (usize, Resample),
 ) -> R<String> {
-    let n_layers = widths.len() * spec.n_blk_per_group;
-    let post_gain = 1.0 / (n_layers * n_layers) as f32;
+    let post_gain = spec.post_gain as f32;
     for (gi, &out) in widths.iter().enumerate() {
         let group = format!("group_{}", gi + 1);
         for bi in 1..=spec.n_blk_per_group {

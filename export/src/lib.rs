@@ -31,7 +31,7 @@ pub struct Weight {
 pub type Weights = BTreeMap<String, Weight>;
 
 /// The dVAE's architecture (`dall_e` 0.1's `Encoder`/`Decoder` arguments).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DvaeSpec {
     pub group_count: usize,
     pub n_hid: usize,
@@ -39,6 +39,8 @@ pub struct DvaeSpec {
     pub vocab_size: usize,
     pub n_init: usize,
     pub channels: usize,
+    /// Scale of every residual branch (`dall_e`: 1 / n_layers²).
+    pub post_gain: f64,
 }
 
 /// The transformer's architecture.
@@ -322,6 +324,7 @@ fn write_dir(
             n_blk_per_group: input.dvae.n_blk_per_group,
             n_init: input.dvae.n_init,
             channels: input.dvae.channels,
+            post_gain: Some(input.dvae.post_gain),
         },
         layers: layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),

@@ -45,7 +45,7 @@ pub struct TransformerDims {
 }
 
 /// The dVAE's architecture (`dall_e` 0.1's arguments), for runtimes that rebuild it natively.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DvaeDims {
     pub group_count: usize,
@@ -53,6 +53,9 @@ pub struct DvaeDims {
     pub n_blk_per_group: usize,
     pub n_init: usize,
     pub channels: usize,
+    /// Scale of every residual branch; absent (older manifests): `dall_e`'s 1 / n_layers².
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_gain: Option<f64>,
 }
 
 /// The unified vocabulary spelled out: `[text | pads | image]` offsets and sizes.

@@ -69,8 +69,14 @@ pub trait Stage {
     fn lr(&self, step: usize) -> f64;
     /// Write the inference files (from EMA weights) into the run directory.
     fn export(&self, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()>;
-    /// Write sample images for `step` into `out/samples`.
-    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()>;
+    /// Write sample images for `step` into `out/samples` and measure the (EMA) weights on data
+    /// held out of training: the metrics returned join that step's row of the curves.
+    fn sample(
+        &self,
+        weights: &HashMap<String, Tensor>,
+        step: usize,
+        out: &Path,
+    ) -> Result<Vec<(&'static str, f64)>>;
 }
 
 /// Where a prepared run starts.
@@ -239,12 +245,25 @@ impl History {
         h
     }
 
+    /// One row; a metric first seen here gets a new column (earlier rows read NaN there).
     fn push(&mut self, step: usize, metrics: &[(&'static str, f64)]) {
-        if self.names.is_empty() {
-            self.names = metrics.iter().map(|(n, _)| n.to_string()).collect();
+        for (n, _) in metrics {
+            if !self.names.iter().any(|m| m == n) {
+                self.names.push(n.to_string());
+            }
         }
+        let row = self
+            .names
+            .iter()
+            .map(|n| {
+                metrics
+                    .iter()
+                    .find(|(m, _)| m == n)
+                    .map_or(f64::NAN, |(_, v)| *v)
+            })
+            .collect();
         self.steps.push(step);
-        self.rows.push(metrics.iter().map(|(_, v)| *v).collect());
+        self.rows.push(row);
     }
 
     fn save(&self, out: &Path) -> Result<()> {
@@ -339,13 +358,23 @@ pub fn run(
                 progress::format_metrics(&metrics)
             )));
         }
+        let sampled = step % opts.sample_every == 0 || step == end;
+        if sampled {
+            let held_out = stage.sample(&ema.shadow, step, out)?;
+            if !held_out.is_empty() {
+                progress.note(&format!(
+                    "step {step} (EMA weights, held-out): {}",
+                    progress::format_metrics(&held_out)
+                ));
+            }
+            metrics.extend(held_out);
+        }
         progress.update(step, &metrics);
-        if step % opts.log_every == 0 || step == end {
+        if step % opts.log_every == 0 || sampled {
             history.push(step, &metrics);
         }
         let checkpoint = step % opts.checkpoint_every == 0 || step == end;
-        if step % opts.sample_every == 0 || step == end {
-            stage.sample(&ema.shadow, step, out)?;
+        if sampled {
             history.save(out)?;
         }
         if checkpoint {
@@ -423,4 +452,26 @@ fn save_checkpoint(
         let _ = std::fs::remove_dir_all(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_adds_columns_for_metrics_first_seen_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::load(&dir.path().join("metrics.csv"), 0);
+        h.push(1, &[("loss", 2.0)]);
+        h.push(2, &[("loss", 1.5), ("heldout_loss", 1.7)]);
+        h.push(3, &[("loss", 1.0)]);
+        assert_eq!(h.names, ["loss", "heldout_loss"]);
+        assert!(h.rows[0][1].is_nan() && h.rows[2][1].is_nan());
+        assert_eq!(h.rows[1], [1.5, 1.7]);
+        h.save(dir.path()).unwrap();
+        let back = History::load(&dir.path().join("metrics.csv"), 10);
+        assert_eq!(back.names, h.names);
+        assert_eq!(back.steps, [1, 2, 3]);
+        assert_eq!(back.rows[1], [1.5, 1.7]);
+    }
 }

@@ -68,6 +68,15 @@ impl Progress {
         let _ = err.flush();
     }
 
+    /// A line of its own (on a terminal, above the redrawn progress line).
+    pub fn note(&self, line: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K");
+        }
+        let _ = writeln!(err, "{line}");
+    }
+
     pub fn finish(&self) {
         if self.tty {
             eprintln!();

@@ -169,9 +169,39 @@ struct TransformerStage {
     device: Device,
     vae: Vae,
     order: EpochOrder,
+    /// Held-out captions and codes whose loss is measured at every sample step.
+    eval: Option<TokenSet>,
 }
 
+/// Held-out samples whose loss is measured at each sample step.
+pub const EVAL_SAMPLES: usize = 256;
+
 impl TransformerStage {
+    /// Teacher-forced losses (total, text, image) of `model` over the first [`EVAL_SAMPLES`] of
+    /// `set`, with full captions and the plain tokenizer: the held-out loss curve.
+    fn eval_loss(&self, model: &Transformer, set: &TokenSet) -> Result<[f64; 3]> {
+        let n = set.codes.len().min(EVAL_SAMPLES);
+        let b = self.opts.lp.batch_size.max(1);
+        let mut sums = [0f64; 3];
+        let mut start = 0;
+        while start < n {
+            let rows = b.min(n - start);
+            let mut ids = Vec::with_capacity(rows * model.seq_len());
+            for k in start..start + rows {
+                ids.extend(self.caption_ids(&self.tokenizer, &set.captions[k])?);
+                ids.extend(set.codes[k].iter().map(|&c| self.layout.image(c)));
+            }
+            let ids = Tensor::from_vec(ids, (rows, model.seq_len()), &self.device)?;
+            let (total, text, image) =
+                loss(&model.forward(&ids, None)?, &ids, self.layout.text_len)?;
+            for (s, t) in sums.iter_mut().zip([total, text, image]) {
+                *s += t.to_dtype(DType::F64)?.to_scalar::<f64>()? * rows as f64;
+            }
+            start += rows;
+        }
+        Ok(sums.map(|s| s / n.max(1) as f64))
+    }
+
     fn caption_ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         let bpe = crate::text::encode(tokenizer, text)?;
         let (ids, _) = self.layout.caption(&bpe).map_err(|bad| {
@@ -225,9 +255,23 @@ impl Stage for TransformerStage {
         })
     }
 
-    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()> {
+    fn sample(
+        &self,
+        weights: &HashMap<String, Tensor>,
+        step: usize,
+        out: &Path,
+    ) -> Result<Vec<(&'static str, f64)>> {
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &self.device);
         let model = Transformer::new(&self.config, vb)?;
+        let mut metrics = vec![];
+        if let Some(set) = &self.eval {
+            let [total, text, image] = self.eval_loss(&model, set)?;
+            metrics = vec![
+                ("heldout_loss", total),
+                ("heldout_text", text),
+                ("heldout_image", image),
+            ];
+        }
         let mut images = vec![];
         for (i, caption) in self.set.captions.iter().take(4).enumerate() {
             let req = Request {
@@ -249,7 +293,8 @@ impl Stage for TransformerStage {
         crate::plot::save_png(
             &crate::plot::grid(&images, 4),
             &dir.join(format!("sample-{step:08}.png")),
-        )
+        )?;
+        Ok(metrics)
     }
 }
 
@@ -259,6 +304,8 @@ pub struct TransformerTrainRequest {
     pub vae: PathBuf,
     pub data: PathBuf,
     pub out: PathBuf,
+    /// Held-out data whose loss joins the curves at every sample step.
+    pub eval_data: Option<PathBuf>,
     pub options: TransformerTrainOptions,
     pub resume: bool,
     pub stop_at: Option<usize>,
@@ -299,6 +346,10 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
     }
     let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
     let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
+    let eval = match &req.eval_data {
+        Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters)?),
+        None => None,
+    };
     if set.codes.is_empty() {
         return Err(Error::Dataset {
             path: req.data.clone(),
@@ -346,6 +397,7 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
         device: req.device,
         vae,
         order,
+        eval,
     };
     train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
 }

@@ -67,18 +67,20 @@ pub fn gumbel_softmax_scaled(
     softmax(&((logits + g)? / tau)?, dim)
 }
 
+/// The one-hot argmax of `x` over `dim`, in `x`'s dtype (no gradient).
+pub fn one_hot_argmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let k = x.dim(dim)?;
+    let idx = x.argmax_keepdim(dim)?;
+    let ids = Tensor::arange(0u32, k as u32, x.device())?;
+    let mut shape = vec![1; x.rank()];
+    shape[dim] = k;
+    idx.broadcast_eq(&ids.reshape(shape)?)?.to_dtype(x.dtype())
+}
+
 /// Straight-through estimator over `dim`: the forward value is the one-hot argmax of `soft`, the
 /// gradient that of `soft`.
 pub fn straight_through(soft: &Tensor, dim: usize) -> Result<Tensor> {
-    let k = soft.dim(dim)?;
-    let idx = soft.argmax_keepdim(dim)?;
-    let ids = Tensor::arange(0u32, k as u32, soft.device())?;
-    let mut shape = vec![1; soft.rank()];
-    shape[dim] = k;
-    let hard = idx
-        .broadcast_eq(&ids.reshape(shape)?)?
-        .to_dtype(soft.dtype())?;
-    (hard - soft.detach())? + soft
+    (one_hot_argmax(soft, dim)? - soft.detach())? + soft
 }
 
 /// Half-cosine from `start` (step 0) to `end` (step `len` and after).
@@ -98,9 +100,14 @@ pub struct VaeSchedule {
     pub tau_start: f64,
     pub tau_end: f64,
     pub tau_steps: usize,
-    /// KL weight β: 0 → 6.6 over `beta_steps` (paper: the first 5k updates).
+    /// KL weight β: 0 until `beta_start`, then 0 → `beta_max` over `beta_steps` (paper: 6.6 over
+    /// the first 5k updates). β weighs the KL summed over latents against the likelihood summed
+    /// over pixels, so the per-token weight against a per-pixel loss is β · h·w / (H·W·3).
     pub beta_max: f64,
     pub beta_steps: usize,
+    /// Update at which the β ramp begins (paper: 0); older run files lack it and get 0.
+    #[serde(default)]
+    pub beta_start: usize,
     /// Learning rate: 1e-4 → 1.25e-6 over `lr_steps` (paper: 1.2M updates).
     pub lr_start: f64,
     pub lr_end: f64,
@@ -124,6 +131,12 @@ pub struct VaeSchedule {
     /// and get false.
     #[serde(default)]
     pub freeze_encoder: bool,
+    /// From this update on, the encoder is frozen and the decoder trains on the one-hot argmax
+    /// codes — the tokens stage 2 and every runtime decode — instead of relaxed samples, closing
+    /// the gap between the relaxation the decoder was trained on and the hard codes it is used
+    /// with. Not in the paper; older run files lack it and get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_finetune_from: Option<usize>,
     /// Reconstruction term: the paper's logit-Laplace, or a Gaussian (squared error) on the
     /// mapped pixels for experiments. Older run files lack it and get logit-Laplace.
     #[serde(default)]
@@ -171,6 +184,7 @@ impl VaeSchedule {
             tau_steps: (steps / 2).max(1),
             beta_max: 6.6,
             beta_steps: (steps / 10).max(1),
+            beta_start: 0,
             lr_start: 1e-4,
             lr_end: 1.25e-6,
             lr_steps: steps.max(1),
@@ -178,8 +192,14 @@ impl VaeSchedule {
             straight_through: false,
             kmeans_init: false,
             freeze_encoder: false,
+            decoder_finetune_from: None,
             likelihood: Likelihood::LogitLaplace,
         }
+    }
+
+    /// Whether update `step` trains the decoder alone on hard codes.
+    pub fn decoder_finetune(&self, step: usize) -> bool {
+        self.decoder_finetune_from.is_some_and(|s| step >= s)
     }
 
     pub fn tau(&self, step: usize) -> f64 {
@@ -187,7 +207,10 @@ impl VaeSchedule {
     }
 
     pub fn beta(&self, step: usize) -> f64 {
-        cosine(0.0, self.beta_max, step, self.beta_steps)
+        match step.checked_sub(self.beta_start) {
+            Some(s) => cosine(0.0, self.beta_max, s, self.beta_steps),
+            None => 0.0,
+        }
     }
 
     pub fn lr(&self, step: usize) -> f64 {
@@ -250,6 +273,14 @@ mod tests {
         assert_eq!(s.lr(0), 1e-4);
         assert!((s.lr(500) - (1e-4 + 1.25e-6) / 2.0).abs() < 1e-15);
         assert_eq!(s.lr(1000), 1.25e-6);
+        let late = VaeSchedule {
+            beta_start: 100,
+            ..s
+        };
+        assert_eq!(late.beta(99), 0.0);
+        assert_eq!(late.beta(100), 0.0);
+        assert!((late.beta(105) - 3.3).abs() < 1e-12);
+        assert_eq!(late.beta(110), 6.6);
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn upsample2(x: &Tensor) -> Result<Tensor> {
         .reshape((c, b, 2 * h, 2 * w))
 }
 
-/// Residual block: `id_path(x) + post_gain · res_path(x)`, post_gain = 1 / n_layers².
+/// Residual block: `id_path(x) + post_gain · res_path(x)` (`dall_e`: post_gain = 1 / n_layers²).
 #[derive(Clone, Debug)]
 struct Block {
     id_path: Option<Conv>,
@@ -140,7 +140,7 @@ impl Block {
     fn new(
         n_in: usize,
         n_out: usize,
-        n_layers: usize,
+        post_gain: f64,
         kernels: [usize; 4],
         vb: VarBuilder,
     ) -> Result<Self> {
@@ -169,7 +169,7 @@ impl Block {
         Ok(Block {
             id_path,
             res_path,
-            post_gain: 1.0 / (n_layers * n_layers) as f64,
+            post_gain,
         })
     }
 }
@@ -202,12 +202,11 @@ impl Stack {
         vb: VarBuilder,
         (n_in, n_first, input_kw): (usize, usize, usize),
         widths: &[usize],
-        n_blk: usize,
+        (n_blk, post_gain): (usize, f64),
         kernels: [usize; 4],
         n_out: usize,
     ) -> Result<Self> {
         let vb = vb.pp("blocks");
-        let n_layers = widths.len() * n_blk;
         let input = Conv::new(n_in, n_first, input_kw, vb.pp("input"))?;
         let mut width = n_first;
         let mut groups = Vec::with_capacity(widths.len());
@@ -218,7 +217,7 @@ impl Stack {
                 blocks.push(Block::new(
                     width,
                     out,
-                    n_layers,
+                    post_gain,
                     kernels,
                     gvb.pp(format!("block_{i}")),
                 )?);
@@ -272,7 +271,7 @@ impl Encoder {
             vb,
             first,
             &widths,
-            cfg.n_blk_per_group,
+            (cfg.n_blk_per_group, cfg.post_gain()),
             [3, 3, 3, 1],
             cfg.vocab_size,
         )?))
@@ -327,7 +326,7 @@ impl Decoder {
             vb,
             first,
             &widths,
-            cfg.n_blk_per_group,
+            (cfg.n_blk_per_group, cfg.post_gain()),
             [1, 3, 3, 3],
             2 * cfg.channels,
         )?;

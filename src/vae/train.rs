@@ -2,8 +2,8 @@
 
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
-    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, straight_through,
-    Likelihood, VaeSchedule,
+    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, one_hot_argmax,
+    straight_through, Likelihood, VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
@@ -92,15 +92,22 @@ impl Stage for VaeStage {
         let x = self.loader.batch_tensor(step, b, &self.device)?; // (b, 3, H, W)
         let (tau, beta) = (self.opts.schedule.tau(step), self.opts.schedule.beta(step));
         let mut logits = self.encoder.forward(&x)?; // (b, vocab, h, w)
-        if self.opts.schedule.freeze_encoder {
+        let finetune = self.opts.schedule.decoder_finetune(step);
+        if self.opts.schedule.freeze_encoder || finetune {
             logits = logits.detach();
         }
-        let mut rng = Rng::stream(self.opts.lp.seed, "gumbel", step as u64);
-        let mut z =
-            gumbel_softmax_scaled(&logits, tau, 1, self.opts.schedule.gumbel_scale, &mut rng)?;
-        if self.opts.schedule.straight_through {
-            z = straight_through(&z, 1)?;
-        }
+        let z = if finetune {
+            one_hot_argmax(&logits, 1)?
+        } else {
+            let mut rng = Rng::stream(self.opts.lp.seed, "gumbel", step as u64);
+            let z =
+                gumbel_softmax_scaled(&logits, tau, 1, self.opts.schedule.gumbel_scale, &mut rng)?;
+            if self.opts.schedule.straight_through {
+                straight_through(&z, 1)?
+            } else {
+                z
+            }
+        };
         let stats = self.decoder.forward(&z)?; // (b, 6, H, W)
         let c = self.config.vae.channels;
         let mu = stats.narrow(1, 0, c)?;
@@ -110,6 +117,7 @@ impl Stage for VaeStage {
             Likelihood::Gaussian => gaussian_nll(&map_pixels(&x)?, &mu, 0.1)?,
         };
         let kl = kl_to_uniform(&logits, 1)?;
+        let usage = CodeUsage::of(&logits.detach())?;
         // The ELB per image dimension: recon summed over pixels plus β·KL summed over latents.
         let dims = x.elem_count() as f64;
         let loss = ((&nll + (&kl * beta)?)? / dims)?;
@@ -123,6 +131,8 @@ impl Stage for VaeStage {
             ("recon", scalar(&nll)? / dims),
             ("kl", scalar(&kl)? / latents),
             ("psnr", 10.0 * (1.0 / mse.max(1e-10)).log10()),
+            ("perplexity", usage.perplexity()),
+            ("active_codes", usage.active() as f64),
             ("tau", tau),
             ("beta", beta),
         ];
@@ -138,20 +148,25 @@ impl Stage for VaeStage {
         save_dir(out, &self.config, &enc, &dec)
     }
 
-    fn sample(&self, weights: &HashMap<String, Tensor>, step: usize, out: &Path) -> Result<()> {
-        if self.fixed.is_empty() {
-            return Ok(());
-        }
+    fn sample(
+        &self,
+        weights: &HashMap<String, Tensor>,
+        step: usize,
+        out: &Path,
+    ) -> Result<Vec<(&'static str, f64)>> {
         let vae = Vae::from_prefixed(&self.config, weights, &self.device)?;
-        let recon = vae.decode(&vae.encode(&self.fixed)?)?;
-        let mut tiles = self.fixed.clone();
-        tiles.extend(recon);
-        let dir = out.join("samples");
-        std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
-        crate::plot::save_png(
-            &crate::plot::grid(&tiles, self.fixed.len()),
-            &dir.join(format!("recon-{step:08}.png")),
-        )
+        if !self.fixed.is_empty() {
+            let recon = vae.decode(&vae.encode(&self.fixed)?)?;
+            let mut tiles = self.fixed.clone();
+            tiles.extend(recon);
+            let dir = out.join("samples");
+            std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+            crate::plot::save_png(
+                &crate::plot::grid(&tiles, self.fixed.len()),
+                &dir.join(format!("recon-{step:08}.png")),
+            )?;
+        }
+        Ok(round_trip_diagnostics(&vae, DIAGNOSTIC_SCENES)?.metrics())
     }
 }
 
@@ -228,6 +243,134 @@ pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
             .sum::<f64>();
     }
     Ok((total / images.len().max(1) as f64, images.len()))
+}
+
+/// Scenes per split of the round-trip diagnostics logged at every sample step.
+pub const DIAGNOSTIC_SCENES: usize = 64;
+
+/// Seed of the diagnostics' scenes: neither the training sets' nor `dalle eval`'s.
+pub const DIAGNOSTIC_SEED: u64 = 7_331;
+
+/// How the argmax codes of a set of latents use the codebook.
+#[derive(Clone, Debug)]
+pub struct CodeUsage {
+    counts: Vec<usize>,
+}
+
+impl CodeUsage {
+    /// Histogram of the argmax codes of `logits` (b, vocab, h, w).
+    pub fn of(logits: &Tensor) -> Result<CodeUsage> {
+        let k = logits.dim(1)?;
+        let codes: Vec<u32> = logits.argmax(1)?.flatten_all()?.to_vec1()?;
+        Ok(Self::from_codes(k, codes.iter().map(|&c| c as usize)))
+    }
+
+    pub fn from_codes(vocab: usize, codes: impl Iterator<Item = usize>) -> CodeUsage {
+        let mut counts = vec![0; vocab];
+        for c in codes {
+            if let Some(n) = counts.get_mut(c) {
+                *n += 1;
+            }
+        }
+        CodeUsage { counts }
+    }
+
+    /// Codes used at least once.
+    pub fn active(&self) -> usize {
+        self.counts.iter().filter(|&&n| n > 0).count()
+    }
+
+    /// exp(entropy) of the code frequencies: the number of equally used codes with the same
+    /// spread (1 when one code is used everywhere, the vocabulary size when all are equal).
+    pub fn perplexity(&self) -> f64 {
+        let total: usize = self.counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let h: f64 = self
+            .counts
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| {
+                let p = n as f64 / total as f64;
+                -p * p.ln()
+            })
+            .sum();
+        h.exp()
+    }
+}
+
+/// Stage 1's ceiling on the shapes benchmark, measured during training: the judge of
+/// [`crate::eval::judge`] on the argmax round trip (encode → tokens → decode) of fixed scenes.
+#[derive(Clone, Debug)]
+pub struct RoundTrip {
+    /// Held-out scenes' mean PSNR (dB).
+    pub psnr: f64,
+    /// Fractions over both splits: shape right, everything right.
+    pub shape: f64,
+    pub correct: f64,
+    pub usage: CodeUsage,
+}
+
+impl RoundTrip {
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("rt_psnr", self.psnr),
+            ("rt_shape", self.shape),
+            ("rt_correct", self.correct),
+            ("rt_codes", self.usage.active() as f64),
+            ("rt_perplexity", self.usage.perplexity()),
+        ]
+    }
+}
+
+/// [`RoundTrip`] over `per_split` seen and `per_split` held-out scenes of [`DIAGNOSTIC_SEED`].
+pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> {
+    use crate::data::shapes::{generate_one, Split};
+    use crate::eval::judge::{detect, judge};
+    let size = vae.image_size();
+    let (mut shape, mut asked, mut correct, mut psnr) = (0usize, 0usize, 0usize, 0.0);
+    let mut codes = vec![];
+    for split in [Split::Train, Split::Heldout] {
+        let samples: Vec<_> = (0..per_split as u64)
+            .map(|i| generate_one(DIAGNOSTIC_SEED, split, i, size))
+            .collect();
+        let images: Vec<RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
+        for (chunk, scenes) in images.chunks(32).zip(samples.chunks(32)) {
+            let tokens = vae.encode(chunk)?;
+            let back = vae.decode(&tokens)?;
+            for ((orig, img), s) in chunk.iter().zip(&back).zip(scenes) {
+                let v = judge(&s.scene, &detect(img));
+                shape += (v.shape == Some(true)) as usize;
+                asked += v.shape.is_some() as usize;
+                correct += v.correct as usize;
+                if split == Split::Heldout {
+                    psnr += image_psnr(orig, img);
+                }
+            }
+            codes.extend(tokens.into_iter().flatten().map(|c| c as usize));
+        }
+    }
+    let n = (2 * per_split).max(1) as f64;
+    Ok(RoundTrip {
+        psnr: psnr / per_split.max(1) as f64,
+        shape: shape as f64 / asked.max(1) as f64,
+        correct: correct as f64 / n,
+        usage: CodeUsage::from_codes(vae.config.vae.vocab_size, codes.into_iter()),
+    })
+}
+
+/// PSNR (dB) of `b` against `a`, pixels in [0, 255].
+fn image_psnr(a: &RgbImage, b: &RgbImage) -> f64 {
+    let n = a.as_raw().len().max(1) as f64;
+    let mse = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| ((x as f64 - y as f64) / 255.0).powi(2))
+        .sum::<f64>()
+        / n;
+    10.0 * (1.0 / mse.max(1e-10)).log10()
 }
 
 /// Images whose encoder features seed [`kmeans_init`].
@@ -309,4 +452,30 @@ pub fn kmeans_init(
     wvar.set(&c.reshape(wvar.dims())?.to_device(device)?)?;
     bvar.set(&bias.to_device(device)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_usage_counts_and_perplexity() {
+        let one = CodeUsage::from_codes(8, [3, 3, 3].into_iter());
+        assert_eq!(one.active(), 1);
+        assert!((one.perplexity() - 1.0).abs() < 1e-12);
+        let even = CodeUsage::from_codes(8, [0, 1, 2, 3, 0, 1, 2, 3].into_iter());
+        assert_eq!(even.active(), 4);
+        assert!((even.perplexity() - 4.0).abs() < 1e-9);
+        // Out-of-range codes are not counted; an empty set has perplexity 0.
+        assert_eq!(CodeUsage::from_codes(2, [5].into_iter()).perplexity(), 0.0);
+    }
+
+    #[test]
+    fn code_usage_of_logits_takes_the_argmax_per_position() -> Result<()> {
+        // (b=1, vocab=3, h=1, w=2): position 0 → code 2, position 1 → code 0.
+        let logits = Tensor::new(&[[[[0f32, 5.]], [[1., 0.]], [[9., 1.]]]], &Device::Cpu)?;
+        let u = CodeUsage::of(&logits)?;
+        assert_eq!(u.counts, vec![1, 0, 1]);
+        Ok(())
+    }
 }
