@@ -29,7 +29,10 @@ cargo check -p dalle-runtimes --no-default-features --features cuda,tensorrt
 echo "== ONNX Runtime library (onnxruntime wheel from PyPI) into target/ort"
 cargo build --quiet --bin dalle
 if [ ! -f target/ort/libonnxruntime.so.1.31.1 ]; then
+  # `setup ort` writes only its own files: anything else in the directory survives it.
+  mkdir -p target/ort && echo "a file of the user's" > target/ort/user-file.txt
   target/debug/dalle setup ort --dir target/ort
+  grep -q "a file of the user's" target/ort/user-file.txt || { echo "setup ort destroyed target/ort/user-file.txt"; exit 1; }
 fi
 export ORT_DYLIB_PATH="$PWD/target/ort/libonnxruntime.so.1.31.1"
 

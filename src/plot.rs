@@ -81,8 +81,8 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
-/// One panel per named series, stacked vertically; each labelled with its name, its last value and
-/// the y range. x is the training step.
+/// One panel per named series, stacked vertically; each labelled with its name, its last finite
+/// value and the y range. x is the training step.
 pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> Result<()> {
     let (w, ph, margin) = (640u32, 160u32, 8u32);
     let mut img = RgbImage::from_pixel(w, ph * series.len().max(1) as u32, Rgb([255, 255, 255]));
@@ -95,7 +95,7 @@ pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> R
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
                 (a.min(v), b.max(v))
             });
-        let last = ys.last().copied().unwrap_or(f64::NAN);
+        let last = finite.last().copied().unwrap_or(f64::NAN);
         let title = format!(
             "{name} = {}   range {} : {}",
             fmt_value(last),
@@ -127,10 +127,11 @@ pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> R
                 y1 as f64 - fy * (y1 - y0) as f64,
             )
         };
+        // Missing values (NaN) are skipped, not breaks: a series measured every sample step
+        // (held-out metrics) is drawn through the steps that have it.
         let mut prev: Option<(f64, f64)> = None;
         for (&s, &v) in steps.iter().zip(ys) {
             if !v.is_finite() {
-                prev = None;
                 continue;
             }
             let cur = to_px(s, v);

@@ -80,13 +80,31 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
                 "the {package} wheel holds no {LIBRARY}"
             )));
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // Only the library files are written into `dir`, each replaced by a rename; whatever else
+        // the directory holds is the user's and stays as it is.
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::input(
+                dir,
+                "is not a directory: choose a directory for the ONNX Runtime library with --dir",
+            ));
         }
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in std::fs::read_dir(&unpacked).map_err(|e| Error::io(&unpacked, e))? {
+            let from = entry.map_err(|e| Error::io(&unpacked, e))?.path();
+            let Some(name) = from.file_name() else {
+                continue;
+            };
+            let to = dir.join(name);
+            if to.is_dir() {
+                return Err(Error::input(
+                    &to,
+                    "is a directory where the library file goes: move it away or choose another --dir",
+                ));
+            }
+            std::fs::rename(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+                .map_err(|e| Error::io(&to, e))?;
         }
-        std::fs::rename(&unpacked, dir).map_err(|e| Error::io(dir, e))?;
         Ok(dir.join(LIBRARY))
     })();
     let _ = std::fs::remove_dir_all(&tmp);

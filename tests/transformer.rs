@@ -589,6 +589,15 @@ mod training {
             last < first * 0.8,
             "loss did not fall: {first:.3} → {last:.3}"
         );
+        // The held-out loss (here over the training scenes themselves) joins the last row.
+        let head: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let col = head.iter().position(|c| *c == "heldout_loss").unwrap();
+        let last_row: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
+        let heldout: f64 = last_row[col].parse().unwrap();
+        assert!(
+            heldout.is_finite() && heldout < first,
+            "held-out loss {heldout} after training (first training loss {first})"
+        );
 
         let straight = tmp.path().join("straight");
         train_transformer(request(&vae, &data, &straight, 8, false, None)).unwrap();
