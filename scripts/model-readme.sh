@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Write the bundled model's README from what the recipe left in its work directory: how it was
+# Write the README of a model made by scripts/recipe-shapes-f4.sh from what the recipe left in its work directory: how it was
 # made (commit, seeds, machine, timeline), stage 1's recipe and round-trip diagnostics, stage 2's
 # held-out loss, the guidance sweep, the eval table and the stage-1 ablation (ablation.md beside
 # the model, written by scripts/ablation-dvae.sh, when present).
@@ -67,15 +67,14 @@ top_k=$(python3 -c "import json; print(json.load(open('$OUT/manifest.json'))['sa
 
 {
 cat <<EOF
-# shapes-tiny
+# shapes (f4)
 
-The bundled model: preset \`shapes\` — 64-px images, an f4 dVAE (three groups, n_hid 64, one
+A model of preset \`shapes\` — 64-px images, an f4 dVAE (three groups, n_hid 64, one
 block per group) whose 16×16 tokens come from 512 codes, and a transformer of d=128, 4 layers, 4
 heads over 32 caption tokens and 256 image tokens — trained on the procedural shapes set from
-scratch on a CPU, exported to ONNX. \`dalle generate\` and \`dalle eval\` use it when no
-\`--model\` is given.
+scratch on a CPU, exported to ONNX.
 
-Made by \`scripts/recipe-shapes-tiny.sh\` (seed 0, 20000 training scenes, dVAE $vae_steps steps,
+Made by \`scripts/recipe-shapes-f4.sh\` (seed 0, 20000 training scenes, dVAE $vae_steps steps,
 transformer $train steps) at commit $commit$dirty on $(nproc) CPU cores ($cpu), $(date -u +%Y-%m-%d).
 Default sampling recorded in the manifest: top-k $top_k, classifier-free guidance $guidance (chosen
 by the sweep below).

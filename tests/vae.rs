@@ -460,7 +460,7 @@ fn decoder_finetune_moves_only_the_decoder_and_diagnostics_are_logged() {
     let data = tmp.path().join("data");
     dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32).unwrap();
     let out = tmp.path().join("run");
-    let req = |stop_at| {
+    let req = |stop_at: Option<usize>| {
         let mut r = request(&data, &out, 6, stop_at.is_none(), stop_at);
         r.options.schedule.decoder_finetune_from = Some(3);
         r.options.lp.ema_decay = 0.0; // the exported weights are the last step's

@@ -269,7 +269,10 @@ impl History {
     fn save(&self, out: &Path) -> Result<()> {
         let mut csv = format!("step,{}\n", self.names.join(","));
         for (s, r) in self.steps.iter().zip(&self.rows) {
-            let cells: Vec<String> = r.iter().map(|v| format!("{v}")).collect();
+            // Rows written before a column existed read NaN there.
+            let cells: Vec<String> = (0..self.names.len())
+                .map(|i| format!("{}", r.get(i).copied().unwrap_or(f64::NAN)))
+                .collect();
             csv.push_str(&format!("{s},{}\n", cells.join(",")));
         }
         write_bytes_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
@@ -466,12 +469,15 @@ mod tests {
         h.push(2, &[("loss", 1.5), ("heldout_loss", 1.7)]);
         h.push(3, &[("loss", 1.0)]);
         assert_eq!(h.names, ["loss", "heldout_loss"]);
-        assert!(h.rows[0][1].is_nan() && h.rows[2][1].is_nan());
         assert_eq!(h.rows[1], [1.5, 1.7]);
+        assert!(h.rows[2][1].is_nan());
         h.save(dir.path()).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert_eq!(csv, "step,loss,heldout_loss\n1,2,NaN\n2,1.5,1.7\n3,1,NaN\n");
         let back = History::load(&dir.path().join("metrics.csv"), 10);
         assert_eq!(back.names, h.names);
         assert_eq!(back.steps, [1, 2, 3]);
         assert_eq!(back.rows[1], [1.5, 1.7]);
+        assert!(back.rows[0][1].is_nan());
     }
 }
