@@ -632,6 +632,8 @@ struct GenerateArgs {
     /// A caption longer than the model's text length is an error instead of a warning.
     #[arg(long)]
     strict: bool,
+    /// The PNG to write. An existing regular file there is replaced (atomically); a symbolic
+    /// link, directory, device or FIFO is refused, never replaced.
     #[arg(long)]
     out: PathBuf,
 }
