@@ -113,3 +113,8 @@ pub fn default_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// PSNR (dB) of a mean squared error of values in [0, 1] (an exact match counts as 100 dB).
+pub fn psnr_db(mse: f64) -> f64 {
+    10.0 * (1.0 / mse.max(1e-10)).log10()
+}

@@ -33,7 +33,8 @@ impl Score {
         self.fully_correct as f64 / self.samples.max(1) as f64
     }
 
-    fn add(&mut self, v: &judge::Verdict) {
+    /// Count one judged image.
+    pub fn add(&mut self, v: &judge::Verdict) {
         self.samples += 1;
         self.fully_correct += v.correct as usize;
         for (name, x) in [
@@ -157,7 +158,7 @@ pub fn dvae_round_trip(gen: &Generator, samples: usize) -> Result<(f64, Vec<Scor
                     .map(|(a, b)| ((a - b) as f64).powi(2))
                     .sum::<f64>()
                     / pixels.len() as f64;
-                total += 10.0 * (1.0 / mse.max(1e-10)).log10();
+                total += crate::util::psnr_db(mse);
             }
             let img = &dalle_runtimes::generator::to_images(&back, 1, size)[0];
             let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())

@@ -130,7 +130,7 @@ impl Stage for VaeStage {
             ("loss", scalar(&loss)?),
             ("recon", scalar(&nll)? / dims),
             ("kl", scalar(&kl)? / latents),
-            ("psnr", 10.0 * (1.0 / mse.max(1e-10)).log10()),
+            ("psnr", crate::util::psnr_db(mse)),
             ("perplexity", usage.perplexity()),
             ("active_codes", usage.active() as f64),
             ("tau", tau),
@@ -239,7 +239,7 @@ pub fn psnr(vae: &Vae, data: &Path, count: usize) -> Result<(f64, usize)> {
         let mse = (a - b)?.sqr()?.mean((1, 2, 3))?.to_vec1::<f32>()?;
         total += mse
             .iter()
-            .map(|m| 10.0 * (1.0 / (*m as f64).max(1e-10)).log10())
+            .map(|m| crate::util::psnr_db(*m as f64))
             .sum::<f64>();
     }
     Ok((total / images.len().max(1) as f64, images.len()))
@@ -329,7 +329,8 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
     use crate::data::shapes::{generate_one, Split};
     use crate::eval::judge::{detect, judge};
     let size = vae.image_size();
-    let (mut shape, mut asked, mut correct, mut psnr) = (0usize, 0usize, 0usize, 0.0);
+    let mut score = crate::eval::Score::default();
+    let mut psnr = 0.0;
     let mut codes = vec![];
     for split in [Split::Train, Split::Heldout] {
         let samples: Vec<_> = (0..per_split as u64)
@@ -340,10 +341,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
             let tokens = vae.encode(chunk)?;
             let back = vae.decode(&tokens)?;
             for ((orig, img), s) in chunk.iter().zip(&back).zip(scenes) {
-                let v = judge(&s.scene, &detect(img));
-                shape += (v.shape == Some(true)) as usize;
-                asked += v.shape.is_some() as usize;
-                correct += v.correct as usize;
+                score.add(&judge(&s.scene, &detect(img)));
                 if split == Split::Heldout {
                     psnr += image_psnr(orig, img);
                 }
@@ -351,11 +349,11 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
             codes.extend(tokens.into_iter().flatten().map(|c| c as usize));
         }
     }
-    let n = (2 * per_split).max(1) as f64;
+    let (shape_ok, shape_asked) = score.attributes.get("shape").copied().unwrap_or_default();
     Ok(RoundTrip {
         psnr: psnr / per_split.max(1) as f64,
-        shape: shape as f64 / asked.max(1) as f64,
-        correct: correct as f64 / n,
+        shape: shape_ok as f64 / shape_asked.max(1) as f64,
+        correct: score.accuracy(),
         usage: CodeUsage::from_codes(vae.config.vae.vocab_size, codes.into_iter()),
     })
 }
@@ -370,7 +368,7 @@ fn image_psnr(a: &RgbImage, b: &RgbImage) -> f64 {
         .map(|(&x, &y)| ((x as f64 - y as f64) / 255.0).powi(2))
         .sum::<f64>()
         / n;
-    10.0 * (1.0 / mse.max(1e-10)).log10()
+    crate::util::psnr_db(mse)
 }
 
 /// Images whose encoder features seed [`kmeans_init`].
