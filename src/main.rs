@@ -479,7 +479,7 @@ struct TrainVaeArgs {
     beta_start: usize,
     /// Scale of the dVAE's residual branches (default: dall_e's 1 / n_layers²); stored in the
     /// run's config.json, so export and every runtime use it.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     post_gain: Option<f64>,
     /// Width of the dVAE's first group (default: the preset's), stored in config.json.
     #[arg(long)]

@@ -344,7 +344,7 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
             ),
         ));
     }
-    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
+    // Both data sets are read before the run directory is written, so a bad one leaves nothing.
     let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
     let eval = match &req.eval_data {
         Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters)?),
@@ -356,6 +356,7 @@ pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
             message: "has no usable samples".into(),
         });
     }
+    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
     let tok_path = req.out.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         crate::text::load(&tok_path)?
