@@ -191,6 +191,9 @@ enum SetupCommand {
     },
 }
 
+/// Largest side `data shapes` renders (4×4 supersampled, one image at a time: ~12 MiB).
+const MAX_SHAPES_SIZE: u32 = 1024;
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Write the procedural shapes set in the image-folder format.
@@ -203,8 +206,12 @@ enum DataCommand {
         seed: u64,
         #[arg(long, value_enum, default_value = "train")]
         split: Split,
+        /// Side of the square images in pixels (16 to 1024).
         #[arg(long, default_value_t = 64)]
         image_size: u32,
+        /// Write into a non-empty --out, replacing its metadata.jsonl and same-named images.
+        #[arg(long)]
+        force: bool,
     },
     /// Count usable and skipped samples (decodes every image).
     Stats {
@@ -507,6 +514,10 @@ struct TrainVaeArgs {
     /// Reconstruction likelihood (paper: logit-laplace).
     #[arg(long, value_enum, default_value = "logit-laplace")]
     likelihood: dalle::vae::loss::Likelihood,
+    /// Extra reconstruction weight on object pixels: those that differ from the image's
+    /// border colour, and their rim (0: the paper's unweighted likelihood; not in the paper).
+    #[arg(long, default_value_t = 0.0)]
+    foreground_weight: f64,
 }
 
 #[derive(Args)]
@@ -706,6 +717,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (Some(p), None) => p.clone(),
         (None, None) => String::new(),
     };
+    if let Some(at) = prompt.find(|c: char| c.is_control() && !c.is_whitespace()) {
+        bail!(
+            "the prompt has a control character (byte {at}: {:?}); remove it and try again",
+            prompt[at..].chars().next().unwrap_or('\0')
+        );
+    }
+    // A name whose format we cannot write fails now, not after the images are made.
+    dalle::plot::image_format(&a.out)?;
     if let Some(model) = &model {
         return generate_model(&a, model, kind, &prompt, params, guidance_scale);
     }
@@ -773,7 +792,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let images = vae.decode(&codes)?;
     let cols = (images.len() as f64).sqrt().ceil() as usize;
-    dalle::plot::save_png(&dalle::plot::grid(&images, cols), &a.out)?;
+    dalle::plot::save_image(&dalle::plot::grid(&images, cols), &a.out)?;
     println!(
         "wrote {} image(s) for {prompt:?} to {}",
         images.len(),
@@ -845,7 +864,7 @@ fn generate_model(
         .map(|i| image::RgbImage::from_raw(i.width, i.height, i.rgb).expect("3 bytes a pixel"))
         .collect();
     let cols = (images.len() as f64).sqrt().ceil() as usize;
-    dalle::plot::save_png(&dalle::plot::grid(&images, cols), &a.out)?;
+    dalle::plot::save_image(&dalle::plot::grid(&images, cols), &a.out)?;
     println!(
         "wrote {} image(s) for {prompt:?} to {} ({})",
         images.len(),
@@ -875,6 +894,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         ("--tau-start", a.tau_start),
         ("--tau-end", a.tau_end),
         ("--gumbel-scale", a.gumbel_scale),
+        ("--foreground-weight", a.foreground_weight),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag} must be a finite number ≥ 0 (got {v})");
@@ -893,6 +913,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.kmeans_init = a.kmeans_init;
     options.schedule.freeze_encoder = a.freeze_encoder;
     options.schedule.decoder_finetune_from = a.decoder_finetune_from;
+    options.schedule.foreground_weight = a.foreground_weight;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
@@ -1049,11 +1070,17 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             split,
             image_size,
+            force,
         }) => {
-            if image_size < 16 {
-                bail!("--image-size must be at least 16 (got {image_size})");
+            if !(16..=MAX_SHAPES_SIZE).contains(&image_size) {
+                bail!(
+                    "--image-size must be from 16 to {MAX_SHAPES_SIZE} pixels (got {image_size})"
+                );
             }
-            dalle::data::shapes::write_set(&out, count, seed, split, image_size)?;
+            if count == 0 {
+                bail!("--count must be at least 1 (got 0)");
+            }
+            dalle::data::shapes::write_set(&out, count, seed, split, image_size, force)?;
             println!("wrote {count} {split:?} samples to {}", out.display());
         }
         Command::Data(DataCommand::Stats { dir, filters, json }) => {
@@ -1373,14 +1400,14 @@ fn run(cli: Cli) -> Result<()> {
                 .decode(&[ids])
                 .with_context(|| format!("cannot decode {}", tokens.display()))?
                 .remove(0);
-            dalle::plot::save_png(&img, &out)?;
+            dalle::plot::save_image(&img, &out)?;
             println!("wrote {}", out.display());
         }
         Command::Reconstruct { vae, input, out } => {
             let vae = Vae::load(&vae, &cpu)?;
             let img = dalle::data::load_square(&input, vae.image_size())?;
             let recon = vae.decode(&vae.encode(&[img])?)?.remove(0);
-            dalle::plot::save_png(&recon, &out)?;
+            dalle::plot::save_image(&recon, &out)?;
             println!("wrote {}", out.display());
         }
     }

@@ -197,6 +197,43 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
 }
 
 /// Write a PNG through a temporary file and a rename, so a reader never sees half a file.
+/// The image format `path`'s extension names: .png, .jpg/.jpeg or .webp; anything else is an
+/// error that says which names work (check it before a long computation whose result goes there).
+pub fn image_format(path: &Path) -> Result<image::ImageFormat> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => Ok(image::ImageFormat::Png),
+        Some("jpg" | "jpeg") => Ok(image::ImageFormat::Jpeg),
+        Some("webp") => Ok(image::ImageFormat::WebP),
+        other => {
+            let what = other.map_or("no extension".to_string(), |e| {
+                format!("the extension .{e}")
+            });
+            Err(Error::input(
+                path,
+                format!(
+                    "cannot tell the image format from {what}: name the file .png, .jpg or .webp"
+                ),
+            ))
+        }
+    }
+}
+
+/// Save `img` at `path` in the format its extension names (see [`image_format`]; WebP is
+/// lossless), through [`crate::fsutil::write_atomic`].
+pub fn save_image(img: &RgbImage, path: &Path) -> Result<()> {
+    let format = image_format(path)?;
+    crate::fsutil::write_atomic(path, |tmp| {
+        img.save_with_format(tmp, format).map_err(|e| {
+            let name = format.extensions_str()[0].to_ascii_uppercase();
+            Error::input(path, format!("cannot write {name}: {e}"))
+        })
+    })
+}
+
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     crate::fsutil::write_atomic(path, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)

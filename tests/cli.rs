@@ -368,6 +368,24 @@ fn train_encode_decode_reconstruct_and_bad_inputs() {
     ]);
     let stats = ok(&["data", "stats", p(&data)]);
     assert!(stats.contains("16 seen, 16 usable, 0 skipped"), "{stats}");
+    // A second set into the same directory is refused and the first is left as it was.
+    let before = std::fs::read(data.join("metadata.jsonl")).unwrap();
+    fails(
+        &["data", "shapes", "--out", p(&data), "--count", "2"],
+        "pass --force to replace them",
+    );
+    assert_eq!(std::fs::read(data.join("metadata.jsonl")).unwrap(), before);
+    let other = tmp.path().join("other");
+    let o = p(&other);
+    fails(
+        &["data", "shapes", "--out", o, "--count", "0"],
+        "--count must be at least 1",
+    );
+    fails(
+        &["data", "shapes", "--out", o, "--image-size", "100000"],
+        "--image-size must be from 16 to 1024",
+    );
+    assert!(!other.exists());
 
     let train = |extra: &[&str]| {
         let mut a = vec![
@@ -409,6 +427,13 @@ fn train_encode_decode_reconstruct_and_bad_inputs() {
     );
     let args = train(&["--resume"]);
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // The finished run is not silently left as it was: the option that differs is named.
+    let mut args = train(&["--resume"]);
+    args[6] = "5".into(); // --steps 2 → 5
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "loop.steps (stored 2, given 5)",
+    );
 
     // The caption tokenizer.
     let tok = tmp.path().join("tokenizer.json");
@@ -677,11 +702,15 @@ fn train_vae_bad_data_and_output_directories() {
         common(p(&empty), p(&tmp.path().join("out2"))),
         "no usable samples",
     );
+    // Nothing of a run is written for a data set it cannot train on.
+    assert!(!tmp.path().join("out2").exists());
     // Output under a regular file cannot be created (even as root).
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
+    let good = tmp.path().join("good");
+    ok(&["data", "shapes", "--out", p(&good), "--count", "2"]);
     run(
-        common(p(&empty), p(&file.join("sub"))),
+        common(p(&good), p(&file.join("sub"))),
         "cannot create output directory",
     );
     let mut a = common(p(&empty), p(&out));
@@ -696,6 +725,13 @@ fn train_vae_bad_data_and_output_directories() {
             .map(|s| s.to_string())
             .collect(),
         "does not exist",
+    );
+    run(
+        ["data", "stats", p(&file)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "is a file, not a data set",
     );
 }
 
@@ -751,12 +787,15 @@ fn stage_two_train_and_generate_with_bad_inputs() {
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
-    // The token cache is reused on the next run.
+    // The token cache is reused on the next run (here: a resume of the finished run, which says
+    // there is nothing left to train).
     let mut a = train.to_vec();
-    a.extend(["--steps", "3", "--resume"]);
+    a.extend(["--steps", "2", "--sample-every", "2", "--resume"]);
     let o = dalle(&a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("using the token cache"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("using the token cache"), "{err}");
+    assert!(err.contains("already finished its 2 steps"), "{err}");
     // A dVAE of another geometry is refused.
     let mut a = train.to_vec();
     a.extend(["--steps", "3", "--preset", "small"]);
@@ -835,6 +874,50 @@ fn stage_two_train_and_generate_with_bad_inputs() {
     run_fail(
         gen(&["x", "--runtime", "onnx"]),
         "valid runtimes are candle",
+    );
+    let nul = tmp.path().join("nul.txt");
+    std::fs::write(&nul, b"a red\0circle").unwrap();
+    run_fail(gen(&["--prompt-file", p(&nul)]), "control character");
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "x",
+            "--num-images",
+            "100000000",
+        ],
+        "ask for fewer images per call",
+    );
+    // The extension names the format; an unknown one is refused before any work.
+    let jpg = tmp.path().join("grid.jpg");
+    ok(&[
+        "generate",
+        "--checkpoint",
+        p(&run),
+        "--out",
+        p(&jpg),
+        "x",
+        "--num-images",
+        "1",
+    ]);
+    assert_eq!(
+        &std::fs::read(&jpg).unwrap()[..2],
+        &[0xff, 0xd8],
+        "JPEG bytes"
+    );
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&tmp.path().join("g.bmp")),
+            "x",
+        ],
+        "name the file .png, .jpg or .webp",
     );
     let latin1 = tmp.path().join("prompt.txt");
     std::fs::write(&latin1, b"caf\xe9").unwrap();

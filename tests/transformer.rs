@@ -571,7 +571,7 @@ mod training {
     fn loss_falls_and_resume_is_bit_exact() {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
-        dalle::data::shapes::write_set(&data, 24, 1, dalle::data::shapes::Split::Train, 32)
+        dalle::data::shapes::write_set(&data, 24, 1, dalle::data::shapes::Split::Train, 32, false)
             .unwrap();
         let vae = vae_dir(tmp.path(), &data);
 

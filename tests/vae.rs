@@ -351,7 +351,8 @@ fn metric(dir: &Path, name: &str) -> Vec<f64> {
 fn training_lowers_reconstruction_loss_and_resume_is_bit_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32).unwrap();
+    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32, false)
+        .unwrap();
 
     // A longer run lowers the reconstruction NLL (nats per pixel channel).
     let long = tmp.path().join("long");
@@ -405,7 +406,8 @@ fn training_lowers_reconstruction_loss_and_resume_is_bit_exact() {
 fn kmeans_start_gives_content_codes_and_a_frozen_encoder_stays_put() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32).unwrap();
+    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32, false)
+        .unwrap();
     let out = tmp.path().join("run");
     let mut req = request(&data, &out, 10, false, None);
     let s = &mut req.options.schedule;
@@ -458,7 +460,8 @@ fn kmeans_start_gives_content_codes_and_a_frozen_encoder_stays_put() {
 fn decoder_finetune_moves_only_the_decoder_and_diagnostics_are_logged() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32).unwrap();
+    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32, false)
+        .unwrap();
     let out = tmp.path().join("run");
     let req = |stop_at: Option<usize>| {
         let mut r = request(&data, &out, 6, stop_at.is_none(), stop_at);

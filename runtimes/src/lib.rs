@@ -9,6 +9,7 @@ pub mod geometry;
 pub mod layout;
 pub mod manifest;
 pub mod masks;
+pub mod memory;
 pub mod names;
 #[cfg(feature = "ort")]
 pub mod ort;

@@ -14,7 +14,24 @@ pub struct FolderWriter {
 }
 
 impl FolderWriter {
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// A writer into `dir`, created if missing. A `dir` that already holds anything is refused
+    /// unless `replace`: the set's `metadata.jsonl` and same-named images would replace what is there.
+    pub fn create(dir: &Path, replace: bool) -> Result<Self> {
+        if !replace {
+            if let Ok(mut entries) = std::fs::read_dir(dir) {
+                if let Some(Ok(first)) = entries.next() {
+                    return Err(Error::input(
+                        dir,
+                        format!(
+                            "the output directory is not empty (it holds {:?}); writing a set \
+                             here would replace its metadata.jsonl and same-named images: choose \
+                             a new or empty --out, or pass --force to replace them",
+                            first.file_name()
+                        ),
+                    ));
+                }
+            }
+        }
         crate::fsutil::ensure_writable_dir(dir)?;
         Ok(FolderWriter {
             dir: dir.to_path_buf(),

@@ -61,19 +61,39 @@ pub struct Loader {
     failed: Mutex<Vec<bool>>,
 }
 
-impl Loader {
-    pub fn new(index: Index, size: u32, max_pixels: u64, seed: u64) -> Result<Self> {
-        if index.samples.is_empty() {
-            return Err(Error::Dataset {
-                path: index.root.clone(),
-                message: format!(
-                    "has no usable samples ({} seen, {} skipped: {}); run `dalle data stats` for details",
+/// An error that says why, when `index` has no sample to train on (check it before writing
+/// anything of a run).
+pub fn require_usable(index: &Index) -> Result<()> {
+    if index.samples.is_empty() {
+        return Err(Error::Dataset {
+            path: index.root.clone(),
+            message: if index.seen == 0 {
+                "has no samples (its metadata.jsonl or .tar shards list none): add \
+                 {\"file_name\", \"text\"} lines or KEY.jpg + KEY.txt pairs \
+                 (`dalle data shapes --out DIR` writes a set)"
+                    .to_string()
+            } else {
+                format!(
+                    "has no usable samples ({} seen, {} skipped: {}); run `dalle data stats` \
+                     for details",
                     index.seen,
                     index.skipped(),
-                    index.skips.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
-                ),
-            });
-        }
+                    index
+                        .skips
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        });
+    }
+    Ok(())
+}
+
+impl Loader {
+    pub fn new(index: Index, size: u32, max_pixels: u64, seed: u64) -> Result<Self> {
+        require_usable(&index)?;
         let n = index.samples.len();
         Ok(Loader {
             index,

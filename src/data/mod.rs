@@ -102,6 +102,13 @@ impl Index {
         };
         let mut shards = vec![];
         if dir.is_file() {
+            if dir.extension().is_none_or(|x| x != "tar") {
+                return Err(err(
+                    "is a file, not a data set: pass a directory (metadata.jsonl with file_name \
+                     and text, or WebDataset .tar shards) or one .tar shard"
+                        .into(),
+                ));
+            }
             shards.push(dir.to_path_buf());
         } else {
             let meta = dir.join("metadata.jsonl");

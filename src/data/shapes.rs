@@ -434,8 +434,17 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
 }
 
 /// Write `count` samples into `out` in the image-folder format (`metadata.jsonl` + PNGs).
-pub fn write_set(out: &Path, count: usize, seed: u64, split: Split, size: u32) -> Result<()> {
-    let mut w = FolderWriter::create(out)?;
+/// Write `count` scenes to `out` in the image-folder format; a non-empty `out` is refused unless
+/// `replace` (see [`FolderWriter::create`]).
+pub fn write_set(
+    out: &Path,
+    count: usize,
+    seed: u64,
+    split: Split,
+    size: u32,
+    replace: bool,
+) -> Result<()> {
+    let mut w = FolderWriter::create(out, replace)?;
     for i in 0..count {
         let s = generate_one(seed, split, i as u64, size);
         let extra = serde_json::json!({ "scene": s.scene, "split": split });

@@ -145,14 +145,67 @@ where
     let step = state["step"]
         .as_u64()
         .ok_or_else(|| Error::checkpoint(&dir, "state.json lacks `step`"))? as usize;
-    let stored_opts: O = read_json(&out.join("train.json"))?;
+    let train_json = out.join("train.json");
+    let stored_opts: O = read_json(&train_json)?;
     if stored_opts != options {
+        let stored_v = serde_json::to_value(&stored_opts).unwrap_or_default();
+        let given_v = serde_json::to_value(&options).unwrap_or_default();
+        let diffs = differences(&stored_v, &given_v, "").join(", ");
+        let steps = stored_v["loop"]["steps"].as_u64().unwrap_or(0) as usize;
+        if step >= steps {
+            return Err(Error::checkpoint(
+                out,
+                format!(
+                    "finished all {steps} steps of its run, and this command asks for other \
+                     options ({diffs}); a finished run is not extended (its schedules are scaled \
+                     to its length): start a new run with another --out"
+                ),
+            ));
+        }
         eprintln!(
-            "warning: resuming with the options stored in {} (the command line differs)",
-            out.join("train.json").display()
+            "warning: resuming with the options stored in {}; the command line asked for \
+             other values, which are ignored: {diffs}",
+            train_json.display()
+        );
+    }
+    if serde_json::to_value(&stored_opts).unwrap_or_default()["loop"]["steps"]
+        .as_u64()
+        .is_some_and(|steps| step as u64 >= steps)
+    {
+        eprintln!(
+            "{}: the run already finished its {step} steps; nothing left to train",
+            out.display()
         );
     }
     Ok((stored_opts, Start::Resume { step, dir }))
+}
+
+/// `path (stored A, given B)` for every leaf where two JSON values differ.
+fn differences(stored: &serde_json::Value, given: &serde_json::Value, path: &str) -> Vec<String> {
+    use serde_json::Value;
+    match (stored, given) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let sub = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    differences(
+                        a.get(k).unwrap_or(&Value::Null),
+                        b.get(k).unwrap_or(&Value::Null),
+                        &sub,
+                    )
+                })
+                .collect()
+        }
+        (a, b) if a != b => vec![format!("{path} (stored {a}, given {b})")],
+        _ => vec![],
+    }
 }
 
 /// Sorted (name, var) pairs of a var map.

@@ -2,8 +2,8 @@
 
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
-    gaussian_nll, gumbel_softmax_scaled, kl_to_uniform, logit_laplace_nll, one_hot_argmax,
-    straight_through, Likelihood, VaeSchedule,
+    foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, kl_to_uniform,
+    logit_laplace_nll_weighted, one_hot_argmax, straight_through, Likelihood, VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
@@ -112,9 +112,16 @@ impl Stage for VaeStage {
         let c = self.config.vae.channels;
         let mu = stats.narrow(1, 0, c)?;
         let log_b = stats.narrow(1, c, c)?;
+        let fw = self.opts.schedule.foreground_weight;
+        let weight = if fw > 0.0 {
+            Some(foreground_weights(&x, fw)?)
+        } else {
+            None
+        };
+        let (target, w) = (map_pixels(&x)?, weight.as_ref());
         let nll = match self.opts.schedule.likelihood {
-            Likelihood::LogitLaplace => logit_laplace_nll(&map_pixels(&x)?, &mu, &log_b)?,
-            Likelihood::Gaussian => gaussian_nll(&map_pixels(&x)?, &mu, 0.1)?,
+            Likelihood::LogitLaplace => logit_laplace_nll_weighted(&target, &mu, &log_b, w)?,
+            Likelihood::Gaussian => gaussian_nll_weighted(&target, &mu, 0.1, w)?,
         };
         let kl = kl_to_uniform(&logits, 1)?;
         let usage = CodeUsage::of(&logits.detach())?;
@@ -184,11 +191,13 @@ pub struct VaeTrainRequest {
 
 /// Run (or resume) stage-1 training.
 pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
-    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
+    // The data set is read before the run directory is written, so a bad one leaves nothing.
     let index = Index::scan(&req.data, &req.filters, false)?;
     if index.skipped() > 0 {
         eprint!("{}", index.report());
     }
+    crate::data::loader::require_usable(&index)?;
+    let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
     let loader = Loader::new(
         index,
         req.config.geometry.image_size as u32,
