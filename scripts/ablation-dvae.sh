@@ -46,6 +46,7 @@ ROWS=(
   "blocks2|shapes|$RECIPE --blocks-per-group 2|recipe with 2 residual blocks per group"
   "f8|tiny|$RECIPE|recipe at f8 (preset tiny: 8×8 tokens, n_hid 32)"
   "fg|shapes|$RECIPE --foreground-weight 9|recipe with 10× reconstruction weight on object pixels and their rim"
+  "hard50|shapes|$RECIPE --hard-fraction 0.5|recipe with half the positions decoded as hard codes (straight-through)"
   "tau16|shapes|${RECIPE/--tau-end 0.5/--tau-end 0.0625}|recipe with the paper's τ floor 1/16"
 )
 

@@ -518,6 +518,10 @@ struct TrainVaeArgs {
     /// border colour, and their rim (0: the paper's unweighted likelihood; not in the paper).
     #[arg(long, default_value_t = 0.0)]
     foreground_weight: f64,
+    /// Fraction of latent positions, drawn each update, that the decoder sees as hard one-hot
+    /// codes with straight-through gradients (0: the paper; 1: --straight-through).
+    #[arg(long, default_value_t = 0.0)]
+    hard_fraction: f64,
 }
 
 #[derive(Args)]
@@ -914,6 +918,13 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.freeze_encoder = a.freeze_encoder;
     options.schedule.decoder_finetune_from = a.decoder_finetune_from;
     options.schedule.foreground_weight = a.foreground_weight;
+    if !(0.0..=1.0).contains(&a.hard_fraction) {
+        bail!(
+            "--hard-fraction must be from 0 to 1 (got {})",
+            a.hard_fraction
+        );
+    }
+    options.schedule.hard_fraction = a.hard_fraction;
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,
@@ -1009,35 +1020,61 @@ fn masks(text_len: usize, grid: usize, kind: &str, kernel: usize, json: bool) ->
     Ok(())
 }
 
-fn parse_tokens(path: &PathBuf) -> Result<Vec<u32>> {
+/// The images of a token file: `encode --json`'s `{"tokens": rows}`, `generate --save-tokens`'
+/// `{"images": [rows, ...]}`, or a bare list of rows or of ids (one image).
+fn parse_tokens(path: &PathBuf) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read token file {}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let grid = v.get("tokens").unwrap_or(&v);
-    let mut out = vec![];
-    let mut stack = vec![grid];
-    // Accept a flat list or a list of rows.
-    while let Some(x) = stack.pop() {
-        match x {
-            serde_json::Value::Array(xs) => stack.extend(xs.iter().rev()),
-            serde_json::Value::Number(n) => out.push(
-                n.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .with_context(|| {
-                        format!(
-                            "{}: token {n} is not a non-negative integer",
-                            path.display()
-                        )
-                    })?,
-            ),
-            other => bail!(
-                "{}: expected token ids (a list of rows of integers), found {other}",
-                path.display()
-            ),
-        }
-    }
-    Ok(out)
+    let kind = |x: &serde_json::Value| match x {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    };
+    let images: Vec<&serde_json::Value> = match (&v, v.get("images"), v.get("tokens")) {
+        (_, Some(serde_json::Value::Array(xs)), _) => xs.iter().collect(),
+        (_, _, Some(t)) => vec![t],
+        (serde_json::Value::Array(_), _, _) => vec![&v],
+        (other, _, _) => bail!(
+            "{}: expected token ids (a list of rows of integers, or an object with `tokens` or \
+             `images`), found {}",
+            path.display(),
+            kind(other)
+        ),
+    };
+    images
+        .into_iter()
+        .map(|grid| {
+            let mut out = vec![];
+            let mut stack = vec![grid];
+            // A flat list or a list of rows.
+            while let Some(x) = stack.pop() {
+                match x {
+                    serde_json::Value::Array(xs) => stack.extend(xs.iter().rev()),
+                    serde_json::Value::Number(n) => out.push(
+                        n.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .with_context(|| {
+                                format!(
+                                    "{}: token {n} is not a non-negative integer",
+                                    path.display()
+                                )
+                            })?,
+                    ),
+                    other => bail!(
+                        "{}: expected token ids (integers), found {}",
+                        path.display(),
+                        kind(other)
+                    ),
+                }
+            }
+            Ok(out)
+        })
+        .collect()
 }
 
 fn main() {
@@ -1396,10 +1433,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Decode { vae, tokens, out } => {
             let vae = Vae::load(&vae, &cpu)?;
             let ids = parse_tokens(&tokens)?;
-            let img = vae
-                .decode(&[ids])
-                .with_context(|| format!("cannot decode {}", tokens.display()))?
-                .remove(0);
+            let images = vae
+                .decode(&ids)
+                .with_context(|| format!("cannot decode {}", tokens.display()))?;
+            let img = match images.as_slice() {
+                [one] => one.clone(),
+                [] => bail!("{}: lists no images", tokens.display()),
+                many => dalle::plot::grid(many, (many.len() as f64).sqrt().ceil() as usize),
+            };
             dalle::plot::save_image(&img, &out)?;
             println!("wrote {}", out.display());
         }

@@ -831,6 +831,34 @@ fn stage_two_train_and_generate_with_bad_inputs() {
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&tokens).unwrap()).unwrap();
     assert_eq!(saved["images"].as_array().unwrap().len(), 2);
+    // A training run where a model directory is expected, and the other way round.
+    fails(
+        &["generate", "--model", p(&run), "--out", p(&img), "x"],
+        "it is a `dalle train` run; export it with `dalle export --transformer",
+    );
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
+    let sample = data.join("000000.png");
+    fails(
+        &["encode", "--vae", p(&bundled), "--input", p(&sample)],
+        "is an exported model directory",
+    );
+    // A `dalle train` run stands for the dVAE it was trained on.
+    ok(&["encode", "--vae", p(&run), "--input", p(&sample)]);
+    // `decode` reads what `--save-tokens` wrote: both images, as one grid.
+    let decoded = tmp.path().join("decoded.png");
+    ok(&[
+        "decode",
+        "--vae",
+        p(&vae),
+        "--tokens",
+        p(&tokens),
+        "--out",
+        p(&decoded),
+    ]);
+    assert_eq!(
+        image::open(&decoded).unwrap().width(),
+        image::open(&img).unwrap().width()
+    );
     run_ok(gen(&["a red circle", "--seed", "3"]));
     assert_eq!(std::fs::read(&img).unwrap(), first, "same seed, same image");
     run_ok(gen(&["", "--top-k", "1", "--guidance-scale", "2"]));

@@ -209,7 +209,7 @@ pub fn sample_codes(
     }
     if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
         return Err(RuntimeError::Request(format!(
-            "guidance scale must be ≥ 0 (got {})",
+            "guidance scale must be a finite number ≥ 0 (got {})",
             req.guidance_scale
         )));
     }

@@ -195,6 +195,8 @@ pub enum ManifestError {
     Schema { path: PathBuf, found: u32 },
     #[error("{path}: inconsistent manifest: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{dir}: not a model directory (no manifest.json): {hint}")]
+    NotAModel { dir: PathBuf, hint: String },
     #[error("{dir}: `{file}` is missing; the manifest lists it (copy the whole model directory)")]
     MissingFile { dir: PathBuf, file: String },
     #[error("{path}: sha256 {actual} does not match the manifest's {expected}: the file changed after export; re-export or copy it again")]
@@ -203,6 +205,25 @@ pub enum ManifestError {
         expected: String,
         actual: String,
     },
+}
+
+/// What a directory without a manifest is, and what to do with it.
+fn not_a_model_hint(dir: &Path) -> String {
+    let has = |f: &str| dir.join(f).exists();
+    if has("transformer.safetensors") {
+        format!(
+            "it is a `dalle train` run; export it with `dalle export --transformer {} --out \
+             MODEL_DIR`, or generate from it on candle with `--checkpoint {}`",
+            dir.display(),
+            dir.display()
+        )
+    } else if has("encoder.safetensors") {
+        "it is a `dalle train-vae` run (a dVAE alone); train the transformer on it with \
+         `dalle train --vae DIR`, then `dalle export`"
+            .to_string()
+    } else {
+        "pass a directory written by `dalle export`".to_string()
+    }
 }
 
 /// Lower-case hex sha256 and length of a file, read in chunks.
@@ -246,9 +267,18 @@ impl Manifest {
     /// Read and check the manifest without hashing the files.
     pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join(names::MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|error| ManifestError::Io {
-            path: path.clone(),
-            error,
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound && dir.is_dir() {
+                ManifestError::NotAModel {
+                    dir: dir.to_path_buf(),
+                    hint: not_a_model_hint(dir),
+                }
+            } else {
+                ManifestError::Io {
+                    path: path.clone(),
+                    error,
+                }
+            }
         })?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ManifestError::Parse {
@@ -315,7 +345,8 @@ impl Manifest {
     pub fn verify_files(&self, dir: &Path) -> Result<(), ManifestError> {
         for (name, want) in &self.files {
             let path = dir.join(name);
-            if !path.exists() {
+            // A dangling or looping symlink is a file that cannot be read, not a missing one.
+            if std::fs::symlink_metadata(&path).is_err() {
                 return Err(ManifestError::MissingFile {
                     dir: dir.to_path_buf(),
                     file: name.clone(),

@@ -44,8 +44,15 @@ pub fn find_library() -> Result<PathBuf, RuntimeError> {
         if p.is_file() {
             return Ok(p);
         }
+        let what = if p.is_dir() {
+            format!("is a directory; point it at the {LIBRARY} file inside it")
+        } else if p.exists() {
+            format!("is not a regular file; point it at {LIBRARY}")
+        } else {
+            format!("does not exist; run `dalle setup ort` or point it at {LIBRARY}")
+        };
         return Err(RuntimeError::OrtLibrary(format!(
-            "ORT_DYLIB_PATH={} does not exist; run `dalle setup ort` or point it at {LIBRARY}",
+            "ORT_DYLIB_PATH={} {what}",
             p.display()
         )));
     }

@@ -105,12 +105,20 @@ impl Vae {
 
     /// Load a dVAE directory (ours, or one written by `dalle vae import-openai`).
     pub fn load(dir: &Path, device: &Device) -> Result<Vae> {
+        // A `dalle train` run keeps the dVAE it was trained on in its vae/ folder.
+        if !dir.join("encoder.safetensors").exists() && dir.join("vae/config.json").exists() {
+            return Vae::load(&dir.join("vae"), device);
+        }
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
-            return Err(Error::checkpoint(
-                dir,
-                "is not a dVAE directory (no config.json); train one with `dalle train-vae`",
-            ));
+            let message = if dir.join("manifest.json").exists() {
+                "is an exported model directory (ONNX graphs); this command reads a dVAE's \
+                 weights: pass the `dalle train-vae` run (or the `dalle train` run) it was \
+                 exported from"
+            } else {
+                "is not a dVAE directory (no config.json); train one with `dalle train-vae`"
+            };
+            return Err(Error::checkpoint(dir, message));
         }
         let config = Config::load(&cfg_path)?;
         let vcfg = config.vae.clone();

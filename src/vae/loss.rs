@@ -143,6 +143,19 @@ pub fn straight_through(soft: &Tensor, dim: usize) -> Result<Tensor> {
     (one_hot_argmax(soft, dim)? - soft.detach())? + soft
 }
 
+/// `soft` (b, K, h, w) with a random `fraction` of its positions replaced by their
+/// straight-through one-hot argmax (see [`VaeSchedule::hard_fraction`]); `rng` picks them.
+pub fn harden_some(soft: &Tensor, fraction: f64, rng: &mut Rng) -> Result<Tensor> {
+    let (b, _, h, w) = soft.dims4()?;
+    let pick: Vec<f32> = (0..b * h * w)
+        .map(|_| (rng.uniform() < fraction) as u8 as f32)
+        .collect();
+    let mask = Tensor::from_vec(pick, (b, 1, h, w), soft.device())?.to_dtype(soft.dtype())?;
+    let hard = straight_through(soft, 1)?;
+    // soft + mask · (hard − soft): the picked positions are hard, the rest unchanged.
+    soft + (hard - soft)?.broadcast_mul(&mask)?
+}
+
 /// Half-cosine from `start` (step 0) to `end` (step `len` and after).
 pub fn cosine(start: f64, end: f64, step: usize, len: usize) -> f64 {
     let t = if len == 0 {
@@ -207,6 +220,13 @@ pub struct VaeSchedule {
     /// Older run files lack it and get 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub foreground_weight: f64,
+    /// Fraction of latent positions (drawn afresh each update) whose relaxed sample the decoder
+    /// sees as its one-hot argmax, with straight-through gradients; the rest stay relaxed. The
+    /// decoder then learns to decode hard codes — what stage 2 and every runtime give it —
+    /// while every position still passes the relaxation's gradient to the encoder. 0: the
+    /// paper; 1: `straight_through` everywhere. Older run files lack it and get 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hard_fraction: f64,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -275,6 +295,7 @@ impl VaeSchedule {
             decoder_finetune_from: None,
             likelihood: Likelihood::LogitLaplace,
             foreground_weight: 0.0,
+            hard_fraction: 0.0,
         }
     }
 
@@ -387,6 +408,28 @@ mod tests {
         // Weight 0 is the unweighted sum.
         let w0 = foreground_weights(&x, 0.0).unwrap();
         assert_eq!(w0.min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+    }
+
+    #[test]
+    fn harden_some_makes_the_chosen_fraction_one_hot() {
+        let dev = Device::Cpu;
+        let logits = Tensor::randn(0f32, 1.0, (4, 8, 16, 16), &dev).unwrap();
+        let soft = softmax(&logits, 1).unwrap();
+        let count_hard = |t: &Tensor| {
+            let max = t.max_keepdim(1).unwrap().flatten_all().unwrap();
+            let v = max.to_vec1::<f32>().unwrap();
+            v.iter().filter(|&&m| (m - 1.0).abs() < 1e-6).count()
+        };
+        assert_eq!(
+            count_hard(&harden_some(&soft, 0.0, &mut Rng::new(1)).unwrap()),
+            0
+        );
+        assert_eq!(
+            count_hard(&harden_some(&soft, 1.0, &mut Rng::new(1)).unwrap()),
+            1024
+        );
+        let half = count_hard(&harden_some(&soft, 0.5, &mut Rng::new(1)).unwrap());
+        assert!((412..612).contains(&half), "{half} of 1024");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
-    foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, kl_to_uniform,
+    foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, harden_some, kl_to_uniform,
     logit_laplace_nll_weighted, one_hot_argmax, straight_through, Likelihood, VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
@@ -104,6 +104,9 @@ impl Stage for VaeStage {
                 gumbel_softmax_scaled(&logits, tau, 1, self.opts.schedule.gumbel_scale, &mut rng)?;
             if self.opts.schedule.straight_through {
                 straight_through(&z, 1)?
+            } else if self.opts.schedule.hard_fraction > 0.0 {
+                let fraction = self.opts.schedule.hard_fraction;
+                harden_some(&z, fraction, &mut rng)?
             } else {
                 z
             }
