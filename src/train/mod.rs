@@ -134,17 +134,7 @@ where
             ),
         ));
     }
-    let name = std::fs::read_to_string(&latest).map_err(|_| {
-        Error::checkpoint(
-            out,
-            "nothing to resume: no complete checkpoint yet (start without --resume)",
-        )
-    })?;
-    let dir = out.join("checkpoints").join(name.trim());
-    let state: serde_json::Value = read_json(&dir.join("state.json"))?;
-    let step = state["step"]
-        .as_u64()
-        .ok_or_else(|| Error::checkpoint(&dir, "state.json lacks `step`"))? as usize;
+    let (step, dir) = newest_intact_checkpoint(out)?;
     let train_json = out.join("train.json");
     let stored_opts: O = read_json(&train_json)?;
     if stored_opts != options {
@@ -178,6 +168,108 @@ where
         );
     }
     Ok((stored_opts, Start::Resume { step, dir }))
+}
+
+/// The step and directory of the checkpoint to resume from: the one `latest` names, or, when
+/// that one is damaged (e.g. the process was killed while the disk lost a write), the newest
+/// intact one, with a warning that says which and why.
+fn newest_intact_checkpoint(out: &Path) -> Result<(usize, PathBuf)> {
+    let root = out.join("checkpoints");
+    let latest = std::fs::read_to_string(root.join("latest")).ok();
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("step-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.reverse();
+    // `latest` first, then the others newest first.
+    if let Some(l) = latest.as_deref().map(str::trim) {
+        names.retain(|n| n != l);
+        names.insert(0, l.to_string());
+    }
+    if names.is_empty() {
+        return Err(Error::checkpoint(
+            out,
+            "nothing to resume: no complete checkpoint yet (start without --resume)",
+        ));
+    }
+    let mut damaged = vec![];
+    for name in &names {
+        let dir = root.join(name);
+        match checkpoint_step(&dir) {
+            Ok(step) => {
+                if !damaged.is_empty() {
+                    eprintln!(
+                        "warning: {}; resuming from {name}, the newest intact checkpoint",
+                        damaged.join("; ")
+                    );
+                }
+                return Ok((step, dir));
+            }
+            Err(why) => damaged.push(format!("checkpoint {name} is damaged ({why})")),
+        }
+    }
+    Err(Error::checkpoint(
+        out,
+        format!(
+            "no intact checkpoint to resume from: {}; start a new run with another --out",
+            damaged.join("; ")
+        ),
+    ))
+}
+
+/// The step of the checkpoint in `dir`, or why it cannot be resumed from: its state.json and the
+/// headers and lengths of its three safetensors files are checked (not the values).
+fn checkpoint_step(dir: &Path) -> std::result::Result<usize, String> {
+    let state =
+        std::fs::read_to_string(dir.join("state.json")).map_err(|e| format!("state.json: {e}"))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&state).map_err(|e| format!("state.json: {e}"))?;
+    let step = state["step"].as_u64().ok_or("state.json lacks `step`")? as usize;
+    for file in [
+        "weights.safetensors",
+        "optimizer.safetensors",
+        "ema.safetensors",
+    ] {
+        safetensors_complete(&dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
+    }
+    Ok(step)
+}
+
+/// Whether a safetensors file is whole: its header parses and the file is as long as the header's
+/// last tensor says.
+fn safetensors_complete(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| "shorter than its header".to_string())?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100 << 20 {
+        return Err(format!(
+            "header length {n} does not fit the file's {len} bytes"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| format!("header: {e}"))?;
+    let end = header
+        .as_object()
+        .ok_or("header is not an object")?
+        .values()
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if 8 + n + end != len {
+        return Err(format!("{len} bytes, the header describes {}", 8 + n + end));
+    }
+    Ok(())
 }
 
 /// `path (stored A, given B)` for every leaf where two JSON values differ.
@@ -513,6 +605,47 @@ fn save_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one() {
+        let out = tempfile::tempdir().unwrap();
+        let root = out.path().join("checkpoints");
+        let t = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("w".to_string(), t)]);
+        for step in [10usize, 20] {
+            let dir = root.join(format!("step-{step:08}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in ["weights", "optimizer", "ema"] {
+                candle_core::safetensors::save(&tensors, dir.join(format!("{f}.safetensors")))
+                    .unwrap();
+            }
+            std::fs::write(dir.join("state.json"), format!("{{\"step\": {step}}}")).unwrap();
+        }
+        std::fs::write(root.join("latest"), "step-00000020").unwrap();
+        assert_eq!(newest_intact_checkpoint(out.path()).unwrap().0, 20);
+        // Cut the newest one's optimizer state short: step 10 is used instead.
+        let opt = root.join("step-00000020/optimizer.safetensors");
+        let bytes = std::fs::read(&opt).unwrap();
+        std::fs::write(&opt, &bytes[..bytes.len() - 4]).unwrap();
+        let (step, dir) = newest_intact_checkpoint(out.path()).unwrap();
+        assert_eq!((step, dir), (10, root.join("step-00000010")));
+        // A bad header length, and then nothing intact: one error naming both.
+        let w = root.join("step-00000010/weights.safetensors");
+        std::fs::write(&w, u64::MAX.to_le_bytes()).unwrap();
+        let err = newest_intact_checkpoint(out.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no intact checkpoint") && err.contains("header length"),
+            "{err}"
+        );
+        // `latest` naming a missing checkpoint is no worse.
+        std::fs::write(root.join("latest"), "step-00000099").unwrap();
+        let err = newest_intact_checkpoint(out.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("step-00000099 is damaged"), "{err}");
+    }
 
     #[test]
     fn history_adds_columns_for_metrics_first_seen_later() {
