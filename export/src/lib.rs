@@ -177,6 +177,42 @@ fn check(input: &ExportInput, opts: &ExportOptions) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); an error where the system or
+/// file system cannot, and the caller falls back to two renames.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        };
+        let (ca, cb) = (c(a)?, c(b)?);
+        const RENAME_EXCHANGE: u32 = 2;
+        // SAFETY: two valid NUL-terminated paths; the syscall reads them and nothing else.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        Err(std::io::Error::last_os_error())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Err(std::io::Error::other("no atomic exchange here"))
+    }
+}
+
 /// A sibling of `out` to build into; renamed into place at the end.
 fn staging_dir(out: &Path, tag: &str) -> PathBuf {
     let name = out
@@ -218,11 +254,18 @@ pub fn export(
             return Err(e);
         }
     };
-    // Swap into place: the old directory (with --force) is removed only once the new one is there.
+    dalle_runtimes::failpoint::hit("export-staged", 0);
+    // Swap into place: the old directory (with --force) is removed only once the new one is
+    // there; on Linux the two trade places in one atomic step, so `out` is always a whole model.
     if out.exists() {
         let old = staging_dir(out, "old");
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(&stage, out).map_err(io(out))?;
+        if exchange(&stage, out).is_ok() {
+            std::fs::rename(&stage, &old).map_err(io(&stage))?;
+        } else {
+            std::fs::rename(out, &old).map_err(io(out))?;
+            std::fs::rename(&stage, out).map_err(io(out))?;
+        }
+        dalle_runtimes::failpoint::hit("export-swapped", 0);
         std::fs::remove_dir_all(&old).map_err(io(&old))?;
     } else {
         std::fs::rename(&stage, out).map_err(io(out))?;

@@ -4,6 +4,8 @@
 //! code and no candle-nn. Everything that the exporter and the runtimes must agree on lives here
 //! once, starting with the model geometry.
 
+#[doc(hidden)]
+pub mod failpoint;
 pub mod generator;
 pub mod geometry;
 pub mod layout;

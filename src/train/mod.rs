@@ -497,6 +497,7 @@ pub fn run(
         let gnorm = opt.step(&grads, lr, step + 1)?;
         ema.update(&vars, step + 1)?;
         step += 1;
+        dalle_runtimes::failpoint::hit("update", step);
         metrics = m;
         metrics.push(("grad_norm", gnorm));
         metrics.push(("lr", lr));
@@ -573,6 +574,7 @@ fn save_checkpoint(
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
     save_safetensors(&weights, &tmp.join("weights.safetensors"))?;
+    dalle_runtimes::failpoint::hit("checkpoint-weights", step);
     save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
     save_safetensors(&ema.shadow, &tmp.join("ema.safetensors"))?;
     // Every random draw of update s comes from Rng::stream(seed, purpose, s), so the generator
@@ -582,9 +584,12 @@ fn save_checkpoint(
         "rng": { "kind": "xoshiro256++ stream per (seed, purpose, step)", "seed": seed, "next_step": step },
     });
     write_json(&tmp.join("state.json"), &state)?;
+    dalle_runtimes::failpoint::hit("checkpoint-written", step);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    dalle_runtimes::failpoint::hit("checkpoint-renamed", step);
     write_bytes_atomic(&root.join("latest"), name.as_bytes())?;
+    dalle_runtimes::failpoint::hit("checkpoint-latest", step);
     // Keep the newest `keep` checkpoints.
     let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
         .map_err(|e| Error::io(&root, e))?
