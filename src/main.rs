@@ -1020,61 +1020,10 @@ fn masks(text_len: usize, grid: usize, kind: &str, kernel: usize, json: bool) ->
     Ok(())
 }
 
-/// The images of a token file: `encode --json`'s `{"tokens": rows}`, `generate --save-tokens`'
-/// `{"images": [rows, ...]}`, or a bare list of rows or of ids (one image).
 fn parse_tokens(path: &PathBuf) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read token file {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let kind = |x: &serde_json::Value| match x {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "a list",
-        serde_json::Value::Object(_) => "an object",
-    };
-    let images: Vec<&serde_json::Value> = match (&v, v.get("images"), v.get("tokens")) {
-        (_, Some(serde_json::Value::Array(xs)), _) => xs.iter().collect(),
-        (_, _, Some(t)) => vec![t],
-        (serde_json::Value::Array(_), _, _) => vec![&v],
-        (other, _, _) => bail!(
-            "{}: expected token ids (a list of rows of integers, or an object with `tokens` or \
-             `images`), found {}",
-            path.display(),
-            kind(other)
-        ),
-    };
-    images
-        .into_iter()
-        .map(|grid| {
-            let mut out = vec![];
-            let mut stack = vec![grid];
-            // A flat list or a list of rows.
-            while let Some(x) = stack.pop() {
-                match x {
-                    serde_json::Value::Array(xs) => stack.extend(xs.iter().rev()),
-                    serde_json::Value::Number(n) => out.push(
-                        n.as_u64()
-                            .and_then(|n| u32::try_from(n).ok())
-                            .with_context(|| {
-                                format!(
-                                    "{}: token {n} is not a non-negative integer",
-                                    path.display()
-                                )
-                            })?,
-                    ),
-                    other => bail!(
-                        "{}: expected token ids (integers), found {}",
-                        path.display(),
-                        kind(other)
-                    ),
-                }
-            }
-            Ok(out)
-        })
-        .collect()
+    Ok(dalle::vae::io::parse_token_file(&text, path)?)
 }
 
 fn main() {

@@ -29,7 +29,24 @@ pub enum GeometryError {
     Zero { field: &'static str },
     #[error("image_size {image_size} is not a multiple of grid {grid}: the dVAE downsamples by a whole factor")]
     NotDivisible { image_size: usize, grid: usize },
+    #[error("geometry field `{field}` is {value}, above the largest this build handles ({max})")]
+    TooLarge {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
 }
+
+/// Upper bounds of each geometry field: far above any real model (the paper's is 256 px, a 32×32
+/// grid, 8192 codes, 256 caption tokens of 16384), low enough that no size derived from them
+/// (sequence length, unified vocabulary as `u32` ids, pixel counts) can overflow.
+const GEOMETRY_MAX: [(&str, usize); 5] = [
+    ("image_size", 1 << 15),
+    ("grid", 1 << 10),
+    ("codebook", 1 << 24),
+    ("text_len", 1 << 16),
+    ("text_vocab", 1 << 24),
+];
 
 impl Geometry {
     /// Number of image tokens per image.
@@ -58,6 +75,17 @@ impl Geometry {
         ] {
             if v == 0 {
                 return Err(GeometryError::Zero { field });
+            }
+            let max = GEOMETRY_MAX
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(0, |m| m.1);
+            if v > max {
+                return Err(GeometryError::TooLarge {
+                    field,
+                    value: v,
+                    max,
+                });
             }
         }
         if !self.image_size.is_multiple_of(self.grid) {

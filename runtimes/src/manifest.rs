@@ -280,8 +280,14 @@ impl Manifest {
                 }
             }
         })?;
+        Manifest::parse(&text, &path)
+    }
+
+    /// Parse and check a manifest's text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+        let path = path.to_path_buf();
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ManifestError::Parse {
+            serde_json::from_str(text).map_err(|e| ManifestError::Parse {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
@@ -312,6 +318,24 @@ impl Manifest {
             ));
         }
         let t = &self.transformer;
+        // Bounds far above any real model, so nothing derived from them overflows.
+        for (field, v, max) in [
+            ("transformer.d_model", t.d_model, 1 << 16),
+            ("transformer.n_layers", t.n_layers, 1 << 12),
+            ("transformer.n_heads", t.n_heads, 1 << 12),
+            ("transformer.head_dim", t.head_dim, 1 << 16),
+            ("dvae.group_count", self.dvae.group_count, 16),
+            ("dvae.n_hid", self.dvae.n_hid, 1 << 14),
+            ("dvae.n_blk_per_group", self.dvae.n_blk_per_group, 64),
+            ("dvae.n_init", self.dvae.n_init, 1 << 14),
+            ("dvae.channels", self.dvae.channels, 64),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "{field} is {v}, above the largest this build handles ({max})"
+                ));
+            }
+        }
         if t.n_heads == 0 || t.n_heads * t.head_dim != t.d_model {
             return Err(format!(
                 "transformer n_heads {} × head_dim {} ≠ d_model {}",

@@ -239,7 +239,6 @@ impl Index {
         };
         // img2dataset writes the members of one key next to each other.
         let mut pending: Option<ShardKey> = None;
-        let mut keys: Vec<ShardKey> = vec![];
         for entry in entries {
             let Ok(mut entry) = entry else {
                 self.skip("corrupt_shard");
@@ -256,7 +255,11 @@ impl Index {
             };
             let key = format!("{dir}/{stem}");
             if pending.as_ref().is_some_and(|p| p.0 != key) {
-                keys.extend(pending.take());
+                // A key is whole once the next begins: admit it now, so a shard's images are
+                // never all in memory at once.
+                if let Some(done) = pending.take() {
+                    self.admit_shard_key(shard, done, filters, full_decode);
+                }
             }
             let slot = pending.get_or_insert_with(|| (key.clone(), None, None));
             let ext = ext.to_ascii_lowercase();
@@ -272,36 +275,47 @@ impl Index {
                 slot.2 = Some(String::from_utf8(data).ok());
             }
         }
-        keys.extend(pending);
-        for (_, image, text) in keys {
-            self.seen += 1;
-            let text = match text {
-                None => {
-                    self.skip("caption_missing");
-                    continue;
-                }
-                Some(None) => {
-                    self.skip("caption_not_utf8");
-                    continue;
-                }
-                Some(Some(t)) => t,
-            };
-            let Some((offset, data)) = image else {
-                self.skip("image_missing");
-                continue;
-            };
-            if self.admit(&text, &data, filters, full_decode) {
-                let source = Source::Tar {
-                    shard: shard.to_path_buf(),
-                    offset,
-                    len: data.len() as u64,
-                };
-                self.samples.push(Sample {
-                    source,
-                    text: text.trim().to_string(),
-                    extra: None,
-                });
+        if let Some(done) = pending {
+            self.admit_shard_key(shard, done, filters, full_decode);
+        }
+    }
+
+    /// Count one shard key (its image and caption) as seen, and admit it or record why not.
+    fn admit_shard_key(
+        &mut self,
+        shard: &Path,
+        key: ShardKey,
+        filters: &Filters,
+        full_decode: bool,
+    ) {
+        let (_, image, text) = key;
+        self.seen += 1;
+        let text = match text {
+            None => {
+                self.skip("caption_missing");
+                return;
             }
+            Some(None) => {
+                self.skip("caption_not_utf8");
+                return;
+            }
+            Some(Some(t)) => t,
+        };
+        let Some((offset, data)) = image else {
+            self.skip("image_missing");
+            return;
+        };
+        if self.admit(&text, &data, filters, full_decode) {
+            let source = Source::Tar {
+                shard: shard.to_path_buf(),
+                offset,
+                len: data.len() as u64,
+            };
+            self.samples.push(Sample {
+                source,
+                text: text.trim().to_string(),
+                extra: None,
+            });
         }
     }
 

@@ -235,3 +235,57 @@ pub fn import_openai(
     save_dir(out, &config, &enc, &dec)?;
     Ok(config)
 }
+
+/// The images of a token file's text: `encode --json`'s `{"tokens": rows}`, `generate
+/// --save-tokens`' `{"images": [rows, ...]}`, or a bare list of rows or of ids (one image).
+/// `path` only names the file in errors.
+pub fn parse_token_file(text: &str, path: &Path) -> Result<Vec<Vec<u32>>> {
+    use serde_json::Value;
+    let bad = |m: String| Error::input(path, m);
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("is not JSON ({e})")))?;
+    let kind = |x: &Value| match x {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    };
+    let images: Vec<&Value> = match (&v, v.get("images"), v.get("tokens")) {
+        (_, Some(Value::Array(xs)), _) => xs.iter().collect(),
+        (_, _, Some(t)) => vec![t],
+        (Value::Array(_), _, _) => vec![&v],
+        (other, _, _) => {
+            return Err(bad(format!(
+                "expected token ids (a list of rows of integers, or an object with `tokens` or \
+                 `images`), found {}",
+                kind(other)
+            )))
+        }
+    };
+    images
+        .into_iter()
+        .map(|grid| {
+            let mut out = vec![];
+            let mut stack = vec![grid];
+            // A flat list or a list of rows.
+            while let Some(x) = stack.pop() {
+                match x {
+                    Value::Array(xs) => stack.extend(xs.iter().rev()),
+                    Value::Number(n) => {
+                        out.push(n.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
+                            || bad(format!("token {n} is not a non-negative integer")),
+                        )?)
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "expected token ids (integers), found {}",
+                            kind(other)
+                        )))
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
