@@ -276,6 +276,15 @@ enum VaeCommand {
         #[arg(long, default_value_t = 256)]
         count: usize,
     },
+    /// The judge on the argmax round trip (encode → codes → decode) of fixed shapes scenes: the
+    /// ceiling a transformer on this dVAE can reach (the training diagnostics' rt_* figures).
+    Judge {
+        #[arg(long)]
+        vae: PathBuf,
+        /// Scenes per split (seen and held-out).
+        #[arg(long, default_value_t = dalle::vae::train::DIAGNOSTIC_SCENES)]
+        scenes: usize,
+    },
 }
 
 /// The paper's dataset filters.
@@ -1354,6 +1363,19 @@ fn run(cli: Cli) -> Result<()> {
                 c.geometry.grid,
                 out.display()
             );
+        }
+        Command::Vae(VaeCommand::Judge { vae, scenes }) => {
+            if scenes == 0 {
+                bail!("--scenes must be at least 1 (got 0)");
+            }
+            let vae = Vae::load(&vae, &cpu)?;
+            let rt = dalle::vae::train::round_trip_diagnostics(&vae, scenes)?;
+            let line: Vec<String> = rt
+                .metrics()
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.4}"))
+                .collect();
+            println!("{}", line.join("  "));
         }
         Command::Vae(VaeCommand::Psnr { vae, data, count }) => {
             let vae = Vae::load(&vae, &cpu)?;
