@@ -20,6 +20,19 @@ fn temp_sibling(path: &Path) -> PathBuf {
 /// file (or nothing) at `path` is ever replaced: a directory, symlink, device, FIFO or socket
 /// there is refused before anything is written.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    refuse_non_regular(path)?;
+    let tmp = temp_sibling(path);
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// An error when something other than a regular file is at `path` (a directory, symlink,
+/// device, FIFO or socket): what [`write_atomic`] refuses to replace. Check an output path
+/// with it before a long computation.
+pub fn refuse_non_regular(path: &Path) -> Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         let kind = meta.file_type();
         if !kind.is_file() {
@@ -36,12 +49,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
             ));
         }
     }
-    let tmp = temp_sibling(path);
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    Ok(())
 }
 
 /// Write bytes atomically.

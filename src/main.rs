@@ -565,6 +565,20 @@ fn train(a: TrainArgs) -> Result<()> {
     use dalle::transformer::train::{
         train_transformer, TransformerTrainOptions, TransformerTrainRequest,
     };
+    // Activation memory of one update (saved activations of every layer, attention
+    // probabilities, logits and their gradients), so that only what cannot fit is refused.
+    let (g, t) = (&config.geometry, &config.transformer);
+    let seq = (g.text_len + g.grid * g.grid) as u64;
+    let vocab = (g.text_vocab + g.text_len + g.codebook) as u64;
+    let per_seq = 4
+        * (t.n_layers as u64 * (seq * t.d_model as u64 * 40 + 3 * t.n_heads as u64 * seq * seq)
+            + 3 * seq * vocab);
+    dalle_runtimes::memory::check(
+        per_seq.saturating_mul(a.batch_size as u64),
+        &format!("a transformer update of batch {}", a.batch_size),
+        "use a smaller --batch-size",
+    )
+    .map_err(|m| anyhow::anyhow!(m))?;
     let mut options = TransformerTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
     if let Some(lr) = lr {
         options.lr_end = lr * options.lr_end / options.lr_peak;
@@ -736,7 +750,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             prompt[at..].chars().next().unwrap_or('\0')
         );
     }
-    // A name whose format we cannot write fails now, not after the images are made.
+    // An output we cannot write fails now, not after the images are made.
+    dalle::fsutil::refuse_non_regular(&a.out)?;
     dalle::plot::image_format(&a.out)?;
     if let Some(model) = &model {
         return generate_model(&a, model, kind, &prompt, params, guidance_scale);
@@ -895,6 +910,15 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         config.vae.n_blk_per_group = a.blocks_per_group.unwrap_or(config.vae.n_blk_per_group);
         config.validate()?;
     }
+    // Activation memory of one update, a slight underestimate (the `shapes` preset's batch 32
+    // measured 2.3 GB peak; this says 1.6 GB), so only what cannot fit is refused.
+    let per_image = 48 * 4 * (config.geometry.image_size as u64).pow(2) * config.vae.n_hid as u64;
+    dalle_runtimes::memory::check(
+        per_image.saturating_mul(a.batch_size as u64),
+        &format!("a dVAE update of batch {}", a.batch_size),
+        "use a smaller --batch-size",
+    )
+    .map_err(|m| anyhow::anyhow!(m))?;
     let mut options = VaeTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
     if let Some(lr) = lr {
         options.schedule.lr_end = lr * (options.schedule.lr_end / options.schedule.lr_start);
@@ -1042,7 +1066,26 @@ fn main() {
         dalle::alloc::forbid_reuse();
     }
     dalle::util::default_sigpipe();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // clap reads `--seed -1` as an unknown flag `-1` and suggests `-- -1`, which would make
+        // it a prompt; say what is wrong instead.
+        if e.kind() == clap::error::ErrorKind::UnknownArgument {
+            let negative = std::env::args()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .windows(2)
+                .find_map(|w| {
+                    (w[0].starts_with("--") && w[1].starts_with('-') && w[1].parse::<f64>().is_ok())
+                        .then(|| (w[0].clone(), w[1].clone()))
+                });
+            if let Some((flag, value)) = negative {
+                eprintln!("error: {flag} {value}: {flag} does not take a negative number");
+                std::process::exit(2);
+            }
+        }
+        e.exit()
+    });
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -38,7 +38,18 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
         dir.file_name().and_then(|n| n.to_str()).unwrap_or("ort"),
         std::process::id()
     ));
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // The directory itself first, so a place where it cannot be made is reported by its name
+    // (not by the download's temporary sibling).
+    std::fs::create_dir_all(dir).map_err(|e| Error::Input {
+        path: dir.to_path_buf(),
+        message: format!("cannot create the library directory ({e}); choose a writable --dir"),
+    })?;
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::Input {
+        path: dir.to_path_buf(),
+        message: format!(
+            "cannot create a download folder beside it ({e}); choose a --dir in a writable place"
+        ),
+    })?;
     let result = (|| {
         run(
             Command::new("python3")
