@@ -1053,6 +1053,95 @@ fn masks(text_len: usize, grid: usize, kind: &str, kernel: usize, json: bool) ->
     Ok(())
 }
 
+/// The image tokenizer of `encode`, `decode` and `reconstruct`: a dVAE run's weights on candle,
+/// or an exported model directory's dVAE graphs on tract.
+enum ImageCodec {
+    Weights(Box<Vae>),
+    Model(Box<dalle_runtimes::Generator>),
+}
+
+impl ImageCodec {
+    fn open(dir: &std::path::Path) -> Result<Self> {
+        if dir.join(dalle_runtimes::names::MANIFEST).exists() {
+            let opts = dalle_runtimes::OpenOptions::default();
+            let kind = dalle_runtimes::RuntimeKind::Tract;
+            return Ok(ImageCodec::Model(Box::new(dalle::runtime::open(
+                dir, kind, &opts,
+            )?)));
+        }
+        let vae = Vae::load(dir, &candle_core::Device::Cpu)?;
+        Ok(ImageCodec::Weights(Box::new(vae)))
+    }
+
+    fn image_size(&self) -> u32 {
+        match self {
+            ImageCodec::Weights(v) => v.image_size(),
+            ImageCodec::Model(g) => g.manifest().geometry.image_size as u32,
+        }
+    }
+
+    fn grid(&self) -> usize {
+        match self {
+            ImageCodec::Weights(v) => v.grid(),
+            ImageCodec::Model(g) => g.manifest().geometry.grid,
+        }
+    }
+
+    fn encode(&self, images: &[image::RgbImage]) -> Result<Vec<Vec<u32>>> {
+        match self {
+            ImageCodec::Weights(v) => Ok(v.encode(images)?),
+            ImageCodec::Model(g) => {
+                let x = dalle::data::images_to_tensor(images, &candle_core::Device::Cpu)?;
+                let codes = g
+                    .session()
+                    .encode(&x.flatten_all()?.to_vec1()?, images.len())?;
+                let n = self.grid() * self.grid();
+                Ok(codes
+                    .chunks(n)
+                    .map(|c| c.iter().map(|&t| t as u32).collect())
+                    .collect())
+            }
+        }
+    }
+
+    fn decode(&self, tokens: &[Vec<u32>]) -> Result<Vec<image::RgbImage>> {
+        match self {
+            ImageCodec::Weights(v) => Ok(v.decode(tokens)?),
+            ImageCodec::Model(g) => {
+                let m = g.manifest();
+                let n = m.geometry.image_tokens();
+                for t in tokens {
+                    if t.len() != n {
+                        bail!(
+                            "expected {n} tokens ({0}×{0} grid), got {1}",
+                            m.geometry.grid,
+                            t.len()
+                        );
+                    }
+                    if let Some(bad) = t.iter().find(|&&c| c as usize >= m.geometry.codebook) {
+                        bail!(
+                            "token {bad} is outside the codebook (0..{})",
+                            m.geometry.codebook
+                        );
+                    }
+                }
+                let flat: Vec<i64> = tokens.iter().flatten().map(|&t| t as i64).collect();
+                let pixels = g.session().decode(&flat, tokens.len())?;
+                Ok(dalle_runtimes::generator::to_images(
+                    &pixels,
+                    tokens.len(),
+                    m.geometry.image_size,
+                )
+                .into_iter()
+                .map(|i| {
+                    image::RgbImage::from_raw(i.width, i.height, i.rgb).expect("3 bytes a pixel")
+                })
+                .collect())
+            }
+        }
+    }
+}
+
 fn parse_tokens(path: &PathBuf) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read token file {}", path.display()))?;
@@ -1426,7 +1515,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("PSNR {db:.2} dB over {n} images");
         }
         Command::Encode { vae, input, json } => {
-            let vae = Vae::load(&vae, &cpu)?;
+            let vae = ImageCodec::open(&vae)?;
             let img = dalle::data::load_square(&input, vae.image_size())?;
             let tokens = vae.encode(&[img])?.remove(0);
             let rows: Vec<&[u32]> = tokens.chunks(vae.grid()).collect();
@@ -1445,21 +1534,23 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Decode { vae, tokens, out } => {
-            let vae = Vae::load(&vae, &cpu)?;
+            let vae = ImageCodec::open(&vae)?;
             let ids = parse_tokens(&tokens)?;
+            if ids.is_empty() {
+                bail!("{}: lists no images", tokens.display());
+            }
             let images = vae
                 .decode(&ids)
                 .with_context(|| format!("cannot decode {}", tokens.display()))?;
             let img = match images.as_slice() {
                 [one] => one.clone(),
-                [] => bail!("{}: lists no images", tokens.display()),
                 many => dalle::plot::grid(many, (many.len() as f64).sqrt().ceil() as usize),
             };
             dalle::plot::save_image(&img, &out)?;
             println!("wrote {}", out.display());
         }
         Command::Reconstruct { vae, input, out } => {
-            let vae = Vae::load(&vae, &cpu)?;
+            let vae = ImageCodec::open(&vae)?;
             let img = dalle::data::load_square(&input, vae.image_size())?;
             let recon = vae.decode(&vae.encode(&[img])?)?.remove(0);
             dalle::plot::save_image(&recon, &out)?;

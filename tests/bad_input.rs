@@ -117,7 +117,7 @@ const CASES: &[Case] = &[
         env: &[("ORT_DYLIB_PATH", "{T}/user")],
     },
     case("setup ort --dir /proc/dalle-ort", 1, "/proc/dalle-ort"),
-    case("encode --vae {T}/model --input {T}/data/000000.png", 1, "is an exported model directory"),
+    case("encode --vae {T}/user --input {T}/data/000000.png", 1, "is not a dVAE directory"),
     // Clear before, kept clear.
     case("generate x --model {T}/model --top-p 1.5 --out {T}/o.png", 1, "top-p must be in (0, 1]"),
     case("generate x --model {T}/model --temperature -1 --out {T}/o.png", 1, "temperature must be"),

@@ -838,10 +838,30 @@ fn stage_two_train_and_generate_with_bad_inputs() {
     );
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
     let sample = data.join("000000.png");
-    fails(
-        &["encode", "--vae", p(&bundled), "--input", p(&sample)],
-        "is an exported model directory",
-    );
+    // An exported model directory encodes and decodes through its ONNX graphs (tract).
+    let grid = ok(&[
+        "encode",
+        "--vae",
+        p(&bundled),
+        "--input",
+        p(&sample),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&grid).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 8);
+    let model_tokens = tmp.path().join("model-tokens.json");
+    std::fs::write(&model_tokens, &grid).unwrap();
+    let from_model = tmp.path().join("from-model.png");
+    ok(&[
+        "decode",
+        "--vae",
+        p(&bundled),
+        "--tokens",
+        p(&model_tokens),
+        "--out",
+        p(&from_model),
+    ]);
+    assert_eq!(image::open(&from_model).unwrap().width(), 64);
     // A `dalle train` run stands for the dVAE it was trained on.
     ok(&["encode", "--vae", p(&run), "--input", p(&sample)]);
     // `decode` reads what `--save-tokens` wrote: both images, as one grid.
