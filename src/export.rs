@@ -68,6 +68,15 @@ fn load_config(dir: &Path, what: &str) -> Result<Config> {
 /// Read a transformer run directory and a dVAE directory (by default the run's `vae/` copy).
 pub fn load_input(transformer: &Path, vae: Option<&Path>) -> Result<ExportInput> {
     let device = Device::Cpu;
+    if !transformer.join("transformer.safetensors").exists()
+        && transformer.join("encoder.safetensors").exists()
+    {
+        return Err(Error::checkpoint(
+            transformer,
+            "is a `dalle train-vae` run (a dVAE alone), not a transformer run: train the \
+             transformer on it with `dalle train --vae DIR`, then export that run",
+        ));
+    }
     let tcfg = load_config(transformer, "`dalle train` run")?;
     let vae_dir = vae
         .map(Path::to_path_buf)
@@ -136,7 +145,17 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
         path: path.clone(),
         message,
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() {
+            Error::input(
+                dir,
+                "is not a model directory (no manifest.json): --from-model takes a directory \
+                 written by `dalle export`; a `dalle train` run is exported with --transformer",
+            )
+        } else {
+            Error::io(&path, e)
+        }
+    })?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("is not a model manifest ({e})")))?;
     fn field<T: serde::de::DeserializeOwned>(
