@@ -52,8 +52,10 @@ $DALLE data shapes --out "$WORK/shapes-heldout" --count "$HELDOUT_IMAGES" --seed
 # first ~60%, β 0 → 1 over the first 1/8 (the paper: 6.6), the encoder's output conv started as
 # k-means centroids of its initial features.
 Q=$((VAE_STEPS * 3 / 4))
+# Half the latent positions are decoded as straight-through one-hots each update (session 14:
+# round trip 58% fully correct on 200 + 200 scenes at 1600 updates, against 47.5% without).
 VAE_FLAGS="--likelihood gaussian --kmeans-init --tau-end 0.5 --tau-steps $((VAE_STEPS * 9 / 16)) \
-  --beta-max 1 --beta-steps $((VAE_STEPS / 8)) --decoder-finetune-from $Q"
+  --beta-max 1 --beta-steps $((VAE_STEPS / 8)) --decoder-finetune-from $Q --hard-fraction 0.5"
 if ! done_ vae; then
   stamp "stage 1: dVAE, $VAE_STEPS steps"
   $DALLE train-vae $(fresh "$WORK/vae") --preset shapes --data "$WORK/shapes-train" --out "$WORK/vae" \
