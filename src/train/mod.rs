@@ -137,11 +137,13 @@ where
     let (step, dir) = newest_intact_checkpoint(out)?;
     let train_json = out.join("train.json");
     let stored_opts: O = read_json(&train_json)?;
+    // The stored run length, read once: both the refusal and the notice below need it.
+    let stored_v = serde_json::to_value(&stored_opts).unwrap_or_default();
+    let stored_steps = stored_v["loop"]["steps"].as_u64().map(|n| n as usize);
     if stored_opts != options {
-        let stored_v = serde_json::to_value(&stored_opts).unwrap_or_default();
+        let steps = stored_steps.unwrap_or(0);
         let given_v = serde_json::to_value(&options).unwrap_or_default();
         let diffs = differences(&stored_v, &given_v, "").join(", ");
-        let steps = stored_v["loop"]["steps"].as_u64().unwrap_or(0) as usize;
         if step >= steps {
             return Err(Error::checkpoint(
                 out,
@@ -158,10 +160,7 @@ where
             train_json.display()
         );
     }
-    if serde_json::to_value(&stored_opts).unwrap_or_default()["loop"]["steps"]
-        .as_u64()
-        .is_some_and(|steps| step as u64 >= steps)
-    {
+    if stored_steps.is_some_and(|steps| step >= steps) {
         eprintln!(
             "{}: the run already finished its {step} steps; nothing left to train",
             out.display()
