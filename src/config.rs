@@ -68,6 +68,20 @@ impl VaeConfig {
                 return Err(Error::config(field, "must be at least 1 (got 0)"));
             }
         }
+        // Far above any real dVAE (dall_e: n_hid 256, 8192 codes), low enough that parameter
+        // counts and buffer sizes derived from them cannot overflow.
+        for (field, v, max) in [
+            ("vae.n_hid", self.n_hid, 1 << 16),
+            ("vae.n_blk_per_group", self.n_blk_per_group, 1 << 8),
+            ("vae.vocab_size", self.vocab_size, 1 << 20),
+        ] {
+            if v > max {
+                return Err(Error::config(
+                    field,
+                    format!("must be at most {max} (got {v})"),
+                ));
+            }
+        }
         if self.group_count > 8 {
             return Err(Error::config(
                 "vae.group_count",

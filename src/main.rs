@@ -503,6 +503,10 @@ struct TrainVaeArgs {
     /// Residual blocks per dVAE group (default: the preset's), stored in config.json.
     #[arg(long)]
     blocks_per_group: Option<usize>,
+    /// Codebook size, the image vocabulary (default: the preset's), stored in config.json; stage 2
+    /// takes it from the dVAE.
+    #[arg(long)]
+    codebook: Option<usize>,
     /// Gumbel noise multiplier: 1 is the paper, 0 a noise-free softmax relaxation.
     #[arg(long, default_value_t = 1.0)]
     gumbel_scale: f64,
@@ -904,19 +908,32 @@ fn generate_model(
 
 fn train_vae(a: TrainVaeArgs) -> Result<()> {
     let (mut config, device, lr) = a.run.check(a.batch_size)?;
-    if a.post_gain.is_some() || a.n_hid.is_some() || a.blocks_per_group.is_some() {
+    if a.post_gain.is_some()
+        || a.n_hid.is_some()
+        || a.blocks_per_group.is_some()
+        || a.codebook.is_some()
+    {
         config.vae.post_gain = a.post_gain.or(config.vae.post_gain);
         config.vae.n_hid = a.n_hid.unwrap_or(config.vae.n_hid);
         config.vae.n_blk_per_group = a.blocks_per_group.unwrap_or(config.vae.n_blk_per_group);
+        config.vae.vocab_size = a.codebook.unwrap_or(config.vae.vocab_size);
+        config.geometry.codebook = config.vae.vocab_size;
         config.validate()?;
     }
     // Activation memory of one update, a slight underestimate (the `shapes` preset's batch 32
     // measured 2.3 GB peak; this says 1.6 GB), so only what cannot fit is refused.
-    let per_image = 48 * 4 * (config.geometry.image_size as u64).pow(2) * config.vae.n_hid as u64;
+    // Plus the code logits and their relaxed samples (~6 tensors of codebook × grid² a picture),
+    // and the weights with their gradients, Adam moments and EMA (5 copies).
+    let g = &config.geometry;
+    let per_image = 48 * 4 * (g.image_size as u64).pow(2) * config.vae.n_hid as u64
+        + 6 * 4 * (g.codebook as u64) * (g.grid as u64).pow(2);
+    let weights = 5 * 4 * (config.vae.encoder_params() + config.vae.decoder_params()) as u64;
     dalle_runtimes::memory::check(
-        per_image.saturating_mul(a.batch_size as u64),
+        per_image
+            .saturating_mul(a.batch_size as u64)
+            .saturating_add(weights),
         &format!("a dVAE update of batch {}", a.batch_size),
-        "use a smaller --batch-size",
+        "use a smaller --batch-size (or --codebook, --n-hid)",
     )
     .map_err(|m| anyhow::anyhow!(m))?;
     let mut options = VaeTrainOptions::new(a.run.steps, a.batch_size, a.run.seed);
