@@ -65,7 +65,16 @@ pub fn huge_page_buffer<T: Copy + Default>(len: usize) -> (Vec<T>, usize) {
 pub fn device(name: &str) -> crate::Result<candle_core::Device> {
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda(0)?),
+        "cuda" if cfg!(feature = "cuda") => candle_core::Device::new_cuda(0).map_err(|e| {
+            let e = match e {
+                candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                e => e,
+            };
+            crate::Error::Usage(format!(
+                "--device cuda: no usable CUDA device ({e}); run on a machine with an NVIDIA GPU \
+                 and its driver (libcuda), or use --device cpu"
+            ))
+        }),
         "cuda" => Err(crate::Error::Usage(
             "this dalle was built without CUDA support: rebuild with `--features cuda` (needs nvcc)".into(),
         )),

@@ -993,3 +993,63 @@ fn stage_two_train_and_generate_with_bad_inputs() {
         "is not a `dalle train` run",
     );
 }
+
+#[test]
+fn a_dvae_codebook_size_flows_into_stage_two_and_the_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vae, run, model) = (
+        tmp.path().join("shapes"),
+        tmp.path().join("vae"),
+        tmp.path().join("tf"),
+        tmp.path().join("model"),
+    );
+    ok(&["data", "shapes", "--out", p(&data), "--count", "8"]);
+    let vae_args = [
+        "train-vae",
+        "--data",
+        p(&data),
+        "--out",
+        p(&vae),
+        "--steps",
+        "1",
+    ];
+    let mut a = vae_args.to_vec();
+    a.extend(["--batch-size", "2", "--codebook", "64"]);
+    ok(&a);
+    let mut a = vae_args.to_vec();
+    a.extend(["--codebook", "0", "--resume"]);
+    fails(&a, "codebook");
+    ok(&[
+        "train",
+        "--vae",
+        p(&vae),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["geometry"]["codebook"], 64, "{config}");
+    assert_eq!(config["vae"]["vocab_size"], 64, "{config}");
+    ok(&["export", "--transformer", p(&run), "--out", p(&model)]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["geometry"]["codebook"], 64, "{manifest}");
+    let img = tmp.path().join("out.png");
+    ok(&[
+        "generate",
+        "a red circle",
+        "--model",
+        p(&model),
+        "--out",
+        p(&img),
+        "--num-images",
+        "1",
+    ]);
+    assert!(img.exists());
+}

@@ -324,8 +324,16 @@ fn copy_vae(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Run (or resume) stage-2 training.
-pub fn train_transformer(req: TransformerTrainRequest) -> Result<Summary> {
+pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let vae = Vae::load(&req.vae, &req.device)?;
+    // The dVAE defines the image tokens: a run trained with another codebook size
+    // (`train-vae --codebook`) gives the transformer its vocabulary.
+    let (g, v) = (&req.config.geometry, &vae.config.geometry);
+    if (g.image_size, g.grid) == (v.image_size, v.grid) && g.codebook != v.codebook {
+        req.config.geometry.codebook = v.codebook;
+        req.config.vae = vae.config.vae.clone();
+        req.config.validate()?;
+    }
     let (g, v) = (&req.config.geometry, &vae.config.geometry);
     if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
         return Err(Error::checkpoint(
