@@ -1525,6 +1525,18 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|(k, v)| format!("{k} {v:.4}"))
                 .collect();
             println!("{}", line.join("  "));
+            // What the round trip gets wrong: fully correct scenes by the objects they hold,
+            // worst first.
+            let mut kinds: Vec<_> = rt.by_kind.iter().collect();
+            kinds.sort_by(|a, b| {
+                let rate = |(ok, n): (usize, usize)| ok as f64 / n.max(1) as f64;
+                rate(*a.1).total_cmp(&rate(*b.1)).then(a.0.cmp(b.0))
+            });
+            println!("fully correct scenes by what they hold (worst first):");
+            for (kind, (ok, n)) in kinds {
+                let pct = 100.0 * *ok as f64 / (*n).max(1) as f64;
+                println!("  {kind:<16} {pct:5.1}%  ({ok} of {n})");
+            }
         }
         Command::Vae(VaeCommand::Psnr { vae, data, count }) => {
             let vae = Vae::load(&vae, &cpu)?;

@@ -3,7 +3,8 @@
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
     foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, harden_some, kl_to_uniform,
-    logit_laplace_nll_weighted, one_hot_argmax, straight_through, Likelihood, VaeSchedule,
+    laplace_nll_weighted, logit_laplace_nll_weighted, one_hot_argmax, straight_through, Likelihood,
+    VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
@@ -125,6 +126,7 @@ impl Stage for VaeStage {
         let nll = match self.opts.schedule.likelihood {
             Likelihood::LogitLaplace => logit_laplace_nll_weighted(&target, &mu, &log_b, w)?,
             Likelihood::Gaussian => gaussian_nll_weighted(&target, &mu, 0.1, w)?,
+            Likelihood::Laplace => laplace_nll_weighted(&target, &mu, 0.1, w)?,
         };
         let kl = kl_to_uniform(&logits, 1)?;
         let usage = CodeUsage::of(&logits.detach())?;
@@ -322,6 +324,9 @@ pub struct RoundTrip {
     pub shape: f64,
     pub correct: f64,
     pub usage: CodeUsage,
+    /// Scenes fully correct / scenes, by what they hold: `"small star"` (size and shape) and
+    /// `"black"` (colour) count every scene with such an object.
+    pub by_kind: std::collections::BTreeMap<String, (usize, usize)>,
 }
 
 impl RoundTrip {
@@ -344,6 +349,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
     let mut score = crate::eval::Score::default();
     let mut psnr = 0.0;
     let mut codes = vec![];
+    let mut by_kind = std::collections::BTreeMap::new();
     for split in [Split::Train, Split::Heldout] {
         let samples: Vec<_> = (0..per_split as u64)
             .map(|i| generate_one(DIAGNOSTIC_SEED, split, i, size))
@@ -353,7 +359,21 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
             let tokens = vae.encode(chunk)?;
             let back = vae.decode(&tokens)?;
             for ((orig, img), s) in chunk.iter().zip(&back).zip(scenes) {
-                score.add(&judge(&s.scene, &detect(img)));
+                let verdict = judge(&s.scene, &detect(img));
+                let mut kinds: Vec<String> = s
+                    .scene
+                    .objects
+                    .iter()
+                    .flat_map(|o| [format!("{} {}", o.size, o.shape), o.colour.clone()])
+                    .collect();
+                kinds.sort();
+                kinds.dedup();
+                for k in kinds {
+                    let e = by_kind.entry(k).or_insert((0, 0));
+                    e.0 += verdict.correct as usize;
+                    e.1 += 1;
+                }
+                score.add(&verdict);
                 if split == Split::Heldout {
                     psnr += image_psnr(orig, img);
                 }
@@ -367,6 +387,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
         shape: shape_ok as f64 / shape_asked.max(1) as f64,
         correct: score.accuracy(),
         usage: CodeUsage::from_codes(vae.config.vae.vocab_size, codes.into_iter()),
+        by_kind,
     })
 }
 
