@@ -57,6 +57,8 @@ else
   command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || [ -x target/cuda/release/dalle ] ||
     fail build "nvcc not found: run scripts/check-cuda.sh first (it installs the toolkit), or set DALLE_BIN to a dalle built with --features cuda"
   [ -x /usr/local/cuda/bin/nvcc ] && export PATH="/usr/local/cuda/bin:$PATH"
+  # Without nvidia-smi, candle's kernel build cannot ask the GPU for its compute capability.
+  if ! command -v nvidia-smi >/dev/null 2>&1; then export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}; fi
   t0=$(now)
   if command -v nvcc >/dev/null 2>&1; then
     CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda --bin dalle
