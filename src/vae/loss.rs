@@ -352,7 +352,10 @@ mod tests {
         let l1 = laplace_nll_weighted(&x, &mu, 0.1, None).unwrap();
         let l1 = l1.to_scalar::<f32>().unwrap() as f64;
         assert!((l1 - 3.5).abs() < F32_TOL, "{l1}"); // (0.3 + 0.05) / 0.1
-        let l2 = gaussian_nll(&x, &mu, 0.1).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let l2 = gaussian_nll(&x, &mu, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         assert!((l2 - 4.625).abs() < F32_TOL, "{l2}"); // (0.09 + 0.0025) · 50
     }
 
