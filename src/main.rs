@@ -531,6 +531,10 @@ struct TrainVaeArgs {
     /// border colour, and their rim (0: the paper's unweighted likelihood; not in the paper).
     #[arg(long, default_value_t = 0.0)]
     foreground_weight: f64,
+    /// Extra reconstruction weight on edge pixels, both sides of every boundary (0: the paper's
+    /// unweighted likelihood; not in the paper). The field keeps weight 1.
+    #[arg(long, default_value_t = 0.0)]
+    edge_weight: f64,
     /// Fraction of latent positions, drawn each update, that the decoder sees as hard one-hot
     /// codes with straight-through gradients (0: the paper; 1: --straight-through).
     #[arg(long, default_value_t = 0.0)]
@@ -949,6 +953,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
         ("--tau-end", a.tau_end),
         ("--gumbel-scale", a.gumbel_scale),
         ("--foreground-weight", a.foreground_weight),
+        ("--edge-weight", a.edge_weight),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag} must be a finite number ≥ 0 (got {v})");
@@ -968,6 +973,7 @@ fn train_vae(a: TrainVaeArgs) -> Result<()> {
     options.schedule.freeze_encoder = a.freeze_encoder;
     options.schedule.decoder_finetune_from = a.decoder_finetune_from;
     options.schedule.foreground_weight = a.foreground_weight;
+    options.schedule.edge_weight = a.edge_weight;
     if !(0.0..=1.0).contains(&a.hard_fraction) {
         bail!(
             "--hard-fraction must be from 0 to 1 (got {})",

@@ -73,6 +73,36 @@ pub fn foreground_weights(x: &Tensor, extra: f64) -> Result<Tensor> {
     Tensor::from_vec(out, (b, 1, h, w), x.device())?.to_dtype(x.dtype())
 }
 
+/// Per-pixel weights of the reconstruction term that put `extra` more weight on edges: 1 + extra
+/// on every pixel that differs from one of its 8 neighbours by more than
+/// [`FOREGROUND_THRESHOLD`] in some channel (both sides of every boundary: a small star's
+/// notches, a ring's hole), 1 elsewhere — not rescaled, so the field and the objects' insides keep
+/// the weight of the unweighted likelihood. `x`: (b, c, H, W) in [0, 1]; returns (b, 1, H, W).
+pub fn edge_weights(x: &Tensor, extra: f64) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let v = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = vec![1f32; b * h * w];
+    for (img, o) in v.chunks(c * h * w).zip(out.chunks_mut(h * w)) {
+        for y in 0..h {
+            for x in 0..w {
+                let differs = |yy: usize, xx: usize| {
+                    img.chunks(h * w)
+                        .any(|ch| (ch[y * w + x] - ch[yy * w + xx]).abs() > FOREGROUND_THRESHOLD)
+                };
+                let edge = (y.saturating_sub(1)..(y + 2).min(h))
+                    .any(|yy| (x.saturating_sub(1)..(x + 2).min(w)).any(|xx| differs(yy, xx)));
+                if edge {
+                    o[y * w + x] += extra as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, 1, h, w), x.device())?.to_dtype(x.dtype())
+}
+
 /// How far (in [0, 1] pixel units, any channel) a pixel must be from the background to count as
 /// part of an object in [`foreground_weights`].
 pub const FOREGROUND_THRESHOLD: f32 = 1.0 / 16.0;
@@ -220,6 +250,10 @@ pub struct VaeSchedule {
     /// Older run files lack it and get 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub foreground_weight: f64,
+    /// Extra weight of the reconstruction term on edge pixels (see [`edge_weights`]); 0: the
+    /// paper. Older run files lack it and get 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub edge_weight: f64,
     /// Fraction of latent positions (drawn afresh each update) whose relaxed sample the decoder
     /// sees as its one-hot argmax, with straight-through gradients; the rest stay relaxed. The
     /// decoder then learns to decode hard codes — what stage 2 and every runtime give it —
@@ -310,6 +344,7 @@ impl VaeSchedule {
             decoder_finetune_from: None,
             likelihood: Likelihood::LogitLaplace,
             foreground_weight: 0.0,
+            edge_weight: 0.0,
             hard_fraction: 0.0,
         }
     }
@@ -439,6 +474,25 @@ mod tests {
         // Weight 0 is the unweighted sum.
         let w0 = foreground_weights(&x, 0.0).unwrap();
         assert_eq!(w0.min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+    }
+
+    #[test]
+    fn edge_weights_mark_both_sides_of_every_boundary() {
+        let dev = Device::Cpu;
+        // A 6×6 grey image with a white pixel at (2, 2): it and its 8 neighbours are edges.
+        let mut v = vec![0.5f32; 3 * 36];
+        for ch in 0..3 {
+            v[ch * 36 + 2 * 6 + 2] = 1.0;
+        }
+        let x = Tensor::from_vec(v, (1, 3, 6, 6), &dev).unwrap();
+        let w = edge_weights(&x, 4.0).unwrap();
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for y in 0..6 {
+            for x in 0..6 {
+                let near = (1..=3).contains(&y) && (1..=3).contains(&x);
+                assert_eq!(w[y * 6 + x], if near { 5.0 } else { 1.0 }, "({y}, {x})");
+            }
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use super::io::{save_dir, split_prefixed, Vae};
 use super::loss::{
-    foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, harden_some, kl_to_uniform,
-    laplace_nll_weighted, logit_laplace_nll_weighted, one_hot_argmax, straight_through, Likelihood,
-    VaeSchedule,
+    edge_weights, foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, harden_some,
+    kl_to_uniform, laplace_nll_weighted, logit_laplace_nll_weighted, one_hot_argmax,
+    straight_through, Likelihood, VaeSchedule,
 };
 use super::model::{map_pixels, Decoder, Encoder};
 use crate::config::Config;
@@ -116,11 +116,15 @@ impl Stage for VaeStage {
         let c = self.config.vae.channels;
         let mu = stats.narrow(1, 0, c)?;
         let log_b = stats.narrow(1, c, c)?;
-        let fw = self.opts.schedule.foreground_weight;
-        let weight = if fw > 0.0 {
-            Some(foreground_weights(&x, fw)?)
-        } else {
-            None
+        let (fw, ew) = (
+            self.opts.schedule.foreground_weight,
+            self.opts.schedule.edge_weight,
+        );
+        let weight = match (fw > 0.0, ew > 0.0) {
+            (true, true) => Some((foreground_weights(&x, fw)? * edge_weights(&x, ew)?)?),
+            (true, false) => Some(foreground_weights(&x, fw)?),
+            (false, true) => Some(edge_weights(&x, ew)?),
+            (false, false) => None,
         };
         let (target, w) = (map_pixels(&x)?, weight.as_ref());
         let nll = match self.opts.schedule.likelihood {
