@@ -451,15 +451,19 @@ mod tests {
         assert_eq!(late.beta(110), 6.6);
     }
 
-    #[test]
-    fn foreground_weights_mark_objects_and_their_rim() {
-        let dev = Device::Cpu;
-        // One 6×6 grey image with a white pixel at (2, 2): it and its 8 neighbours are foreground.
+    /// One 6×6 grey image with a white pixel at (2, 2).
+    fn white_pixel_on_grey() -> Tensor {
         let mut v = vec![0.5f32; 3 * 36];
         for ch in 0..3 {
             v[ch * 36 + 2 * 6 + 2] = 1.0;
         }
-        let x = Tensor::from_vec(v, (1, 3, 6, 6), &dev).unwrap();
+        Tensor::from_vec(v, (1, 3, 6, 6), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn foreground_weights_mark_objects_and_their_rim() {
+        // It and its 8 neighbours are foreground.
+        let x = white_pixel_on_grey();
         let w = foreground_weights(&x, 9.0).unwrap();
         assert_eq!(w.dims(), &[1, 1, 6, 6]);
         let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -478,13 +482,8 @@ mod tests {
 
     #[test]
     fn edge_weights_mark_both_sides_of_every_boundary() {
-        let dev = Device::Cpu;
-        // A 6×6 grey image with a white pixel at (2, 2): it and its 8 neighbours are edges.
-        let mut v = vec![0.5f32; 3 * 36];
-        for ch in 0..3 {
-            v[ch * 36 + 2 * 6 + 2] = 1.0;
-        }
-        let x = Tensor::from_vec(v, (1, 3, 6, 6), &dev).unwrap();
+        // It and its 8 neighbours are edges.
+        let x = white_pixel_on_grey();
         let w = edge_weights(&x, 4.0).unwrap();
         let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for y in 0..6 {
