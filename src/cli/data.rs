@@ -1,0 +1,74 @@
+//! `dalle data`: write the shapes set, count a data set's usable samples.
+
+use super::FilterArgs;
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use dalle::data::shapes::Split;
+use dalle::data::Index;
+use std::path::PathBuf;
+
+/// Largest side `data shapes` renders (4×4 supersampled, one image at a time: ~12 MiB).
+const MAX_SHAPES_SIZE: u32 = 1024;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Write the procedural shapes set in the image-folder format.
+    Shapes {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "train")]
+        split: Split,
+        /// Side of the square images in pixels (16 to 1024).
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+        /// Write into a non-empty --out, replacing its metadata.jsonl and same-named images.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Count usable and skipped samples (decodes every image).
+    Stats {
+        dir: PathBuf,
+        #[command(flatten)]
+        filters: FilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Shapes {
+            out,
+            count,
+            seed,
+            split,
+            image_size,
+            force,
+        } => {
+            if !(16..=MAX_SHAPES_SIZE).contains(&image_size) {
+                bail!(
+                    "--image-size must be from 16 to {MAX_SHAPES_SIZE} pixels (got {image_size})"
+                );
+            }
+            if count == 0 {
+                bail!("--count must be at least 1 (got 0)");
+            }
+            dalle::data::shapes::write_set(&out, count, seed, split, image_size, force)?;
+            println!("wrote {count} {split:?} samples to {}", out.display());
+        }
+        DataCommand::Stats { dir, filters, json } => {
+            let idx = Index::scan(&dir, &filters.build()?, true)?;
+            if json {
+                let v = serde_json::json!({ "seen": idx.seen, "usable": idx.samples.len(), "skipped": idx.skips });
+                println!("{v}");
+            } else {
+                print!("{}", idx.report());
+            }
+        }
+    }
+    Ok(())
+}
