@@ -19,6 +19,9 @@ export DALLE_PYTHON="$PWD/$PY/bin/python"
 echo "== rustfmt"
 cargo fmt --all -- --check
 
+echo "== no import cycle among the modules"
+python3 scripts/module-cycles.py
+
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 

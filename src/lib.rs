@@ -3,7 +3,6 @@
 //! Stage 1 is the discrete VAE ([`vae`]), trained natively in Candle on data read by [`data`];
 //! the shared training skeleton is [`train`]; model presets live in [`config`].
 
-pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod data;
@@ -11,7 +10,7 @@ mod error;
 pub mod eval;
 pub mod export;
 pub mod fsutil;
-mod kernels;
+pub mod kernels;
 pub mod parity;
 pub mod plot;
 pub mod runtime;

@@ -5,15 +5,15 @@ mod cli;
 use clap::Parser;
 
 /// Training frees and re-allocates the same large tensors every step; this keeps them mapped
-/// instead of faulting them in afresh, while a training command runs (see `dalle::alloc`).
+/// instead of faulting them in afresh, while a training command runs (see `dalle::kernels::alloc`).
 #[global_allocator]
-static ALLOC: dalle::alloc::ReuseLarge = dalle::alloc::ReuseLarge;
+static ALLOC: dalle::kernels::alloc::ReuseLarge = dalle::kernels::alloc::ReuseLarge;
 
 fn main() {
     dalle::util::pin_thread_count();
     dalle::util::tune_allocator();
     if std::env::var_os("DALLE_SYSTEM_ALLOC").is_some() {
-        dalle::alloc::forbid_reuse();
+        dalle::kernels::alloc::forbid_reuse();
     }
     dalle::util::default_sigpipe();
     let cli = cli::Cli::try_parse().unwrap_or_else(|e| {

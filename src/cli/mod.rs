@@ -79,11 +79,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => data::run(c),
         Command::Tokenizer(c) => tokenizer::run(c),
         Command::TrainVae(a) => {
-            let _reuse = dalle::alloc::ReuseGuard::new();
+            let _reuse = dalle::kernels::alloc::ReuseGuard::new();
             train_vae::run(a)
         }
         Command::Train(a) => {
-            let _reuse = dalle::alloc::ReuseGuard::new();
+            let _reuse = dalle::kernels::alloc::ReuseGuard::new();
             train::run(a)
         }
         Command::Generate(a) => generate::run(a),

@@ -2,7 +2,6 @@
 
 pub mod generate;
 pub mod model;
-pub mod ops;
 pub mod train;
 
 pub use model::{KvCache, Transformer};

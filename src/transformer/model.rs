@@ -12,91 +12,12 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
+mod cache;
 mod decode;
-mod team;
 
-/// Keys and values of every layer for the positions seen so far, in buffers of the whole
-/// sequence's capacity, (b, heads, seq_len, head_dim), of which the first `past_len` positions
-/// are filled: a step writes its keys in place instead of concatenating (and so copying) the
-/// whole cache. Not `Clone`: clones would share (and overwrite) the buffers.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; n_layers],
-            len: 0,
-        }
-    }
-
-    /// A cache of `len` positions held in `layers` (keys, values) per layer, each
-    /// (b, heads, ≥ len, head_dim) — capacity buffers from [`KvCache::into_layers`] or tensors
-    /// of exactly `len` positions (moved into buffers at the next step). The tensors must not
-    /// be shared with another cache.
-    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>, len: usize) -> Self {
-        KvCache { layers, len }
-    }
-
-    /// The (keys, values) buffers of every layer.
-    pub fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
-        self.layers
-    }
-
-    /// Number of positions already in the cache.
-    pub fn past_len(&self) -> usize {
-        self.len
-    }
-}
-
-/// One layer's slot of a [`KvCache`] with the positions already filled and the capacity.
-type LayerCache<'a> = (&'a mut Option<(Tensor, Tensor)>, usize, usize);
-
-/// Zeros of `shape` in `like`'s dtype and device; f32 on the CPU in huge pages
-/// ([`crate::util::huge_page_buffer`]): a decoding step reads the allowed keys and values of
-/// every row and head, scattered over the whole cache (252 MB at batch 16 for `small`), and in
-/// 4 KiB pages nearly every read of a key walks the page table.
-fn zeroed(shape: (usize, usize, usize, usize), like: &Tensor) -> Result<Tensor> {
-    if !(like.device().is_cpu() && like.dtype() == candle_core::DType::F32) {
-        return Tensor::zeros(shape, like.dtype(), like.device());
-    }
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let (mut v, skip) = crate::util::huge_page_buffer::<f32>(n);
-    v.resize(skip + n, 0.0);
-    Tensor::from_vec(v, skip + n, like.device())?
-        .narrow(0, skip, n)?
-        .reshape(shape)
-}
-
-/// Write this call's keys and values `(k, v)` (b, h, t, hd) into `slot`'s buffers at positions
-/// `past ..`, allocating buffers of `capacity` positions (and moving an exact-length cache into
-/// them) first if needed. Returns the buffers.
-fn store(
-    slot: &mut Option<(Tensor, Tensor)>,
-    k: &Tensor,
-    v: &Tensor,
-    past: usize,
-    capacity: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, h, _, hd) = k.dims4()?;
-    let fits = matches!(slot, Some((bk, _)) if bk.dim(2)? == capacity);
-    if !fits {
-        let fresh = || zeroed((b, h, capacity, hd), k);
-        let (bk, bv) = (fresh()?, fresh()?);
-        if let Some((ok, ov)) = slot.take() {
-            bk.slice_set(&ok.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
-            bv.slice_set(&ov.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
-        }
-        *slot = Some((bk, bv));
-    }
-    let (bk, bv) = slot.as_ref().expect("allocated above");
-    bk.slice_set(k, 2, past)?;
-    bv.slice_set(v, 2, past)?;
-    Ok((bk.clone(), bv.clone()))
-}
+use crate::kernels::softmax::{masked_softmax, softmax_last};
+pub use cache::KvCache;
+use cache::{store, LayerCache};
 
 /// Layer normalisation from tensor ops, so that it back-propagates (candle-nn's fused
 /// `LayerNorm` on contiguous input has no backward pass).
@@ -117,15 +38,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = super::ops::normalize(x, 1e-5)?;
-        super::ops::scale_shift(&y, &self.weight, &self.bias)
+        let y = crate::kernels::norm::normalize(x, 1e-5)?;
+        crate::kernels::norm::scale_shift(&y, &self.weight, &self.bias)
     }
 }
 
-use super::ops::{masked_softmax, softmax_last};
-
 /// `x · Wᵀ + b` over the last axis, `weight` (d_out, d_in) as candle-nn's `Linear` stores it,
-/// as one fused op (`ops::linear`) with the leading axes as rows of one matrix product:
+/// as one fused op (`kernels::linear::linear`) with the leading axes as rows of one matrix product:
 /// candle-nn's version broadcasts the weight over the batch, so training runs one small matmul
 /// per sequence and its backward pass builds a weight gradient per sequence, (b, d_in, d_out),
 /// before summing them.
@@ -162,7 +81,7 @@ impl HalfWeight {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::linear(x, &self.weight, &self.bias)
+        crate::kernels::linear::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -236,7 +155,8 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&super::ops::gelu(&self.fc.forward(x)?)?)
+        self.proj
+            .forward(&crate::kernels::activation::gelu(&self.fc.forward(x)?)?)
     }
 }
 
@@ -315,7 +235,7 @@ pub struct Transformer {
 
 impl Transformer {
     /// Keep an f16 copy of every weight matrix (the four of each layer and the head), which
-    /// decoding steps of up to [`super::ops::SMALL_ROWS`] rows on the CPU then stream instead of
+    /// decoding steps of up to [`crate::kernels::linear::SMALL_ROWS`] rows on the CPU then stream instead of
     /// the f32 one: those steps are a pass over the weights, and this halves its bytes. Every
     /// weight is rounded to f16, so this is for weights that are f16 already — a model exported
     /// with `--fp16`, which the candle runtime loads widened to f32 — and changes nothing in
@@ -337,7 +257,7 @@ impl Transformer {
         let mut runs = Vec::with_capacity(linears.len());
         let total = linears.iter().map(|l| l.weight.elem_count()).sum();
         // In huge pages, as the f32 weights are (see `crate::runtime`).
-        let (mut all, skip) = crate::util::huge_page_buffer::<half::f16>(total);
+        let (mut all, skip) = crate::kernels::alloc::huge_page_buffer::<half::f16>(total);
         for l in &linears {
             let w = l
                 .weight
@@ -542,7 +462,7 @@ impl Transformer {
 /// 1‥text_len−1) and image targets, weighted 1/8 and 7/8. Returns (loss, text, image).
 pub fn loss(logits: &Tensor, ids: &Tensor, text_len: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, s, _) = logits.dims3()?;
-    let nll = super::ops::next_token_nll(logits, ids)?; // (b, s − 1): position p predicts p + 1
+    let nll = crate::kernels::loss::next_token_nll(logits, ids)?; // (b, s − 1): position p predicts p + 1
     let text = nll.narrow(1, 0, text_len - 1)?.mean_all()?;
     let image = nll.narrow(1, text_len - 1, s - text_len)?.mean_all()?;
     let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;

@@ -1,6 +1,6 @@
 //! The dVAE's evidence lower bound (Ramesh et al. 2021 §2.1, appendix A.3) and its schedules.
 
-use super::model::{log_softmax, softmax};
+use crate::kernels::softmax::{log_softmax, softmax};
 use crate::rng::Rng;
 use candle_core::{Result, Tensor};
 
@@ -113,7 +113,7 @@ pub fn kl_to_uniform(logits: &Tensor, dim: usize) -> Result<Tensor> {
     let k = logits.dim(dim)?;
     let positions = logits.elem_count() / k;
     let neg_entropy = if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
-        let op = super::ops::NegEntropy { dim };
+        let op = crate::kernels::softmax::NegEntropy { dim };
         logits.contiguous()?.apply_op1(op)?.sum_all()?
     } else {
         let logq = log_softmax(logits, dim)?;

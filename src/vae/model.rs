@@ -49,14 +49,14 @@ impl Conv {
 impl Conv {
     /// The convolution of `relu(x)` with `relu`, else of `x`. `x` is channel-major, `(c, b, h,
     /// w)`, as everywhere inside [`Stack`]: on the CPU one fused op
-    /// (`super::ops::ConvCm`, which also back-propagates in one step, ReLU included). Other
+    /// (`crate::kernels::conv::ConvCm`, which also back-propagates in one step, ReLU included). Other
     /// devices and dtypes use candle's `conv2d` on the (b, c, h, w) view.
     fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             return x.contiguous()?.apply_op3(
                 &self.w,
                 &self.b,
-                super::ops::ConvCm {
+                crate::kernels::conv::ConvCm {
                     pad: self.pad,
                     relu,
                 },
@@ -74,18 +74,18 @@ impl Conv {
 
 impl Conv {
     /// `id + gain · conv(relu(x))`: a residual path's last convolution and the connection
-    /// around it, one op on the CPU (`super::ops::ConvAdd`).
+    /// around it, one op on the CPU (`crate::kernels::conv::ConvAdd`).
     fn apply_residual(&self, x: &Tensor, id: &Tensor, gain: f64) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             let wb = Tensor::cat(&[&self.w.flatten_all()?, &self.b], 0)?;
-            let conv = super::ops::ConvCm {
+            let conv = crate::kernels::conv::ConvCm {
                 pad: self.pad,
                 relu: true,
             };
             return x.contiguous()?.apply_op3(
                 &wb,
                 &id.contiguous()?,
-                super::ops::ConvAdd {
+                crate::kernels::conv::ConvAdd {
                     conv,
                     gain: gain as f32,
                 },
@@ -110,7 +110,7 @@ fn swap_batch_channels(x: &Tensor) -> Result<Tensor> {
 /// (differentiable without conv ops).
 fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1(super::ops::MaxPool2);
+        return x.contiguous()?.apply_op1(crate::kernels::pool::MaxPool2);
     }
     let (c, b, h, w) = x.dims4()?;
     x.reshape((c, b, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
@@ -119,7 +119,7 @@ fn max_pool2(x: &Tensor) -> Result<Tensor> {
 /// Nearest-neighbour ×2 upsampling (a custom op on CPU: the broadcast's backward is slow there).
 fn upsample2(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1(super::ops::Upsample2);
+        return x.contiguous()?.apply_op1(crate::kernels::pool::Upsample2);
     }
     let (c, b, h, w) = x.dims4()?;
     x.reshape((c, b, h, 1, w, 1))?
@@ -369,43 +369,6 @@ impl Decoder {
     pub fn decode(&self, tokens: &Tensor, grid: usize) -> Result<Tensor> {
         Self::to_image(&self.forward_tokens(tokens, grid)?)
     }
-}
-
-/// Softmax over `dim` with the max subtracted as a constant: every op has a backward pass
-/// (candle-nn's fused `softmax_last_dim` has none).
-pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let log = false;
-        return x
-            .contiguous()?
-            .apply_op1(super::ops::SoftmaxAxis { dim, log });
-    }
-    let last = x.rank() - 1;
-    if dim != last {
-        // candle reduces a contiguous last axis fast and any other axis element by element.
-        return softmax(&x.transpose(dim, last)?.contiguous()?, last)?.transpose(dim, last);
-    }
-    let max = x.max_keepdim(dim)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(dim)?)
-}
-
-/// Log-softmax over `dim`, built from differentiable ops.
-pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let log = true;
-        return x
-            .contiguous()?
-            .apply_op1(super::ops::SoftmaxAxis { dim, log });
-    }
-    let last = x.rank() - 1;
-    if dim != last {
-        return log_softmax(&x.transpose(dim, last)?.contiguous()?, last)?.transpose(dim, last);
-    }
-    let max = x.max_keepdim(dim)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 #[cfg(test)]

@@ -1,17 +1,17 @@
 //! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at the
 //! same position, each layer's small operations (layer norm, attention over the allowed keys,
 //! bias, GELU, residual) as plain loops over per-step buffers, and the weight matrices as
-//! matrix-vector passes shared by a [`Team`] (≤ [`ops::SMALL_ROWS`] rows; f32 weights, or
+//! matrix-vector passes shared by a [`Team`] (≤ [`linear::SMALL_ROWS`] rows; f32 weights, or
 //! their f16 copy, see [`Transformer::keep_f16_weights`]), the few-rows product
-//! ([`ops::gemm_few_rows`], ≤ 32) or one matrix product. The same
+//! ([`linear::gemm_few_rows`], ≤ 32) or one matrix product. The same
 //! arithmetic as [`Transformer::forward`] on one position (parity tests compare the two); what
 //! it saves is a step's ~200 tensor allocations and ~15 candle ops per layer, each a pass over
 //! its operands and some a hand-off to candle's thread pool — at batch 1 about a third of the
 //! step on top of the weight pass, which is the step's floor.
 
-use super::team::{Disjoint, Team};
 use super::{store, Attention, Block, KvCache, LayerNorm, Linear, Transformer};
-use crate::transformer::ops;
+use crate::kernels::team::{Disjoint, Team};
+use crate::kernels::{activation, linear, norm, softmax};
 use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
@@ -44,7 +44,7 @@ fn layer_norm(ln: &LayerNorm, x: &[f32], d: usize, out: &mut [f32]) -> Result<()
     let (w, b) = (raw(&ln.weight)?, raw(&ln.bias)?);
     let (w, b) = (w.get(), b.get());
     for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let (mean, inv) = ops::row_moments(xr, 1e-5);
+        let (mean, inv) = norm::row_moments(xr, 1e-5);
         for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
             *o = (v - mean) * inv * wv + bv;
         }
@@ -53,7 +53,7 @@ fn layer_norm(ln: &LayerNorm, x: &[f32], d: usize, out: &mut [f32]) -> Result<()
 }
 
 /// How a step's parallel work is shared: by a [`Team`] (steps of up to
-/// [`ops::SMALL_ROWS`] rows, a pass over the weights), or by rayon's pool (larger batches, whose
+/// [`linear::SMALL_ROWS`] rows, a pass over the weights), or by rayon's pool (larger batches, whose
 /// products are gemm's or the few-rows kernel's).
 #[derive(Clone, Copy)]
 enum Par<'a> {
@@ -108,17 +108,18 @@ fn linear(
         let row = |i: usize| &x[i * k..(i + 1) * k];
         match &lin.half {
             Some(h) => {
-                let (dot, h) = (ops::pick_dot_f16(), h.get());
+                let (dot, h) = (linear::pick_dot_f16(), h.get());
                 by_rows(2, &|j, i| dot(row(i), &h[j * k..(j + 1) * k]));
             }
             None => {
-                let dot = ops::pick_dot();
+                let dot = linear::pick_dot();
                 by_rows(4, &|j, i| dot(row(i), &w[j * k..(j + 1) * k]));
             }
         }
         return Ok(());
     }
-    if m <= ops::FEW_ROWS && ops::gemm_few_rows(x, w, (m, n, k), out, (Some(b), &f)).is_some() {
+    if m <= linear::FEW_ROWS && linear::gemm_few_rows(x, w, (m, n, k), out, (Some(b), &f)).is_some()
+    {
         return Ok(());
     }
     for row in out.chunks_exact_mut(n) {
@@ -177,7 +178,7 @@ fn head_portable(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], scale: f32, out:
         .iter()
         .map(|&pos| crate::kernels::dot(q, &k[pos as usize * hd..][..hd]) * scale)
         .collect();
-    ops::softmax_row(&mut p);
+    softmax::softmax_row(&mut p);
     out.fill(0.0);
     for (&pos, &w) in keys.iter().zip(&p) {
         let vr = &v[pos as usize * hd..][..hd];
@@ -227,7 +228,7 @@ unsafe fn head_avx2<const LANES: usize>(
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         p.push(_mm_cvtss_f32(s) * scale);
     }
-    ops::softmax_row(&mut p);
+    softmax::softmax_row(&mut p);
     let mut o = [_mm256_setzero_ps(); LANES];
     for (&pos, &w) in keys.iter().zip(&p) {
         let vr = v[pos as usize * hd..][..hd].as_ptr();
@@ -325,7 +326,7 @@ impl Block {
         linear(par, &attn.proj, &s.y, &mut s.a, |v| v)?;
         x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
         layer_norm(&self.ln_2, x, d, &mut s.h)?;
-        linear(par, &self.mlp.fc, &s.h, &mut s.fc, ops::gelu_f32)?;
+        linear(par, &self.mlp.fc, &s.h, &mut s.fc, activation::gelu_f32)?;
         linear(par, &self.mlp.proj, &s.fc, &mut s.a, |v| v)?;
         x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
         Ok(())
@@ -347,13 +348,13 @@ impl Transformer {
     /// The step runs on rayon's threads, so that its parallel work is split in place instead of
     /// each of its ~60 phases being handed to the pool from outside, the caller sleeping until it
     /// is done (8.5 → 6.8 ms a step at batch 1 when the step was still candle ops): up to
-    /// [`ops::SMALL_ROWS`] rows as a [`Team`], more with rayon's fork-join.
+    /// [`linear::SMALL_ROWS`] rows as a [`Team`], more with rayon's fork-join.
     pub(super) fn decode_step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let ids: Vec<u32> = ids
             .flatten_all()?
             .to_dtype(candle_core::DType::U32)?
             .to_vec1()?;
-        if ids.len() <= ops::SMALL_ROWS {
+        if ids.len() <= linear::SMALL_ROWS {
             let helpers = rayon::current_num_threads().saturating_sub(1);
             Team::run(helpers, |team| {
                 self.decode_rows(Par::Team(team), &ids, cache)

@@ -741,7 +741,7 @@ mod tests {
             let (x, gy) = (values(c * plane, 1), values(n_out * plane, 2));
             for relu in [false, true] {
                 let (dw, db) = weight_grad(&g, &x, relu, &gy, n_out);
-                let (rw, rb) = super::super::direct::weight_grad_direct(&g, &x, relu, &gy, n_out);
+                let (rw, rb) = super::super::direct::weight_grad(&g, &x, relu, &gy, n_out);
                 let scale = rw.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let err = dw
                     .iter()

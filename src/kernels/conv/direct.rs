@@ -1,7 +1,7 @@
 //! Direct k×k convolutions of channel-major activations `(c, b, h, w)` on AVX2/FMA, for the
 //! dVAE's wide, thin layers (16–64 channels over 64–128 px images at batch 8).
 //!
-//! There the im2col + matrix product of [`super::ops::ConvCm`] streams a column matrix k² times
+//! There the im2col + matrix product of [`super::ConvCm`] streams a column matrix k² times
 //! the input through memory, twice per pass, and the product itself has 16–64 rows: it ran at
 //! 25–40 GFLOP/s here where a large product runs at ~190. These kernels read the input in bands
 //! of whole rows, copied once into a zero-padded buffer that stays in the core's L2 cache (the
@@ -382,9 +382,6 @@ pub(crate) fn forward(
         Epilogue::Mask(m) | Epilogue::Residual(m, _) => assert_eq!(m.len(), n_out * plane),
         Epilogue::Store => {}
     }
-    if super::winograd::available(g) {
-        return super::winograd::forward(g, x, relu, w, bias, n_out, epilogue);
-    }
     let wide = wide(g);
     let (mr, lanes) = if wide { (MR_WIDE, 16) } else { (MR, 8) };
     let wt = tile_weights(w, n_out, row, mr);
@@ -539,22 +536,9 @@ unsafe fn tile_forward(
 }
 
 /// The weight and bias gradients of `y = W ⊛ relu?(x) + b` from the output gradient `gy
-/// (n_out, b, h, w)`: `(dW (n_out, c, k, k), db (n_out))`.
+/// (n_out, b, h, w)`: `(dW (n_out, c, k, k), db (n_out))`, by the direct kernel, whatever the
+/// geometry.
 pub(crate) fn weight_grad(
-    g: &Geom,
-    x: &[f32],
-    relu: bool,
-    gy: &[f32],
-    n_out: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    if super::winograd::available(g) {
-        return super::winograd::weight_grad(g, x, relu, gy, n_out);
-    }
-    weight_grad_direct(g, x, relu, gy, n_out)
-}
-
-/// [`weight_grad`] by the direct kernel, whatever the geometry.
-pub(crate) fn weight_grad_direct(
     g: &Geom,
     x: &[f32],
     relu: bool,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 type Job<'a> = dyn Fn(usize) + Sync + 'a;
 
 /// See the module documentation. Made by [`Team::run`]; phases start with [`Team::parallel`].
-pub(super) struct Team {
+pub(crate) struct Team {
     /// `phase << 32 | lo << 16 | hi`: parts `lo..hi` of phase `phase` are still unclaimed.
     word: Line<AtomicU64>,
     /// Parts of the current phase that have finished.
@@ -56,7 +56,7 @@ impl Team {
     /// Runs `f` on this thread as the leader, with a helper spawned for each other thread of
     /// rayon's pool. A helper that does not start (every other thread busy) is not waited for:
     /// the leader then does every part itself.
-    pub(super) fn run<R: Send>(helpers: usize, f: impl FnOnce(&Team) -> R + Send) -> R {
+    pub(crate) fn run<R: Send>(helpers: usize, f: impl FnOnce(&Team) -> R + Send) -> R {
         let team = Team {
             word: Line(AtomicU64::new(0)),
             done: Line(AtomicU32::new(0)),
@@ -81,7 +81,7 @@ impl Team {
     }
 
     /// Runs `job(i)` for every part `i < parts` on the team and returns when all are done.
-    pub(super) fn parallel(&self, parts: usize, job: &Job<'_>) {
+    pub(crate) fn parallel(&self, parts: usize, job: &Job<'_>) {
         assert!(parts <= MAX_PARTS, "{parts} parts in one phase");
         if parts == 0 {
             return;
@@ -193,7 +193,7 @@ impl Team {
 }
 
 /// A slice that the parts of a phase write at disjoint indices.
-pub(super) struct Disjoint<'a> {
+pub(crate) struct Disjoint<'a> {
     ptr: *mut f32,
     len: usize,
     _slice: std::marker::PhantomData<&'a mut [f32]>,
@@ -204,7 +204,7 @@ pub(super) struct Disjoint<'a> {
 unsafe impl Sync for Disjoint<'_> {}
 
 impl<'a> Disjoint<'a> {
-    pub(super) fn new(s: &'a mut [f32]) -> Self {
+    pub(crate) fn new(s: &'a mut [f32]) -> Self {
         Disjoint {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -217,7 +217,7 @@ impl<'a> Disjoint<'a> {
     /// # Safety
     /// No two parts of a phase may take overlapping runs.
     #[allow(clippy::mut_from_ref)]
-    pub(super) unsafe fn run(&self, start: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn run(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(start + len <= self.len, "run {start}+{len} of {}", self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
@@ -226,7 +226,7 @@ impl<'a> Disjoint<'a> {
     ///
     /// # Safety
     /// No two parts of a phase may write the same index.
-    pub(super) unsafe fn write(&self, i: usize, v: f32) {
+    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
         assert!(i < self.len, "index {i} of {}", self.len);
         *self.ptr.add(i) = v;
     }

@@ -1,5 +1,33 @@
-//! Raw f32 CPU kernels shared by the custom ops of both stages: slices out of candle storage and
-//! a matrix product through `gemm` (candle's own matmul crate) that writes into a caller's buffer.
+//! Every CPU kernel of both stages, behind the small API the model files call. The model files
+//! (`vae::model`, `transformer::model`) say what is computed; these modules say how, on a CPU,
+//! fast: each fused op runs where the tensor is f32 on the CPU and falls back to candle's tensor
+//! ops elsewhere, and each is tested against that tensor-op version (values and gradients).
+//!
+//! - [`conv`]: the dVAE's convolutions on channel-major activations (im2col + gemm; direct and
+//!   Winograd AVX2/AVX-512 kernels), the residual sum fused in;
+//! - [`pool`]: 2× max pooling, nearest 2× upsampling and its backward;
+//! - [`softmax`]: softmax over the last axis (plain, scaled + masked) and over any axis
+//!   (log-softmax and Σ q ln q of the codebook logits);
+//! - [`activation`]: GELU and the libm-free `fast_exp`;
+//! - [`norm`]: layer norm's normalisation, scale and shift;
+//! - [`loss`]: the next-token loss;
+//! - [`linear`]: dot products, matrix-vector and few-row products, the linear layer;
+//! - [`team`]: the spinning thread team of a decoding step;
+//! - [`alloc`]: the allocator that keeps training's large buffers mapped, and huge-page buffers;
+//! - this module: slices out of candle storage, a matrix product into a caller's buffer, sums and
+//!   row-parallel loops shared by the others.
+
+pub mod activation;
+pub mod alloc;
+pub mod conv;
+pub mod linear;
+pub mod loss;
+pub mod norm;
+pub mod pool;
+pub mod softmax;
+pub mod team;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
@@ -124,6 +152,91 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Inputs smaller than this run on the calling thread.
+pub(crate) const PARALLEL_MIN: usize = 1 << 16;
+
+/// `f` over `rows` chunks of `width` values of `x` into `y`, split across the cores.
+pub(crate) fn par_rows(
+    x: &[f32],
+    y: &mut [f32],
+    width: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) {
+    par_rows2(x, x, y, width, |x, _, y| f(x, y));
+}
+
+/// As [`par_rows`] with a second input read row by row alongside the first.
+pub(crate) fn par_rows2(
+    a: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    width: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
+    let threads = crate::util::threads();
+    let rows = a.len() / width.max(1);
+    if a.len() < PARALLEL_MIN || threads == 1 || rows < 2 {
+        f(a, b, y);
+        return;
+    }
+    let per = rows.div_ceil(threads) * width;
+    std::thread::scope(|s| {
+        for ((ac, bc), yc) in a.chunks(per).zip(b.chunks(per)).zip(y.chunks_mut(per)) {
+            let f = &f;
+            s.spawn(move || f(ac, bc, yc));
+        }
+    });
+}
+
+/// Length of the last axis (rows are runs of it), at least 1.
+pub(crate) fn row_width(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// The values of two same-shaped contiguous f32 inputs (an output and its gradient, say) and
+/// their row width.
+pub(crate) fn row_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    op: &str,
+) -> Result<(&'a [f32], &'a [f32], usize)> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op}: {:?} vs {:?}", l1.shape(), l2.shape());
+    }
+    Ok((
+        contiguous_f32(s1, l1, op)?,
+        contiguous_f32(s2, l2, op)?,
+        row_width(l1),
+    ))
+}
+
+pub(crate) fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Split `dst` into `chunk`-long pieces and run `f(index, piece)` on them across the cores.
+pub(crate) fn par_chunks(dst: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = crate::util::threads();
+    let chunks = dst.len() / chunk.max(1);
+    if threads == 1 || chunks < 2 {
+        dst.chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, d)| f(i, d));
+        return;
+    }
+    let per = chunks.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, part) in dst.chunks_mut(per * chunk).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, d) in part.chunks_mut(chunk).enumerate() {
+                    f(t * per + i, d);
+                }
+            });
+        }
+    });
 }
 
 #[cfg(test)]
