@@ -1,151 +1,177 @@
-//! PNG outputs of training: image grids and loss curves, drawn without a plotting dependency.
+//! PNG outputs of training: image grids, and loss curves through `plotters`.
 
 use crate::{Error, Result};
 use candle_core::Tensor;
 use image::{Rgb, RgbImage};
 use std::path::Path;
 
-/// 3×5 pixel glyphs, one row of three bits per nibble, top row first.
-fn glyph(c: char) -> [u8; 5] {
-    match c.to_ascii_lowercase() {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 3, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 2, 2],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        'a' => [2, 5, 7, 5, 5],
-        'b' => [6, 5, 6, 5, 6],
-        'c' => [3, 4, 4, 4, 3],
-        'd' => [6, 5, 5, 5, 6],
-        'e' => [7, 4, 6, 4, 7],
-        'f' => [7, 4, 6, 4, 4],
-        'g' => [3, 4, 5, 5, 3],
-        'h' => [5, 5, 7, 5, 5],
-        'i' => [7, 2, 2, 2, 7],
-        'k' => [5, 5, 6, 5, 5],
-        'l' => [4, 4, 4, 4, 7],
-        'm' => [5, 7, 7, 5, 5],
-        'n' => [6, 5, 5, 5, 5],
-        'o' => [2, 5, 5, 5, 2],
-        'p' => [6, 5, 6, 4, 4],
-        'r' => [6, 5, 6, 5, 5],
-        's' => [3, 4, 2, 1, 6],
-        't' => [7, 2, 2, 2, 2],
-        'u' => [5, 5, 5, 5, 7],
-        'v' => [5, 5, 5, 5, 2],
-        'w' => [5, 5, 7, 7, 5],
-        'x' => [5, 5, 2, 5, 5],
-        'y' => [5, 5, 2, 2, 2],
-        'z' => [7, 1, 2, 4, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        ':' => [0, 2, 0, 2, 0],
-        '=' => [0, 7, 0, 7, 0],
-        _ => [0; 5],
+/// The one font of the curves (DejaVu Sans Mono, `assets/fonts/`, Bitstream Vera licence),
+/// compiled in: the plots look the same on every machine and need no system fonts.
+const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn register_font() -> Result<()> {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font(FAMILY, plotters::style::FontStyle::Normal, FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage("the bundled plot font does not parse".into()))
     }
 }
 
-/// Draw `text` with its top-left corner at (x, y), each font pixel `scale` pixels wide.
-pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, color: Rgb<u8>) {
-    for (i, c) in text.chars().enumerate() {
-        let g = glyph(c);
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..3u32 {
-                if bits & (4 >> col) == 0 {
-                    continue;
-                }
-                for dy in 0..scale {
-                    for dx in 0..scale {
-                        let px = x + (i as u32 * 4 + col) * scale + dx;
-                        let py = y + row as u32 * scale + dy;
-                        if px < img.width() && py < img.height() {
-                            img.put_pixel(px, py, color);
-                        }
-                    }
-                }
-            }
-        }
+/// Which curve of a panel a metric is: held-out (`heldout_…`) and argmax round-trip (`rt_…`)
+/// figures share the panel of the training metric of the same name.
+fn panel_of(name: &str) -> (&str, &'static str) {
+    if let Some(base) = name.strip_prefix("heldout_") {
+        (base, "held-out")
+    } else if let Some(base) = name.strip_prefix("rt_") {
+        (base, "round trip (argmax, held-out)")
+    } else {
+        (name, "train")
     }
 }
 
+/// A number as a tick or caption shows it: 3 significant digits, scientific when small or large.
 fn fmt_value(v: f64) -> String {
-    if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-2) {
+    let a = v.abs();
+    if v == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e4).contains(&a) {
         format!("{v:.2e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
     } else {
         format!("{v:.3}")
     }
 }
 
-/// One panel per named series, stacked vertically; each labelled with its name, its last finite
-/// value and the y range. x is the training step.
+/// One labelled curve of a panel: (legend label, (step, value) points).
+type Curve<'a> = (&'a str, Vec<(f64, f64)>);
+
+/// Training curves against the step, one panel per metric in two columns, with axes, ticks,
+/// labels and a legend; a metric's held-out and round-trip versions share its panel. Missing
+/// values (NaN: a metric measured only at sample steps) are skipped, not breaks.
 pub fn loss_plot(path: &Path, steps: &[usize], series: &[(&str, Vec<f64>)]) -> Result<()> {
-    let (w, ph, margin) = (640u32, 160u32, 8u32);
-    let mut img = RgbImage::from_pixel(w, ph * series.len().max(1) as u32, Rgb([255, 255, 255]));
-    let ink = Rgb([40, 40, 40]);
-    for (p, (name, ys)) in series.iter().enumerate() {
-        let top = p as u32 * ph;
-        let finite: Vec<f64> = ys.iter().copied().filter(|v| v.is_finite()).collect();
-        let (lo, hi) = finite
+    use plotters::prelude::*;
+    register_font()?;
+    let mut panels: Vec<(&str, Vec<Curve>)> = vec![];
+    for (name, ys) in series {
+        let (base, label) = panel_of(name);
+        let points: Vec<(f64, f64)> = steps
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v), b.max(v))
-            });
-        let last = finite.last().copied().unwrap_or(f64::NAN);
-        let title = format!(
-            "{name} = {}   range {} : {}",
-            fmt_value(last),
-            fmt_value(lo),
-            fmt_value(hi)
-        );
-        draw_text(&mut img, margin, top + 4, &title, 2, ink);
-        let (x0, x1, y0, y1) = (margin, w - margin, top + 20, top + ph - margin);
-        for x in x0..=x1 {
-            img.put_pixel(x, y1, ink);
-        }
-        for y in y0..=y1 {
-            img.put_pixel(x0, y, ink);
-        }
-        if finite.len() < 2 || steps.len() != ys.len() {
-            continue;
-        }
-        let (s0, s1) = (steps[0] as f64, *steps.last().unwrap_or(&0) as f64);
-        let span = (hi - lo).max(1e-12);
-        let to_px = |s: usize, v: f64| {
-            let fx = if s1 > s0 {
-                (s as f64 - s0) / (s1 - s0)
-            } else {
-                0.0
-            };
-            let fy = (v - lo) / span;
-            (
-                x0 as f64 + fx * (x1 - x0) as f64,
-                y1 as f64 - fy * (y1 - y0) as f64,
-            )
-        };
-        // Missing values (NaN) are skipped, not breaks: a series measured every sample step
-        // (held-out metrics) is drawn through the steps that have it.
-        let mut prev: Option<(f64, f64)> = None;
-        for (&s, &v) in steps.iter().zip(ys) {
-            if !v.is_finite() {
-                continue;
-            }
-            let cur = to_px(s, v);
-            if let Some(a) = prev {
-                let n = ((cur.0 - a.0).abs().max((cur.1 - a.1).abs()).ceil() as usize).max(1);
-                for k in 0..=n {
-                    let t = k as f64 / n as f64;
-                    let (x, y) = (a.0 + t * (cur.0 - a.0), a.1 + t * (cur.1 - a.1));
-                    img.put_pixel(x as u32, y as u32, Rgb([200, 40, 40]));
-                }
-            }
-            prev = Some(cur);
+            .zip(ys)
+            .filter(|(_, v)| v.is_finite())
+            .map(|(&s, &v)| (s as f64, v))
+            .collect();
+        match panels.iter_mut().find(|(b, _)| *b == base) {
+            Some((_, curves)) => curves.push((label, points)),
+            None => panels.push((base, vec![(label, points)])),
         }
     }
+    let (cols, pw, ph) = (2usize, 520u32, 260u32);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let (w, h) = (pw * cols as u32, ph * rows as u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let err =
+        |e: &dyn std::fmt::Display| Error::Usage(format!("cannot draw {}: {e}", path.display()));
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let (x0, x1) = match (steps.first(), steps.last()) {
+            (Some(&a), Some(&b)) if b > a => (a as f64, b as f64),
+            (Some(&a), _) => (a as f64 - 0.5, a as f64 + 0.5),
+            _ => (0.0, 1.0),
+        };
+        for (area, (base, curves)) in root.split_evenly((rows, cols)).iter().zip(&panels) {
+            let all = curves.iter().flat_map(|(_, p)| p.iter().map(|&(_, v)| v));
+            let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            });
+            let (lo, hi) = if !lo.is_finite() {
+                (0.0, 1.0)
+            } else if hi - lo < 1e-12 * lo.abs().max(1.0) {
+                let pad = 0.05 * lo.abs().max(1e-3);
+                (lo - pad, hi + pad)
+            } else {
+                let pad = 0.05 * (hi - lo);
+                (lo - pad, hi + pad)
+            };
+            let last = |label: &str| {
+                curves
+                    .iter()
+                    .find(|(l, _)| *l == label)
+                    .and_then(|(_, p)| p.last())
+                    .map(|&(_, v)| fmt_value(v))
+            };
+            let caption = match last("train").or_else(|| curves.first().and_then(|c| last(c.0))) {
+                Some(v) => format!("{base} (last {v})"),
+                None => format!("{base} (no finite value)"),
+            };
+            let mut chart = ChartBuilder::on(area)
+                .caption(caption, (FAMILY, 15))
+                .margin(6)
+                .x_label_area_size(30)
+                .y_label_area_size(64)
+                .build_cartesian_2d(x0..x1, lo..hi)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .x_labels(6)
+                .y_labels(5)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| fmt_value(*v))
+                .label_style((FAMILY, 11))
+                .axis_desc_style((FAMILY, 12))
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (k, (label, points)) in curves.iter().enumerate() {
+                let colour = [
+                    RGBColor(200, 40, 40),
+                    RGBColor(30, 90, 200),
+                    RGBColor(20, 140, 60),
+                ][k % 3];
+                let style = colour.stroke_width(if k == 0 { 1 } else { 2 });
+                chart
+                    .draw_series(LineSeries::new(points.iter().copied(), style))
+                    .map_err(|e| err(&e))?
+                    .label(*label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                if 2 * points.len() < steps.len() || points.len() < 2 {
+                    // Sparse series (measured at sample steps) get a dot at each measurement.
+                    chart
+                        .draw_series(points.iter().map(|&p| Circle::new(p, 2, colour.filled())))
+                        .map_err(|e| err(&e))?;
+                }
+            }
+            if curves.len() < 2 {
+                continue; // the caption names the one curve
+            }
+            // The legend goes in the corner the curves have left: the top right for a falling
+            // loss, the bottom right for a rising score.
+            let end = curves[0].1.last().map_or(lo, |&(_, v)| v);
+            let corner = if end > (lo + hi) / 2.0 {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            };
+            chart
+                .configure_series_labels()
+                .position(corner)
+                .label_font((FAMILY, 11))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    let img = RgbImage::from_raw(w, h, buf).expect("3 bytes a pixel");
     save_png(&img, path)
 }
 
@@ -239,4 +265,36 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .map_err(|e| Error::input(path, format!("cannot write PNG: {e}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A held-out metric joins its training metric's panel (two panels here, one row), both
+    /// curves are drawn in their colours, and NaN gaps are skipped.
+    #[test]
+    fn loss_plot_pairs_held_out_curves_with_their_training_metric() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        let steps: Vec<usize> = (0..20).map(|i| i * 10).collect();
+        let loss: Vec<f64> = (0..20).map(|i| 2.0 / (1.0 + i as f64)).collect();
+        let held: Vec<f64> = (0..20)
+            .map(|i| {
+                if i % 5 == 4 {
+                    2.2 / (1.0 + i as f64)
+                } else {
+                    f64::NAN
+                }
+            })
+            .collect();
+        let lr: Vec<f64> = (0..20).map(|i| 1e-3 * (1.0 - i as f64 / 20.0)).collect();
+        let series = [("loss", loss), ("heldout_loss", held), ("lr", lr)];
+        loss_plot(&path, &steps, &series).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1040, 260));
+        let has = |rgb: [u8; 3]| img.pixels().any(|p| p.0 == rgb);
+        assert!(has([200, 40, 40]), "no training curve");
+        assert!(has([30, 90, 200]), "no held-out curve");
+    }
 }

@@ -5,31 +5,20 @@
 //! gumbel noise) comes from a stream derived from `(seed, purpose, step)` instead of a global
 //! generator whose state would have to be saved.
 
-/// xoshiro256++ (Blackman & Vigna), seeded through splitmix64.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    s: [u64; 4],
-}
+use rand_xoshiro::rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::{SplitMix64, Xoshiro256PlusPlus};
 
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// xoshiro256++ (Blackman & Vigna) from `rand_xoshiro`, seeded through splitmix64, with the draws
+/// (uniform, below, normal, gumbel, shuffle) defined here: they are part of what a seed means —
+/// training resumes and every runtime samples from them — so they do not follow a crate's
+/// distribution code from version to version (the tests pin the streams).
+#[derive(Clone, Debug)]
+pub struct Rng(Xoshiro256PlusPlus);
 
 impl Rng {
-    /// A generator seeded from one number.
+    /// A generator seeded from one number: its state is splitmix64's first four outputs.
     pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let s = [
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-        ];
-        Rng { s }
+        Rng(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     /// An independent stream for `(seed, purpose, index)`, e.g. the gumbel noise of step 1200.
@@ -39,23 +28,12 @@ impl Rng {
         for b in purpose.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
-        let mut x = seed ^ h.rotate_left(17);
-        let a = splitmix64(&mut x);
+        let a = SplitMix64::seed_from_u64(seed ^ h.rotate_left(17)).next_u64();
         Rng::new(a ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let result = (self.s[0].wrapping_add(self.s[3]))
-            .rotate_left(23)
-            .wrapping_add(self.s[0]);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -103,6 +81,33 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streams of before the crate (our own xoshiro256++ and splitmix64): a seed draws what
+    /// it drew then, so trained runs resume and the bundled model's outputs stay as they were.
+    #[test]
+    fn streams_are_those_of_our_former_xoshiro() {
+        let first3 = |seed| {
+            let mut r = Rng::new(seed);
+            [r.next_u64(), r.next_u64(), r.next_u64()]
+        };
+        assert_eq!(
+            first3(0),
+            [0x53175d61490b23df, 0x61da6f3dc380d507, 0x5c0fdf91ec9a7bfc]
+        );
+        assert_eq!(
+            first3(42),
+            [0xd0764d4f4476689f, 0x519e4174576f3791, 0xfbe07cfb0c24ed8c]
+        );
+        assert_eq!(
+            first3(u64::MAX),
+            [0x56ccf8ce948e27b2, 0xe68588432e5a5b90, 0xe3e9b5a48119ca8b]
+        );
+        let mut s = Rng::stream(7, "gumbel", 3);
+        assert_eq!(
+            [s.next_u64(), s.next_u64()],
+            [0x8106a400af4822bd, 0x2ea52010103f24a4]
+        );
+    }
 
     #[test]
     fn streams_are_deterministic_and_distinct() {
