@@ -6,8 +6,12 @@ use clap::Parser;
 
 /// Training frees and re-allocates the same large tensors every step; this keeps them mapped
 /// instead of faulting them in afresh, while a training command runs (see `dalle::kernels::alloc`).
+#[cfg(not(feature = "mimalloc-measure"))]
 #[global_allocator]
 static ALLOC: dalle::kernels::alloc::ReuseLarge = dalle::kernels::alloc::ReuseLarge;
+#[cfg(feature = "mimalloc-measure")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     dalle::util::pin_thread_count();

@@ -11,14 +11,15 @@
 //! Both are f32 on CPU; `vae::model` uses candle's own ops elsewhere.
 
 mod direct;
+mod tiles;
 mod winograd;
 
 use super::{contiguous_f32, matmul, par_chunks, with_f32};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use direct::Epilogue;
+use tiles::Epilogue;
 
 /// Geometry of a channel-major convolution input (the direct kernels' own).
-use direct::Geom as Planes;
+use tiles::Geom as Planes;
 
 impl Planes {
     fn n(&self) -> usize {
@@ -181,7 +182,7 @@ fn kernel_weight_grad(
 }
 
 /// `W ⊛ relu?(x) + bias` of channel-major `x`, stored through `epilogue` (see
-/// [`direct::Epilogue`]).
+/// [`tiles::Epilogue`]).
 fn conv_forward(
     p: &Planes,
     n_out: usize,

@@ -1,0 +1,322 @@
+//! Stage 2: `train`, `generate` and `export`, and their bad inputs.
+
+use super::*;
+
+#[test]
+fn stage_two_train_and_generate_with_bad_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("shapes");
+    let vae = tmp.path().join("vae");
+    let run = tmp.path().join("tf");
+    ok(&[
+        "data",
+        "shapes",
+        "--out",
+        p(&data),
+        "--count",
+        "12",
+        "--seed",
+        "4",
+    ]);
+    ok(&[
+        "train-vae",
+        "--data",
+        p(&data),
+        "--out",
+        p(&vae),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let train = [
+        "train",
+        "--vae",
+        p(&vae),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--batch-size",
+        "2",
+        "--bpe-dropout",
+        "0",
+    ];
+    let mut a = train.to_vec();
+    a.extend(["--steps", "2", "--sample-every", "2"]);
+    let out = ok(&a);
+    assert!(out.contains("step 2"), "{out}");
+    for f in [
+        "transformer.safetensors",
+        "tokenizer.json",
+        "vae/encoder.safetensors",
+        "samples/sample-00000002.png",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    // The token cache is reused on the next run (here: a resume of the finished run, which says
+    // there is nothing left to train).
+    let mut a = train.to_vec();
+    a.extend(["--steps", "2", "--sample-every", "2", "--resume"]);
+    let o = dalle(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("using the token cache"), "{err}");
+    assert!(err.contains("already finished its 2 steps"), "{err}");
+    // A dVAE of another geometry is refused.
+    let mut a = train.to_vec();
+    a.extend(["--steps", "3", "--preset", "small"]);
+    fails(&a, "needs 128px");
+
+    let img = tmp.path().join("grid.png");
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "--num-images",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run_ok = |a: Vec<String>| ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run_fail = |a: Vec<String>, needle: &str| {
+        fails(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+    let tokens = tmp.path().join("tokens.json");
+    run_ok(gen(&[
+        "a red circle",
+        "--seed",
+        "3",
+        "--save-tokens",
+        p(&tokens),
+    ]));
+    let first = std::fs::read(&img).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokens).unwrap()).unwrap();
+    assert_eq!(saved["images"].as_array().unwrap().len(), 2);
+    // A training run where a model directory is expected, and the other way round.
+    fails(
+        &["generate", "--model", p(&run), "--out", p(&img), "x"],
+        "it is a `dalle train` run; export it with `dalle export --transformer",
+    );
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny");
+    let sample = data.join("000000.png");
+    // An exported model directory encodes and decodes through its ONNX graphs (tract).
+    let grid = ok(&[
+        "encode",
+        "--vae",
+        p(&bundled),
+        "--input",
+        p(&sample),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&grid).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 8);
+    let model_tokens = tmp.path().join("model-tokens.json");
+    std::fs::write(&model_tokens, &grid).unwrap();
+    let from_model = tmp.path().join("from-model.png");
+    ok(&[
+        "decode",
+        "--vae",
+        p(&bundled),
+        "--tokens",
+        p(&model_tokens),
+        "--out",
+        p(&from_model),
+    ]);
+    assert_eq!(image::open(&from_model).unwrap().width(), 64);
+    // A `dalle train` run stands for the dVAE it was trained on.
+    ok(&["encode", "--vae", p(&run), "--input", p(&sample)]);
+    // `decode` reads what `--save-tokens` wrote: both images, as one grid.
+    let decoded = tmp.path().join("decoded.png");
+    ok(&[
+        "decode",
+        "--vae",
+        p(&vae),
+        "--tokens",
+        p(&tokens),
+        "--out",
+        p(&decoded),
+    ]);
+    assert_eq!(
+        image::open(&decoded).unwrap().width(),
+        image::open(&img).unwrap().width()
+    );
+    run_ok(gen(&["a red circle", "--seed", "3"]));
+    assert_eq!(std::fs::read(&img).unwrap(), first, "same seed, same image");
+    run_ok(gen(&["", "--top-k", "1", "--guidance-scale", "2"]));
+    run_ok(gen(&[
+        "a red circle",
+        "--prime-image",
+        p(&data.join("000000.png")),
+        "--prime-rows",
+        "3",
+    ]));
+
+    let long = "a red circle ".repeat(20);
+    let o = dalle(
+        &gen(&[long.as_str()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stderr).contains("warning: the prompt is")
+    );
+    run_fail(gen(&[long.as_str(), "--strict"]), "--strict");
+    run_fail(gen(&["x", "--top-p", "1.5"]), "top-p must be in (0, 1]");
+    run_fail(gen(&["x", "--temperature", "-1"]), "temperature must be");
+    run_fail(
+        [
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "x",
+            "--num-images",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        "at least 1",
+    );
+    run_fail(
+        gen(&["x", "--runtime", "onnx"]),
+        "valid runtimes are candle",
+    );
+    let nul = tmp.path().join("nul.txt");
+    std::fs::write(&nul, b"a red\0circle").unwrap();
+    run_fail(gen(&["--prompt-file", p(&nul)]), "control character");
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&img),
+            "x",
+            "--num-images",
+            "100000000",
+        ],
+        "ask for fewer images per call",
+    );
+    // The extension names the format; an unknown one is refused before any work.
+    let jpg = tmp.path().join("grid.jpg");
+    ok(&[
+        "generate",
+        "--checkpoint",
+        p(&run),
+        "--out",
+        p(&jpg),
+        "x",
+        "--num-images",
+        "1",
+    ]);
+    assert_eq!(
+        &std::fs::read(&jpg).unwrap()[..2],
+        &[0xff, 0xd8],
+        "JPEG bytes"
+    );
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            p(&run),
+            "--out",
+            p(&tmp.path().join("g.bmp")),
+            "x",
+        ],
+        "name the file .png, .jpg or .webp",
+    );
+    let latin1 = tmp.path().join("prompt.txt");
+    std::fs::write(&latin1, b"caf\xe9").unwrap();
+    run_fail(gen(&["--prompt-file", p(&latin1)]), "not UTF-8");
+    let big = tmp.path().join("big.png");
+    image::RgbImage::from_pixel(90, 70, image::Rgb([9, 9, 9]))
+        .save(&big)
+        .unwrap();
+    let o = dalle(
+        &gen(&["x", "--prime-image", p(&big), "--prime-rows", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("resizing"));
+    run_fail(
+        gen(&["x", "--prime-image", p(&big), "--prime-rows", "8"]),
+        "--prime-rows must be between 1 and 7",
+    );
+    run_fail(
+        ["generate", "--checkpoint", p(&data), "--out", p(&img)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "is not a `dalle train` run",
+    );
+}
+
+#[test]
+fn a_dvae_codebook_size_flows_into_stage_two_and_the_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vae, run, model) = (
+        tmp.path().join("shapes"),
+        tmp.path().join("vae"),
+        tmp.path().join("tf"),
+        tmp.path().join("model"),
+    );
+    ok(&["data", "shapes", "--out", p(&data), "--count", "8"]);
+    let vae_args = [
+        "train-vae",
+        "--data",
+        p(&data),
+        "--out",
+        p(&vae),
+        "--steps",
+        "1",
+    ];
+    let mut a = vae_args.to_vec();
+    a.extend(["--batch-size", "2", "--codebook", "64"]);
+    ok(&a);
+    let mut a = vae_args.to_vec();
+    a.extend(["--codebook", "0", "--resume"]);
+    fails(&a, "codebook");
+    ok(&[
+        "train",
+        "--vae",
+        p(&vae),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["geometry"]["codebook"], 64, "{config}");
+    assert_eq!(config["vae"]["vocab_size"], 64, "{config}");
+    ok(&["export", "--transformer", p(&run), "--out", p(&model)]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["geometry"]["codebook"], 64, "{manifest}");
+    let img = tmp.path().join("out.png");
+    ok(&[
+        "generate",
+        "a red circle",
+        "--model",
+        p(&model),
+        "--out",
+        p(&img),
+        "--num-images",
+        "1",
+    ]);
+    assert!(img.exists());
+}
