@@ -4,21 +4,15 @@ mod cli;
 
 use clap::Parser;
 
-/// Training frees and re-allocates the same large tensors every step; this keeps them mapped
-/// instead of faulting them in afresh, while a training command runs (see `dalle::kernels::alloc`).
-#[cfg(not(feature = "mimalloc-measure"))]
-#[global_allocator]
-static ALLOC: dalle::kernels::alloc::ReuseLarge = dalle::kernels::alloc::ReuseLarge;
-#[cfg(feature = "mimalloc-measure")]
+/// mimalloc: the same training-step times as the large-block reuse allocator this project had
+/// written for itself (glibc `mmap`s and faults in every block over 32 MB afresh), with ~20% less
+/// peak memory (bench/NOTES.md, optimisation 46).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     dalle::util::pin_thread_count();
     dalle::util::tune_allocator();
-    if std::env::var_os("DALLE_SYSTEM_ALLOC").is_some() {
-        dalle::kernels::alloc::forbid_reuse();
-    }
     dalle::util::default_sigpipe();
     let cli = cli::Cli::try_parse().unwrap_or_else(|e| {
         // clap reads `--seed -1` as an unknown flag `-1` and suggests `-- -1`, which would make

@@ -74,9 +74,9 @@ fn weights(
             .collect();
     }
     // The transformer's weights on the CPU: views into one buffer in huge pages, which a
-    // decoding step streams through once per token (see `kernels::alloc::huge_page_buffer`).
+    // decoding step streams through once per token (see `kernels::pages::huge_page_buffer`).
     let total = w.values().map(|w| w.data.len()).sum();
-    let (mut all, skip) = crate::kernels::alloc::huge_page_buffer::<f32>(total);
+    let (mut all, skip) = crate::kernels::pages::huge_page_buffer::<f32>(total);
     let mut at = Vec::with_capacity(w.len());
     for (name, w) in w {
         at.push((name, all.len(), w.data.len(), w.dims));

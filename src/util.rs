@@ -56,10 +56,9 @@ pub fn pin_thread_count() {
     }
 }
 
-/// Keep freed memory in the process instead of returning it to the kernel after every tensor.
-/// Training allocates and frees the same large activation buffers each step; with glibc's
-/// defaults each of them is a fresh `mmap` and a round of page faults (measured here: 49 s of
-/// 63 s in the kernel for 10 dVAE steps; 8 s after this call).
+/// glibc's thresholds for what still allocates through it (the C++ of ONNX Runtime; the binary's
+/// Rust allocations go through mimalloc): keep freed memory in the process instead of a fresh
+/// `mmap` and a round of page faults for every large block.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any threads start.

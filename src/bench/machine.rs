@@ -66,9 +66,9 @@ impl Probe {
         use candle_core::{Device, Tensor};
         let before = crate::util::rss_bytes();
         let n = COPY_BYTES / 4;
-        let (mut src, s0) = crate::kernels::alloc::huge_page_buffer::<f32>(n);
+        let (mut src, s0) = crate::kernels::pages::huge_page_buffer::<f32>(n);
         src.extend((0..n).map(|i| i as f32));
-        let (mut dst, d0) = crate::kernels::alloc::huge_page_buffer::<f32>(n);
+        let (mut dst, d0) = crate::kernels::pages::huge_page_buffer::<f32>(n);
         dst.resize(d0 + n, 0.0);
         let a = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
         let b = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;

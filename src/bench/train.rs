@@ -76,7 +76,6 @@ pub fn train_steps(
     mut peer: Option<&mut PeerTrainer>,
 ) -> Result<(TrainSteps, Option<PeerTrain>)> {
     // As `dalle train` runs: large freed tensors are reused between steps (see `crate::alloc`).
-    let _reuse = crate::kernels::alloc::ReuseGuard::new();
     let (transformer_step_s, peer_transformer) = alternate(
         reps,
         transformer_stepper(cfg, batch)?,

@@ -78,14 +78,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),
         Command::Tokenizer(c) => tokenizer::run(c),
-        Command::TrainVae(a) => {
-            let _reuse = dalle::kernels::alloc::ReuseGuard::new();
-            train_vae::run(a)
-        }
-        Command::Train(a) => {
-            let _reuse = dalle::kernels::alloc::ReuseGuard::new();
-            train::run(a)
-        }
+        Command::TrainVae(a) => train_vae::run(a),
+        Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Parity(a) => parity::run(a),

@@ -13,16 +13,16 @@
 //! - [`loss`]: the next-token loss;
 //! - [`linear`]: dot products, matrix-vector and few-row products, the linear layer;
 //! - [`team`]: the spinning thread team of a decoding step;
-//! - [`alloc`]: the allocator that keeps training's large buffers mapped, and huge-page buffers;
+//! - [`pages`]: buffers in transparent huge pages;
 //! - this module: slices out of candle storage, a matrix product into a caller's buffer, sums and
 //!   row-parallel loops shared by the others.
 
 pub mod activation;
-pub mod alloc;
 pub mod conv;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod pages;
 pub mod pool;
 pub mod softmax;
 pub mod team;

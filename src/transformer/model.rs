@@ -257,7 +257,7 @@ impl Transformer {
         let mut runs = Vec::with_capacity(linears.len());
         let total = linears.iter().map(|l| l.weight.elem_count()).sum();
         // In huge pages, as the f32 weights are (see `crate::runtime`).
-        let (mut all, skip) = crate::kernels::alloc::huge_page_buffer::<half::f16>(total);
+        let (mut all, skip) = crate::kernels::pages::huge_page_buffer::<half::f16>(total);
         for l in &linears {
             let w = l
                 .weight

@@ -40,6 +40,21 @@ fn fails(args: &[&str], needle: &str) {
     assert!(errors[0].contains(needle), "expected `{needle}` in: {err}");
 }
 
+/// `dalle data shapes` of `count` scenes with `seed` into `dir`.
+fn shapes(dir: &Path, count: usize, seed: u64) {
+    let (count, seed) = (count.to_string(), seed.to_string());
+    ok(&[
+        "data",
+        "shapes",
+        "--out",
+        p(dir),
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+    ]);
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }

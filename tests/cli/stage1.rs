@@ -8,16 +8,7 @@ fn train_encode_decode_reconstruct_and_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("shapes");
     let run = tmp.path().join("run");
-    ok(&[
-        "data",
-        "shapes",
-        "--out",
-        p(&data),
-        "--count",
-        "16",
-        "--seed",
-        "2",
-    ]);
+    shapes(&data, 16, 2);
     let stats = ok(&["data", "stats", p(&data)]);
     assert!(stats.contains("16 seen, 16 usable, 0 skipped"), "{stats}");
     // A second set into the same directory is refused and the first is left as it was.

@@ -8,16 +8,7 @@ fn stage_two_train_and_generate_with_bad_inputs() {
     let data = tmp.path().join("shapes");
     let vae = tmp.path().join("vae");
     let run = tmp.path().join("tf");
-    ok(&[
-        "data",
-        "shapes",
-        "--out",
-        p(&data),
-        "--count",
-        "12",
-        "--seed",
-        "4",
-    ]);
+    shapes(&data, 12, 4);
     ok(&[
         "train-vae",
         "--data",

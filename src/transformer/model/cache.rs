@@ -56,7 +56,7 @@ pub(super) fn store(
     let (b, h, _, hd) = k.dims4()?;
     let fits = matches!(slot, Some((bk, _)) if bk.dim(2)? == capacity);
     if !fits {
-        let fresh = || crate::kernels::alloc::zeroed_like((b, h, capacity, hd), k);
+        let fresh = || crate::kernels::pages::zeroed_like((b, h, capacity, hd), k);
         let (bk, bv) = (fresh()?, fresh()?);
         if let Some((ok, ov)) = slot.take() {
             bk.slice_set(&ok.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
