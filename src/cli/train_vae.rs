@@ -39,6 +39,11 @@ pub struct TrainVaeArgs {
     /// Residual blocks per dVAE group (default: the preset's), stored in config.json.
     #[arg(long)]
     pub blocks_per_group: Option<usize>,
+    /// Side of the training images in pixels (default: the preset's), a multiple of the dVAE's
+    /// downsampling; the token grid follows. Stored in config.json; write the data at this size
+    /// (`dalle data shapes --image-size N`).
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Codebook size, the image vocabulary (default: the preset's), stored in config.json; stage 2
     /// takes it from the dVAE.
     #[arg(long)]
@@ -83,12 +88,24 @@ pub fn run(a: TrainVaeArgs) -> Result<()> {
         || a.n_hid.is_some()
         || a.blocks_per_group.is_some()
         || a.codebook.is_some()
+        || a.image_size.is_some()
     {
         config.vae.post_gain = a.post_gain.or(config.vae.post_gain);
         config.vae.n_hid = a.n_hid.unwrap_or(config.vae.n_hid);
         config.vae.n_blk_per_group = a.blocks_per_group.unwrap_or(config.vae.n_blk_per_group);
         config.vae.vocab_size = a.codebook.unwrap_or(config.vae.vocab_size);
         config.geometry.codebook = config.vae.vocab_size;
+        if let Some(size) = a.image_size {
+            let f = config.vae.downsample();
+            if !(16..=1024).contains(&size) || !size.is_multiple_of(f) {
+                bail!(
+                    "--image-size must be from 16 to 1024 pixels and a multiple of {f} (the dVAE \
+                     turns {f}×{f} pixels into one token; got {size})"
+                );
+            }
+            config.geometry.image_size = size;
+            config.geometry.grid = size / f;
+        }
         config.validate()?;
     }
     // Activation memory of one update, a slight underestimate (the `shapes` preset's batch 32

@@ -377,3 +377,51 @@ fn train_vae_bad_data_and_output_directories() {
         "is a file, not a data set",
     );
 }
+
+#[test]
+fn train_vae_image_size_sets_the_token_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("shapes32");
+    let vae = tmp.path().join("vae");
+    ok(&[
+        "data",
+        "shapes",
+        "--out",
+        p(&data),
+        "--count",
+        "8",
+        "--image-size",
+        "32",
+    ]);
+    let with = |extra: &[&'static str]| {
+        let mut a = vec![
+            "train-vae",
+            "--data",
+            p(&data),
+            "--out",
+            p(&vae),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    // `tiny`'s dVAE is f8: 36 px is no whole number of tokens.
+    fails(&with(&["--image-size", "36"]), "a multiple of 8");
+    assert!(!vae.exists(), "a refused run leaves no directory");
+    ok(&with(&["--image-size", "32"]));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vae.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["geometry"]["image_size"], 32, "{config}");
+    assert_eq!(config["geometry"]["grid"], 4, "{config}");
+    let image = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|f| f.extension().is_some_and(|x| x == "png"))
+        .expect("a rendered image");
+    let tokens = ok(&["encode", "--vae", p(&vae), "--input", p(&image), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&tokens).unwrap();
+    assert_eq!(v["grid"], 4, "{v}");
+}
