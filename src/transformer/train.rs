@@ -326,32 +326,18 @@ fn copy_vae(from: &Path, to: &Path) -> Result<()> {
 /// Run (or resume) stage-2 training.
 pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let vae = Vae::load(&req.vae, &req.device)?;
-    // The dVAE defines the image tokens: a run trained with another codebook size
-    // (`train-vae --codebook`) gives the transformer its vocabulary.
+    // The dVAE defines the image tokens: a run trained with another codebook size or image side
+    // (`train-vae --codebook`, `--image-size`) gives the transformer its vocabulary and its grid
+    // (the preset keeps choosing the transformer's own size).
     let (g, v) = (&req.config.geometry, &vae.config.geometry);
-    if (g.image_size, g.grid) == (v.image_size, v.grid) && g.codebook != v.codebook {
+    if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
+        req.config.geometry.image_size = v.image_size;
+        req.config.geometry.grid = v.grid;
         req.config.geometry.codebook = v.codebook;
         req.config.vae = vae.config.vae.clone();
         req.config.validate()?;
     }
-    let (g, v) = (&req.config.geometry, &vae.config.geometry);
-    if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
-        return Err(Error::checkpoint(
-            &req.vae,
-            format!(
-                "is a {}px → {}×{} dVAE with {} codes, but preset `{}` needs {}px → {}×{} with {}",
-                v.image_size,
-                v.grid,
-                v.grid,
-                v.codebook,
-                req.config.preset,
-                g.image_size,
-                g.grid,
-                g.grid,
-                g.codebook
-            ),
-        ));
-    }
+    let g = &req.config.geometry;
     // Both data sets are read before the run directory is written, so a bad one leaves nothing.
     let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
     let eval = match &req.eval_data {

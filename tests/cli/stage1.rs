@@ -424,4 +424,43 @@ fn train_vae_image_size_sets_the_token_grid() {
     let tokens = ok(&["encode", "--vae", p(&vae), "--input", p(&image), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&tokens).unwrap();
     assert_eq!(v["grid"], 4, "{v}");
+    // Stage 2 takes its grid from the dVAE, and the export and generation follow.
+    let (run, model, png) = (
+        tmp.path().join("tf"),
+        tmp.path().join("model"),
+        tmp.path().join("g.png"),
+    );
+    ok(&[
+        "train",
+        "--vae",
+        p(&vae),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["geometry"]["grid"], 4, "{config}");
+    ok(&["export", "--transformer", p(&run), "--out", p(&model)]);
+    ok(&[
+        "generate",
+        "a red circle",
+        "--model",
+        p(&model),
+        "--num-images",
+        "1",
+        "--save-tokens",
+        p(&tmp.path().join("g.json")),
+        "--out",
+        p(&png),
+    ]);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("g.json")).unwrap()).unwrap();
+    assert_eq!(saved["grid"], 4, "{saved}");
+    assert!(png.exists());
 }
