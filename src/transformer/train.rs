@@ -326,18 +326,38 @@ fn copy_vae(from: &Path, to: &Path) -> Result<()> {
 /// Run (or resume) stage-2 training.
 pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let vae = Vae::load(&req.vae, &req.device)?;
-    // The dVAE defines the image tokens: a run trained with another codebook size or image side
-    // (`train-vae --codebook`, `--image-size`) gives the transformer its vocabulary and its grid
-    // (the preset keeps choosing the transformer's own size).
+    // The dVAE defines the image tokens: a run trained with another codebook size (`train-vae
+    // --codebook`), or from the same preset with another image side (`--image-size`), gives the
+    // transformer its vocabulary and grid; a dVAE of another preset's image side is refused.
     let (g, v) = (&req.config.geometry, &vae.config.geometry);
-    if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
+    let adopt =
+        (g.image_size, g.grid) == (v.image_size, v.grid) || vae.config.preset == req.config.preset;
+    if adopt && (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
+        let v = v.clone();
         req.config.geometry.image_size = v.image_size;
         req.config.geometry.grid = v.grid;
         req.config.geometry.codebook = v.codebook;
         req.config.vae = vae.config.vae.clone();
         req.config.validate()?;
     }
-    let g = &req.config.geometry;
+    let (g, v) = (&req.config.geometry, &vae.config.geometry);
+    if (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
+        return Err(Error::checkpoint(
+            &req.vae,
+            format!(
+                "is a {}px → {}×{} dVAE with {} codes, but preset `{}` needs {}px → {}×{} with {}",
+                v.image_size,
+                v.grid,
+                v.grid,
+                v.codebook,
+                req.config.preset,
+                g.image_size,
+                g.grid,
+                g.grid,
+                g.codebook
+            ),
+        ));
+    }
     // Both data sets are read before the run directory is written, so a bad one leaves nothing.
     let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
     let eval = match &req.eval_data {
