@@ -333,7 +333,7 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let adopt =
         (g.image_size, g.grid) == (v.image_size, v.grid) || vae.config.preset == req.config.preset;
     if adopt && (g.image_size, g.grid, g.codebook) != (v.image_size, v.grid, v.codebook) {
-        let v = v.clone();
+        let v = *v;
         req.config.geometry.image_size = v.image_size;
         req.config.geometry.grid = v.grid;
         req.config.geometry.codebook = v.codebook;
