@@ -7,8 +7,9 @@ use dalle::data::shapes::Split;
 use dalle::data::Index;
 use std::path::PathBuf;
 
-/// Largest side `data shapes` renders (4×4 supersampled, one image at a time: ~12 MiB).
-const MAX_SHAPES_SIZE: u32 = 1024;
+/// Largest image side `data shapes` renders (4×4 supersampled, one image at a time: ~12 MiB)
+/// and `train-vae --image-size` takes.
+pub(super) const MAX_SHAPES_SIZE: u32 = 1024;
 
 #[derive(Subcommand)]
 pub enum DataCommand {

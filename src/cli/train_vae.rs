@@ -97,9 +97,10 @@ pub fn run(a: TrainVaeArgs) -> Result<()> {
         config.geometry.codebook = config.vae.vocab_size;
         if let Some(size) = a.image_size {
             let f = config.vae.downsample();
-            if !(16..=1024).contains(&size) || !size.is_multiple_of(f) {
+            let max = super::data::MAX_SHAPES_SIZE as usize;
+            if !(16..=max).contains(&size) || !size.is_multiple_of(f) {
                 bail!(
-                    "--image-size must be from 16 to 1024 pixels and a multiple of {f} (the dVAE \
+                    "--image-size must be from 16 to {max} pixels and a multiple of {f} (the dVAE \
                      turns {f}×{f} pixels into one token; got {size})"
                 );
             }

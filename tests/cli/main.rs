@@ -55,6 +55,24 @@ fn shapes(dir: &Path, count: usize, seed: u64) {
     ]);
 }
 
+/// One stage-2 update (batch 2) on `vae` and `data` into `run`; its config.json.
+fn train_one_step(vae: &Path, data: &Path, run: &Path) -> serde_json::Value {
+    ok(&[
+        "train",
+        "--vae",
+        p(vae),
+        "--data",
+        p(data),
+        "--out",
+        p(run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap()
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }

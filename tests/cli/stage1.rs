@@ -430,21 +430,7 @@ fn train_vae_image_size_sets_the_token_grid() {
         tmp.path().join("model"),
         tmp.path().join("g.png"),
     );
-    ok(&[
-        "train",
-        "--vae",
-        p(&vae),
-        "--data",
-        p(&data),
-        "--out",
-        p(&run),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-    ]);
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let config = train_one_step(&vae, &data, &run);
     assert_eq!(config["geometry"]["grid"], 4, "{config}");
     ok(&["export", "--transformer", p(&run), "--out", p(&model)]);
     ok(&[

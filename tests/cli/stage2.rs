@@ -277,21 +277,7 @@ fn a_dvae_codebook_size_flows_into_stage_two_and_the_export() {
     let mut a = vae_args.to_vec();
     a.extend(["--codebook", "0", "--resume"]);
     fails(&a, "codebook");
-    ok(&[
-        "train",
-        "--vae",
-        p(&vae),
-        "--data",
-        p(&data),
-        "--out",
-        p(&run),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-    ]);
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let config = train_one_step(&vae, &data, &run);
     assert_eq!(config["geometry"]["codebook"], 64, "{config}");
     assert_eq!(config["vae"]["vocab_size"], 64, "{config}");
     ok(&["export", "--transformer", p(&run), "--out", p(&model)]);
