@@ -1,5 +1,6 @@
-//! `dalle setup ort`: the ONNX Runtime shared library from PyPI's wheel (no registry crate ships
-//! it, and ort's own download host is unreachable from many build machines).
+//! `dalle setup ort` and `dalle setup blas`: shared libraries loaded at run time, from PyPI's
+//! wheels (no registry crate ships them, and ort's own download host is unreachable from many
+//! build machines): ONNX Runtime, and OpenBLAS for the training products.
 
 use crate::{Error, Result};
 use dalle_runtimes::ort::{LIBRARY, ORT_VERSION};
@@ -33,6 +34,29 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
     } else {
         "onnxruntime"
     };
+    let spec = format!("{package}=={ORT_VERSION}");
+    wheel_libraries(&spec, "onnxruntime/capi/lib", LIBRARY, dir)
+}
+
+/// Download the `scipy-openblas32` wheel (OpenBLAS built for every x86 kind, its symbols
+/// prefixed `scipy_`) and unpack its library into `dir`. Returns the library's path.
+pub fn blas(dir: &Path) -> Result<PathBuf> {
+    use crate::kernels::blas::{OPENBLAS_LIBRARY, OPENBLAS_WHEEL};
+    let lib = wheel_libraries(
+        OPENBLAS_WHEEL,
+        "scipy_openblas32/lib/lib",
+        OPENBLAS_LIBRARY,
+        dir,
+    )?;
+    // Loaded once here, so that a library this machine cannot run is reported now.
+    crate::kernels::blas::Blas::load(&lib).map_err(Error::Usage)?;
+    Ok(lib)
+}
+
+/// Download the wheel `spec` (`package==version`) with pip and unpack its shared libraries whose
+/// member names start with `member_prefix` into `dir`, where `library` must then be.
+fn wheel_libraries(spec: &str, member_prefix: &str, library: &str, dir: &Path) -> Result<PathBuf> {
+    let package = spec.split("==").next().unwrap_or(spec);
     let tmp = dir.with_file_name(format!(
         ".{}-download-{}",
         dir.file_name().and_then(|n| n.to_str()).unwrap_or("ort"),
@@ -61,10 +85,10 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
                     "--no-deps",
                     "--only-binary=:all:",
                 ])
-                .arg(format!("{package}=={ORT_VERSION}"))
+                .arg(spec)
                 .arg("--dest")
                 .arg(&tmp),
-            &format!("pip download {package}=={ORT_VERSION}"),
+            &format!("pip download {spec}"),
         )?;
         let wheel = std::fs::read_dir(&tmp)
             .map_err(|e| Error::io(&tmp, e))?
@@ -74,7 +98,7 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
         let script = "import sys, zipfile, os\n\
             z = zipfile.ZipFile(sys.argv[1]); out = sys.argv[2]\n\
             for n in z.namelist():\n    \
-                if n.startswith('onnxruntime/capi/lib') and '.so' in n:\n        \
+                if n.startswith(sys.argv[3]) and '.so' in n:\n        \
                     open(os.path.join(out, os.path.basename(n)), 'wb').write(z.read(n))\n";
         let unpacked = tmp.join("lib");
         std::fs::create_dir_all(&unpacked).map_err(|e| Error::io(&unpacked, e))?;
@@ -83,12 +107,13 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
                 .arg("-c")
                 .arg(script)
                 .arg(&wheel)
-                .arg(&unpacked),
+                .arg(&unpacked)
+                .arg(member_prefix),
             "unpacking the wheel",
         )?;
-        if !unpacked.join(LIBRARY).is_file() {
+        if !unpacked.join(library).is_file() {
             return Err(Error::Usage(format!(
-                "the {package} wheel holds no {LIBRARY}"
+                "the {package} wheel holds no {library}"
             )));
         }
         // Only the library files are written into `dir`, each replaced by a rename; whatever else
@@ -96,7 +121,7 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
         if dir.exists() && !dir.is_dir() {
             return Err(Error::input(
                 dir,
-                "is not a directory: choose a directory for the ONNX Runtime library with --dir",
+                "is not a directory: choose a directory for the library with --dir",
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -116,7 +141,7 @@ pub fn ort(gpu: bool, dir: &Path) -> Result<PathBuf> {
                 .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
                 .map_err(|e| Error::io(&to, e))?;
         }
-        Ok(dir.join(LIBRARY))
+        Ok(dir.join(library))
     })();
     let _ = std::fs::remove_dir_all(&tmp);
     result

@@ -75,7 +75,8 @@ pub fn train_steps(
     reps: usize,
     mut peer: Option<&mut PeerTrainer>,
 ) -> Result<(TrainSteps, Option<PeerTrain>)> {
-    // As `dalle train` runs: large freed tensors are reused between steps (see `crate::alloc`).
+    // As `dalle train` runs: freed pages are kept for the next step.
+    crate::util::keep_freed_memory();
     let (transformer_step_s, peer_transformer) = alternate(
         reps,
         transformer_stepper(cfg, batch)?,

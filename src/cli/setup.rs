@@ -15,6 +15,14 @@ pub enum SetupCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Fetch OpenBLAS (the `scipy-openblas32` wheel, built for every x86 kind) with pip and unpack
+    /// it into the cache directory; training then runs its matrix products on it (DALLE_BLAS
+    /// chooses another library, or `off`).
+    Blas {
+        /// Unpack here instead of the cache directory (then point DALLE_BLAS at the library).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: SetupCommand) -> Result<()> {
@@ -29,6 +37,19 @@ pub fn run(cmd: SetupCommand) -> Result<()> {
             );
             if std::env::var_os("ORT_DYLIB_PATH").is_some() {
                 eprintln!("note: ORT_DYLIB_PATH is set and takes precedence over this directory");
+            }
+        }
+        SetupCommand::Blas { dir } => {
+            let default = dalle::kernels::blas::library_dir();
+            let lib = dalle::setup::blas(dir.as_deref().unwrap_or(&default))?;
+            println!("OpenBLAS ready: {}", lib.display());
+            if dir.is_some_and(|d| d != default) {
+                eprintln!(
+                    "note: outside the cache directory it is used only with DALLE_BLAS={}",
+                    lib.display()
+                );
+            } else if std::env::var_os("DALLE_BLAS").is_some_and(|v| !v.is_empty()) {
+                eprintln!("note: DALLE_BLAS is set and takes precedence over this directory");
             }
         }
     }

@@ -64,7 +64,7 @@ fn map_f32(
     f: impl Fn(f32) -> f32 + Sync,
 ) -> Result<(CpuStorage, Shape)> {
     let x = contiguous_f32(s, l, op)?;
-    let mut y = vec![0f32; x.len()];
+    let mut y = crate::kernels::zeros(x.len());
     par_rows(x, &mut y, 1, |x, y| {
         for (o, &v) in y.iter_mut().zip(x) {
             *o = f(v);

@@ -101,7 +101,7 @@ pub(crate) fn pick_dot_f16() -> DotF16 {
 pub(crate) fn gemv_rows(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &mut [f32]) {
     let dot = pick_dot();
     // (n, m): each task owns whole weight rows; a few tasks per thread balance the load.
-    let mut out_t = vec![0f32; n * m];
+    let mut out_t = crate::kernels::zeros(n * m);
     let per = n.div_ceil(4 * crate::util::threads()).max(16);
     use rayon::prelude::*;
     out_t
@@ -153,7 +153,7 @@ pub(crate) fn gemm_few_rows(
     {
         use rayon::prelude::*;
         const NR: usize = 6;
-        let mut out_t = vec![0f32; n * m];
+        let mut out_t = crate::kernels::zeros(n * m);
         let per = (n.div_ceil(4 * crate::util::threads()).max(16)).next_multiple_of(NR);
         out_t
             .par_chunks_mut(per * m)
@@ -288,7 +288,7 @@ impl CustomOp3 for LinearOp {
         let op = self.name();
         let x = contiguous_f32(s1, l1, op)?;
         let (w, b) = (contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
-        let mut y = vec![0f32; m * n];
+        let mut y = crate::kernels::zeros(m * n);
         if m <= SMALL_ROWS {
             gemv_rows(x, w, (m, n, k), &mut y);
             for row in y.chunks_exact_mut(n) {
@@ -322,11 +322,11 @@ impl CustomOp3 for LinearOp {
         let (dx, dw, db) = with_f32(grad, op, |g| {
             with_f32(w, op, |wv| {
                 with_f32(x, op, |xv| {
-                    let mut dx = vec![0f32; m * k];
+                    let mut dx = crate::kernels::zeros(m * k);
                     matmul((m, k, n), &mut dx, (g, n, 1), (wv, k, 1), false)?;
-                    let mut dw = vec![0f32; n * k];
+                    let mut dw = crate::kernels::zeros(n * k);
                     matmul((n, k, m), &mut dw, (g, 1, n), (xv, k, 1), false)?;
-                    let mut db = vec![0f32; n];
+                    let mut db = crate::kernels::zeros(n);
                     for row in g.chunks_exact(n) {
                         db.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
                     }
@@ -358,11 +358,175 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
+/// `a · b` (or `a · bᵀ` with `bt`) over the last two axes, for each index of the leading ones:
+/// attention's q·kᵀ and weights·v. The products of the batch run in parallel, each on one
+/// thread (on the BLAS where one is set up, [`super::blas`]); candle's batched matmul runs
+/// them one after another, each split across the cores, which at attention's sizes (320 × 64)
+/// leaves the cores waiting. Backward: da = g·bᵀ, db = aᵀ·g (bt: db = gᵀ·a).
+struct BatchedMatmul {
+    bt: bool,
+}
+
+impl BatchedMatmul {
+    /// (batch, m, n, k) of `a (.., m, k)` and `b (.., k, n)` (bt: `(.., n, k)`).
+    fn dims(&self, a: &Shape, b: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (da, db) = (a.dims(), b.dims());
+        let fit = da.len() >= 2 && da.len() == db.len() && da[..da.len() - 2] == db[..db.len() - 2];
+        if !fit {
+            candle_core::bail!("batched matmul: {a:?} and {b:?} do not fit together");
+        }
+        let r = da.len();
+        let (m, k) = (da[r - 2], da[r - 1]);
+        let (k2, n) = if self.bt {
+            (db[r - 1], db[r - 2])
+        } else {
+            (db[r - 2], db[r - 1])
+        };
+        if k != k2 {
+            candle_core::bail!("batched matmul: {a:?} and {b:?} do not fit together");
+        }
+        Ok((a.elem_count() / (m * k).max(1), m, n, k))
+    }
+}
+
+/// `out[i] = lhs[i] · rhs[i]` for `batch` products of (m × k) · (k × n), each operand's matrix
+/// `i` at `i × its size` with the strides given, in parallel over `i`.
+fn products(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    out: &mut [f32],
+    (a, ars, acs): (&[f32], usize, usize),
+    (b, brs, bcs): (&[f32], usize, usize),
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (sa, sb) = (a.len() / batch.max(1), b.len() / batch.max(1));
+    out.par_chunks_mut((m * n).max(1))
+        .enumerate()
+        .try_for_each(|(i, o)| {
+            let (ai, bi) = (&a[i * sa..(i + 1) * sa], &b[i * sb..(i + 1) * sb]);
+            super::matmul_serial((m, n, k), o, (ai, ars, acs), (bi, brs, bcs), false)
+        })
+}
+
+impl candle_core::CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, m, n, k) = self.dims(l1.shape(), l2.shape())?;
+        let op = self.name();
+        let (a, b) = (contiguous_f32(s1, l1, op)?, contiguous_f32(s2, l2, op)?);
+        let mut out = crate::kernels::zeros(batch * m * n);
+        let rhs = if self.bt { (b, 1, k) } else { (b, n, 1) };
+        if m * n * k > 0 {
+            products(batch, (m, n, k), &mut out, (a, k, 1), rhs)?;
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        let r = dims.len();
+        dims[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use crate::kernels::with_f32;
+        let (batch, m, n, k) = self.dims(a.shape(), b.shape())?;
+        let op = self.name();
+        let (da, db) = with_f32(grad, op, |g| {
+            with_f32(a, op, |av| {
+                with_f32(b, op, |bv| {
+                    let (mut da, mut db) = (
+                        crate::kernels::zeros(batch * m * k),
+                        crate::kernels::zeros(batch * n * k),
+                    );
+                    if m * n * k > 0 {
+                        // da (m × k) = g (m × n) · bᵀ (n × k).
+                        let bt = if self.bt { (bv, k, 1) } else { (bv, 1, n) };
+                        products(batch, (m, k, n), &mut da, (g, n, 1), bt)?;
+                        if self.bt {
+                            // db (n × k) = gᵀ (n × m) · a (m × k).
+                            products(batch, (n, k, m), &mut db, (g, 1, n), (av, k, 1))?;
+                        } else {
+                            // db (k × n) = aᵀ (k × m) · g (m × n).
+                            products(batch, (k, n, m), &mut db, (av, 1, k), (g, n, 1))?;
+                        }
+                    }
+                    Ok((da, db))
+                })
+            })
+        })?;
+        let dev = a.device();
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// `a · b` over the last two axes (`a · bᵀ` with `bt`), batched over the leading ones:
+/// [`BatchedMatmul`] on the CPU in f32, candle's matmul elsewhere.
+pub fn batched_matmul(a: &Tensor, b: &Tensor, bt: bool) -> Result<Tensor> {
+    if fused_cpu(a) && fused_cpu(b) {
+        return a
+            .contiguous()?
+            .apply_op2(&b.contiguous()?, BatchedMatmul { bt });
+    }
+    if bt {
+        a.matmul(&b.t()?)
+    } else {
+        a.matmul(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testing::*;
     use candle_core::Device;
+
+    /// The batched product equals candle's matmul, values and gradients of both operands, with
+    /// and without the right operand transposed, over 3-D and 4-D batches.
+    #[test]
+    fn batched_matmul_matches_candles() {
+        for (a_shape, b_shape, bt) in [
+            (vec![3, 7, 5], vec![3, 5, 9], false),
+            (vec![3, 7, 5], vec![3, 9, 5], true),
+            (vec![2, 3, 20, 16], vec![2, 3, 20, 16], true),
+            (vec![2, 3, 20, 20], vec![2, 3, 20, 16], false),
+        ] {
+            let (a, b) = (var(&a_shape, 1.0), var(&b_shape, 1.0));
+            let (at, bt_) = (a.as_tensor(), b.as_tensor());
+            let theirs = if bt {
+                at.matmul(&bt_.t().unwrap()).unwrap()
+            } else {
+                at.matmul(bt_).unwrap()
+            };
+            agree(
+                &[&a, &b],
+                batched_matmul(at, bt_, bt).unwrap(),
+                theirs,
+                1e-4,
+                1e-3,
+            );
+        }
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros((2, 5, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(batched_matmul(&a, &b, false).is_err());
+        assert!(batched_matmul(&a, &b, true).is_ok());
+    }
 
     #[test]
     fn few_rows_product_matches_a_plain_loop() {

@@ -67,7 +67,7 @@ impl CustomOp2 for NextTokenNll {
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("next-token nll: target {t} outside the vocabulary of {v}");
         }
-        let mut nll = vec![0f32; b * (s - 1)];
+        let mut nll = crate::kernels::zeros(b * (s - 1));
         use rayon::prelude::*;
         nll.par_iter_mut().enumerate().for_each(|(i, out)| {
             let r = (i / (s - 1)) * s + i % (s - 1);
@@ -91,7 +91,7 @@ impl CustomOp2 for NextTokenNll {
         let op = self.name();
         let d = with_f32(grad, op, |g| {
             with_f32(logits, op, |x| {
-                let mut d = vec![0f32; b * s * v];
+                let mut d = crate::kernels::zeros(b * s * v);
                 d.par_chunks_mut(v).enumerate().for_each(|(r, dr)| {
                     let (seq, p) = (r / s, r % s);
                     if p == s - 1 {

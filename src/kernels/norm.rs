@@ -52,7 +52,7 @@ impl CustomOp1 for Normalize {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let width = row_width(l);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::zeros(x.len());
         let eps = self.eps;
         par_rows(x, &mut y, width, |x, y| {
             for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
@@ -89,7 +89,7 @@ impl CustomOp2 for NormalizeGrad {
         let (x, dy, width) = row_pair((s1, l1), (s2, l2), self.name())?;
         let n = width as f64;
         let eps = self.eps;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = crate::kernels::zeros(x.len());
         par_rows2(x, dy, &mut dx, width, |x, dy, dx| {
             for ((xr, gr), or) in x
                 .chunks(width)
@@ -139,7 +139,7 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let n = row_width(l);
-        let mut sum = vec![0f32; n];
+        let mut sum = crate::kernels::zeros(n);
         for row in x.chunks_exact(n) {
             sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
         }
@@ -183,7 +183,7 @@ impl CustomOp3 for ScaleShift {
         let n = feature_width(l1, &[l2, l3], op)?;
         let x = contiguous_f32(s1, l1, op)?;
         let (w, b) = (contiguous_f32(s2, l2, op)?, contiguous_f32(s3, l3, op)?);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::zeros(x.len());
         par_rows(x, &mut y, n, |x, y| {
             for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
                 for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {

@@ -20,7 +20,7 @@ impl CustomOp1 for Upsample2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
         let src = contiguous_f32(storage, layout, "upsample2")?;
-        let mut out = vec![0f32; b * c * h * w * 4];
+        let mut out = crate::kernels::zeros(b * c * h * w * 4);
         for (row, dst) in out.chunks_exact_mut(4 * w).enumerate() {
             let s = &src[row * w..(row + 1) * w];
             let (top, bottom) = dst.split_at_mut(2 * w);
@@ -50,7 +50,7 @@ impl CustomOp1 for SumPool2 {
         }
         let (h, w) = (h2 / 2, w2 / 2);
         let src = contiguous_f32(storage, layout, "sum-pool2")?;
-        let mut out = vec![0f32; b * c * h * w];
+        let mut out = crate::kernels::zeros(b * c * h * w);
         for (row, dst) in out.chunks_exact_mut(w).enumerate() {
             let s = &src[row * 4 * w..(row + 1) * 4 * w];
             let (top, bottom) = s.split_at(2 * w);
@@ -111,7 +111,7 @@ impl CustomOp1 for MaxPool2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, w) = pool_geometry(layout, self.name())?;
         let src = contiguous_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; rows * w];
+        let mut out = crate::kernels::zeros(rows * w);
         par_chunks(&mut out, w, |row, dst| {
             let (top, bottom) = src[row * 4 * w..(row + 1) * 4 * w].split_at(2 * w);
             for (x, d) in dst.iter_mut().enumerate() {
@@ -158,7 +158,7 @@ impl CustomOp2 for MaxPool2Grad {
                 l1.shape()
             );
         }
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = crate::kernels::zeros(x.len());
         par_chunks(&mut dx, 4 * w, |row, dst| {
             let (top, bottom) = x[row * 4 * w..(row + 1) * 4 * w].split_at(2 * w);
             for (xx, &gv) in g[row * w..(row + 1) * w].iter().enumerate() {

@@ -30,7 +30,7 @@ impl CustomOp1 for SoftmaxLast {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let width = row_width(l);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::zeros(x.len());
         par_rows(x, &mut y, width, |x, y| {
             for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
                 yr.copy_from_slice(xr);
@@ -64,7 +64,7 @@ impl CustomOp2 for SoftmaxGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (y, dy, width) = row_pair((s1, l1), (s2, l2), self.name())?;
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = crate::kernels::zeros(y.len());
         let scale = self.scale;
         par_rows2(y, dy, &mut dx, width, |y, dy, dx| {
             for ((yr, gr), xr) in y
@@ -145,7 +145,7 @@ impl CustomOp2 for MaskedSoftmax {
             contiguous_f32(s2, l2, self.name())?,
         );
         let scale = self.scale;
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::zeros(x.len());
         let block = t * width;
         // Whole (t, s) blocks per worker, so that row i of a block takes mask row i.
         par_rows(x, &mut y, block.max(1), |x, y| {
@@ -231,7 +231,7 @@ fn column_lse(x: &[f32], k: usize, inner: usize, lse: &mut [f32]) {
     for row in x.chunks_exact(inner).take(k).skip(1) {
         lse.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
     }
-    let mut sum = vec![0f32; inner];
+    let mut sum = crate::kernels::zeros(inner);
     for row in x.chunks_exact(inner).take(k) {
         for ((s, &v), &m) in sum.iter_mut().zip(row).zip(lse.iter()) {
             *s += fast_exp(v - m);
@@ -263,11 +263,11 @@ impl CustomOp1 for SoftmaxAxis {
         use crate::kernels::activation::fast_exp;
         let (_, k, inner) = around_axis(layout.shape(), self.dim, self.name())?;
         let x = contiguous_f32(storage, layout, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::zeros(x.len());
         let log = self.log;
         par_chunks(&mut y, k * inner, |o, dst| {
             let src = &x[o * k * inner..(o + 1) * k * inner];
-            let mut lse = vec![0f32; inner];
+            let mut lse = crate::kernels::zeros(inner);
             column_lse(src, k, inner, &mut lse);
             for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
                 for ((d, &v), &l) in d.iter_mut().zip(s).zip(&lse) {
@@ -304,11 +304,11 @@ impl CustomOp2 for SoftmaxAxisGrad {
         let same = |k, inner| k * inner;
         let (k, inner, y, g) = axis_pair((s1, l1), (s2, l2), self.0.dim, same, self.name())?;
         let log = self.0.log;
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = crate::kernels::zeros(y.len());
         par_chunks(&mut dx, k * inner, |o, dst| {
             let range = o * k * inner..(o + 1) * k * inner;
             let (y, g) = (&y[range.clone()], &g[range]);
-            let mut t = vec![0f32; inner];
+            let mut t = crate::kernels::zeros(inner);
             for (yr, gr) in y.chunks_exact(inner).zip(g.chunks_exact(inner)) {
                 for ((t, &yv), &gv) in t.iter_mut().zip(yr).zip(gr) {
                     *t += if log { gv } else { gv * yv };
@@ -347,9 +347,9 @@ struct NegEntropyGrad(NegEntropy);
 /// For one block `x (k, inner)`: ln-normaliser and Σ q ln q of every column.
 fn column_neg_entropy(x: &[f32], k: usize, inner: usize) -> (Vec<f32>, Vec<f32>) {
     use crate::kernels::activation::fast_exp;
-    let mut lse = vec![0f32; inner];
+    let mut lse = crate::kernels::zeros(inner);
     column_lse(x, k, inner, &mut lse);
-    let mut h = vec![0f32; inner];
+    let mut h = crate::kernels::zeros(inner);
     for row in x.chunks_exact(inner).take(k) {
         for ((h, &v), &l) in h.iter_mut().zip(row).zip(&lse) {
             let lnq = v - l;
@@ -367,7 +367,7 @@ impl CustomOp1 for NegEntropy {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, k, inner) = around_axis(layout.shape(), self.dim, self.name())?;
         let x = contiguous_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len() / k.max(1)];
+        let mut out = crate::kernels::zeros(x.len() / k.max(1));
         par_chunks(&mut out, inner, |o, dst| {
             let (_, h) = column_neg_entropy(&x[o * k * inner..(o + 1) * k * inner], k, inner);
             dst.copy_from_slice(&h);
@@ -402,7 +402,7 @@ impl CustomOp2 for NegEntropyGrad {
         let per_position = |_, inner| inner;
         let (k, inner, x, g) =
             axis_pair((s1, l1), (s2, l2), self.0.dim, per_position, self.name())?;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = crate::kernels::zeros(x.len());
         par_chunks(&mut dx, k * inner, |o, dst| {
             let src = &x[o * k * inner..(o + 1) * k * inner];
             let (lse, h) = column_neg_entropy(src, k, inner);

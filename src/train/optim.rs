@@ -60,8 +60,11 @@ impl Update {
                         if [g.len(), m.len(), v.len()] != [n; 3] {
                             candle_core::bail!("{op}: weight, gradient and moments differ in size");
                         }
-                        let (mut wn, mut mn, mut vn) =
-                            (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                        let (mut wn, mut mn, mut vn) = (
+                            crate::kernels::zeros(n),
+                            crate::kernels::zeros(n),
+                            crate::kernels::zeros(n),
+                        );
                         wn.par_chunks_mut(CHUNK)
                             .zip(mn.par_chunks_mut(CHUNK))
                             .zip(vn.par_chunks_mut(CHUNK))

@@ -15,6 +15,7 @@ use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 mod cache;
 mod decode;
 
+use crate::kernels::linear::batched_matmul;
 use crate::kernels::softmax::{masked_softmax, softmax_last};
 pub use cache::KvCache;
 use cache::{store, LayerCache};
@@ -135,12 +136,12 @@ impl Attention {
         let y = match keys {
             Some(idx) => {
                 let (k, v) = (k.index_select(idx, 2)?, v.index_select(idx, 2)?); // (b, h, n, hd)
-                let att = softmax_last(&(q.matmul(&k.t()?)? * scale)?)?;
-                att.matmul(&v)?
+                let att = softmax_last(&(batched_matmul(&q, &k, true)? * scale)?)?;
+                batched_matmul(&att, &v, false)?
             }
             None => {
-                let att = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?; // (b, h, t, s)
-                att.matmul(&v)? // (b, h, t, hd)
+                let att = masked_softmax(&batched_matmul(&q, &k, true)?, mask, scale)?; // (b, h, t, s)
+                batched_matmul(&att, &v, false)? // (b, h, t, hd)
             }
         };
         self.proj.forward(&y.transpose(1, 2)?.reshape((b, t, d))?)

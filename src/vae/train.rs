@@ -200,6 +200,7 @@ pub struct VaeTrainRequest {
 
 /// Run (or resume) stage-1 training.
 pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
+    crate::util::keep_freed_memory();
     // The data set is read before the run directory is written, so a bad one leaves nothing.
     let index = Index::scan(&req.data, &req.filters, false)?;
     if index.skipped() > 0 {

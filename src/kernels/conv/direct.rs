@@ -50,7 +50,7 @@ pub(crate) fn available(g: &Geom) -> bool {
 /// `c·k²` groups of `MR` values (zero for channels past `n_out`).
 fn tile_weights(w: &[f32], n_out: usize, row: usize, mr: usize) -> Vec<f32> {
     let tiles = n_out.div_ceil(mr);
-    let mut out = vec![0f32; tiles * row * mr];
+    let mut out = crate::kernels::zeros(tiles * row * mr);
     for o in 0..n_out {
         let (t, i) = (o / mr, o % mr);
         for (j, &v) in w[o * row..(o + 1) * row].iter().enumerate() {
@@ -81,7 +81,7 @@ fn wide(g: &Geom) -> bool {
 /// "same" convolution of the output gradient is the input gradient.
 pub(crate) fn flip_transpose(w: &[f32], n_out: usize, c: usize, k: usize) -> Vec<f32> {
     let kk = k * k;
-    let mut out = vec![0f32; w.len()];
+    let mut out = crate::kernels::zeros(w.len());
     for o in 0..n_out {
         for i in 0..c {
             for t in 0..kk {
@@ -283,7 +283,12 @@ pub(crate) fn weight_grad(
         g.units(r),
         g.band_len(r),
         WEIGHT_GRAD_GROUPS,
-        || (vec![0f32; n_out * row], vec![0f32; n_out]),
+        || {
+            (
+                crate::kernels::zeros(n_out * row),
+                crate::kernels::zeros(n_out),
+            )
+        },
         |(dw, db), (img, y0, rows), band| {
             g.fill_band(x, (img, y0, rows), relu, band);
             let offs = g.tap_offsets(rows);
@@ -315,7 +320,10 @@ pub(crate) fn weight_grad(
             }
         },
     );
-    let (mut dw, mut db) = (vec![0f32; n_out * row], vec![0f32; n_out]);
+    let (mut dw, mut db) = (
+        crate::kernels::zeros(n_out * row),
+        crate::kernels::zeros(n_out),
+    );
     for (pdw, pdb) in parts {
         dw.iter_mut().zip(&pdw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pdb).for_each(|(a, b)| *a += b);

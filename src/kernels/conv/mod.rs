@@ -58,7 +58,7 @@ impl Planes {
     /// `x (c, b, h, w)` → columns `(c·k², b·h·w)`, of `relu(x)` with `relu`.
     fn im2col(&self, x: &[f32], relu: bool) -> Vec<f32> {
         let (n, kk) = (self.n(), self.k * self.k);
-        let mut cols = vec![0f32; self.c * kk * n];
+        let mut cols = crate::kernels::zeros(self.c * kk * n);
         par_chunks(&mut cols, kk * n, |ci, dst| {
             self.runs(ci, |tap, s, d, len| {
                 let (d, s) = (&mut dst[tap * n + d..][..len], &x[s..s + len]);
@@ -86,7 +86,7 @@ impl Planes {
     /// pixel it was read from.
     fn col2im(&self, cols: &[f32]) -> Vec<f32> {
         let (n, kk) = (self.n(), self.k * self.k);
-        let mut x = vec![0f32; self.c * n];
+        let mut x = crate::kernels::zeros(self.c * n);
         par_chunks(&mut x, n, |ci, dst| {
             let src = &cols[ci * kk * n..(ci + 1) * kk * n];
             let base = ci * n;
@@ -197,7 +197,7 @@ fn conv_forward(
     }
     let (n, ckk) = (p.n(), p.c * p.k * p.k);
     let cols = &p.columns(x, relu)[..];
-    let mut y = vec![0f32; n_out * n];
+    let mut y = crate::kernels::zeros(n_out * n);
     matmul((n_out, n, ckk), &mut y, (w, ckk, 1), (cols, n, 1), false)?;
     par_chunks(&mut y, n, |o, row| {
         let (b, at) = (bias[o], o * n);
@@ -254,7 +254,7 @@ fn conv_backward(
         return Ok((dx, dw, db));
     }
     let cols = &p.columns(x, relu)[..];
-    let mut dw = vec![0f32; n_out * ckk];
+    let mut dw = crate::kernels::zeros(n_out * ckk);
     matmul((n_out, ckk, n), &mut dw, (g, n, 1), (cols, 1, n), false)?;
     let dx = if need_dx {
         let wg = if gain == 1.0 {
@@ -262,7 +262,7 @@ fn conv_backward(
         } else {
             std::borrow::Cow::Owned(w.iter().map(|v| v * gain).collect())
         };
-        let mut dcols = vec![0f32; ckk * n];
+        let mut dcols = crate::kernels::zeros(ckk * n);
         matmul((ckk, n, n_out), &mut dcols, (&wg, 1, ckk), (g, n, 1), false)?;
         let mut dx = if p.k == 1 { dcols } else { p.col2im(&dcols) };
         if relu {

@@ -173,11 +173,11 @@ pub(super) fn with_buffer<R>(
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
-                *buf = vec![0f32; len];
+                *buf = crate::kernels::zeros(len);
             }
             f(&mut buf[..len])
         }
-        Err(_) => f(&mut vec![0f32; len]),
+        Err(_) => f(&mut crate::kernels::zeros(len)),
     })
 }
 

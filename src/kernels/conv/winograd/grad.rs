@@ -125,7 +125,7 @@ pub(crate) fn weight_grad(
         let parts: Vec<Vec<f32>> = chunks
             .par_iter()
             .map(|chunk| {
-                let mut du = vec![0f32; XI * n_out * c];
+                let mut du = crate::kernels::zeros(XI * n_out * c);
                 with_tiles(&mut |v, z| {
                     let (vp, zp) = (Shared(v.as_mut_ptr()), Shared(z.as_mut_ptr()));
                     let base = first_tile(&chunk[0]);
@@ -142,7 +142,7 @@ pub(crate) fn weight_grad(
                 du
             })
             .collect();
-        let mut du = vec![0f32; XI * n_out * c];
+        let mut du = crate::kernels::zeros(XI * n_out * c);
         for part in &parts {
             du.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
@@ -150,7 +150,7 @@ pub(crate) fn weight_grad(
     } else {
         // One chunk (the small layers): the units' transforms spread over the cores, then the
         // 16 ξ's products.
-        let mut du = vec![0f32; XI * n_out * c];
+        let mut du = crate::kernels::zeros(XI * n_out * c);
         with_tiles(&mut |v, z| {
             let (vp, zp) = (Shared(v.as_mut_ptr()), Shared(z.as_mut_ptr()));
             for chunk in &chunks {
@@ -172,7 +172,7 @@ pub(crate) fn weight_grad(
         });
         du
     };
-    let mut dw = vec![0f32; n_out * c * 9];
+    let mut dw = crate::kernels::zeros(n_out * c * 9);
     dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, dw)| {
         for (ci, dw) in dw.chunks_exact_mut(9).enumerate() {
             let u: [f32; XI] = std::array::from_fn(|xi| du[(xi * n_out + o) * c + ci]);

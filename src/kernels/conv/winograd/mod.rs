@@ -125,7 +125,7 @@ pub(crate) fn available(g: &Geom) -> bool {
 /// one tile of [`MR`] output channels reads, in the order it reads it.
 fn transform_weights(w: &[f32], n_out: usize, c: usize) -> Vec<f32> {
     let tiles = n_out.div_ceil(MR);
-    let mut out = vec![0f32; XI * tiles * c * MR];
+    let mut out = crate::kernels::zeros(XI * tiles * c * MR);
     for o in 0..n_out {
         for ci in 0..c {
             let g = &w[(o * c + ci) * 9..][..9];
