@@ -267,6 +267,25 @@ def openai_dvae_step(a):
     return step, sum(p.numel() for p in ps)
 
 
+def matmul_rates(n=2048, reps=5):
+    """torch's best 2048³ product on this CPU, GFLOP/s: f32, and bf16 (AMX / AVX512-BF16 where
+    the CPU has them, else whatever oneDNN falls back to) — the ceilings `dalle bench` sets its
+    own kernels against."""
+    out = {}
+    for name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        with torch.no_grad():
+            torch.mm(a, b)
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - t)
+        out[name] = 2 * n ** 3 / best / 1e9
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in [
@@ -297,6 +316,7 @@ def main():
         "dvae_params": params(vae),
         "generate": [generate(dalle, int(b), a.text_len, a.passes)
                      for b in a.batch.split(",") if b],
+        "matmul_gflop_per_s": matmul_rates(),
     }
     if a.train_batch > 0:
         dalle.train()

@@ -39,7 +39,8 @@ if [ ! -f target/ort/libonnxruntime.so.1.31.1 ]; then
 fi
 export ORT_DYLIB_PATH="$PWD/target/ort/libonnxruntime.so.1.31.1"
 
-echo "== dalle parity on a freshly trained and exported tiny model (candle, tract, ort)"
+echo "== dalle parity on a freshly trained and exported tiny model (candle, tract, ort), no BLAS"
+export DALLE_BLAS=off
 P=target/parity
 rm -rf "$P" && mkdir -p "$P"
 target/debug/dalle data shapes --out "$P/data" --count 32 --seed 0 >/dev/null
@@ -47,6 +48,16 @@ target/debug/dalle train-vae --preset tiny --data "$P/data" --out "$P/vae" --ste
 target/debug/dalle train --preset tiny --vae "$P/vae" --data "$P/data" --out "$P/tf" --steps 2 --batch-size 4 >/dev/null
 target/debug/dalle export --transformer "$P/tf" --out "$P/model"
 target/debug/dalle parity --model "$P/model" --runtimes candle,tract,ort
+echo "== OpenBLAS (scipy-openblas32 wheel from PyPI) into target/blas: the tests below use it"
+# The parity run above trained and decoded on the gemm crate (no BLAS set up): the default.
+if [ ! -f target/blas/libscipy_openblas.so ]; then
+  target/debug/dalle setup blas --dir target/blas
+fi
+export DALLE_BLAS="$PWD/target/blas/libscipy_openblas.so"
+target/debug/dalle parity --model "$P/model" --runtimes candle,tract,ort
+echo "== the same on the kernels of a CPU without AVX-512, and of one without AVX2 (DALLE_CPU caps them)"
+DALLE_CPU=avx2 target/debug/dalle parity --model "$P/model" --runtimes candle,tract
+DALLE_CPU=portable target/debug/dalle parity --model "$P/model" --runtimes candle,tract
 echo "== dalle parity on the bundled model exported in f16 (f16 tolerances)"
 target/debug/dalle export --from-model models/shapes-tiny --out "$P/model-f16" --fp16 >/dev/null
 target/debug/dalle parity --model "$P/model-f16" --runtimes candle,tract,ort

@@ -11,6 +11,10 @@ use clap::Parser;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    if let Err(e) = dalle::kernels::isa::from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     dalle::util::pin_thread_count();
     dalle::util::tune_allocator();
     dalle::util::default_sigpipe();

@@ -62,6 +62,12 @@ fn wheel_libraries(spec: &str, member_prefix: &str, library: &str, dir: &Path) -
         dir.file_name().and_then(|n| n.to_str()).unwrap_or("ort"),
         std::process::id()
     ));
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::input(
+            dir,
+            "is not a directory: choose a directory for the library with --dir",
+        ));
+    }
     // The directory itself first, so a place where it cannot be made is reported by its name
     // (not by the download's temporary sibling).
     std::fs::create_dir_all(dir).map_err(|e| Error::Input {

@@ -117,6 +117,19 @@ const CASES: &[Case] = &[
         env: &[("ORT_DYLIB_PATH", "{T}/user")],
     },
     case("setup ort --dir /proc/dalle-ort", 1, "/proc/dalle-ort"),
+    case("setup blas --dir {T}/data/000000.png", 1, "is not a directory"),
+    Case {
+        args: "train-vae --preset tiny --data {T}/data --out {T}/new --steps 1",
+        code: 1,
+        needle: "no such file; run `dalle setup blas`",
+        env: &[("DALLE_BLAS", "{T}/missing.so")],
+    },
+    Case {
+        args: "train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1",
+        code: 1,
+        needle: "cannot be loaded as a shared library",
+        env: &[("DALLE_BLAS", "{T}/data/000000.png")],
+    },
     case("encode --vae {T}/user --input {T}/data/000000.png", 1, "is not a dVAE directory"),
     // Clear before, kept clear.
     case("generate x --model {T}/model --top-p 1.5 --out {T}/o.png", 1, "top-p must be in (0, 1]"),

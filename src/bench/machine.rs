@@ -52,6 +52,8 @@ pub struct Probe {
     n: usize,
     a: candle_core::Tensor,
     b: candle_core::Tensor,
+    /// The same operands as plain values, for the BLAS's product.
+    ab: (Vec<f32>, Vec<f32>),
     /// Resident bytes the probe added to this process when it was made (Linux; else 0): what
     /// a peak-RSS reading taken while it lives overstates the rest by.
     pub resident_bytes: u64,
@@ -77,6 +79,7 @@ impl Probe {
             dst,
             skip: (s0, d0),
             n,
+            ab: (a.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?),
             a,
             b,
             resident_bytes: 0,
@@ -136,6 +139,43 @@ impl Probe {
         })
     }
 
+    /// Bytes per second read by a multi-threaded pass over the first `bytes` of the copy's
+    /// source (at most all of it), best of `tries` after one warm-up pass: the rate at which a
+    /// working set of that size can be read. Where it fits in the last-level cache (this Xeon's
+    /// L3 is 300 MiB; `small`'s f32 weights are 177 MB) that is the cache's rate, not memory's.
+    pub fn read_working_set(&self, bytes: usize, tries: usize) -> Result<f64> {
+        let n = (bytes / 4).clamp(1, self.n);
+        let chunk = n.div_ceil(threads());
+        let src = &self.src[self.skip.0..self.skip.0 + n];
+        let pass = || {
+            std::thread::scope(|s| {
+                for c in src.chunks(chunk) {
+                    s.spawn(move || std::hint::black_box(lane_sum(c)));
+                }
+            });
+            Ok(())
+        };
+        pass()?;
+        let secs = best_of(tries, pass)?;
+        Ok((n * 4) as f64 / secs / 1e9)
+    }
+
+    /// The f32 rate of the BLAS set up for training ([`crate::kernels::blas`]) on the same
+    /// product, best of `tries`: None without one.
+    pub fn blas_matmul(&self, tries: usize) -> Result<Option<f64>> {
+        let Some(blas) = crate::kernels::blas::blas()? else {
+            return Ok(None);
+        };
+        let n = MATMUL_N;
+        let mut c = vec![0f32; n * n];
+        let (a, b) = (&self.ab.0, &self.ab.1);
+        let secs = best_of(tries, || {
+            blas.gemm(threads(), (n, n, n), &mut c, (a, n, 1), (b, n, 1), false)
+                .ok_or_else(|| crate::Error::Usage("the BLAS took no row-major product".into()))
+        })?;
+        Ok(Some(2.0 * (n as f64).powi(3) / secs / 1e9))
+    }
+
     /// The copy and read rates now, best of `tries`; the matmul rate is left at zero (its
     /// product's output would be fresh memory inside a row's peak-RSS window).
     pub fn memory(&mut self, tries: usize) -> Result<Ceilings> {
@@ -157,6 +197,55 @@ impl Probe {
             ..Ceilings::default()
         })
     }
+}
+
+/// The CPU by name and the vector and matrix extensions the kernels (ours, the BLAS's, the
+/// peer's) can use on it, as Linux reports them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuInfo {
+    pub model: String,
+    pub features: Vec<String>,
+}
+
+/// This machine's [`CpuInfo`] (from `/proc/cpuinfo`; "unknown" elsewhere).
+pub fn cpu_info() -> CpuInfo {
+    const SHOWN: [&str; 10] = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_bf16",
+        "amx_tile",
+    ];
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let have: Vec<&str> = flags.split_whitespace().collect();
+    CpuInfo {
+        model: field("model name").unwrap_or_else(|| "unknown".into()),
+        features: SHOWN
+            .iter()
+            .filter(|f| have.contains(f))
+            .map(|f| f.to_string())
+            .collect(),
+    }
+}
+
+/// One matrix-product ceiling: a kernel's rate on the 2048³ product, measured in this run.
+#[derive(Clone, Debug, Serialize)]
+pub struct MatmulCeiling {
+    pub kernel: String,
+    pub dtype: String,
+    pub gflop_per_s: f64,
 }
 
 /// Σ of `v` in 16 independent lanes (which the compiler keeps in vector registers).

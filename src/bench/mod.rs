@@ -63,6 +63,12 @@ pub struct BenchReport {
     pub text_len: usize,
     pub image_tokens: usize,
     pub ceilings: Ceilings,
+    pub cpu: machine::CpuInfo,
+    /// Every f32 and bf16 matmul rate measured in this run: candle's own kernel, the BLAS set up
+    /// for training, the peer's torch.
+    pub matmul: Vec<machine::MatmulCeiling>,
+    /// The fastest f32 kernel of those: the compute ceiling of the "best kernel" floors.
+    pub best_f32: Option<machine::MatmulCeiling>,
     pub decode: Vec<DecodeRow>,
     pub train: Option<train::TrainSteps>,
     pub peer: Option<peer::PeerReport>,
@@ -102,6 +108,19 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     progress("measuring the machine's ceilings (memory copy, f32 matmul)");
     let mut probe = machine::Probe::new()?;
     let ceilings = probe.measure(5)?;
+    let ceiling = |kernel: &str, dtype: &str, gflop_per_s: f64| machine::MatmulCeiling {
+        kernel: kernel.into(),
+        dtype: dtype.into(),
+        gflop_per_s,
+    };
+    let mut matmul = vec![ceiling(
+        "candle (gemm crate)",
+        "f32",
+        ceilings.matmul_gflop_per_s,
+    )];
+    if let Some(rate) = probe.blas_matmul(3)? {
+        matmul.push(ceiling(&crate::kernels::blas::describe(), "f32", rate));
+    }
     let model = match &opts.model {
         Some(dir) => model::BenchModel::existing(dir),
         None => {
@@ -213,6 +232,33 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         .as_ref()
         .map(|p| compare(&decode, train.as_ref(), p))
         .unwrap_or_default();
+    if let Some(p) = &peer {
+        for (dtype, rate) in &p.matmul_gflop_per_s {
+            matmul.push(ceiling(&format!("torch {}", p.torch), dtype, *rate));
+        }
+    }
+    let best_f32 = matmul
+        .iter()
+        .filter(|c| c.dtype == "f32")
+        .max_by(|a, b| a.gflop_per_s.total_cmp(&b.gflop_per_s))
+        .cloned();
+    // Each row's middle step against the strictest floor this run can set: the best f32
+    // kernel's rate instead of candle's, and the rate at which the step's own working set (its
+    // weights and cache) is read, which is the last-level cache's where it fits there.
+    if let Some(best) = &best_f32 {
+        for row in &mut decode {
+            let middle = manifest.geometry.text_len + manifest.geometry.image_tokens() / 2;
+            let cost = machine::decode_step_cost(&manifest, row.batch, middle);
+            let read = probe.read_working_set(cost.bytes as usize, 5)?;
+            let c = Ceilings {
+                matmul_gflop_per_s: best.gflop_per_s.max(row.ceilings.matmul_gflop_per_s),
+                copy_gb_per_s: read.max(row.ceilings.copy_gb_per_s),
+                ..row.ceilings.clone()
+            };
+            row.working_set_gb_per_s = read;
+            row.middle_floor_fraction_best = cost.floor_s(&c) / row.middle_step_s;
+        }
+    }
     Ok(BenchReport {
         model: opts.model.as_ref().map_or_else(
             || format!("{} (random weights)", opts.preset),
@@ -224,6 +270,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         text_len: manifest.geometry.text_len,
         image_tokens: manifest.geometry.image_tokens(),
         ceilings,
+        cpu: machine::cpu_info(),
+        matmul,
+        best_f32,
         decode,
         train,
         peer,
@@ -315,6 +364,20 @@ pub fn table(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
+        "cpu: {} ({}); our kernels: {}; training products: {}",
+        r.cpu.model,
+        r.cpu.features.join(" "),
+        crate::kernels::isa::describe(),
+        crate::kernels::blas::describe()
+    );
+    let rates: Vec<String> = r
+        .matmul
+        .iter()
+        .map(|c| format!("{} {} {:.0}", c.kernel, c.dtype, c.gflop_per_s))
+        .collect();
+    let _ = writeln!(s, "matmul ceilings, GFLOP/s on 2048³: {}", rates.join("; "));
+    let _ = writeln!(
+        s,
         "\nEach decoding pass is set against the floor of its own moment (memory rates measured just\nbefore and after it); the step times and floors are those of the pass that comes closest to\nits floor, last÷first the median over the passes, the whole-image figures the fastest pass's.\n\n| runtime | batch | passes | prefill ms | step ms first / middle / last | last÷first | transformer s | dVAE s | image tok/s | no-cache s | KV-cache × | floor ms (middle) | % of floor (middle / all steps) | ceilings at the row: copy (read) GB/s, GFLOP/s | peak RSS MB |"
     );
     let _ = writeln!(
@@ -345,6 +408,28 @@ pub fn table(r: &BenchReport) -> String {
             d.ceilings.read_gb_per_s,
             d.ceilings.matmul_gflop_per_s,
             d.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
+        );
+    }
+    if let Some(best) = &r.best_f32 {
+        let rows: Vec<String> = r
+            .decode
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} b{} {:.0}% (read {:.0} GB/s)",
+                    d.runtime,
+                    d.batch,
+                    100.0 * d.middle_floor_fraction_best,
+                    d.working_set_gb_per_s
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "% of the strictest floor (middle step; the best f32 kernel, {} at {:.0} GFLOP/s, and the read rate of the step's own working set, cache-resident where it fits): {}",
+            best.kernel,
+            best.gflop_per_s,
+            rows.join(", ")
         );
     }
     if let Some(t) = &r.train {

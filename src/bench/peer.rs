@@ -40,6 +40,9 @@ pub struct PeerReport {
     pub dvae_params: usize,
     pub generate: Vec<PeerGenerate>,
     pub train: Option<PeerTrain>,
+    /// torch's 2048³ product, GFLOP/s, by dtype (`f32`, `bf16`), measured in the same run.
+    #[serde(default)]
+    pub matmul_gflop_per_s: std::collections::BTreeMap<String, f64>,
 }
 
 /// The script beside the sources of this build.

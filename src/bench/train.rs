@@ -77,6 +77,7 @@ pub fn train_steps(
 ) -> Result<(TrainSteps, Option<PeerTrain>)> {
     // As `dalle train` runs: freed pages are kept for the next step.
     crate::util::keep_freed_memory();
+    crate::kernels::blas::check()?;
     let (transformer_step_s, peer_transformer) = alternate(
         reps,
         transformer_stepper(cfg, batch)?,

@@ -89,7 +89,10 @@ impl Blas {
         }
         // SAFETY: loading a shared library runs its initialisers; a BLAS's set up its thread
         // pool and read the CPU's features, nothing else.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| what(&e))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+            let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+            what(&format!("cannot be loaded as a shared library ({e}{why})"))
+        })?;
         for prefix in ["scipy_", ""] {
             let name = format!("{prefix}cblas_sgemm\0");
             // SAFETY: `cblas_sgemm` has this signature in every CBLAS (cblas.h).
@@ -243,8 +246,17 @@ pub fn blas() -> Result<Option<&'static Blas>> {
     });
     match chosen {
         Ok(b) => Ok(b.as_ref()),
-        Err(e) => candle_core::bail!("{e}"),
+        Err(e) => Err(candle_core::Error::Msg(e.clone())),
     }
+}
+
+/// Load the BLAS now (see [`blas`]), so that a `DALLE_BLAS` that cannot be loaded is reported
+/// before a command starts its work, as a usage error.
+pub fn check() -> crate::Result<()> {
+    blas().map(|_| ()).map_err(|e| match e {
+        candle_core::Error::Msg(m) => crate::Error::Usage(m),
+        other => other.into(),
+    })
 }
 
 /// What the products run on, in words, for the bench and `dalle info`.

@@ -38,7 +38,7 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
 /// The fastest dot product this CPU runs.
 pub(crate) fn pick_dot() -> Dot {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::kernels::isa::avx2() && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
         return |a, b| unsafe { dot_avx2_fma(a, b) };
     }
@@ -81,7 +81,7 @@ unsafe fn dot_f16_avx2_fma(a: &[f32], b: &[half::f16]) -> f32 {
 /// [`pick_dot`]'s product taken, so both paths give the f32 kernel's sums.
 pub(crate) fn pick_dot_f16() -> DotF16 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2")
+    if crate::kernels::isa::avx2()
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
@@ -148,7 +148,7 @@ pub(crate) fn gemm_few_rows(
         && w.len() >= n * k
         && out.len() >= m * n
         && bias.is_none_or(|b| b.len() >= n)
-        && std::is_x86_feature_detected!("avx2")
+        && crate::kernels::isa::avx2()
         && std::is_x86_feature_detected!("fma")
     {
         use rayon::prelude::*;

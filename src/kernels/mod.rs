@@ -20,6 +20,7 @@
 pub mod activation;
 pub mod blas;
 pub mod conv;
+pub mod isa;
 pub mod linear;
 pub mod loss;
 pub mod norm;

@@ -326,6 +326,8 @@ fn copy_vae(from: &Path, to: &Path) -> Result<()> {
 /// Run (or resume) stage-2 training.
 pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     crate::util::keep_freed_memory();
+    // A DALLE_BLAS that cannot be loaded is reported before any work, not at the first product.
+    crate::kernels::blas::check()?;
     let vae = Vae::load(&req.vae, &req.device)?;
     // The dVAE defines the image tokens: a run trained with another codebook size (`train-vae
     // --codebook`), or from the same preset with another image side (`--image-size`), gives the

@@ -201,6 +201,8 @@ pub struct VaeTrainRequest {
 /// Run (or resume) stage-1 training.
 pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
     crate::util::keep_freed_memory();
+    // A DALLE_BLAS that cannot be loaded is reported before any work, not at the first product.
+    crate::kernels::blas::check()?;
     // The data set is read before the run directory is written, so a bad one leaves nothing.
     let index = Index::scan(&req.data, &req.filters, false)?;
     if index.skipped() > 0 {

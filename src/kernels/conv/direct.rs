@@ -36,7 +36,7 @@ pub(crate) fn available(g: &Geom) -> bool {
         g.w.is_multiple_of(8)
             && g.w > 0
             && g.k == 2 * g.pad + 1
-            && std::is_x86_feature_detected!("avx2")
+            && crate::kernels::isa::avx2()
             && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -68,7 +68,7 @@ const MR_WIDE: usize = 6;
 fn wide(g: &Geom) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        g.w.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f")
+        g.w.is_multiple_of(16) && crate::kernels::isa::avx512()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -445,6 +445,27 @@ mod tests {
     /// per block, either side of 64 input channels; short last blocks).
     #[test]
     fn channel_major_conv_matches_candles_conv2d_forward_and_backward() -> Result<()> {
+        conv_matches_candle()
+    }
+
+    /// The same on the paths a CPU without AVX-512, and one without AVX2, takes (forced here
+    /// with `isa::set_cap`, as `DALLE_CPU=avx2` / `portable` does): the one binary is correct on
+    /// every x86 machine, not only on the one it runs on.
+    #[test]
+    fn conv_matches_candle_on_avx2_and_portable_paths() -> Result<()> {
+        use crate::kernels::isa::{self, Isa};
+        for cap in [Isa::Avx2, Isa::Portable] {
+            isa::set_cap(cap);
+            assert!(!isa::avx512());
+            assert_eq!(isa::avx2(), cap == Isa::Avx2 && isa::avx2_detected());
+            let r = conv_matches_candle();
+            isa::set_cap(Isa::Avx512);
+            r?;
+        }
+        Ok(())
+    }
+
+    fn conv_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
         let shapes = [
             (3, 4, 6, 5),

@@ -245,7 +245,7 @@ unsafe fn head_avx2<const LANES: usize>(
 /// The fastest [`Head`] for this CPU and head width.
 fn pick_head(hd: usize) -> Head {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::kernels::isa::avx2() && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features (checked above); every slice index is checked.
         match hd {
             16 => {

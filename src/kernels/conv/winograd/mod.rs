@@ -111,7 +111,7 @@ pub(crate) fn available(g: &Geom) -> bool {
             && (g.w.is_multiple_of(2 * LANES) || g.w == LANES)
             && g.w > 0
             && g.h.is_multiple_of(2 * tile_rows(g))
-            && std::is_x86_feature_detected!("avx512f")
+            && crate::kernels::isa::avx512()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
