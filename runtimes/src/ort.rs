@@ -24,15 +24,20 @@ pub const ORT_VERSION: &str = "1.31.1";
 /// File name of the library inside the wheel's `onnxruntime/capi/`.
 pub const LIBRARY: &str = "libonnxruntime.so.1.31.1";
 
-/// Where `dalle setup ort` unpacks the libraries: `$DALLE_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/dalle`, else `~/.cache/dalle`, then `ort/<version>/<cpu|gpu>`.
-pub fn library_dir(gpu: bool) -> PathBuf {
-    let base = std::env::var_os("DALLE_CACHE_DIR")
+/// The cache directory of the libraries `dalle setup` fetches: `$DALLE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/dalle`, else `~/.cache/dalle`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("DALLE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("dalle")))
         .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/dalle")))
-        .unwrap_or_else(|| PathBuf::from(".dalle-cache"));
-    base.join("ort")
+        .unwrap_or_else(|| PathBuf::from(".dalle-cache"))
+}
+
+/// Where `dalle setup ort` unpacks the libraries: [`cache_dir`], then `ort/<version>/<cpu|gpu>`.
+pub fn library_dir(gpu: bool) -> PathBuf {
+    cache_dir()
+        .join("ort")
         .join(ORT_VERSION)
         .join(if gpu { "gpu" } else { "cpu" })
 }

@@ -249,7 +249,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         for row in &mut decode {
             let middle = manifest.geometry.text_len + manifest.geometry.image_tokens() / 2;
             let cost = machine::decode_step_cost(&manifest, row.batch, middle);
-            let read = probe.read_working_set(cost.bytes as usize, 5)?;
+            let read = probe.read_working_set(cost.bytes as usize, 30)?;
             let c = Ceilings {
                 matmul_gflop_per_s: best.gflop_per_s.max(row.ceilings.matmul_gflop_per_s),
                 copy_gb_per_s: read.max(row.ceilings.copy_gb_per_s),

@@ -67,14 +67,12 @@ pub struct Blas {
     _lib: libloading::Library,
 }
 
-/// Where `dalle setup blas` unpacks the library: the cache directory of `dalle setup ort`,
-/// then `blas/openblas-<version>`.
+/// Where `dalle setup blas` unpacks the library: the cache directory of `dalle setup ort`
+/// (`$DALLE_CACHE_DIR`, else `$XDG_CACHE_HOME/dalle`, else `~/.cache/dalle`), then
+/// `blas/openblas-<version>`.
 pub fn library_dir() -> PathBuf {
     let version = OPENBLAS_WHEEL.rsplit("==").next().unwrap_or("0");
-    dalle_runtimes::ort::library_dir(false)
-        .parent()
-        .and_then(Path::parent)
-        .map_or_else(|| PathBuf::from(".dalle-cache"), Path::to_path_buf)
+    dalle_runtimes::ort::cache_dir()
         .join("blas")
         .join(format!("openblas-{version}"))
 }
