@@ -21,6 +21,11 @@ pub struct Ceilings {
     pub matmul_gflop_per_s: f64,
     pub matmul_n: usize,
     pub threads: usize,
+    /// Bytes read per second by a pass over a buffer the size of a decoding step's working set
+    /// (its weights and cache), measured with the copy where the bench asks for it (0 where
+    /// not): where that fits in the last-level cache, the cache's rate.
+    #[serde(default)]
+    pub working_set_gb_per_s: f64,
 }
 
 /// Threads the runtimes use: one per core the process may run on.
@@ -265,6 +270,7 @@ impl Ceilings {
             copy_gb_per_s: self.copy_gb_per_s.max(other.copy_gb_per_s),
             read_gb_per_s: self.read_gb_per_s.max(other.read_gb_per_s),
             matmul_gflop_per_s: self.matmul_gflop_per_s.max(other.matmul_gflop_per_s),
+            working_set_gb_per_s: self.working_set_gb_per_s.max(other.working_set_gb_per_s),
             ..self.clone()
         }
     }

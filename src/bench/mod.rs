@@ -152,6 +152,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 Some(c) => c,
                 None => probe.matmul(3)?,
             };
+            // A middle step's bytes: its working set, read around each pass at the same
+            // moment as the copy (the shared last-level cache's rate moves with its tenants).
+            let middle = manifest.geometry.text_len + manifest.geometry.image_tokens() / 2;
+            let working_set = machine::decode_step_cost(&manifest, batch, middle).bytes as usize;
             let reset = machine::reset_peak_rss();
             let mut row = measure(
                 session.as_ref(),
@@ -166,7 +170,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                     // (ONNX Runtime's do, by default): they would share the cores with the
                     // probe's copy and make the floor of the moment too lenient.
                     std::thread::sleep(train::SETTLE);
-                    probe.memory(2)
+                    let mut c = probe.memory(2)?;
+                    c.working_set_gb_per_s = probe.read_working_set(working_set, 5)?;
+                    Ok(c)
                 },
             )?;
             // The probe's buffers were resident before the peak was reset: not the row's.
@@ -243,19 +249,21 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         .max_by(|a, b| a.gflop_per_s.total_cmp(&b.gflop_per_s))
         .cloned();
     // Each row's middle step against the strictest floor this run can set: the best f32
-    // kernel's rate instead of candle's, and the rate at which the step's own working set (its
-    // weights and cache) is read, which is the last-level cache's where it fits there.
+    // kernel's rate instead of candle's, and the read rate of the step's own working set
+    // measured around the row's floor pass (the last-level cache's where it fits there).
     if let Some(best) = &best_f32 {
         for row in &mut decode {
             let middle = manifest.geometry.text_len + manifest.geometry.image_tokens() / 2;
             let cost = machine::decode_step_cost(&manifest, row.batch, middle);
-            let read = probe.read_working_set(cost.bytes as usize, 30)?;
             let c = Ceilings {
                 matmul_gflop_per_s: best.gflop_per_s.max(row.ceilings.matmul_gflop_per_s),
-                copy_gb_per_s: read.max(row.ceilings.copy_gb_per_s),
+                copy_gb_per_s: row
+                    .ceilings
+                    .copy_gb_per_s
+                    .max(row.ceilings.working_set_gb_per_s),
                 ..row.ceilings.clone()
             };
-            row.working_set_gb_per_s = read;
+            row.working_set_gb_per_s = row.ceilings.working_set_gb_per_s;
             row.middle_floor_fraction_best = cost.floor_s(&c) / row.middle_step_s;
         }
     }

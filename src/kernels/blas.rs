@@ -261,7 +261,9 @@ pub fn check() -> crate::Result<()> {
 pub fn describe() -> String {
     match blas() {
         Ok(Some(b)) => format!("BLAS {}", b.path.display()),
-        Ok(None) => "gemm crate (no BLAS set up)".to_string(),
+        Ok(None) => {
+            "the gemm crate (no BLAS set up: `dalle setup blas` for faster training)".to_string()
+        }
         Err(e) => format!("error: {e}"),
     }
 }
