@@ -10,7 +10,10 @@
 # Defaults: target/recipe-shapes-f4/model and target/recipe-shapes-f4/work. Step counts can be scaled with
 # VAE_STEPS / TF_STEPS (e.g. a quick smoke run) (the first run used the defaults below).
 # RESUME=1 continues interrupted stages from their last checkpoints instead of starting over, and
-# skips stages that already finished.
+# skips stages that already finished. IMAGE_SIZE=96 renders the scenes at 96 px (24×24 tokens;
+# stage 2 takes the grid from the dVAE) and EDGE_WEIGHT=4 weighs both sides of every boundary 5×
+# in stage 1 (session 17: the two together reached 84% fully correct on the round trip at half
+# their run, models/STAGE1-NOTES.md); both default to the 64-px recipe's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,8 @@ SWEEP_SAMPLES=${SWEEP_SAMPLES:-64}
 SWEEP_GUIDANCE=${SWEEP_GUIDANCE:-1,1.5,2,3}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 TOP_K=${TOP_K:-8}
+IMAGE_SIZE=${IMAGE_SIZE:-64}
+EDGE_WEIGHT=${EDGE_WEIGHT:-0}
 
 cargo build --release --bin dalle
 DALLE=target/release/dalle
@@ -38,13 +43,15 @@ done_() { [ "${RESUME:-0}" = 1 ] && [ -f "$WORK/$1.done" ]; }
 fresh() { if [ "${RESUME:-0}" = 1 ] && [ -f "$1/train.json" ]; then echo --resume; else rm -rf "$1"; fi; }
 
 stamp "data: $TRAIN_IMAGES training and $HELDOUT_IMAGES held-out scenes"
-[ -f "$WORK/shapes-train/metadata.jsonl" ] && [ -f "$WORK/shapes-train/.count-$TRAIN_IMAGES" ] || {
+[ -f "$WORK/shapes-train/metadata.jsonl" ] && [ -f "$WORK/shapes-train/.count-$TRAIN_IMAGES-px$IMAGE_SIZE" ] || {
   rm -rf "$WORK/shapes-train"
-  $DALLE data shapes --out "$WORK/shapes-train" --count "$TRAIN_IMAGES" --seed "$SEED" --split train
-  touch "$WORK/shapes-train/.count-$TRAIN_IMAGES"
+  $DALLE data shapes --out "$WORK/shapes-train" --count "$TRAIN_IMAGES" --seed "$SEED" --split train \
+    --image-size "$IMAGE_SIZE"
+  touch "$WORK/shapes-train/.count-$TRAIN_IMAGES-px$IMAGE_SIZE"
 }
 rm -rf "$WORK/shapes-heldout"
-$DALLE data shapes --out "$WORK/shapes-heldout" --count "$HELDOUT_IMAGES" --seed "$SEED" --split heldout
+$DALLE data shapes --out "$WORK/shapes-heldout" --count "$HELDOUT_IMAGES" --seed "$SEED" --split heldout \
+  --image-size "$IMAGE_SIZE"
 
 # Stage 1: the paper's gumbel-softmax relaxation with the KL term to the uniform prior for the
 # first three quarters of the run, then the decoder alone on the argmax codes. What differs from
@@ -58,7 +65,8 @@ Q=$((VAE_STEPS * 3 / 4))
 # Batch 16 for twice the updates of batch 32 at equal samples and about equal time (session 15:
 # 68% against 58%).
 VAE_FLAGS="--likelihood gaussian --kmeans-init --tau-end 0.5 --tau-steps $((VAE_STEPS * 9 / 16)) \
-  --beta-max 1 --beta-steps $((VAE_STEPS / 8)) --decoder-finetune-from $Q --hard-fraction 0.5"
+  --beta-max 1 --beta-steps $((VAE_STEPS / 8)) --decoder-finetune-from $Q --hard-fraction 0.5 \
+  --image-size $IMAGE_SIZE --edge-weight $EDGE_WEIGHT"
 if ! done_ vae; then
   stamp "stage 1: dVAE, $VAE_STEPS steps"
   $DALLE train-vae $(fresh "$WORK/vae") --preset shapes --data "$WORK/shapes-train" --out "$WORK/vae" \
