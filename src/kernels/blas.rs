@@ -121,7 +121,8 @@ impl Blas {
     }
 
     /// `dst (m × n) = lhs · rhs (+ dst)` as [`super::matmul`] takes them, if each operand has a
-    /// unit stride (row- or column-major) and every size fits a C int; `None` otherwise. Split
+    /// unit stride (row- or column-major), lies inside its slice, and every size fits a C int;
+    /// `None` otherwise (nothing written). Split
     /// across up to `threads` of rayon's threads.
     pub fn gemm(
         &self,
@@ -143,6 +144,13 @@ impl Blas {
                 None
             }
         };
+        // Every element the strides reach inside its slice (else None: not a product to run).
+        let inside = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
+            rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
+        };
+        if dst.len() != m * n || !inside(m, k, lhs) || !inside(k, n, rhs) {
+            return None;
+        }
         let (ta, lda) = view(lhs, m, k)?;
         let (tb, ldb) = view(rhs, k, n)?;
         let fits = |v: usize| c_int::try_from(v).ok();
@@ -185,8 +193,8 @@ impl Blas {
                 (0, start * rhs.2, start)
             };
             let (mb, nb) = (mb as c_int, nb as c_int);
-            // SAFETY: the caller ([`super::matmul`]) checked that every element the strides
-            // reach lies inside its slice and that `dst` holds m × n values; each band reads a
+            // SAFETY: every element the strides reach lies inside its slice and `dst` holds
+            // m × n values (both checked above); each band reads a
             // sub-matrix of the operands and writes its own rows or columns of `dst`, which no
             // other band touches; the flags and leading dimensions describe exactly the strides.
             unsafe {
@@ -331,5 +339,11 @@ mod tests {
         assert!(blas
             .gemm(1, (2, 2, 2), &mut out, (&v, 4, 2), (&v, 2, 1), false)
             .is_none());
+        // Operands shorter than their strides reach: refused, nothing read or written.
+        let gemm = |mnk, lhs, rhs, out: &mut Vec<f32>| blas.gemm(1, mnk, out, lhs, rhs, false);
+        assert!(gemm((2, 2, 40), (&v[..], 40, 1), (&v[..], 2, 1), &mut out).is_none());
+        assert!(gemm((3, 2, 2), (&v[..], 2, 1), (&v[..], 2, 1), &mut out).is_none());
+        assert!(gemm((2, 2, 2), (&v[..], 2, 1), (&v[..], 2, 1), &mut out).is_some());
+        assert_eq!(out, [2.0; 4]);
     }
 }
