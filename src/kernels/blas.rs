@@ -145,10 +145,7 @@ impl Blas {
             }
         };
         // Every element the strides reach inside its slice (else None: not a product to run).
-        let inside = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
-            rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
-        };
-        if dst.len() != m * n || !inside(m, k, lhs) || !inside(k, n, rhs) {
+        if !super::product_fits((m, n, k), dst, lhs, rhs) {
             return None;
         }
         let (ta, lda) = view(lhs, m, k)?;

@@ -121,6 +121,20 @@ pub(crate) fn matmul_gemm_crate(
     )
 }
 
+/// Whether `dst` holds m × n values and every element the strides of `lhs (m × k)` and
+/// `rhs (k × n)` reach lies inside its slice: what a product through raw pointers needs.
+pub(crate) fn product_fits(
+    (m, n, k): (usize, usize, usize),
+    dst: &[f32],
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) -> bool {
+    let inside = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
+    };
+    dst.len() == m * n && inside(m, k, lhs) && inside(k, n, rhs)
+}
+
 fn matmul_on(
     threads: usize,
     use_blas: bool,
@@ -130,10 +144,7 @@ fn matmul_on(
     rhs: (&[f32], usize, usize),
     accumulate: bool,
 ) -> Result<()> {
-    let last = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
-        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
-    };
-    if dst.len() != m * n || !last(m, k, lhs) || !last(k, n, rhs) {
+    if !product_fits((m, n, k), dst, lhs, rhs) {
         candle_core::bail!("matmul: operands too short for ({m} × {k}) · ({k} × {n})");
     }
     if let Some(blas) = blas::blas()?.filter(|_| use_blas) {
