@@ -81,8 +81,6 @@ pub struct DecodeRow {
     /// The middle step against its floor with the fastest f32 kernel measured in the run (the
     /// BLAS's or the peer's torch, where faster than candle's): see `BenchReport::best_f32`.
     pub middle_floor_fraction_best: f64,
-    /// The read rate of the middle step's working set (weights and cache), GB/s.
-    pub working_set_gb_per_s: f64,
     /// Peak resident memory from opening the session to the end of its measurements (the
     /// bench's own probe buffers, resident throughout, taken out).
     pub peak_rss_mb: Option<f64>,
@@ -309,7 +307,6 @@ pub fn measure(
         middle_floor_s: 0.0,
         middle_floor_fraction: 0.0,
         middle_floor_fraction_best: 0.0,
-        working_set_gb_per_s: 0.0,
         peak_rss_mb: None,
         ceilings: Ceilings::default(),
         pass_log: log,

@@ -263,7 +263,6 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                     .max(row.ceilings.working_set_gb_per_s),
                 ..row.ceilings.clone()
             };
-            row.working_set_gb_per_s = row.ceilings.working_set_gb_per_s;
             row.middle_floor_fraction_best = cost.floor_s(&c) / row.middle_step_s;
         }
     }
@@ -428,7 +427,7 @@ pub fn table(r: &BenchReport) -> String {
                     d.runtime,
                     d.batch,
                     100.0 * d.middle_floor_fraction_best,
-                    d.working_set_gb_per_s
+                    d.ceilings.working_set_gb_per_s
                 )
             })
             .collect();
