@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod parity;
 pub mod plot;
 pub mod runtime;
+pub mod serve;
 pub mod setup;
 pub use dalle_runtimes::rng;
 pub mod text;

@@ -184,6 +184,75 @@ fn generators_are_shared_across_threads() {
     assert_eq!(parallel, sequential);
 }
 
+/// Requests batched across callers (`Batcher`) give each caller the images it gets alone, on
+/// every runtime: mixed image counts, guidance (two rows an image) and priming (its own cohort),
+/// submitted all at once so that they share `forward` calls.
+#[test]
+fn batched_requests_equal_their_sequential_twins_on_every_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let reqs: Vec<Request> = (0..6u64)
+        .map(|i| {
+            let r = Request::new(format!("shape {i}"))
+                .num_images(1 + i as usize % 3)
+                .seed(i)
+                .top_k(16);
+            match i {
+                2 | 5 => r.guidance_scale(3.0),
+                4 => r.prime(vec![1, 2, 3]),
+                _ => r,
+            }
+        })
+        .collect();
+    for kind in runtimes() {
+        let g = Arc::new(dalle::runtime::open(&dir, kind, &OpenOptions::default()).unwrap());
+        let twins: Vec<_> = reqs.iter().map(|r| g.generate(r).unwrap()).collect();
+        let mut batcher =
+            dalle_runtimes::Batcher::new(g.clone(), dalle_runtimes::BatcherOptions::new(32, 16));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tickets: Vec<_> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let tx = tx.clone();
+                batcher
+                    .submit(r, move |out| tx.send((i, out)).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        for _ in 0..reqs.len() {
+            let (i, out) = rx.recv().unwrap();
+            let out = out.unwrap();
+            assert_eq!(out.codes, twins[i].codes, "{kind:?}: request {i}'s codes");
+            assert_eq!(
+                out.images, twins[i].images,
+                "{kind:?}: request {i}'s images"
+            );
+        }
+        let stats = batcher.stats();
+        assert!(
+            stats.forward_rows > stats.forward_calls,
+            "{kind:?}: no call batched two requests: {stats:?}"
+        );
+        // Too many rows, a bad request, and a full queue are refused at once.
+        let e = batcher
+            .submit(
+                &Request::new("x").num_images(17).guidance_scale(2.0),
+                |_| {},
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("34 rows"), "{e}");
+        let e = batcher
+            .submit(&Request::new("x").temperature(-1.0), |_| {})
+            .unwrap_err();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        drop(tickets);
+        batcher.shutdown();
+        let e = batcher.submit(&reqs[0], |_| {}).unwrap_err();
+        assert!(e.to_string().contains("shutting down"), "{e}");
+    }
+}
+
 #[test]
 fn bad_model_directories_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -190,49 +190,9 @@ pub fn sample_codes(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<u32>>, RuntimeError> {
     let m = session.manifest();
-    let layout = m.token_layout();
-    let n_image = m.geometry.image_tokens();
-    req.params
-        .validate()
-        .map_err(|e| RuntimeError::Request(e.to_string()))?;
-    if text.len() != layout.text_len {
-        return Err(RuntimeError::Request(format!(
-            "the caption must be {} ids, got {}",
-            layout.text_len,
-            text.len()
-        )));
-    }
-    if req.num_images == 0 {
-        return Err(RuntimeError::Request(
-            "num_images must be at least 1".into(),
-        ));
-    }
-    if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
-        return Err(RuntimeError::Request(format!(
-            "guidance scale must be a finite number ≥ 0 (got {})",
-            req.guidance_scale
-        )));
-    }
-    if req.prime.len() >= n_image {
-        return Err(RuntimeError::Request(format!(
-            "priming {} of {n_image} image tokens leaves nothing to generate",
-            req.prime.len()
-        )));
-    }
-    if let Some(bad) = req
-        .prime
-        .iter()
-        .find(|&&c| c as usize >= m.geometry.codebook)
-    {
-        return Err(RuntimeError::Request(format!(
-            "primed code {bad} is outside the codebook (0..{})",
-            m.geometry.codebook
-        )));
-    }
+    let (mut decoding, prefix) = Decoding::new(m, text, req)?;
     let n = req.num_images;
-    let guided = req.guidance_scale != 1.0;
-    let b = if guided { 2 * n } else { n };
-    let per_image = request_bytes(m, if guided { 2 } else { 1 });
+    let per_image = request_bytes(m, if decoding.guided() { 2 } else { 1 });
     crate::memory::check(
         per_image.saturating_mul(n as u64),
         &format!("generating {n} image(s) at once"),
@@ -242,51 +202,160 @@ pub fn sample_codes(
         ),
     )
     .map_err(RuntimeError::Request)?;
-    let mut samplers = (0..n as u64)
-        .map(|i| Sampler::for_image(req.params, req.seed, i))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RuntimeError::Request(e.to_string()))?;
-    let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
-    let primed: Vec<u32> = req.prime.iter().map(|&c| layout.image(c)).collect();
-    let mut prefix: Vec<i64> = vec![];
-    for row in 0..b {
-        let caption = if row < n { text } else { &empty[..] };
-        prefix.extend(caption.iter().chain(&primed).map(|&i| i as i64));
-    }
+    let b = decoding.rows();
+    let vocab = m.token_layout().vocab_size();
     let mut cache = KvCache::new(m, b);
-    let vocab = layout.vocab_size();
     let mut logits = last_positions(&session.forward(&prefix, b, &mut cache)?, b, vocab);
-    let mut codes: Vec<Vec<u32>> = vec![req.prime.clone(); n];
-    let image = layout.image_offset()..vocab;
-    let total = n_image - req.prime.len();
-    for pos in req.prime.len()..n_image {
-        let mut next = Vec::with_capacity(b);
-        for i in 0..n {
-            let mut row = logits[i].clone();
-            if guided {
-                guide(&mut row, &logits[n + i], req.guidance_scale);
-            }
-            let id = samplers[i].sample(&row, image.clone());
-            codes[i].push((id - layout.image_offset()) as u32);
-            next.push(id as i64);
+    loop {
+        let next = decoding.step(&logits);
+        progress(decoding.done(), decoding.total());
+        match next {
+            Some(ids) => logits = last_positions(&session.forward(&ids, b, &mut cache)?, b, vocab),
+            None => return Ok(decoding.into_codes()),
         }
-        progress(pos + 1 - req.prime.len(), total);
-        if pos + 1 == n_image {
-            break;
-        }
-        if guided {
-            next.extend_from_within(..n);
-        }
-        logits = last_positions(&session.forward(&next, b, &mut cache)?, b, vocab);
     }
-    Ok(codes)
 }
 
-/// `[b, t, vocab]` → the last position's logits of each row.
+/// One request's images while they are sampled: its rows (one per image, and with guidance a
+/// second block of rows that see the empty caption), its samplers and the codes so far.
+/// [`sample_codes`] drives one alone; a batcher ([`crate::batcher`]) drives several requests'
+/// rows through one `forward` call.
+#[derive(Debug)]
+pub struct Decoding {
+    samplers: Vec<Sampler>,
+    codes: Vec<Vec<u32>>,
+    guidance: f32,
+    guided: bool,
+    image_offset: usize,
+    image: std::ops::Range<usize>,
+    n_image: usize,
+    prime: usize,
+}
+
+impl Decoding {
+    /// Check `req` against the model and return the decoding and its prefill ids (`rows()` rows
+    /// of caption and primed codes).
+    pub fn new(
+        m: &Manifest,
+        text: &[u32],
+        req: &Request,
+    ) -> Result<(Self, Vec<i64>), RuntimeError> {
+        let layout = m.token_layout();
+        let n_image = m.geometry.image_tokens();
+        req.params
+            .validate()
+            .map_err(|e| RuntimeError::Request(e.to_string()))?;
+        if text.len() != layout.text_len {
+            return Err(RuntimeError::Request(format!(
+                "the caption must be {} ids, got {}",
+                layout.text_len,
+                text.len()
+            )));
+        }
+        if req.num_images == 0 {
+            return Err(RuntimeError::Request(
+                "num_images must be at least 1".into(),
+            ));
+        }
+        if !(req.guidance_scale.is_finite() && req.guidance_scale >= 0.0) {
+            return Err(RuntimeError::Request(format!(
+                "guidance scale must be a finite number ≥ 0 (got {})",
+                req.guidance_scale
+            )));
+        }
+        if req.prime.len() >= n_image {
+            return Err(RuntimeError::Request(format!(
+                "priming {} of {n_image} image tokens leaves nothing to generate",
+                req.prime.len()
+            )));
+        }
+        if let Some(bad) = req
+            .prime
+            .iter()
+            .find(|&&c| c as usize >= m.geometry.codebook)
+        {
+            return Err(RuntimeError::Request(format!(
+                "primed code {bad} is outside the codebook (0..{})",
+                m.geometry.codebook
+            )));
+        }
+        let n = req.num_images;
+        let guided = req.guidance_scale != 1.0;
+        let samplers = (0..n as u64)
+            .map(|i| Sampler::for_image(req.params, req.seed, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RuntimeError::Request(e.to_string()))?;
+        let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
+        let primed: Vec<u32> = req.prime.iter().map(|&c| layout.image(c)).collect();
+        let mut prefix: Vec<i64> = vec![];
+        for row in 0..if guided { 2 * n } else { n } {
+            let caption = if row < n { text } else { &empty[..] };
+            prefix.extend(caption.iter().chain(&primed).map(|&i| i as i64));
+        }
+        let decoding = Decoding {
+            samplers,
+            codes: vec![req.prime.clone(); n],
+            guidance: req.guidance_scale,
+            guided,
+            image_offset: layout.image_offset(),
+            image: layout.image_offset()..layout.vocab_size(),
+            n_image,
+            prime: req.prime.len(),
+        };
+        Ok((decoding, prefix))
+    }
+
+    /// Rows this request runs: its images, twice with guidance.
+    pub fn rows(&self) -> usize {
+        self.samplers.len() * if self.guided { 2 } else { 1 }
+    }
+
+    pub fn guided(&self) -> bool {
+        self.guided
+    }
+
+    /// Image tokens sampled so far per image, and how many there will be (primed ones not counted).
+    pub fn done(&self) -> usize {
+        self.codes[0].len() - self.prime
+    }
+
+    pub fn total(&self) -> usize {
+        self.n_image - self.prime
+    }
+
+    /// Sample one image token per image from each row's last-position logits (`rows()` rows);
+    /// return the ids to feed next (one per row), or `None` when the images are complete.
+    pub fn step(&mut self, logits: &[Vec<f32>]) -> Option<Vec<i64>> {
+        let n = self.samplers.len();
+        let mut next = Vec::with_capacity(self.rows());
+        for i in 0..n {
+            let mut row = logits[i].clone();
+            if self.guided {
+                guide(&mut row, &logits[n + i], self.guidance);
+            }
+            let id = self.samplers[i].sample(&row, self.image.clone());
+            self.codes[i].push((id - self.image_offset) as u32);
+            next.push(id as i64);
+        }
+        if self.codes[0].len() == self.n_image {
+            return None;
+        }
+        if self.guided {
+            next.extend_from_within(..n);
+        }
+        Some(next)
+    }
+
+    /// Codebook tokens of each image, row-major.
+    pub fn into_codes(self) -> Vec<Vec<u32>> {
+        self.codes
+    }
+}
+
 /// Bytes one image holds while it is generated by `sequences` sequences (2 with guidance): the
 /// f32 KV cache of every layer at full length, the prefill's logits over the caption, and the
 /// decoded pixels.
-fn request_bytes(m: &crate::Manifest, sequences: u64) -> u64 {
+pub fn request_bytes(m: &crate::Manifest, sequences: u64) -> u64 {
     let t = &m.transformer;
     let g = &m.geometry;
     let seq = (g.text_len + g.image_tokens()) as u64;
@@ -297,7 +366,8 @@ fn request_bytes(m: &crate::Manifest, sequences: u64) -> u64 {
     sequences * (kv + logits) + pixels
 }
 
-fn last_positions(logits: &[f32], b: usize, vocab: usize) -> Vec<Vec<f32>> {
+/// `[b, t, vocab]` → the last position's logits of each row.
+pub fn last_positions(logits: &[f32], b: usize, vocab: usize) -> Vec<Vec<f32>> {
     let t = logits.len() / (b * vocab);
     (0..b)
         .map(|r| logits[(r * t + t - 1) * vocab..(r * t + t) * vocab].to_vec())

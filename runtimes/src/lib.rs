@@ -5,6 +5,7 @@
 //! once, starting with the model geometry.
 
 #[doc(hidden)]
+pub mod batcher;
 pub mod failpoint;
 pub mod generator;
 pub mod geometry;
@@ -22,7 +23,8 @@ pub mod tokenizer;
 #[cfg(feature = "tract")]
 pub mod tract;
 
-pub use generator::{Generator, Image, Output, Request};
+pub use batcher::{Batcher, BatcherOptions, BatcherStats, SubmitError, Ticket};
+pub use generator::{Decoding, Generator, Image, Output, Request};
 pub use geometry::{Geometry, GeometryError};
 pub use layout::TokenLayout;
 pub use manifest::{Dtype, Manifest, ManifestError, SamplingDefaults};

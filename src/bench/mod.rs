@@ -9,6 +9,7 @@ pub mod decode;
 pub mod machine;
 pub mod model;
 pub mod peer;
+pub mod serve;
 pub mod train;
 
 use crate::Result;

@@ -53,6 +53,17 @@ pub struct BenchArgs {
     /// Python of the peer; default $DALLE_PEER_PYTHON, else target/peer (bench/install-peer.sh).
     #[arg(long)]
     pub peer_python: Option<PathBuf>,
+    /// Measure serving instead: offline generation at batch 1 and --serve-batch against
+    /// `dalle serve` (in this process, loopback HTTP) with these numbers of concurrent clients,
+    /// on the first of --runtimes, e.g. `--serve-clients 1,4,16`.
+    #[arg(long, value_delimiter = ',')]
+    pub serve_clients: Vec<usize>,
+    /// Requests (one image each) every serving client sends.
+    #[arg(long, default_value_t = 4)]
+    pub serve_requests: usize,
+    /// The server's --max-batch, and the offline batch it is compared with.
+    #[arg(long, default_value_t = 16)]
+    pub serve_batch: usize,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -65,6 +76,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|r| dalle_runtimes::RuntimeKind::parse(r))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    if !a.serve_clients.is_empty() {
+        return serve(&a, runtimes[0]);
+    }
     let opts = dalle::bench::BenchOptions {
         model: a.model,
         preset: a.preset,
@@ -88,6 +102,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", dalle::bench::table(&report));
+    }
+    Ok(())
+}
+
+/// `dalle bench --serve-clients …`: serving against offline generation.
+fn serve(a: &BenchArgs, runtime: dalle_runtimes::RuntimeKind) -> Result<()> {
+    let model = match &a.model {
+        Some(dir) => dalle::bench::model::BenchModel::existing(dir),
+        None => {
+            dalle::bench::model::BenchModel::random(&a.preset, 0, a.grid, weights_dtype(a.fp16))?
+        }
+    };
+    let opts = dalle::bench::serve::ServeBenchOptions {
+        runtime,
+        providers: a.providers.options(),
+        clients: a.serve_clients.clone(),
+        requests: a.serve_requests,
+        max_batch: a.serve_batch,
+    };
+    let rows = dalle::bench::serve::run(&model.dir, &opts, &mut |line| eprintln!("bench: {line}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        dalle::bench::serve::print(&rows, runtime.name());
     }
     Ok(())
 }

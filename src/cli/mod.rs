@@ -8,6 +8,7 @@ mod export;
 mod generate;
 mod info;
 mod parity;
+mod serve;
 mod setup;
 mod tokenizer;
 mod train;
@@ -54,6 +55,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Compare runtimes on one model directory: logits, greedy tokens, decoded images.
     Parity(parity::ParityArgs),
+    /// Serve a model directory over HTTP (OpenAI Images API, Open Inference Protocol v2,
+    /// Prometheus metrics), batching concurrent requests.
+    Serve(serve::ServeArgs),
     /// Install what a runtime needs at run time.
     #[command(subcommand)]
     Setup(setup::SetupCommand),
@@ -83,6 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Parity(a) => parity::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Setup(c) => setup::run(c),
         Command::Export(a) => export::run(a),
         Command::Vae(c) => vae::run(c),

@@ -1,0 +1,469 @@
+//! Batching across requests: many callers share one session, and their images are sampled in as
+//! few `forward` calls as the cache contract allows.
+//!
+//! A request's rows (one per image, twice with guidance) wait only until the next step: then they
+//! are prefilled together with whatever else arrived since the last step, and from there on they
+//! step as one *cohort* with one KV cache until their images are done, when the cohort's images
+//! are decoded in one call and each caller gets its own. Every sequence has the same length, so
+//! the rows of a cohort finish together and leave the batch at once. The exported graphs hold one
+//! past length for all rows of a cache, so two cohorts that started at different steps run one
+//! `forward` each per step; rows that arrive together — e.g. clients that send their next request
+//! as soon as the last is answered — share one.
+//!
+//! The batcher runs on a thread of its own; [`Batcher::submit`] checks the request at once (a bad
+//! request, a full queue and an oversized request are errors before anything runs) and the reply
+//! comes through a callback. Dropping the [`Ticket`] cancels the request: waiting, it is dropped;
+//! running, its cohort stops once every request in it is cancelled.
+
+use crate::generator::{last_positions, to_images, Decoding, Generator, Output, Request};
+use crate::session::{KvCache, RuntimeError};
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Limits of a [`Batcher`].
+#[derive(Clone, Copy, Debug)]
+pub struct BatcherOptions {
+    /// Rows (images, twice with guidance) sampled at once over all cohorts.
+    pub max_rows: usize,
+    /// Requests that may wait for rows; one more is refused with [`SubmitError::QueueFull`].
+    pub max_queue: usize,
+    /// How long a request that finds the batcher idle waits for others to start with it (none
+    /// once `max_rows` are waiting).
+    pub gather: std::time::Duration,
+}
+
+impl BatcherOptions {
+    /// `max_rows` and `max_queue`, gathering for 2 ms.
+    pub fn new(max_rows: usize, max_queue: usize) -> Self {
+        BatcherOptions {
+            max_rows,
+            max_queue,
+            gather: std::time::Duration::from_millis(2),
+        }
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Request(#[from] RuntimeError),
+    #[error("the queue is full ({0} requests wait); retry later")]
+    QueueFull(usize),
+    #[error("this request needs {rows} rows (images, twice with guidance); the server runs at most {max}")]
+    TooLarge { rows: usize, max: usize },
+    #[error("the server is shutting down")]
+    Stopped,
+}
+
+/// What the batcher has done so far (cumulative counts, and the present queue and rows).
+#[derive(Clone, Debug, Default)]
+pub struct BatcherStats {
+    /// Requests waiting for rows.
+    pub waiting: usize,
+    /// Rows running now.
+    pub running_rows: usize,
+    /// `forward` calls made, and rows summed over them (prefills included).
+    pub forward_calls: u64,
+    pub forward_rows: u64,
+    /// `forward` calls by their rows: `rows_histogram[i]` counts calls with at most
+    /// `ROW_BUCKETS[i]` rows (the last bucket: any).
+    pub rows_histogram: Vec<u64>,
+    /// Image tokens sampled (one per image per step).
+    pub image_tokens: u64,
+}
+
+/// Upper bounds of the rows histogram's buckets.
+pub const ROW_BUCKETS: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, usize::MAX];
+
+type Reply = Box<dyn FnOnce(Result<Output, RuntimeError>) + Send>;
+
+struct Job {
+    decoding: Decoding,
+    prefix: Vec<i64>,
+    truncated: bool,
+    prefix_len: usize,
+    cancelled: Arc<AtomicBool>,
+    reply: Reply,
+}
+
+impl Job {
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+/// A queued or running request: dropping it cancels the request.
+#[derive(Debug)]
+pub struct Ticket {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    stop: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    stats: Mutex<BatcherStats>,
+    tokens: AtomicU64,
+}
+
+/// Requests from many callers, sampled together on one [`Generator`]'s session.
+pub struct Batcher {
+    generator: Arc<Generator>,
+    options: BatcherOptions,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Batcher {
+    pub fn new(generator: Arc<Generator>, options: BatcherOptions) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            stats: Mutex::new(BatcherStats {
+                rows_histogram: vec![0; ROW_BUCKETS.len()],
+                ..Default::default()
+            }),
+            tokens: AtomicU64::new(0),
+        });
+        let thread = {
+            let (generator, shared) = (generator.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("dalle-batcher".into())
+                .spawn(move || run(&generator, &shared, options))
+                .expect("spawn the batcher thread")
+        };
+        Batcher {
+            generator,
+            options,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn generator(&self) -> &Generator {
+        &self.generator
+    }
+
+    pub fn options(&self) -> BatcherOptions {
+        self.options
+    }
+
+    /// Queue `req`; `reply` is called once with its images (or why it failed), on the batcher's
+    /// thread. Not called for a request cancelled before it finished.
+    pub fn submit(
+        &self,
+        req: &Request,
+        reply: impl FnOnce(Result<Output, RuntimeError>) + Send + 'static,
+    ) -> Result<Ticket, SubmitError> {
+        let m = self.generator.manifest();
+        let (text, truncated) = self.generator.caption(&req.prompt)?;
+        if truncated && req.strict {
+            return Err(RuntimeError::Request(format!(
+                "the prompt is longer than the model's {} caption tokens (strict)",
+                m.geometry.text_len
+            ))
+            .into());
+        }
+        let (decoding, prefix) = Decoding::new(m, &text, req)?;
+        let rows = decoding.rows();
+        if rows > self.options.max_rows {
+            return Err(SubmitError::TooLarge {
+                rows,
+                max: self.options.max_rows,
+            });
+        }
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            prefix_len: prefix.len() / rows,
+            decoding,
+            prefix,
+            truncated,
+            cancelled: cancelled.clone(),
+            reply: Box::new(reply),
+        };
+        let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.stop {
+            return Err(SubmitError::Stopped);
+        }
+        if q.jobs.len() >= self.options.max_queue {
+            return Err(SubmitError::QueueFull(q.jobs.len()));
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(Ticket { cancelled })
+    }
+
+    pub fn stats(&self) -> BatcherStats {
+        let mut s = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.waiting = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jobs
+            .len();
+        s.image_tokens = self.shared.tokens.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Refuse new requests, finish every queued and running one, and stop the thread.
+    pub fn shutdown(&mut self) {
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Rows that were prefilled together and step together.
+struct Cohort {
+    jobs: Vec<Job>,
+    cache: KvCache,
+    /// Each row's last-position logits from the last `forward`.
+    logits: Vec<Vec<f32>>,
+}
+
+impl Cohort {
+    fn rows(&self) -> usize {
+        self.jobs.iter().map(|j| j.decoding.rows()).sum()
+    }
+}
+
+fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
+    let mut cohorts: Vec<Cohort> = vec![];
+    loop {
+        let running: usize = cohorts.iter().map(Cohort::rows).sum();
+        let admitted = {
+            let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while cohorts.is_empty() && q.jobs.is_empty() && !q.stop {
+                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            if cohorts.is_empty() && q.jobs.is_empty() && q.stop {
+                return;
+            }
+            // Idle until now: give the requests that arrive together (clients answered in the
+            // same step come back within a millisecond or two) a moment to join one cohort.
+            if cohorts.is_empty() {
+                let deadline = std::time::Instant::now() + options.gather;
+                while !q.stop && waiting_rows(&q.jobs) < options.max_rows {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    q = shared
+                        .wake
+                        .wait_timeout(q, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            q.jobs.retain(|j| !j.cancelled());
+            let mut admitted = vec![];
+            let mut rows = running;
+            while let Some(job) = q.jobs.front() {
+                if rows + job.decoding.rows() > options.max_rows {
+                    break;
+                }
+                rows += job.decoding.rows();
+                admitted.extend(q.jobs.pop_front());
+            }
+            admitted
+        };
+        // Rows with the same prefill length (the same number of primed codes) finish together.
+        let mut groups: Vec<Vec<Job>> = vec![];
+        for job in admitted {
+            match groups
+                .iter_mut()
+                .find(|g| g[0].prefix_len == job.prefix_len)
+            {
+                Some(g) => g.push(job),
+                None => groups.push(vec![job]),
+            }
+        }
+        for jobs in groups {
+            let prefix: Vec<i64> = jobs.iter().flat_map(|j| j.prefix.iter().copied()).collect();
+            let b: usize = jobs.iter().map(|j| j.decoding.rows()).sum();
+            let mut cohort = Cohort {
+                cache: KvCache::new(generator.manifest(), b),
+                jobs,
+                logits: vec![],
+            };
+            match forward(generator, shared, &prefix, b, &mut cohort.cache) {
+                Ok(logits) => {
+                    cohort.logits = logits;
+                    cohorts.push(cohort);
+                }
+                Err(e) => fail(cohort.jobs, &e),
+            }
+        }
+        cohorts.retain(|c| !c.jobs.iter().all(Job::cancelled));
+        let mut still = vec![];
+        for mut cohort in cohorts.drain(..) {
+            let mut next = Vec::with_capacity(cohort.rows());
+            let mut done = false;
+            let mut row = 0;
+            for job in &mut cohort.jobs {
+                let rows = job.decoding.rows();
+                match job.decoding.step(&cohort.logits[row..row + rows]) {
+                    Some(ids) => next.extend(ids),
+                    None => done = true,
+                }
+                shared.tokens.fetch_add(
+                    (rows / if job.decoding.guided() { 2 } else { 1 }) as u64,
+                    Ordering::Relaxed,
+                );
+                row += rows;
+            }
+            if done {
+                finish(generator, cohort.jobs);
+                continue;
+            }
+            let b = cohort.rows();
+            match forward(generator, shared, &next, b, &mut cohort.cache) {
+                Ok(logits) => {
+                    cohort.logits = logits;
+                    still.push(cohort);
+                }
+                Err(e) => fail(cohort.jobs, &e),
+            }
+        }
+        cohorts = still;
+        let running: usize = cohorts.iter().map(Cohort::rows).sum();
+        shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running_rows = running;
+    }
+}
+
+fn waiting_rows(jobs: &VecDeque<Job>) -> usize {
+    jobs.iter().map(|j| j.decoding.rows()).sum()
+}
+
+/// One `forward` of `b` rows; a panic inside the runtime becomes an error of these rows only.
+fn forward(
+    generator: &Generator,
+    shared: &Shared,
+    ids: &[i64],
+    b: usize,
+    cache: &mut KvCache,
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    crate::failpoint::fail("forward")?;
+    let session = generator.session();
+    let vocab = generator.manifest().token_layout().vocab_size();
+    let out = catch_unwind(AssertUnwindSafe(|| session.forward(ids, b, cache)))
+        .unwrap_or_else(|_| Err(panicked(session.name())))?;
+    let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+    s.forward_calls += 1;
+    s.forward_rows += b as u64;
+    let bucket = ROW_BUCKETS.iter().position(|&m| b <= m).unwrap_or(0);
+    s.rows_histogram[bucket] += 1;
+    Ok(last_positions(&out, b, vocab))
+}
+
+fn panicked(runtime: &'static str) -> RuntimeError {
+    RuntimeError::Run {
+        runtime,
+        message: "the runtime panicked; this request failed, the server goes on".into(),
+    }
+}
+
+/// Decode every image of a finished cohort in one call and answer each request.
+fn finish(generator: &Generator, jobs: Vec<Job>) {
+    let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.cancelled()).collect();
+    if jobs.is_empty() {
+        return;
+    }
+    let mut all = vec![];
+    let mut parts = vec![];
+    for job in jobs {
+        let Job {
+            decoding,
+            truncated,
+            reply,
+            ..
+        } = job;
+        let codes = decoding.into_codes();
+        all.extend(codes.iter().flatten().map(|&c| c as i64));
+        parts.push((codes, truncated, reply));
+    }
+    let n: usize = parts.iter().map(|p| p.0.len()).sum();
+    let session = generator.session();
+    let decoded = crate::failpoint::fail("decode").and_then(|_| {
+        catch_unwind(AssertUnwindSafe(|| session.decode(&all, n)))
+            .unwrap_or_else(|_| Err(panicked(session.name())))
+    });
+    match decoded {
+        Ok(pixels) => {
+            let size = generator.manifest().geometry.image_size;
+            let mut images = to_images(&pixels, n, size).into_iter();
+            for (codes, truncated, reply) in parts {
+                let images = images.by_ref().take(codes.len()).collect();
+                reply(Ok(Output {
+                    codes,
+                    images,
+                    truncated,
+                }));
+            }
+        }
+        Err(e) => {
+            for (_, _, reply) in parts {
+                reply(Err(copy_error(&e)));
+            }
+        }
+    }
+}
+
+fn fail(jobs: Vec<Job>, e: &RuntimeError) {
+    for job in jobs {
+        if !job.cancelled() {
+            (job.reply)(Err(copy_error(e)));
+        }
+    }
+}
+
+/// `RuntimeError` is not `Clone` (it carries a manifest error); every request of a failed call
+/// gets the same message.
+fn copy_error(e: &RuntimeError) -> RuntimeError {
+    match e {
+        RuntimeError::Run { runtime, message } => RuntimeError::Run {
+            runtime,
+            message: message.clone(),
+        },
+        RuntimeError::Request(m) => RuntimeError::Request(m.clone()),
+        other => RuntimeError::Request(other.to_string()),
+    }
+}
