@@ -613,3 +613,66 @@ fn a_client_that_disconnects_frees_its_rows() {
         1
     );
 }
+
+#[test]
+fn bench_compares_serving_with_offline_batches() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
+        .args([
+            "bench",
+            "--model",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-tiny"),
+        ])
+        .args([
+            "--runtimes",
+            "tract",
+            "--serve-clients",
+            "1,4",
+            "--serve-requests",
+            "2",
+        ])
+        .args(["--serve-batch", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let labels: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "offline batch 1",
+            "offline batch 4",
+            "serve, 1 clients",
+            "serve, 4 clients"
+        ]
+    );
+    for r in rows.as_array().unwrap() {
+        assert!(r["image_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["p99"].as_f64().unwrap() >= r["p50"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+    assert_eq!(rows[2]["images"], 2);
+    assert_eq!(rows[3]["images"], 8);
+    assert_eq!(rows[2]["rows_per_call"], 1.0);
+    let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
+        .args([
+            "bench",
+            "--model",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-tiny"),
+        ])
+        .args(["--serve-clients", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("≥ 1"));
+}

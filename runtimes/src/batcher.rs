@@ -30,8 +30,8 @@ pub struct BatcherOptions {
     pub max_rows: usize,
     /// Requests that may wait for rows; one more is refused with [`SubmitError::QueueFull`].
     pub max_queue: usize,
-    /// How long a request that finds the batcher idle waits for others to start with it (none
-    /// once `max_rows` are waiting).
+    /// How long a request that finds the batcher idle waits for others to start with it: each
+    /// arrival extends the wait by this much, up to ten times it (none once `max_rows` wait).
     pub gather: std::time::Duration,
 }
 
@@ -275,10 +275,17 @@ fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
             }
             // Idle until now: give the requests that arrive together (clients answered in the
             // same step come back within a millisecond or two) a moment to join one cohort.
+            // Each arrival extends the wait by `gather`, up to 10 × `gather` in all.
             if cohorts.is_empty() {
-                let deadline = std::time::Instant::now() + options.gather;
+                let start = std::time::Instant::now();
+                let mut deadline = start + options.gather;
+                let mut seen = q.jobs.len();
                 while !q.stop && waiting_rows(&q.jobs) < options.max_rows {
                     let now = std::time::Instant::now();
+                    if q.jobs.len() > seen {
+                        seen = q.jobs.len();
+                        deadline = (now + options.gather).min(start + 10 * options.gather);
+                    }
                     if now >= deadline {
                         break;
                     }

@@ -217,7 +217,18 @@ fn open_graph(
         file: path.display().to_string(),
         message: e.to_string(),
     };
-    let builder = OrtSession::builder(env).map_err(load)?;
+    let mut builder = OrtSession::builder(env).map_err(load)?;
+    // Idle intra-op threads block instead of spinning: spinning bought nothing measurable
+    // offline here, and on a small machine it starved the threads around it (a server's HTTP
+    // and batching threads: `dalle bench --serve-clients 16` ran 8 rows a call instead of 16,
+    // 83% of offline batch-16 throughput instead of 98%; bench/NOTES.md).
+    builder = builder
+        .with_intra_op_spinning(false)
+        .map_err(|e| RuntimeError::Load {
+            runtime,
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
     let mut builder = match dispatch(opts, manifest)? {
         None => builder,
         Some(ep) => match builder.with_execution_providers([ep]) {

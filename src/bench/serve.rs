@@ -21,6 +21,9 @@ pub struct ServeRow {
     /// Per call (offline) or per request (serving), seconds.
     pub p50: f64,
     pub p99: f64,
+    /// Rows per transformer call (serving: from the server's metrics; offline: the batch, with
+    /// guidance twice it).
+    pub rows_per_call: f64,
 }
 
 pub struct ServeBenchOptions {
@@ -71,6 +74,7 @@ pub fn run(
             start.elapsed(),
             tokens,
             lat,
+            (b * per_image) as f64,
         ));
     }
     drop(generator);
@@ -101,9 +105,11 @@ pub fn run(
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(60))
         .context("the server did not start")?;
-    Conn::open(addr)?.generate(0)?;
+    let mut probe = Conn::open(addr)?;
+    probe.generate(0)?;
     for &c in &o.clients {
         progress(&format!("serve, {c} clients"));
+        let before = probe.batch_rows()?;
         let start = Instant::now();
         let lat = std::thread::scope(|s| {
             let handles: Vec<_> = (0..c)
@@ -125,13 +131,16 @@ pub fn run(
                 .map(|h| h.join().expect("a client thread panicked"))
                 .collect::<Result<Vec<_>>>()
         })?;
+        let took = start.elapsed();
+        let after = probe.batch_rows()?;
         let lat: Vec<f64> = lat.into_iter().flatten().collect();
         rows.push(row(
             format!("serve, {c} clients"),
             lat.len(),
-            start.elapsed(),
+            took,
             tokens,
             lat,
+            (after.0 - before.0) / (after.1 - before.1).max(1.0),
         ));
     }
     let _ = stop_tx.send(());
@@ -146,7 +155,14 @@ fn request(seed: u64, n: usize, guidance: f32) -> Request {
         .guidance_scale(guidance)
 }
 
-fn row(label: String, images: usize, took: Duration, tokens: usize, mut lat: Vec<f64>) -> ServeRow {
+fn row(
+    label: String,
+    images: usize,
+    took: Duration,
+    tokens: usize,
+    mut lat: Vec<f64>,
+    rows_per_call: f64,
+) -> ServeRow {
     lat.sort_by(f64::total_cmp);
     let pick = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
     ServeRow {
@@ -156,6 +172,7 @@ fn row(label: String, images: usize, took: Duration, tokens: usize, mut lat: Vec
         image_tokens_per_s: (images * tokens) as f64 / took.as_secs_f64(),
         p50: pick(0.5),
         p99: pick(0.99),
+        rows_per_call,
     }
 }
 
@@ -180,9 +197,29 @@ impl Conn {
         let body =
             serde_json::json!({"prompt": "a red circle above a blue square", "n": 1, "seed": seed})
                 .to_string();
+        self.call("POST", "/v1/images/generations", &body).map(drop)
+    }
+
+    /// (rows summed over transformer calls, calls) from the server's `/metrics`.
+    fn batch_rows(&mut self) -> Result<(f64, f64)> {
+        let text = self.call("GET", "/metrics", "")?;
+        let read = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .with_context(|| format!("{name} missing from /metrics"))
+        };
+        Ok((
+            read("dalle_batch_rows_sum ")?,
+            read("dalle_batch_rows_count ")?,
+        ))
+    }
+
+    /// One request; the body of a 200 answer, else an error.
+    fn call(&mut self, method: &str, path: &str, body: &str) -> Result<String> {
         write!(
             self.reader.get_mut(),
-            "POST /v1/images/generations HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.addr,
             body.len()
         )?;
@@ -203,10 +240,11 @@ impl Conn {
         }
         let mut body = vec![0; length.context("the answer has no Content-Length")?];
         self.reader.read_exact(&mut body)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
         if !status.contains(" 200 ") {
-            bail!("{}: {}", status.trim(), String::from_utf8_lossy(&body));
+            bail!("{}: {body}", status.trim());
         }
-        Ok(())
+        Ok(body)
     }
 }
 
@@ -216,13 +254,13 @@ pub fn print(rows: &[ServeRow], runtime: &str) {
         "serving on {runtime}: image tokens/s and latency per call (offline) or request (serve)"
     );
     println!(
-        "{:<20} {:>7} {:>9} {:>12} {:>9} {:>9}",
-        "", "images", "seconds", "img tok/s", "p50 s", "p99 s"
+        "{:<20} {:>7} {:>9} {:>12} {:>9} {:>9} {:>10}",
+        "", "images", "seconds", "img tok/s", "p50 s", "p99 s", "rows/call"
     );
     for r in rows {
         println!(
-            "{:<20} {:>7} {:>9.2} {:>12.0} {:>9.3} {:>9.3}",
-            r.label, r.images, r.seconds, r.image_tokens_per_s, r.p50, r.p99
+            "{:<20} {:>7} {:>9.2} {:>12.0} {:>9.3} {:>9.3} {:>10.1}",
+            r.label, r.images, r.seconds, r.image_tokens_per_s, r.p50, r.p99, r.rows_per_call
         );
     }
     let offline = rows.iter().rfind(|r| r.label.starts_with("offline"));
