@@ -176,6 +176,14 @@ const CASES: &[Case] = &[
     case("vae psnr --vae {T}/vae --data {T}/empty", 1, "has no samples"),
     case("parity --model {T}/user", 1, "not a model directory"),
     case("data shapes --out /proc/dalle-x --count 1", 1, "cannot create output directory"),
+    // dalle serve: refused before it listens.
+    case("serve --model {T}/user", 1, "not a model directory (no manifest.json)"),
+    case("serve --model {T}/model --max-batch 0", 1, "--max-batch must be at least 1"),
+    case("serve --model {T}/model --max-queue 0", 1, "--max-queue must be at least 1"),
+    case("serve --model {T}/model --runtime onnx", 1, "valid runtimes are candle"),
+    case("serve --model {T}/model --name a/b", 1, "cannot be a URL path segment"),
+    case("serve --model {T}/model --host 256.0.0.1 --port 1", 1, "cannot listen on 256.0.0.1:1"),
+    case("serve --model {T}/model --port 99999", 2, "invalid value '99999' for '--port"),
 ];
 
 /// The fixtures every row may read: a data set, a finished dVAE and transformer (2 steps of

@@ -179,14 +179,17 @@ impl Batcher {
             ))
             .into());
         }
-        let (decoding, prefix) = Decoding::new(m, &text, req)?;
-        let rows = decoding.rows();
+        // Before `Decoding::new` allocates per image.
+        let rows = req
+            .num_images
+            .saturating_mul(if req.guidance_scale != 1.0 { 2 } else { 1 });
         if rows > self.options.max_rows {
             return Err(SubmitError::TooLarge {
                 rows,
                 max: self.options.max_rows,
             });
         }
+        let (decoding, prefix) = Decoding::new(m, &text, req)?;
         let cancelled = Arc::new(AtomicBool::new(false));
         let job = Job {
             prefix_len: prefix.len() / rows,
