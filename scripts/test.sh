@@ -4,15 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python tools the tests call: ONNX's reference checker (onnx.checker.check_model). A venv under
-# target/ keeps them out of the system Python; pip only runs when the pinned version is missing.
+# Python tools the tests call: ONNX's reference checker (onnx.checker.check_model), and for the
+# Triton repository's check (scripts/triton-check.py) ONNX Runtime's Python module and Triton's
+# model-config protobuf (tritonclient). A venv under target/ keeps them out of the system Python;
+# pip only runs when a pinned version is missing.
 ONNX_VERSION=1.23.2
+ORT_VERSION=1.31.1
+TRITONCLIENT_VERSION=2.73.0
 PY=target/py
-if ! "$PY/bin/python" -c "import onnx, sys; sys.exit(onnx.__version__ != '$ONNX_VERSION')" 2>/dev/null; then
-  echo "== python tools ($PY: onnx==$ONNX_VERSION)"
+if ! "$PY/bin/python" -c "
+import sys, onnx, onnxruntime, tritonclient.grpc.model_config_pb2
+from importlib.metadata import version
+sys.exit((onnx.__version__, onnxruntime.__version__, version('tritonclient')) != ('$ONNX_VERSION', '$ORT_VERSION', '$TRITONCLIENT_VERSION'))" 2>/dev/null; then
+  echo "== python tools ($PY: onnx==$ONNX_VERSION onnxruntime==$ORT_VERSION tritonclient[grpc]==$TRITONCLIENT_VERSION)"
   mkdir -p target
   python3 -m venv "$PY"
-  "$PY/bin/python" -m pip install --quiet --disable-pip-version-check "onnx==$ONNX_VERSION"
+  "$PY/bin/python" -m pip install --quiet --disable-pip-version-check "onnx==$ONNX_VERSION" \
+    "onnxruntime==$ORT_VERSION" "tritonclient[grpc]==$TRITONCLIENT_VERSION"
 fi
 export DALLE_PYTHON="$PWD/$PY/bin/python"
 

@@ -146,6 +146,7 @@ const CASES: &[Case] = &[
     case("decode --vae {T}/vae --tokens {T}/short.json --out {T}/o.png", 1, "expected 64 tokens"),
     case("export --transformer {T}/tf --out {T}/model", 1, "exists; pass --force to replace it"),
     case("export --transformer {T}/tf --out {T}/new --opset 3", 1, "unknown opset 3"),
+    case("export --from-model {T}/model --triton --out {T}/model", 1, "exists; pass --force to replace it"),
     case("info --preset huge", 1, "unknown preset `huge`"),
     case("masks --text-len 4 --grid 4 --kind nope", 2, "invalid value 'nope' for '--kind <KIND>'"),
     case("eval --model {T}/model --samples 0", 1, "--samples must be at least 1"),

@@ -641,3 +641,99 @@ fn from_model_re_exports_a_model_dir_with_its_weights_and_settings() {
         .to_string();
     assert!(err.contains("manifest.json"), "{err}");
 }
+
+/// `dalle export --triton`: every config parses as Triton's ModelConfig, and the transformer's
+/// state variant, fed its own output states back as Triton's implicit state does (through
+/// Python's onnxruntime: scripts/triton-check.py), decodes greedily the same codes as `dalle
+/// generate` (temperature 0) on ONNX Runtime and on tract.
+#[test]
+fn triton_repository_configs_parse_and_its_state_graph_generates_the_same_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let bundled = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-tiny");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dalle"))
+        .args(["export", "--from-model", bundled, "--triton", "--out"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "README.md",
+        "manifest.json",
+        "tokenizer.json",
+        "dvae_encoder/config.pbtxt",
+        "dvae_encoder/1/model.onnx",
+        "dvae_decoder/config.pbtxt",
+        "dvae_decoder/1/model.onnx",
+        "transformer/config.pbtxt",
+        "transformer/1/model.onnx",
+    ] {
+        assert!(repo.join(f).is_file(), "{f} missing");
+    }
+    // Nothing else: no staging directory, no model-directory leftovers.
+    let mut top: Vec<String> = std::fs::read_dir(&repo)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(
+        top,
+        [
+            "README.md",
+            "dvae_decoder",
+            "dvae_encoder",
+            "manifest.json",
+            "tokenizer.json",
+            "transformer"
+        ]
+    );
+    let prompt = "a red circle above a blue square";
+    let mut runtimes = vec![dalle_runtimes::RuntimeKind::Tract];
+    match dalle_runtimes::ort::find_library() {
+        Ok(_) => runtimes.push(dalle_runtimes::RuntimeKind::Ort),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI must test ONNX Runtime: {e}"),
+        Err(_) => {}
+    }
+    let mut want = vec![];
+    for kind in runtimes {
+        let g = dalle::runtime::open(Path::new(bundled), kind, &Default::default()).unwrap();
+        let req = dalle_runtimes::Request::new(prompt).temperature(0.0);
+        want.push((kind, g.generate(&req).unwrap().codes.remove(0)));
+    }
+    let g = dalle::runtime::open(
+        Path::new(bundled),
+        dalle_runtimes::RuntimeKind::Tract,
+        &Default::default(),
+    )
+    .unwrap();
+    let caption = g.caption(prompt).unwrap().0;
+    let python = std::env::var("DALLE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/triton-check.py"
+        ))
+        .arg(&repo)
+        .arg(serde_json::to_string(&caption).unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}; scripts/test.sh sets DALLE_PYTHON"));
+    assert!(
+        out.status.success(),
+        "scripts/triton-check.py failed (scripts/test.sh installs onnxruntime and tritonclient for {python}):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<u32> = got["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got["image_shape"], serde_json::json!([1, 3, 64, 64]));
+    for (kind, want) in want {
+        assert_eq!(
+            codes, want,
+            "the state graph's greedy codes differ from {kind:?}'s"
+        );
+    }
+}

@@ -9,6 +9,7 @@
 pub mod dvae;
 pub mod onnx;
 pub mod transformer;
+pub mod triton;
 
 use dalle_runtimes::manifest::{
     sha256_file, DvaeDims, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
@@ -120,7 +121,7 @@ pub enum ExportError {
     Invalid(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
     move |error| ExportError::Io {
         path: path.to_path_buf(),
         error,
@@ -143,7 +144,7 @@ fn geometry_diff(a: &Geometry, b: &Geometry) -> Vec<String> {
 }
 
 /// Check the inputs agree with each other before any graph is built.
-fn check(input: &ExportInput, opts: &ExportOptions) -> Result<(), ExportError> {
+pub(crate) fn check(input: &ExportInput, opts: &ExportOptions) -> Result<(), ExportError> {
     if !OPSETS.contains(&opts.opset) {
         return Err(ExportError::Opset(opts.opset));
     }
@@ -231,7 +232,20 @@ pub fn export(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest, ExportError> {
     check(input, opts)?;
-    if out.exists() && !opts.force {
+    publish(out, opts.force, |stage| {
+        write_dir(input, stage, opts, progress)
+    })
+}
+
+/// Write a directory through `write` into a staging directory beside `out`, then swap it into
+/// place: nothing is left behind on failure, and `out` (replaced only with `force`) is always
+/// either the old directory or the whole new one.
+pub(crate) fn publish<T>(
+    out: &Path,
+    force: bool,
+    write: impl FnOnce(&Path) -> Result<T, ExportError>,
+) -> Result<T, ExportError> {
+    if out.exists() && !force {
         return Err(ExportError::Exists(out.to_path_buf()));
     }
     let parent = match out.parent() {
@@ -246,8 +260,7 @@ pub fn export(
         std::fs::remove_dir_all(&stage).map_err(io(&stage))?;
     }
     std::fs::create_dir(&stage).map_err(io(&stage))?;
-    let result = write_dir(input, &stage, opts, progress);
-    let manifest = match result {
+    let written = match write(&stage) {
         Ok(m) => m,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&stage);
@@ -270,10 +283,10 @@ pub fn export(
     } else {
         std::fs::rename(&stage, out).map_err(io(out))?;
     }
-    Ok(manifest)
+    Ok(written)
 }
 
-fn write_dir(
+pub(crate) fn write_dir(
     input: &ExportInput,
     dir: &Path,
     opts: &ExportOptions,

@@ -199,6 +199,40 @@ fn gelu(g: &mut Graph, x: &str) -> String {
     g.op("Mul", &[x, &s], vec![])
 }
 
+/// What the graph's `present` outputs hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Present {
+    /// The model directory's contract: this call's positions only, `[batch, heads, seq,
+    /// head_dim]`; the caller writes them into its buffers.
+    NewPositions,
+    /// For servers whose state is replaced whole by the outputs (Triton's implicit state): the
+    /// full buffers `[batch, heads, max_seq, head_dim]` with this call's positions written in at
+    /// `past_sequence_length`, and `present_sequence_length` = the next call's past length.
+    FullBuffers,
+}
+
+/// Index tensors of the spans of a full buffer that a call keeps.
+struct Spans {
+    zero: String,
+    past: String,
+    end: String,
+    cap: String,
+    axis: String,
+}
+
+/// `out` = `buf` (f32 `[b, h, max_seq, hd]`) with `new` (`[b, h, seq, hd]`) at positions
+/// `past .. past + seq`.
+fn write_in(g: &mut Graph, buf: &str, new: &str, s: &Spans, out: &str) {
+    let before = g.op("Slice", &[buf, &s.zero, &s.past, &s.axis], vec![]);
+    let after = g.op("Slice", &[buf, &s.end, &s.cap, &s.axis], vec![]);
+    g.op_to(
+        "Concat",
+        &[&before, new, &after],
+        vec![("axis", Attr::Int(2))],
+        out,
+    );
+}
+
 /// Build the graph. Inputs `input_ids` and `past_key_values.{i}.key/value`; outputs `logits`
 /// and `present.{i}.key/value` (see `dalle_runtimes::names`).
 pub fn transformer(
@@ -208,6 +242,27 @@ pub fn transformer(
     dtype: Dtype,
     opset: i64,
     source: &str,
+) -> R<ModelProto> {
+    transformer_with(
+        geometry,
+        spec,
+        weights,
+        dtype,
+        opset,
+        source,
+        Present::NewPositions,
+    )
+}
+
+/// [`transformer`], with the `present` outputs of `present`.
+pub fn transformer_with(
+    geometry: &Geometry,
+    spec: &TransformerSpec,
+    weights: &Weights,
+    dtype: Dtype,
+    opset: i64,
+    source: &str,
+    present: Present,
 ) -> R<ModelProto> {
     let mut g = Graph::new(dtype, source, weights);
     let layout = TokenLayout::from(geometry);
@@ -250,6 +305,22 @@ pub fn transformer(
             let offsets = g.op("Range", &[&zero, &t, &one], vec![]);
             (seq.clone(), g.op("Add", &[&offsets, &past_len], vec![]))
         });
+        // Full-buffer outputs: the kept spans [0, past) and [past + seq, max_seq) of each buffer.
+        let spans = (present == Present::FullBuffers).then(|| {
+            g.scoped("present.spans", |g| {
+                let end = g.op("Add", &[&past_len, &seq], vec![]);
+                Spans {
+                    zero: g.ints(&[0]),
+                    past: past_len.clone(),
+                    end,
+                    cap: g.ints(&[seq_max as i64]),
+                    axis: g.ints(&[2]),
+                }
+            })
+        });
+        if let Some(s) = &spans {
+            g.op_to("Identity", &[&s.end], vec![], names::PRESENT_LENGTH);
+        }
         let x = g.scoped("embed", |g| -> R<String> {
             let table = g.weight("embed.tokens.weight", &[vocab, d])?;
             let tok = g.op("Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
@@ -319,8 +390,26 @@ pub fn transformer(
                     let (q, k, v) = (pick(g, 0), pick(g, 1), pick(g, 2));
                     // The new positions go out as `present`, for the caller to write into its
                     // buffer; the buffer itself is only read, at the gathered positions.
-                    g.to_f32_output(&k, &names::present_key(i));
-                    g.to_f32_output(&v, &names::present_value(i));
+                    match present {
+                        Present::NewPositions => {
+                            g.to_f32_output(&k, &names::present_key(i));
+                            g.to_f32_output(&v, &names::present_value(i));
+                        }
+                        Present::FullBuffers => {
+                            let spans = spans.as_ref().expect("spans of the full buffers");
+                            for (new, buf, out) in [
+                                (&k, &pk, names::present_key(i)),
+                                (&v, &pv, names::present_value(i)),
+                            ] {
+                                let new = g.scoped("present", |g| {
+                                    let t = format!("{new}.f32");
+                                    g.to_f32_output(new, &t);
+                                    t
+                                });
+                                write_in(g, buf, &new, spans, &out);
+                            }
+                        }
+                    }
                     let (ck, cv) = (g.from_f32(&pk), g.from_f32(&pv));
                     let y = sparse_attention(g, &tables, &q, (&k, &v), (&ck, &cv), hd, &seq);
                     let y = g.op(
@@ -359,17 +448,24 @@ pub fn transformer(
         Elem::F32,
         &[batch.clone(), Dim::Named(names::DIM_SEQ), Dim::Fixed(vocab)],
     );
+    let present_len = match present {
+        Present::NewPositions => Dim::Named(names::DIM_SEQ),
+        Present::FullBuffers => Dim::Fixed(seq_max),
+    };
     for i in 0..spec.n_layers {
         g.output(
             &names::present_key(i),
             Elem::F32,
-            &kv_dims(Dim::Named(names::DIM_SEQ)),
+            &kv_dims(present_len.clone()),
         );
         g.output(
             &names::present_value(i),
             Elem::F32,
-            &kv_dims(Dim::Named(names::DIM_SEQ)),
+            &kv_dims(present_len.clone()),
         );
+    }
+    if present == Present::FullBuffers {
+        g.output(names::PRESENT_LENGTH, Elem::I64, &[Dim::Fixed(1)]);
     }
     g.finish(
         "transformer",

@@ -24,6 +24,10 @@ pub const LOGITS: &str = "logits";
 /// positions `past_sequence_length ..`.
 pub const PAST_LENGTH: &str = "past_sequence_length";
 
+/// i64 `[1]`, output of the state variant (`dalle export --triton`): `past_sequence_length` +
+/// this call's positions, the next call's `past_sequence_length`.
+pub const PRESENT_LENGTH: &str = "present_sequence_length";
+
 /// Symbolic dimension names of the graphs' inputs and outputs.
 pub const DIM_BATCH: &str = "batch";
 pub const DIM_SEQ: &str = "seq";

@@ -32,6 +32,12 @@ pub struct ExportArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub force: bool,
+    /// Write a Triton Inference Server model repository to --out instead of a model directory:
+    /// the dVAE graphs with dynamic batching, the transformer with sequence batching and
+    /// implicit state (its KV cache lives in the server), onnxruntime backend with TensorRT
+    /// FP16 settings, and a README with the client's sampling loop.
+    #[arg(long)]
+    pub triton: bool,
     /// Graphs whose weights exceed this many bytes keep them in `<graph>.onnx.data`.
     #[arg(long, default_value_t = 1 << 30)]
     pub external_data_threshold: u64,
@@ -54,6 +60,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
         out,
         opset,
         force,
+        triton,
         fp16,
         external_data_threshold,
         guidance_scale,
@@ -78,21 +85,28 @@ pub fn run(a: ExportArgs) -> Result<()> {
         external_data_threshold,
     };
     let mut progress = |line: &str| eprintln!("{line}");
-    let m = match (&from_model, &transformer) {
-        (Some(dir), _) => {
-            let input = dalle::export::load_model_dir(dir)?;
-            dalle_export::export(&input, &out, &opts, &mut progress)?
+    let input = match (&from_model, &transformer) {
+        (Some(dir), _) => dalle::export::load_model_dir(dir)?,
+        (None, Some(run)) => {
+            let mut input = dalle::export::load_input(run, vae.as_deref())?;
+            input.sampling = sampling;
+            input
         }
-        (None, Some(run)) => dalle::export::export_with_sampling(
-            run,
-            vae.as_deref(),
-            &out,
-            &opts,
-            sampling,
-            &mut progress,
-        )?,
         (None, None) => bail!("give --transformer RUN_DIR or --from-model MODEL_DIR"),
     };
+    if triton {
+        let m = dalle_export::triton::export_triton(&input, &out, &opts, &mut progress)?;
+        println!(
+            "wrote a Triton model repository of {} ({} layers, {}, opset {}) to {}",
+            m.preset,
+            m.transformer.n_layers,
+            m.dtype,
+            m.opset,
+            out.display()
+        );
+        return Ok(());
+    }
+    let m = dalle_export::export(&input, &out, &opts, &mut progress)?;
     println!(
         "exported {} ({} layers, {}, opset {}) to {}",
         m.preset,
