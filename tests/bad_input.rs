@@ -174,6 +174,7 @@ const CASES: &[Case] = &[
     case("export --transformer {T}/vae --out {T}/new", 1, "is a `dalle train-vae` run"),
     case("export --from-model {T}/user --out {T}/new", 1, "not a model directory (no manifest.json)"),
     case("vae judge --vae {T}/vae --scenes 0", 1, "--scenes must be at least 1"),
+    case("vae judge --vae {T}/vae --failures {T}/user", 1, "is a directory"),
     case("vae psnr --vae {T}/vae --data {T}/empty", 1, "has no samples"),
     case("parity --model {T}/user", 1, "not a model directory"),
     case("data shapes --out /proc/dalle-x --count 1", 1, "cannot create output directory"),

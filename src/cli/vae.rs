@@ -48,6 +48,10 @@ pub enum VaeCommand {
         /// Scenes per split (seen and held-out).
         #[arg(long, default_value_t = dalle::vae::train::DIAGNOSTIC_SCENES)]
         scenes: usize,
+        /// Write the first failed round trips (scene | reconstruction) to this image and list
+        /// their captions and what the judge saw.
+        #[arg(long)]
+        failures: Option<PathBuf>,
     },
 }
 
@@ -83,9 +87,18 @@ pub fn run(cmd: VaeCommand) -> Result<()> {
                 out.display()
             );
         }
-        VaeCommand::Judge { vae, scenes } => {
+        VaeCommand::Judge {
+            vae,
+            scenes,
+            failures,
+        } => {
             if scenes == 0 {
                 bail!("--scenes must be at least 1 (got 0)");
+            }
+            if let Some(path) = &failures {
+                // An output we cannot write fails now, not after the round trips.
+                dalle::fsutil::refuse_non_regular(path)?;
+                dalle::plot::image_format(path)?;
             }
             let vae = Vae::load(&vae, &cpu)?;
             let rt = dalle::vae::train::round_trip_diagnostics(&vae, scenes)?;
@@ -106,6 +119,31 @@ pub fn run(cmd: VaeCommand) -> Result<()> {
             for (kind, (ok, n)) in kinds {
                 let pct = 100.0 * *ok as f64 / (*n).max(1) as f64;
                 println!("  {kind:<16} {pct:5.1}%  ({ok} of {n})");
+            }
+            if let Some(path) = failures {
+                // Each failure: the scene and its reconstruction side by side, four pairs a row.
+                let pairs: Vec<_> = rt
+                    .failures
+                    .iter()
+                    .flat_map(|f| [f.original.clone(), f.reconstruction.clone()])
+                    .collect();
+                if pairs.is_empty() {
+                    println!("no failed round trip: {} not written", path.display());
+                } else {
+                    dalle::plot::save_image(&dalle::plot::grid(&pairs, 8), &path)?;
+                    println!(
+                        "the first {} failures (scene | reconstruction, four a row) in {}:",
+                        rt.failures.len(),
+                        path.display()
+                    );
+                    for (i, f) in rt.failures.iter().enumerate() {
+                        println!(
+                            "  {i:2}. {:?} → judged: {}",
+                            f.caption,
+                            f.detected.join(", ")
+                        );
+                    }
+                }
             }
         }
         VaeCommand::Psnr { vae, data, count } => {

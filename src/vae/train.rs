@@ -334,6 +334,21 @@ pub struct RoundTrip {
     /// Scenes fully correct / scenes, by what they hold: `"small star"` (size and shape) and
     /// `"black"` (colour) count every scene with such an object.
     pub by_kind: std::collections::BTreeMap<String, (usize, usize)>,
+    /// The first scenes not fully correct (up to [`FAILURES_KEPT`]), in order.
+    pub failures: Vec<Failure>,
+}
+
+/// How many failed round trips [`round_trip_diagnostics`] keeps for a look.
+pub const FAILURES_KEPT: usize = 32;
+
+/// A scene the round trip got wrong: its caption, the image, its reconstruction, and what the
+/// judge saw in the reconstruction.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub caption: String,
+    pub original: RgbImage,
+    pub reconstruction: RgbImage,
+    pub detected: Vec<String>,
 }
 
 impl RoundTrip {
@@ -357,6 +372,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
     let mut psnr = 0.0;
     let mut codes = vec![];
     let mut by_kind = std::collections::BTreeMap::new();
+    let mut failures = vec![];
     for split in [Split::Train, Split::Heldout] {
         let samples: Vec<_> = (0..per_split as u64)
             .map(|i| generate_one(DIAGNOSTIC_SEED, split, i, size))
@@ -366,7 +382,19 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
             let tokens = vae.encode(chunk)?;
             let back = vae.decode(&tokens)?;
             for ((orig, img), s) in chunk.iter().zip(&back).zip(scenes) {
-                let verdict = judge(&s.scene, &detect(img));
+                let detected = detect(img);
+                let verdict = judge(&s.scene, &detected);
+                if !verdict.correct && failures.len() < FAILURES_KEPT {
+                    failures.push(Failure {
+                        caption: s.caption.clone(),
+                        original: orig.clone(),
+                        reconstruction: img.clone(),
+                        detected: detected
+                            .iter()
+                            .map(|d| format!("{} {} {}", d.size, d.colour, d.shape))
+                            .collect(),
+                    });
+                }
                 let mut kinds: Vec<String> = s
                     .scene
                     .objects
@@ -395,6 +423,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
         correct: score.accuracy(),
         usage: CodeUsage::from_codes(vae.config.vae.vocab_size, codes.into_iter()),
         by_kind,
+        failures,
     })
 }
 

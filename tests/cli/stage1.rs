@@ -155,6 +155,24 @@ fn train_encode_decode_reconstruct_and_bad_inputs() {
     let plain = ok(&["encode", "--vae", p(&run), "--input", p(&img)]);
     assert_eq!(plain.lines().count(), 8);
 
+    // The round-trip judge, with its failures drawn (a 2-step dVAE gets every scene wrong).
+    let fails_png = tmp.path().join("failures.png");
+    let judged = ok(&[
+        "vae",
+        "judge",
+        "--vae",
+        p(&run),
+        "--scenes",
+        "3",
+        "--failures",
+        p(&fails_png),
+    ]);
+    assert!(judged.contains("rt_correct"), "{judged}");
+    assert!(judged.contains("the first 6 failures"), "{judged}");
+    // Six pairs, four a row: 8 images wide, 2 rows of 64 px with 2-pixel gaps.
+    let grid = image::open(&fails_png).unwrap();
+    assert_eq!((grid.width(), grid.height()), (8 * 66 + 2, 2 * 66 + 2));
+
     // A wrongly sized image is resized with a warning.
     let big = tmp.path().join("big.png");
     image::RgbImage::from_pixel(100, 80, image::Rgb([1, 2, 3]))
