@@ -577,10 +577,11 @@ fn sigterm_under_load_finishes_the_requests_in_flight() {
 
 #[test]
 fn a_client_that_disconnects_frees_its_rows() {
-    let server = Server::start(&["--max-batch", "16"], &[]);
+    let server = Server::start(&["--max-batch", "32"], &[]);
     let addr = server.base.trim_start_matches("http://").to_string();
-    // 16 images, sent raw, and the connection closed before the answer.
-    let body = json!({"prompt": "a white triangle", "n": 16, "seed": 5}).to_string();
+    // 16 guided images (32 rows), sent raw, and the connection closed before the answer.
+    let body = json!({"prompt": "a white triangle", "n": 16, "seed": 5, "guidance_scale": 3.0})
+        .to_string();
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     write!(
         conn,
@@ -594,7 +595,7 @@ fn a_client_that_disconnects_frees_its_rows() {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(conn);
-    // Its 16 rows are freed before its 64 steps (the bundled model's 8×8 grid) would have ended.
+    // Its 32 rows are freed before its 64 steps (the bundled model's 8×8 grid) would have ended.
     while metric(&get(&server.url("/metrics")).1, "dalle_running_rows") != 0 {
         assert!(Instant::now() < deadline, "the rows were never freed");
         std::thread::sleep(Duration::from_millis(2));
