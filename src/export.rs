@@ -102,7 +102,8 @@ pub fn load_input(transformer: &Path, vae: Option<&Path>) -> Result<ExportInput>
     })
 }
 
-/// Export `transformer` (+ `vae`) into `out`; one progress line per graph goes to `progress`.
+/// Export `transformer` (+ `vae`) into `out` with default sampling settings; one progress line
+/// per graph goes to `progress`.
 pub fn export(
     transformer: &Path,
     vae: Option<&Path>,
@@ -110,27 +111,7 @@ pub fn export(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest> {
-    export_with_sampling(
-        transformer,
-        vae,
-        out,
-        opts,
-        SamplingDefaults::default(),
-        progress,
-    )
-}
-
-/// As [`export`], recording `sampling` in the manifest as the model's default sampling settings.
-pub fn export_with_sampling(
-    transformer: &Path,
-    vae: Option<&Path>,
-    out: &Path,
-    opts: &ExportOptions,
-    sampling: SamplingDefaults,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Manifest> {
-    let mut input = load_input(transformer, vae)?;
-    input.sampling = sampling;
+    let input = load_input(transformer, vae)?;
     Ok(dalle_export::export(&input, out, opts, progress)?)
 }
 
