@@ -77,7 +77,9 @@ pub fn serve_until(
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| {
-                format!("cannot listen on {addr}: is the port taken? pick another with --port")
+                format!(
+                    "cannot listen on {addr} (check --host; a port in use needs another --port)"
+                )
             })?;
         on_listening(listener.local_addr()?);
         let runtime = generator.session().name();
