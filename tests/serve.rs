@@ -652,7 +652,8 @@ fn bench_compares_serving_with_offline_batches() {
             "offline batch 1",
             "offline batch 4",
             "serve, 1 clients",
-            "serve, 4 clients"
+            "serve, 4 clients",
+            "serve, 4 staggered"
         ]
     );
     for r in rows.as_array().unwrap() {
@@ -664,6 +665,7 @@ fn bench_compares_serving_with_offline_batches() {
     }
     assert_eq!(rows[2]["images"], 2);
     assert_eq!(rows[3]["images"], 8);
+    assert_eq!(rows[4]["images"], 8);
     assert_eq!(rows[2]["rows_per_call"], 1.0);
     let out = Command::new(env!("CARGO_BIN_EXE_dalle"))
         .args([
