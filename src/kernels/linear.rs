@@ -564,11 +564,14 @@ mod tests {
             let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
             let theirs = xt.broadcast_matmul(&wt.t().unwrap()).unwrap();
             let theirs = theirs.broadcast_add(bt).unwrap();
+            // Outputs are sums of 517 products of N(0, 1) values (|y| up to ~100): two
+            // summation orders (OpenBLAS's bands, candle's gemm) differ by ~1e-4 at the tail
+            // of 63 000 outputs (1.14e-4 seen in CI), so 1e-3 absolute (~1e-5 relative).
             agree(
                 &[&x, &w, &b],
                 linear(xt, wt, bt).unwrap(),
                 theirs,
-                1e-4,
+                1e-3,
                 1e-3,
             );
         }
