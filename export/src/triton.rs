@@ -102,39 +102,39 @@ const TENSORRT: &str = r#"optimization {
 
 fn encoder_config(m: &Manifest) -> String {
     let (s, n) = (m.geometry.image_size, m.geometry.image_tokens());
-    format!(
-        r#"name: "{ENCODER}"
-backend: "onnxruntime"
-max_batch_size: {DVAE_MAX_BATCH}
-input [
-  {{ name: "{image}" data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] }}
-]
-output [
-  {{ name: "{tokens}" data_type: TYPE_INT64 dims: [ {n} ] }}
-]
-dynamic_batching {{ }}
-{TENSORRT}"#,
-        image = names::IMAGE,
-        tokens = names::IMAGE_TOKENS,
+    let image = (names::IMAGE, "TYPE_FP32", format!("3, {s}, {s}"));
+    dvae_config(
+        ENCODER,
+        image,
+        (names::IMAGE_TOKENS, "TYPE_INT64", n.to_string()),
     )
 }
 
 fn decoder_config(m: &Manifest) -> String {
     let (s, n) = (m.geometry.image_size, m.geometry.image_tokens());
+    let tokens = (names::IMAGE_TOKENS, "TYPE_INT64", n.to_string());
+    dvae_config(
+        DECODER,
+        tokens,
+        (names::IMAGE, "TYPE_FP32", format!("3, {s}, {s}")),
+    )
+}
+
+/// A dVAE graph with dynamic batching: one input and one output, each (name, type, dims).
+fn dvae_config(name: &str, input: (&str, &str, String), output: (&str, &str, String)) -> String {
     format!(
-        r#"name: "{DECODER}"
+        r#"name: "{name}"
 backend: "onnxruntime"
 max_batch_size: {DVAE_MAX_BATCH}
 input [
-  {{ name: "{tokens}" data_type: TYPE_INT64 dims: [ {n} ] }}
+  {{ name: "{}" data_type: {} dims: [ {} ] }}
 ]
 output [
-  {{ name: "{image}" data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] }}
+  {{ name: "{}" data_type: {} dims: [ {} ] }}
 ]
 dynamic_batching {{ }}
 {TENSORRT}"#,
-        image = names::IMAGE,
-        tokens = names::IMAGE_TOKENS,
+        input.0, input.1, input.2, output.0, output.1, output.2,
     )
 }
 

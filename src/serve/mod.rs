@@ -174,22 +174,12 @@ async fn openai_generate(State(app): State<Arc<App>>, req: Request) -> Response 
     let start = Instant::now();
     let result = async {
         let body = json_body(&app, Dialect::OpenAi, req).await?;
-        let (request, format) = protocol::openai_request(&body, &app)?;
+        let request = protocol::openai_request(&body, &app)?;
         let (output, seed) = run(&app, Dialect::OpenAi, request).await?;
-        Ok::<_, ApiError>((
-            protocol::openai_response(&output, format)?,
-            output.truncated,
-            seed,
-        ))
+        Ok((protocol::openai_response(&output)?, output.truncated, seed))
     }
     .await;
-    let response = match result {
-        Ok((json, truncated, seed)) => with_headers(json.into_response(), truncated, seed, &app),
-        Err(e) => e.into_response(),
-    };
-    app.metrics
-        .observe("openai", response.status(), start.elapsed());
-    response
+    respond(&app, "openai", start, result)
 }
 
 async fn v2_infer(
@@ -203,23 +193,33 @@ async fn v2_infer(
         let body = json_body(&app, Dialect::V2, req).await?;
         let (request, id) = protocol::v2_request(&body, &app)?;
         let (output, seed) = run(&app, Dialect::V2, request).await?;
-        Ok::<_, ApiError>((
+        Ok((
             protocol::v2_response(&output, &app, id),
             output.truncated,
             seed,
         ))
     }
     .await;
+    respond(&app, "v2_infer", start, result)
+}
+
+/// A generation's answer: its JSON (or the error), with the seed it ran with and a warning
+/// when its prompt was cut to the model's caption; counted in the metrics under `endpoint`.
+fn respond(
+    app: &App,
+    endpoint: &'static str,
+    start: Instant,
+    result: Result<(axum::Json<serde_json::Value>, bool, u64), ApiError>,
+) -> Response {
     let response = match result {
-        Ok((json, truncated, seed)) => with_headers(json.into_response(), truncated, seed, &app),
+        Ok((json, truncated, seed)) => with_headers(json.into_response(), truncated, seed, app),
         Err(e) => e.into_response(),
     };
     app.metrics
-        .observe("v2_infer", response.status(), start.elapsed());
+        .observe(endpoint, response.status(), start.elapsed());
     response
 }
 
-/// The seed a request ran with, and a warning when its prompt was cut to the model's caption.
 fn with_headers(mut r: Response, truncated: bool, seed: u64, app: &App) -> Response {
     let h = r.headers_mut();
     h.insert("x-dalle-seed", HeaderValue::from(seed));

@@ -101,7 +101,7 @@ fn parse<'a, T: Deserialize<'a>>(dialect: Dialect, body: &'a [u8]) -> Result<T, 
 }
 
 /// `POST /v1/images/generations`'s body → the request to run, and its response format.
-pub fn openai_request(body: &[u8], app: &App) -> Result<(Request, ResponseFormat), ApiError> {
+pub fn openai_request(body: &[u8], app: &App) -> Result<Request, ApiError> {
     let d = Dialect::OpenAi;
     // `flatten` and `deny_unknown_fields` do not combine in serde: check the field names first.
     let value: Value = parse(d, body)?;
@@ -151,22 +151,14 @@ pub fn openai_request(body: &[u8], app: &App) -> Result<(Request, ResponseFormat
             ));
         }
     }
-    let format = match r.response_format.as_deref() {
-        None | Some("b64_json") => ResponseFormat::B64Json,
-        Some(other) => {
-            return Err(ApiError::bad(
-                d,
-                format!("response_format {other:?} is not served: use \"b64_json\" (images come back in the response, no URLs)"),
-            ))
-        }
-    };
-    Ok((request(d, r.prompt, r.sampling, app)?, format))
-}
-
-/// The only response format: PNGs in base64 inside the JSON.
-#[derive(Clone, Copy, Debug)]
-pub enum ResponseFormat {
-    B64Json,
+    // The only response format: PNGs in base64 inside the JSON.
+    if let Some(other) = r.response_format.as_deref().filter(|f| *f != "b64_json") {
+        return Err(ApiError::bad(
+            d,
+            format!("response_format {other:?} is not served: use \"b64_json\" (images come back in the response, no URLs)"),
+        ));
+    }
+    request(d, r.prompt, r.sampling, app)
 }
 
 fn png(image: &Image) -> Result<Vec<u8>, ApiError> {
@@ -191,10 +183,8 @@ fn png(image: &Image) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
-pub fn openai_response(
-    out: &Output,
-    _format: ResponseFormat,
-) -> Result<axum::Json<Value>, ApiError> {
+/// The OpenAI answer: each image a base64 PNG.
+pub fn openai_response(out: &Output) -> Result<axum::Json<Value>, ApiError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let data = out
         .images
