@@ -198,6 +198,17 @@ impl CandleSession {
     }
 }
 
+/// A cloned cache's own copy of the shared buffers (every step writes them in place).
+fn native_copy(c: &NativeCache) -> Result<NativeCache, RuntimeError> {
+    let layers = c.0.iter().map(|l| match l {
+        Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
+        None => Ok(None),
+    });
+    Ok(NativeCache(
+        layers.collect::<candle_core::Result<_>>().map_err(err)?,
+    ))
+}
+
 impl Session for CandleSession {
     fn name(&self) -> &'static str {
         NAME
@@ -217,25 +228,21 @@ impl Session for CandleSession {
         let dev = &self.device;
         // The cache stays as candle tensors between steps (in `cache.native`); host layers are
         // read only for a cache filled elsewhere.
-        let copy = |c: &NativeCache| {
-            let layers = c.0.iter().map(|l| match l {
-                Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
-                None => Ok(None),
-            });
-            Ok(NativeCache(
-                layers.collect::<candle_core::Result<_>>().map_err(err)?,
-            ))
-        };
-        let layers = match cache.take_native_as(NAME, copy)? {
+        let layers = match cache.take_native_as(NAME, native_copy)? {
             // Buffers are written in place: a cache that was cloned gets copies of its own.
             Some(NativeCache(layers)) => layers,
             None => {
+                if cache.uniform_len().is_none() {
+                    return Err(RuntimeError::Request(
+                        "a KV cache on the host holds rows of equal length".into(),
+                    ));
+                }
                 let dims = cache.dims();
                 cache
                     .layers
                     .iter()
                     .map(|(k, v)| {
-                        if cache.len == 0 {
+                        if cache.is_empty() {
                             return Ok(None);
                         }
                         let k = Tensor::from_slice(k, &dims, dev)?;
@@ -246,13 +253,65 @@ impl Session for CandleSession {
                     .map_err(err)?
             }
         };
-        let mut c = CandleCache::from_layers(layers, cache.len);
+        let mut c = CandleCache::from_layers(layers, cache.lens.clone());
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
         let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;
         cache.set_native(NAME, Arc::new(NativeCache(c.into_layers())));
-        cache.len += t;
+        cache.advance(t);
         logits.flatten_all().and_then(|x| x.to_vec1()).map_err(err)
+    }
+
+    /// Rows at different positions step on the CPU's own decoding path only.
+    fn mixed_positions(&self) -> bool {
+        self.device.is_cpu()
+    }
+
+    fn regroup(
+        &self,
+        mut parts: Vec<KvCache>,
+        picks: &[(usize, usize)],
+    ) -> Result<KvCache, RuntimeError> {
+        let lens = dalle_runtimes::session::check_regroup(&parts, picks)?;
+        let held: Vec<Option<NativeCache>> = parts
+            .iter_mut()
+            .map(|c| {
+                if !c.is_empty() && c.native.is_none() {
+                    return Err(RuntimeError::Request(
+                        "regroup takes caches this runtime has run".into(),
+                    ));
+                }
+                c.take_native_as(NAME, native_copy)
+            })
+            .collect::<Result<_, _>>()?;
+        let m = &self.manifest;
+        let mut out = KvCache::new(m, picks.len());
+        let dims = (1, out.heads, m.max_seq(), out.head_dim);
+        let mut layers = vec![];
+        for i in 0..m.transformer.n_layers {
+            let mut rows = (vec![], vec![]);
+            for &(part, row) in picks {
+                let (k, v) = match held[part].as_ref().and_then(|c| c.0[i].as_ref()) {
+                    Some((k, v)) => (k.narrow(0, row, 1), v.narrow(0, row, 1)),
+                    None => (
+                        Tensor::zeros(dims, DType::F32, &self.device),
+                        Tensor::zeros(dims, DType::F32, &self.device),
+                    ),
+                };
+                rows.0.push(k.map_err(err)?);
+                rows.1.push(v.map_err(err)?);
+            }
+            layers.push(if picks.is_empty() {
+                None
+            } else {
+                let k = Tensor::cat(&rows.0, 0).map_err(err)?;
+                let v = Tensor::cat(&rows.1, 0).map_err(err)?;
+                Some((k, v))
+            });
+        }
+        out.set_native(NAME, Arc::new(NativeCache(layers)));
+        out.lens = lens;
+        Ok(out)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

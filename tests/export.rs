@@ -149,7 +149,7 @@ fn empty_cache(m: &Manifest, b: usize) -> Cache {
     }
 }
 
-/// Run `transformer.onnx` on ids (b, t) at positions `cache.len ..`; returns the logits and
+/// Run `transformer.onnx` on ids (b, t), every row at positions `cache.len ..`; returns the logits and
 /// writes the `present` outputs (only the new positions) into the cache.
 fn tract_step(
     plan: &Arc<TypedRunnableModel>,
@@ -160,7 +160,7 @@ fn tract_step(
     let t = ids.len() / b;
     let mut inputs: TVec<TValue> = tvec![
         tract_i64(&[b, t], ids),
-        tract_i64(&[1], &[cache.len as i64])
+        tract_i64(&[b], &vec![cache.len as i64; b])
     ];
     for kv in &cache.layers {
         for x in kv {
@@ -602,7 +602,11 @@ fn from_model_re_exports_a_model_dir_with_its_weights_and_settings() {
         std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
     }
     let text = std::fs::read_to_string(old.join(names::MANIFEST)).unwrap();
-    let v1 = text.replace("\"schema_version\": 2", "\"schema_version\": 1");
+    let now = format!(
+        "\"schema_version\": {}",
+        dalle_runtimes::manifest::SCHEMA_VERSION
+    );
+    let v1 = text.replace(&now, "\"schema_version\": 1");
     assert_ne!(v1, text);
     std::fs::write(old.join(names::MANIFEST), v1).unwrap();
     let err = Manifest::load(&old).unwrap_err().to_string();

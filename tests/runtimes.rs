@@ -75,7 +75,7 @@ fn every_runtime_conforms() {
         let got = sess.forward(&ids, 2, &mut c).unwrap();
         let d = common::max_abs_diff(&got, &want);
         assert!(d <= LOGITS_TOL, "{}: logits differ by {d}", kind.name());
-        assert_eq!(c.len, s);
+        assert_eq!(c.lens, vec![s; 2]);
         // Prefill of half then single steps = the whole sequence.
         let half = s / 2;
         let row = |r: usize, a: usize, b: usize| ids[r * s + a..r * s + b].to_vec();
@@ -104,6 +104,40 @@ fn every_runtime_conforms() {
             "{}: batch row 1 alone differs by {d}",
             kind.name()
         );
+        // Rows at different positions share a call: row 0 at `half` and row 1 at 3, prefilled
+        // into caches of their own and joined (`regroup`), step together; then row 0 leaves
+        // and row 1 goes on alone.
+        let mut a = KvCache::new(&m, 1);
+        sess.forward(&row(0, 0, half), 1, &mut a).unwrap();
+        let mut b = KvCache::new(&m, 1);
+        sess.forward(&row(1, 0, 3), 1, &mut b).unwrap();
+        assert!(sess.mixed_positions(), "{}", kind.name());
+        let mut c = sess.regroup(vec![a, b], &[(0, 0), (1, 0)]).unwrap();
+        assert_eq!(c.lens, vec![half, 3]);
+        let logits_at = |r: usize, p: usize| &want[(r * s + p) * vocab..(r * s + p + 1) * vocab];
+        for k in 0..4 {
+            let (p0, p1) = (half + k, 3 + k);
+            let step = sess.forward(&[ids[p0], ids[s + p1]], 2, &mut c).unwrap();
+            for (r, p) in [(0, p0), (1, p1)] {
+                let d = common::max_abs_diff(&step[r * vocab..(r + 1) * vocab], logits_at(r, p));
+                assert!(
+                    d <= LOGITS_TOL,
+                    "{}: mixed positions: row {r} at {p} differs by {d}",
+                    kind.name()
+                );
+            }
+        }
+        let mut c = sess.regroup(vec![c], &[(0, 1)]).unwrap();
+        assert_eq!(c.lens, vec![7]);
+        let step = sess.forward(&[ids[s + 7]], 1, &mut c).unwrap();
+        let d = common::max_abs_diff(&step, logits_at(1, 7));
+        assert!(
+            d <= LOGITS_TOL,
+            "{}: row 1 after row 0 left differs by {d}",
+            kind.name()
+        );
+        let e = sess.regroup(vec![c], &[(0, 1)]).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
         // A cloned cache is a separate cache: the runtimes write steps into their buffers in
         // place, so a clone must not see (or overwrite) the other's positions.
         let (text, x, y, z) = (row(0, 0, half), ids[half], ids[half + 1], ids[half + 2]);
@@ -253,6 +287,56 @@ fn batched_requests_equal_their_sequential_twins_on_every_runtime() {
     }
 }
 
+/// Token-granular batching: a request that arrives while another is sampling joins its batch at
+/// the next step (one call steps both, each at its own position) and leaves when its image is
+/// done; each gets the images it gets alone.
+#[test]
+fn a_request_joins_the_running_batch_on_every_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    let reqs: Vec<Request> = (0..3u64)
+        .map(|i| Request::new(format!("shape {i}")).seed(i).top_k(16))
+        .collect();
+    for kind in runtimes() {
+        let g = Arc::new(dalle::runtime::open(&dir, kind, &OpenOptions::default()).unwrap());
+        let twins: Vec<_> = reqs.iter().map(|r| g.generate(r).unwrap()).collect();
+        let batcher =
+            dalle_runtimes::Batcher::new(g.clone(), dalle_runtimes::BatcherOptions::new(8, 16));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut tickets = vec![];
+        for (i, r) in reqs.iter().enumerate() {
+            // Each request once the one before it is a few steps into its image.
+            let calls = batcher.stats().forward_calls;
+            while i > 0 && batcher.stats().forward_calls < calls + 3 {
+                std::thread::yield_now();
+            }
+            let tx = tx.clone();
+            tickets.push(
+                batcher
+                    .submit(r, move |out| tx.send((i, out)).unwrap())
+                    .unwrap(),
+            );
+        }
+        for _ in 0..reqs.len() {
+            let (i, out) = rx.recv().unwrap();
+            let out = out.unwrap();
+            assert_eq!(out.codes, twins[i].codes, "{kind:?}: request {i}'s codes");
+            assert_eq!(
+                out.images, twins[i].images,
+                "{kind:?}: request {i}'s images"
+            );
+        }
+        // One-row requests that arrived at different steps: calls of two and three rows are
+        // steps shared by requests at different positions.
+        let stats = batcher.stats();
+        let shared: u64 = stats.rows_histogram[1..].iter().sum();
+        assert!(
+            shared > 0,
+            "{kind:?}: no step was shared by requests that arrived apart: {stats:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_model_directories_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -287,7 +371,13 @@ fn bad_model_directories_are_clear_errors() {
     let text = std::fs::read_to_string(d.join(names::MANIFEST)).unwrap();
     std::fs::write(
         d.join(names::MANIFEST),
-        text.replace("\"schema_version\": 2", "\"schema_version\": 7"),
+        text.replace(
+            &format!(
+                "\"schema_version\": {}",
+                dalle_runtimes::manifest::SCHEMA_VERSION
+            ),
+            "\"schema_version\": 7",
+        ),
     )
     .unwrap();
     assert!(open(&d).contains("schema version 7"), "{}", open(&d));

@@ -1,6 +1,8 @@
 //! `transformer.onnx`: the stage-2 transformer with a KV cache, op for op as
-//! `dalle::transformer::Transformer`. One graph serves prefill (past length 0) and decoding: the
-//! positions `past .. past + seq` come from the `past_sequence_length` input. The cache is a
+//! `dalle::transformer::Transformer`. One graph serves prefill (past length 0) and decoding: row
+//! `r`'s positions `past[r] .. past[r] + seq` come from the `past_sequence_length` input, one
+//! length per row (schema 3), so rows at different points of their sequences — a server's
+//! requests that joined the batch at different steps — share one call. The cache is a
 //! fixed-capacity buffer per layer that the graph only reads; `present` carries just the new
 //! positions, which the caller writes into its buffer. Attention is sparse in the
 //! graph as in candle: each query gathers from the cache only the keys its layer's mask allows
@@ -55,52 +57,81 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) 
     (table, width)
 }
 
-/// What every layer of one attention kind shares in a call at positions `past .. past + seq`.
+/// What every layer of one attention kind shares in a call at positions `past[r] .. past[r] +
+/// seq` of each row `r`.
 #[derive(Clone)]
 struct KindTables {
-    /// i64 `[seq, c]`: the cached key positions each query gathers, c = min(width, max(past, 1)).
+    /// i64 `[b, heads, seq, c]`: each query's cached keys as rows of the flattened cache
+    /// `[b · heads · max_seq, hd]`, c = min(width, max(max(past), 1)).
     rows: String,
-    /// `[seq, seq + c]`: 0 where the query may see the key, −∞ elsewhere, over [this call's own
-    /// positions ++ the gathered cached keys]; a gathered key at or past `past` is one of this
-    /// call's own (counted in the first block) or padding, so it is −∞ in the second.
+    /// `[b, 1, seq, seq + c]`: 0 where the query may see the key, −∞ elsewhere, over [this
+    /// call's own positions ++ the gathered cached keys]; a gathered key at or past the row's
+    /// `past` is one of this call's own (counted in the first block) or padding, so it is −∞
+    /// in the second.
     mask: String,
 }
 
-/// `positions` is the i64 `[seq]` tensor `past .. past + seq`; `past` is i64 `[1]`. Every shape
-/// follows from `positions` (gathers, not slices with computed bounds), so tract's symbolic
-/// shapes stay `seq`.
+/// `positions` is the i64 `[b, seq]` tensor `past[r] .. past[r] + seq`; `past` is i64 `[b]`,
+/// `batch` i64 `[1]`. Every shape follows from `positions` (gathers, not slices with computed
+/// bounds), so tract's symbolic shapes stay `seq`.
+#[allow(clippy::too_many_arguments)]
 fn kind_tables(
     g: &mut Graph,
     geometry: &Geometry,
     kind: AttentionKind,
+    heads: usize,
     past: &str,
     positions: &str,
+    batch: &str,
 ) -> KindTables {
     let n = geometry.seq_len();
     let (keys, width) = key_table(geometry, kind);
     let c = {
         let (one, w) = (g.ints(&[1]), g.ints(&[width as i64]));
-        let at_least_one = g.op("Max", &[past, &one], vec![]);
+        let most = g.op("ReduceMax", &[past], vec![("keepdims", Attr::Int(1))]);
+        let at_least_one = g.op("Max", &[&most, &one], vec![]);
         g.op("Min", &[&w, &at_least_one], vec![])
     };
-    let c = &c;
     let keys = g.int_table(&keys, &[n, width]);
+    // [b, seq, width] → [b, seq, c]
     let rows = g.op("Gather", &[&keys, positions], vec![("axis", Attr::Int(0))]);
-    let c0 = g.op("Squeeze", &[c], vec![]);
+    let c0 = g.op("Squeeze", &[&c], vec![]);
     let (z0, o0) = (g.int_scalar(0), g.int_scalar(1));
     let cols = g.op("Range", &[&z0, &c0, &o0], vec![]);
-    let rows = g.op("Gather", &[&rows, &cols], vec![("axis", Attr::Int(1))]);
-    let cached = g.op("Less", &[&rows, past], vec![]);
+    let rows = g.op("Gather", &[&rows, &cols], vec![("axis", Attr::Int(2))]);
+    let (one, two) = (g.ints(&[1]), g.ints(&[1, 2]));
+    let past3 = g.op("Unsqueeze", &[past, &two], vec![]);
+    let cached = g.op("Less", &[&rows, &past3], vec![]);
     let (open, shut) = (g.scalar(0.0), g.scalar(f32::NEG_INFINITY));
     let cached_mask = g.op("Where", &[&cached, &open, &shut], vec![]);
-    let table = g.table(&mask_table(geometry, kind), &[n, n]);
-    let own = g.op("Gather", &[&table, positions], vec![("axis", Attr::Int(0))]);
-    let own_mask = g.op("Gather", &[&own, positions], vec![("axis", Attr::Int(1))]);
+    // This call's own block: table[positions[r, i], positions[r, j]], from the flattened table.
+    let table = g.table(&mask_table(geometry, kind), &[n * n]);
+    let nn = g.int_scalar(n as i64);
+    let (last, mid) = (g.ints(&[2]), g.ints(&[1]));
+    let qi = g.op("Unsqueeze", &[positions, &last], vec![]);
+    let qi = g.op("Mul", &[&qi, &nn], vec![]);
+    let kj = g.op("Unsqueeze", &[positions, &mid], vec![]);
+    let own_idx = g.op("Add", &[&qi, &kj], vec![]);
+    let own_mask = g.op("Gather", &[&table, &own_idx], vec![("axis", Attr::Int(0))]);
     let mask = g.op(
         "Concat",
         &[&own_mask, &cached_mask],
-        vec![("axis", Attr::Int(1))],
+        vec![("axis", Attr::Int(2))],
     );
+    let mask = g.op("Unsqueeze", &[&mask, &one], vec![]);
+    // Row (r, h, p) of the flattened cache is (r · heads + h) · max_seq + p.
+    let base = {
+        let h = g.ints(&[heads as i64]);
+        let bh = g.op("Mul", &[batch, &h], vec![]);
+        let bh = g.op("Squeeze", &[&bh], vec![]);
+        let starts = g.op("Range", &[&z0, &bh, &o0], vec![]);
+        let cap = g.int_scalar(n as i64);
+        let starts = g.op("Mul", &[&starts, &cap], vec![]);
+        let shape = g.ints(&[-1, heads as i64, 1, 1]);
+        g.op("Reshape", &[&starts, &shape], vec![])
+    };
+    let rows = g.op("Unsqueeze", &[&rows, &one], vec![]);
+    let rows = g.op("Add", &[&base, &rows], vec![]);
     KindTables { rows, mask }
 }
 
@@ -117,17 +148,14 @@ fn sparse_attention(
     hd: usize,
     seq: &str,
 ) -> String {
-    // [b, h, seq, c, hd]
-    let kg = g.op(
-        "Gather",
-        &[cached.0, &tables.rows],
-        vec![("axis", Attr::Int(2))],
+    // [b, h, seq, c, hd], from the caches flattened to [b · h · max_seq, hd]
+    let flat = g.ints(&[-1, hd as i64]);
+    let (ck, cv) = (
+        g.op("Reshape", &[cached.0, &flat], vec![]),
+        g.op("Reshape", &[cached.1, &flat], vec![]),
     );
-    let vg = g.op(
-        "Gather",
-        &[cached.1, &tables.rows],
-        vec![("axis", Attr::Int(2))],
-    );
+    let kg = g.op("Gather", &[&ck, &tables.rows], vec![("axis", Attr::Int(0))]);
+    let vg = g.op("Gather", &[&cv, &tables.rows], vec![("axis", Attr::Int(0))]);
     let three = g.ints(&[3]);
     let scale = g.scalar(1.0 / (hd as f32).sqrt());
     let q = g.op("Mul", &[q, &scale], vec![]);
@@ -275,7 +303,13 @@ pub fn transformer_with(
         Elem::I64,
         &[batch.clone(), Dim::Named(names::DIM_SEQ)],
     );
-    let past_len = g.input(names::PAST_LENGTH, Elem::I64, &[Dim::Fixed(1)]);
+    // Each row's past length (schema 3); the full-buffer variant serves one sequence a call
+    // (Triton's sequence batcher) and keeps its one length, `[1]`.
+    let past_dims = match present {
+        Present::NewPositions => [batch.clone()],
+        Present::FullBuffers => [Dim::Fixed(1)],
+    };
+    let past_len = g.input(names::PAST_LENGTH, Elem::I64, &past_dims);
     let kv_dims = |len: Dim| [batch.clone(), Dim::Fixed(heads), len, Dim::Fixed(hd)];
     let mut past = vec![];
     for i in 0..spec.n_layers {
@@ -293,17 +327,29 @@ pub fn transformer_with(
     }
 
     let x = g.scoped("/model", |g| -> R<String> {
-        // Positions past .. past + seq: Range(0, seq) + past.
-        let (seq, positions) = g.scoped("positions", |g| {
+        // Positions past[r] .. past[r] + seq of each row r: Range(0, seq) + past, [b, seq].
+        let (seq, batch_len, past_rows, positions) = g.scoped("positions", |g| {
             let seq = g.op(
                 "Shape",
                 &[&ids],
                 vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
             );
+            let b = g.op(
+                "Shape",
+                &[&ids],
+                vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+            );
+            let past_rows = match present {
+                Present::NewPositions => past_len.clone(),
+                Present::FullBuffers => g.op("Expand", &[&past_len, &b], vec![]),
+            };
             let t = g.op("Squeeze", &[&seq], vec![]);
             let (zero, one) = (g.int_scalar(0), g.int_scalar(1));
             let offsets = g.op("Range", &[&zero, &t, &one], vec![]);
-            (seq.clone(), g.op("Add", &[&offsets, &past_len], vec![]))
+            let axis = g.ints(&[1]);
+            let past2 = g.op("Unsqueeze", &[&past_rows, &axis], vec![]);
+            let positions = g.op("Add", &[&past2, &offsets], vec![]);
+            (seq.clone(), b, past_rows, positions)
         });
         // Full-buffer outputs: the kept spans [0, past) and [past + seq, max_seq) of each buffer.
         let spans = (present == Present::FullBuffers).then(|| {
@@ -357,7 +403,7 @@ pub fn transformer_with(
                 AttentionKind::Conv { .. } => "conv",
             };
             let t = g.scoped(&format!("mask.{label}"), |g| {
-                kind_tables(g, geometry, kind, &past_len, &positions)
+                kind_tables(g, geometry, kind, heads, &past_rows, &positions, &batch_len)
             });
             tables.push((kind, t));
         }
@@ -471,7 +517,7 @@ pub fn transformer_with(
         "transformer",
         opset,
         "DALL·E stage-2 transformer (Ramesh et al. 2021) with a KV cache: input_ids at \
-         positions past_sequence_length .. + seq, past_key_values (fixed-capacity buffers, \
+         positions past_sequence_length[row] .. + seq, past_key_values (fixed-capacity buffers, \
          read only at the keys each layer's mask allows) → logits, present keys/values of the \
          new positions (the caller writes them into its buffers)",
     )

@@ -1,14 +1,17 @@
-//! Batching across requests: many callers share one session, and their images are sampled in as
-//! few `forward` calls as the cache contract allows.
+//! Batching across requests at token granularity: many callers share one session, and all their
+//! images are sampled in one `forward` call a step.
 //!
 //! A request's rows (one per image, twice with guidance) wait only until the next step: then they
-//! are prefilled together with whatever else arrived since the last step, and from there on they
-//! step as one *cohort* with one KV cache until their images are done, when the cohort's images
-//! are decoded in one call and each caller gets its own. Every sequence has the same length, so
-//! the rows of a cohort finish together and leave the batch at once. The exported graphs hold one
-//! past length for all rows of a cache, so two cohorts that started at different steps run one
-//! `forward` each per step; rows that arrive together — e.g. clients that send their next request
-//! as soon as the last is answered — share one.
+//! are prefilled together with whatever else arrived since the last step (one call per prefill
+//! length), and their cache rows join the running batch's ([`Session::regroup`]); from there on
+//! every row steps in the same call, each at its own position (the graphs take one past length
+//! per row, manifest schema 3). A request leaves the batch the step its images are done: they
+//! are decoded at once and its rows dropped from the cache, while the others go on. Where the
+//! runtime cannot step rows at different positions ([`Session::mixed_positions`]: candle off the
+//! CPU), rows prefilled together step together and each such cohort makes its own call.
+//!
+//! [`Session::regroup`]: crate::Session::regroup
+//! [`Session::mixed_positions`]: crate::Session::mixed_positions
 //!
 //! The batcher runs on a thread of its own; [`Batcher::submit`] checks the request at once (a bad
 //! request, a full queue and an oversized request are errors before anything runs) and the reply
@@ -250,7 +253,7 @@ impl Drop for Batcher {
     }
 }
 
-/// Rows that were prefilled together and step together.
+/// Rows that step together in one call, with their cache.
 struct Cohort {
     jobs: Vec<Job>,
     cache: KvCache,
@@ -311,7 +314,8 @@ fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
             }
             admitted
         };
-        // Rows with the same prefill length (the same number of primed codes) finish together.
+        // Newcomers are prefilled together, one call per prefill length (the number of primed
+        // codes), each into a cache of its own...
         let mut groups: Vec<Vec<Job>> = vec![];
         for job in admitted {
             match groups
@@ -338,27 +342,73 @@ fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
                 Err(e) => fail(cohort.jobs, &e),
             }
         }
-        cohorts.retain(|c| !c.jobs.iter().all(Job::cancelled));
-        let mut still = vec![];
-        for mut cohort in cohorts.drain(..) {
-            let mut next = Vec::with_capacity(cohort.rows());
-            let mut done = false;
-            let mut row = 0;
-            for job in &mut cohort.jobs {
-                let rows = job.decoding.rows();
-                match job.decoding.step(&cohort.logits[row..row + rows]) {
-                    Some(ids) => next.extend(ids),
-                    None => done = true,
+        // ...and then join the running batch: from here on all rows step in one call, each at
+        // its own position (where the runtime takes that; else each cohort steps on its own).
+        if cohorts.len() > 1 && generator.session().mixed_positions() {
+            cohorts = match merge(generator, std::mem::take(&mut cohorts)) {
+                Ok(one) => vec![one],
+                Err((jobs, e)) => {
+                    fail(jobs, &e);
+                    vec![]
                 }
+            };
+        }
+        let mut still = vec![];
+        for cohort in cohorts.drain(..) {
+            let Cohort {
+                jobs,
+                cache,
+                logits,
+            } = cohort;
+            // Each request samples its next tokens; finished and cancelled ones leave.
+            let (mut next, mut kept, mut keep_rows, mut done) = (vec![], vec![], vec![], vec![]);
+            let mut row = 0;
+            for mut job in jobs {
+                let rows = job.decoding.rows();
+                let span = row..row + rows;
+                row += rows;
+                if job.cancelled() {
+                    continue;
+                }
+                let step = job.decoding.step(&logits[span.clone()]);
                 shared.tokens.fetch_add(
                     (rows / if job.decoding.guided() { 2 } else { 1 }) as u64,
                     Ordering::Relaxed,
                 );
-                row += rows;
+                match step {
+                    Some(ids) => {
+                        next.extend(ids);
+                        keep_rows.extend(span);
+                        kept.push(job);
+                    }
+                    None => done.push(job),
+                }
             }
-            if done {
-                finish(generator, cohort.jobs);
+            if !done.is_empty() {
+                finish(generator, done);
+            }
+            if kept.is_empty() {
                 continue;
+            }
+            let mut cohort = Cohort {
+                jobs: kept,
+                cache,
+                logits: vec![],
+            };
+            if keep_rows.len() < row {
+                // Rows left: the cache keeps the others' rows only.
+                let picks: Vec<(usize, usize)> = keep_rows.iter().map(|&r| (0, r)).collect();
+                let regrouped = catch_unwind(AssertUnwindSafe(|| {
+                    generator.session().regroup(vec![cohort.cache], &picks)
+                }))
+                .unwrap_or_else(|_| Err(panicked(generator.session().name())));
+                match regrouped {
+                    Ok(cache) => cohort.cache = cache,
+                    Err(e) => {
+                        fail(cohort.jobs, &e);
+                        continue;
+                    }
+                }
             }
             let b = cohort.rows();
             match forward(generator, shared, &next, b, &mut cohort.cache) {
@@ -376,6 +426,29 @@ fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .running_rows = running;
+    }
+}
+
+/// One cohort of all `cohorts`' rows, in order, with one cache; on an error, every job and why.
+fn merge(generator: &Generator, cohorts: Vec<Cohort>) -> Result<Cohort, (Vec<Job>, RuntimeError)> {
+    let mut picks = vec![];
+    let (mut jobs, mut caches, mut logits) = (vec![], vec![], vec![]);
+    for (i, c) in cohorts.into_iter().enumerate() {
+        picks.extend((0..c.cache.batch).map(|r| (i, r)));
+        jobs.extend(c.jobs);
+        caches.push(c.cache);
+        logits.extend(c.logits);
+    }
+    let session = generator.session();
+    match catch_unwind(AssertUnwindSafe(|| session.regroup(caches, &picks)))
+        .unwrap_or_else(|_| Err(panicked(session.name())))
+    {
+        Ok(cache) => Ok(Cohort {
+            jobs,
+            cache,
+            logits,
+        }),
+        Err(e) => Err((jobs, e)),
     }
 }
 

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 /// 2: the KV cache is a fixed-capacity buffer the caller updates (`past_sequence_length` input,
 /// `present` holds only the new positions) — schema 1 graphs concatenated and returned the
 /// whole cache every step.
-pub const SCHEMA_VERSION: u32 = 2;
+///
+/// 3: `past_sequence_length` is `[batch]`, one past length per row (schema 2: `[1]` for all
+/// rows), so rows at different positions share a call.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Element type of the weights and the computation inside the graphs. Inputs and outputs are
 /// f32 / i64 in both cases.

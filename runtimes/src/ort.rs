@@ -4,8 +4,8 @@
 //! directory `dalle setup ort [--gpu]` fills (see [`library_dir`]).
 
 use crate::session::{
-    check_decode, check_encode, check_forward, to_capacity, write_positions, KvCache, RuntimeError,
-    Session,
+    check_decode, check_encode, check_forward, check_regroup, host_to_capacity, regroup_buffers,
+    write_rows, KvCache, RuntimeError, Session,
 };
 use crate::{names, Manifest};
 use ort::session::{Session as OrtSession, SessionInputValue};
@@ -18,6 +18,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// new positions) written into them.
 #[derive(Clone)]
 struct OrtKv(Vec<(Vec<f32>, Vec<f32>)>);
+
+impl OrtKv {
+    /// From buffers layer after layer, keys then values.
+    fn from_buffers(buffers: Vec<Vec<f32>>) -> Self {
+        let mut it = buffers.into_iter();
+        let mut layers = vec![];
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            layers.push((k, v));
+        }
+        OrtKv(layers)
+    }
+}
 
 /// The ONNX Runtime release the adapter is built and tested against (`ort` rc.15 reads ≥ 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -299,19 +311,13 @@ impl Session for OrtRuntimeSession {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let e = run_err(self.name);
         let cap = self.manifest.max_seq();
-        let dims = cache.dims();
+        let (b, h, hd) = (batch, cache.heads, cache.head_dim);
         let mut kv = match cache.take_native_as(self.name, |kv: &OrtKv| Ok(kv.clone()))? {
             Some(kv) => kv,
-            None => OrtKv(
-                cache
-                    .layers
-                    .iter()
-                    .map(|(k, v)| (to_capacity(k, dims, cap), to_capacity(v, dims, cap)))
-                    .collect(),
-            ),
+            None => OrtKv::from_buffers(host_to_capacity(cache, cap)?),
         };
-        let [b, h, len, hd] = dims;
         let buffer = vec![b, h, cap, hd];
+        let past: Vec<i64> = cache.lens.iter().map(|&l| l as i64).collect();
         let mut inputs: Vec<(String, SessionInputValue)> = vec![
             (
                 names::INPUT_IDS.into(),
@@ -321,9 +327,7 @@ impl Session for OrtRuntimeSession {
             ),
             (
                 names::PAST_LENGTH.into(),
-                Tensor::from_array((vec![1], vec![len as i64]))
-                    .map_err(&e)?
-                    .into(),
+                Tensor::from_array((vec![batch], past)).map_err(&e)?.into(),
             ),
         ];
         for (i, (k, v)) in kv.0.iter().enumerate() {
@@ -347,14 +351,42 @@ impl Session for OrtRuntimeSession {
                     message: format!("the graph returned no `{name}`"),
                 })?;
                 let new = value.try_extract_tensor::<f32>().map_err(&e)?.1;
-                write_positions(buffer, new, b * h, cap, hd, len, t);
+                write_rows(buffer, new, b * h, cap, hd, &cache.lens, t);
             }
         }
         drop(out);
         drop(session);
         cache.set_native(self.name, Arc::new(kv));
-        cache.len += t;
+        cache.advance(t);
         Ok(logits)
+    }
+
+    fn regroup(
+        &self,
+        mut parts: Vec<KvCache>,
+        picks: &[(usize, usize)],
+    ) -> Result<KvCache, RuntimeError> {
+        let lens = check_regroup(&parts, picks)?;
+        let cap = self.manifest.max_seq();
+        let mut out = KvCache::new(&self.manifest, picks.len());
+        let held: Vec<Option<OrtKv>> = parts
+            .iter_mut()
+            .map(|c| c.take_native_as(self.name, |kv: &OrtKv| Ok(kv.clone())))
+            .collect::<Result<_, _>>()?;
+        let views: Vec<Vec<&[f32]>> = held
+            .iter()
+            .map(|kv| {
+                kv.iter()
+                    .flat_map(|kv| kv.0.iter())
+                    .flat_map(|(k, v)| [&k[..], &v[..]])
+                    .collect()
+            })
+            .collect();
+        let n = 2 * self.manifest.transformer.n_layers;
+        let data = regroup_buffers(&views, n, out.heads * cap * out.head_dim, picks);
+        out.set_native(self.name, Arc::new(OrtKv::from_buffers(data)));
+        out.lens = lens;
+        Ok(out)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

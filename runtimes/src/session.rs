@@ -15,8 +15,9 @@ pub struct KvCache {
     pub batch: usize,
     pub heads: usize,
     pub head_dim: usize,
-    /// Positions held.
-    pub len: usize,
+    /// Positions held by each row. Rows may hold different numbers: a server's requests join
+    /// and leave the batch at any step (see [`Session::regroup`]).
+    pub lens: Vec<usize>,
     /// (keys, values) per layer.
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
     /// The owning runtime's name and its own copy of the cache: copying the whole cache to and
@@ -42,7 +43,7 @@ impl KvCache {
             batch,
             heads: t.n_heads,
             head_dim: t.head_dim,
-            len: 0,
+            lens: vec![0; batch],
             layers: vec![(vec![], vec![]); t.n_layers],
             native: None,
         }
@@ -56,7 +57,7 @@ impl KvCache {
     ) -> Result<Option<Arc<dyn Any + Send + Sync>>, RuntimeError> {
         match self.native.take() {
             Some((owner, state)) if owner == runtime => Ok(Some(state)),
-            Some((owner, state)) if self.len > 0 => {
+            Some((owner, state)) if !self.is_empty() => {
                 self.native = Some((owner, state));
                 Err(foreign(owner, runtime))
             }
@@ -93,9 +94,30 @@ impl KvCache {
         self.native = Some((runtime, state));
     }
 
-    /// Shape of one layer's keys or values.
+    /// Shape of one layer's keys or values in the host layout (rows of equal length; the
+    /// longest row's otherwise).
     pub fn dims(&self) -> [usize; 4] {
-        [self.batch, self.heads, self.len, self.head_dim]
+        let len = self.lens.iter().copied().max().unwrap_or(0);
+        [self.batch, self.heads, len, self.head_dim]
+    }
+
+    /// The positions every row holds, when they hold the same number.
+    pub fn uniform_len(&self) -> Option<usize> {
+        match self.lens.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&l| l == first) => Some(first),
+            None => Some(0),
+            _ => None,
+        }
+    }
+
+    /// No row holds a position yet.
+    pub fn is_empty(&self) -> bool {
+        self.lens.iter().all(|&l| l == 0)
+    }
+
+    /// Each row moved on by `t` positions (after a `forward` of `t` tokens a row).
+    pub fn advance(&mut self, t: usize) {
+        self.lens.iter_mut().for_each(|l| *l += t);
     }
 }
 
@@ -110,6 +132,24 @@ pub fn to_capacity(host: &[f32], dims: [usize; 4], cap: usize) -> Vec<f32> {
     buf
 }
 
+/// The cache's host layers in the graphs' capacity layout, layer after layer, keys then values
+/// (zero-filled where nothing is held). Host layers hold rows of equal length.
+pub fn host_to_capacity(cache: &KvCache, cap: usize) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    if cache.uniform_len().is_none() {
+        return Err(RuntimeError::Request(
+            "a KV cache on the host holds rows of equal length; rows at different positions \
+             live in a runtime's own cache (KvCache::new, then forward)"
+                .into(),
+        ));
+    }
+    let dims = cache.dims();
+    Ok(cache
+        .layers
+        .iter()
+        .flat_map(|(k, v)| [to_capacity(k, dims, cap), to_capacity(v, dims, cap)])
+        .collect())
+}
+
 /// Write `new` (`rows × t × hd`, e.g. a graph's `present` output) into `buf` (`rows × cap × hd`)
 /// at positions `at .. at + t` of every row.
 pub fn write_positions(
@@ -121,10 +161,71 @@ pub fn write_positions(
     at: usize,
     t: usize,
 ) {
+    write_rows(buf, new, rows, cap, hd, &[at], t);
+}
+
+/// [`write_positions`] where batch row `i` (`rows / at.len()` consecutive rows of `buf`, its
+/// heads) writes at its own `at[i]`.
+pub fn write_rows(
+    buf: &mut [f32],
+    new: &[f32],
+    rows: usize,
+    cap: usize,
+    hd: usize,
+    at: &[usize],
+    t: usize,
+) {
+    let per = rows / at.len().max(1);
     for r in 0..rows {
-        let dst = (r * cap + at) * hd;
+        let dst = (r * cap + at[r / per]) * hd;
         buf[dst..dst + t * hd].copy_from_slice(&new[r * t * hd..(r + 1) * t * hd]);
     }
+}
+
+/// The rows `picks` (`(part, row)`: row `row` of `parts[part]`) of caches in the graphs'
+/// capacity layout, one after another: `parts` hold each cache's buffers (layer after layer,
+/// keys then values), `row_len` the values of one row of one buffer (heads · capacity ·
+/// head_dim). A part with no buffers (nothing run yet) gives zero rows.
+pub fn regroup_buffers(
+    parts: &[Vec<&[f32]>],
+    buffers: usize,
+    row_len: usize,
+    picks: &[(usize, usize)],
+) -> Vec<Vec<f32>> {
+    (0..buffers)
+        .map(|i| {
+            let mut out = Vec::with_capacity(picks.len() * row_len);
+            for &(part, row) in picks {
+                match parts[part].get(i) {
+                    Some(buf) => out.extend_from_slice(&buf[row * row_len..(row + 1) * row_len]),
+                    None => out.resize(out.len() + row_len, 0.0),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// Checks before [`Session::regroup`]: every pick names a row of a part. Returns the new
+/// cache's row lengths.
+pub fn check_regroup(
+    parts: &[KvCache],
+    picks: &[(usize, usize)],
+) -> Result<Vec<usize>, RuntimeError> {
+    picks
+        .iter()
+        .map(|&(part, row)| {
+            parts
+                .get(part)
+                .and_then(|c| c.lens.get(row).copied())
+                .ok_or_else(|| {
+                    RuntimeError::Request(format!(
+                        "regroup: row {row} of cache {part} does not exist ({} caches)",
+                        parts.len()
+                    ))
+                })
+        })
+        .collect()
 }
 
 fn foreign(owner: &str, runtime: &str) -> RuntimeError {
@@ -174,14 +275,29 @@ pub trait Session: Send + Sync {
 
     fn manifest(&self) -> &Manifest;
 
-    /// Run the transformer on `ids` (`batch` rows of equal length, unified vocabulary) at
-    /// positions `cache.len ..`; returns `[batch, t, vocab]` logits and extends `cache`.
+    /// Run the transformer on `ids` (`batch` rows of equal length, unified vocabulary), row `r`
+    /// at positions `cache.lens[r] ..`; returns `[batch, t, vocab]` logits and extends `cache`.
     fn forward(
         &self,
         ids: &[i64],
         batch: usize,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, RuntimeError>;
+
+    /// Whether `forward` takes rows at different positions in one call (a batch that requests
+    /// join and leave at any step). Where not, only rows of equal length may share a cache.
+    fn mixed_positions(&self) -> bool {
+        true
+    }
+
+    /// A cache of rows taken from caches this session has run: row `i` of the result is row
+    /// `picks[i].1` of `parts[picks[i].0]`, at its own position. How a server's batch takes in
+    /// the rows of newly prefilled requests and lets finished ones go.
+    fn regroup(
+        &self,
+        parts: Vec<KvCache>,
+        picks: &[(usize, usize)],
+    ) -> Result<KvCache, RuntimeError>;
 
     /// `[batch, grid²]` codebook tokens → `[batch, 3, H, W]` pixels in [0, 1].
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError>;
@@ -213,11 +329,16 @@ pub fn check_forward(
         )));
     }
     let t = ids.len() / batch;
-    if cache.len + t > m.max_seq() {
+    if cache.lens.len() != batch {
         return Err(RuntimeError::Request(format!(
-            "positions {}..{} exceed the model's sequence length {}",
-            cache.len,
-            cache.len + t,
+            "the KV cache holds positions of {} rows; this call has {batch}",
+            cache.lens.len()
+        )));
+    }
+    if let Some(&len) = cache.lens.iter().find(|&&l| l + t > m.max_seq()) {
+        return Err(RuntimeError::Request(format!(
+            "positions {len}..{} exceed the model's sequence length {}",
+            len + t,
             m.max_seq()
         )));
     }

@@ -2,8 +2,8 @@
 //! symbolic batch / sequence / past dimensions and reused for every call.
 
 use crate::session::{
-    check_decode, check_encode, check_forward, to_capacity, write_positions, KvCache, RuntimeError,
-    Session,
+    check_decode, check_encode, check_forward, check_regroup, host_to_capacity, regroup_buffers,
+    write_rows, KvCache, RuntimeError, Session,
 };
 use crate::{names, Manifest};
 use std::path::Path;
@@ -83,6 +83,23 @@ fn values<T: tract_onnx::prelude::Datum + Copy>(v: &TValue) -> Result<Vec<T>, Ru
     })
 }
 
+/// Host buffers in the capacity layout as tract tensors `[b, h, cap, hd]`.
+fn buffers(
+    data: Vec<Vec<f32>>,
+    b: usize,
+    h: usize,
+    cap: usize,
+    hd: usize,
+) -> Result<Vec<Arc<Tensor>>, RuntimeError> {
+    data.into_iter()
+        .map(|d| {
+            let t = tract_onnx::prelude::tract_ndarray::Array4::from_shape_vec((b, h, cap, hd), d)
+                .map_err(err)?;
+            Ok(Arc::new(Tensor::from(t)))
+        })
+        .collect()
+}
+
 impl TractSession {
     fn run(
         &self,
@@ -110,25 +127,14 @@ impl Session for TractSession {
     ) -> Result<Vec<f32>, RuntimeError> {
         let t = check_forward(&self.manifest, ids, batch, cache)?;
         let cap = self.manifest.max_seq();
-        let dims = cache.dims();
-        let [b, h, len, hd] = dims;
+        let (h, hd) = (cache.heads, cache.head_dim);
         // A cloned cache shares the tensors; `Arc::make_mut` below copies them on write.
         let mut kv = match cache.take_native_as(NAME, |kv: &TractKv| Ok(TractKv(kv.0.clone())))? {
             Some(kv) => kv,
-            None => {
-                let mut buffers = vec![];
-                for (k, v) in &cache.layers {
-                    for host in [k, v] {
-                        let data = to_capacity(host, dims, cap);
-                        let tensor = Tensor::from_shape(&[b, h, cap, hd], &data).map_err(err)?;
-                        buffers.push(Arc::new(tensor));
-                    }
-                }
-                TractKv(buffers)
-            }
+            None => TractKv(buffers(host_to_capacity(cache, cap)?, batch, h, cap, hd)?),
         };
-        let mut inputs: TVec<TValue> =
-            tvec![tensor(&[batch, t], ids)?, tensor(&[1], &[len as i64])?];
+        let past: Vec<i64> = cache.lens.iter().map(|&l| l as i64).collect();
+        let mut inputs: TVec<TValue> = tvec![tensor(&[batch, t], ids)?, tensor(&[batch], &past)?];
         inputs.extend(kv.0.iter().map(|k| TValue::from_const(k.clone())));
         let out = self.run(&self.transformer, inputs)?;
         let logits = values(&out[0])?;
@@ -144,12 +150,55 @@ impl Session for TractSession {
             let buffer = buffer
                 .as_slice_mut()
                 .ok_or_else(|| err("a KV buffer is not contiguous"))?;
-            write_positions(buffer, new, b * h, cap, hd, len, t);
+            write_rows(buffer, new, batch * h, cap, hd, &cache.lens, t);
         }
         drop(out);
         cache.set_native(NAME, Arc::new(kv));
-        cache.len += t;
+        cache.advance(t);
         Ok(logits)
+    }
+
+    fn regroup(
+        &self,
+        mut parts: Vec<KvCache>,
+        picks: &[(usize, usize)],
+    ) -> Result<KvCache, RuntimeError> {
+        let lens = check_regroup(&parts, picks)?;
+        let cap = self.manifest.max_seq();
+        let mut out = KvCache::new(&self.manifest, picks.len());
+        let (h, hd) = (out.heads, out.head_dim);
+        let held: Vec<Option<TractKv>> = parts
+            .iter_mut()
+            .map(|c| c.take_native_as(NAME, |kv: &TractKv| Ok(TractKv(kv.0.clone()))))
+            .collect::<Result<_, _>>()?;
+        let plain: Vec<Vec<_>> = held
+            .iter()
+            .map(|kv| {
+                kv.iter()
+                    .flat_map(|kv| kv.0.iter())
+                    .map(|t| t.to_plain_array_view::<f32>().map_err(err))
+                    .collect::<Result<_, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let views: Vec<Vec<&[f32]>> = plain
+            .iter()
+            .map(|part| {
+                part.iter()
+                    .map(|v| {
+                        v.as_slice()
+                            .ok_or_else(|| err("a KV buffer is not contiguous"))
+                    })
+                    .collect::<Result<_, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let n = 2 * self.manifest.transformer.n_layers;
+        let data = regroup_buffers(&views, n, h * cap * hd, picks);
+        out.set_native(
+            NAME,
+            Arc::new(TractKv(buffers(data, picks.len(), h, cap, hd)?)),
+        );
+        out.lens = lens;
+        Ok(out)
     }
 
     fn decode(&self, tokens: &[i64], batch: usize) -> Result<Vec<f32>, RuntimeError> {

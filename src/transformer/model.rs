@@ -125,8 +125,9 @@ impl Attention {
         let q = qkv.get(0)?.contiguous()?;
         let mut k = qkv.get(1)?.contiguous()?;
         let mut v = qkv.get(2)?.contiguous()?;
-        if let Some((slot, past, capacity)) = cache {
-            let (bk, bv) = store(slot, &k, &v, past, capacity)?;
+        if let Some((slot, pasts, capacity)) = cache {
+            let (bk, bv) = store(slot, &k, &v, pasts, capacity)?;
+            let past = pasts.iter().copied().max().unwrap_or(0);
             (k, v) = match keys {
                 Some(_) => (bk, bv),
                 None => (bk.narrow(2, 0, past + t)?, bv.narrow(2, 0, past + t)?),
@@ -384,8 +385,7 @@ impl Transformer {
                 self.blocks.len()
             );
         }
-        let past = cache.past_len();
-        if past + t > self.seq_len() {
+        if let Some(&past) = cache.pasts.iter().find(|&&p| p + t > self.seq_len()) {
             candle_core::bail!(
                 "positions {past}..{} exceed the sequence length {}",
                 past + t,
@@ -433,7 +433,13 @@ impl Transformer {
         let cached = cache.is_some();
         let cache = cache.unwrap_or(&mut scratch);
         self.check_cache(cache, t)?;
-        let past = cache.past_len();
+        let Some(past) = cache.past_len() else {
+            candle_core::bail!(
+                "the KV cache's rows hold different numbers of positions: only single-token \
+                 steps on the CPU (f32) take such rows"
+            );
+        };
+        let b = ids.dim(0)?;
         let mut x = self
             .tokens
             .forward(ids)?
@@ -451,10 +457,11 @@ impl Transformer {
         for (i, block) in self.blocks.iter().enumerate() {
             let mask = self.masks[i].narrow(0, past, t)?.narrow(1, 0, past + t)?;
             let k = keys.get(list_of_layer[i]);
-            let slot = cached.then(|| (&mut cache.layers[i], past, self.seq_len()));
+            let pasts = [past];
+            let slot = cached.then(|| (&mut cache.layers[i], &pasts[..], self.seq_len()));
             x = block.forward(&x, &mask, k, slot)?;
         }
-        cache.len = past + t;
+        cache.pasts = vec![past + t; b];
         self.head.forward(&self.ln_f.forward(&x)?)
     }
 }

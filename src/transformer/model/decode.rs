@@ -1,5 +1,5 @@
-//! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at the
-//! same position, each layer's small operations (layer norm, attention over the allowed keys,
+//! One cached decoding step on the CPU in f32, outside candle's graph: every row's token at its
+//! own position, each layer's small operations (layer norm, attention over the allowed keys,
 //! bias, GELU, residual) as plain loops over per-step buffers, and the weight matrices as
 //! matrix-vector passes shared by a [`Team`] (≤ [`linear::SMALL_ROWS`] rows; f32 weights, or
 //! their f16 copy, see [`Transformer::keep_f16_weights`]), the few-rows product
@@ -130,7 +130,7 @@ fn linear(
     Ok(())
 }
 
-/// Attention of each row's query over the cached keys and values at positions `keys`:
+/// Attention of each row's query over the cached keys and values at positions `keys[row]`:
 /// `qkv (rows, 3·d)` as the qkv projection writes it, `kb`/`vb` the layer's cache buffers
 /// (rows, heads, capacity, hd), `y (rows, d)` the heads' outputs side by side.
 #[allow(clippy::too_many_arguments)]
@@ -141,7 +141,7 @@ fn attend(
     kb: &[f32],
     vb: &[f32],
     capacity: usize,
-    keys: &[u32],
+    keys: &[&[u32]],
     y: &mut [f32],
 ) {
     let (h, hd) = (attn.n_heads, attn.head_dim);
@@ -161,7 +161,7 @@ fn attend(
             q,
             &kb[base..base + span],
             &vb[base..base + span],
-            keys,
+            keys[r],
             scale,
             out,
         );
@@ -292,8 +292,8 @@ impl Block {
         x: &mut [f32],
         s: &mut Scratch,
         slot: &mut Option<(Tensor, Tensor)>,
-        (past, capacity): (usize, usize),
-        keys: &[u32],
+        (pasts, capacity): (&[usize], usize),
+        keys: &[&[u32]],
     ) -> Result<()> {
         let attn = &self.attn;
         let (h, hd) = (attn.n_heads, attn.head_dim);
@@ -309,7 +309,7 @@ impl Block {
             }
             Tensor::from_vec(v, (rows, h, 1, hd), &candle_core::Device::Cpu)
         };
-        let (kb, vb) = store(slot, &part(1)?, &part(2)?, past, capacity)?;
+        let (kb, vb) = store(slot, &part(1)?, &part(2)?, pasts, capacity)?;
         {
             let (kr, vr) = (raw(&kb)?, raw(&vb)?);
             attend(
@@ -342,7 +342,7 @@ impl Transformer {
             && self.tokens.embeddings().dtype() == candle_core::DType::F32
     }
 
-    /// `ids (rows, 1)` at position `cache.past_len()` → `(rows, 1, vocab)` logits; the cache is
+    /// `ids (rows, 1)`, each row at its position in `cache` → `(rows, 1, vocab)` logits; the cache is
     /// extended in place. The caller has checked the cache's layer count and the position.
     ///
     /// The step runs on rayon's threads, so that its parallel work is split in place instead of
@@ -365,39 +365,56 @@ impl Transformer {
     }
 
     /// [`Transformer::decode_step`] on the ids as a list, its parallel work shared by `par`.
+    /// Each row is at its own position (a server's requests join the batch at any step).
     fn decode_rows(&self, par: Par, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let rows = ids.len();
-        let past = cache.past_len();
+        let pasts = cache.row_pasts(rows)?;
         let d = self.config.transformer.d_model;
         let vocab = self.layout.vocab_size();
         let capacity = self.seq_len();
-        // Token embedding plus this position's embedding (text position, or image row + column).
+        // Token embedding plus the row's position embedding (text position, or image row +
+        // column).
         let mut x = vec![0f32; rows * d];
         {
             let table = raw(self.tokens.embeddings())?;
             let table = table.get();
-            let pos: Vec<f32> = if past < self.text_len {
-                raw(&self.text_pos)?.get()[past * d..(past + 1) * d].to_vec()
-            } else {
-                let (r, c) = (
-                    (past - self.text_len) / self.grid,
-                    (past - self.text_len) % self.grid,
-                );
-                let (rw, cw) = (raw(&self.image_row)?, raw(&self.image_col)?);
-                let (rw, cw) = (&rw.get()[r * d..(r + 1) * d], &cw.get()[c * d..(c + 1) * d]);
-                rw.iter().zip(cw).map(|(a, b)| a + b).collect()
-            };
-            for (xr, &id) in x.chunks_exact_mut(d).zip(ids) {
+            let (text_pos, rw, cw) = (
+                raw(&self.text_pos)?,
+                raw(&self.image_row)?,
+                raw(&self.image_col)?,
+            );
+            for ((xr, &id), &past) in x.chunks_exact_mut(d).zip(ids).zip(&pasts) {
                 let Some(e) = table.get(id as usize * d..(id as usize + 1) * d) else {
                     candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
                 };
-                xr.iter_mut()
-                    .zip(e.iter().zip(&pos))
-                    .for_each(|(o, (a, b))| *o = a + b);
+                if past < self.text_len {
+                    let pos = &text_pos.get()[past * d..(past + 1) * d];
+                    xr.iter_mut()
+                        .zip(e.iter().zip(pos))
+                        .for_each(|(o, (a, b))| *o = a + b);
+                } else {
+                    let (r, c) = (
+                        (past - self.text_len) / self.grid,
+                        (past - self.text_len) % self.grid,
+                    );
+                    let (rp, cp) = (&rw.get()[r * d..(r + 1) * d], &cw.get()[c * d..(c + 1) * d]);
+                    for (((o, a), b), c) in xr.iter_mut().zip(e).zip(rp).zip(cp) {
+                        *o = a + (b + c);
+                    }
+                }
             }
         }
-        // The positions each layer's mask allows this query to read.
-        let (allowed, list_of_layer) = self.allowed_keys(past);
+        // The positions each layer's mask allows each row's query to read: one set of lists
+        // per distinct position among the rows.
+        let mut distinct: Vec<usize> = pasts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let allowed: Vec<(Vec<Vec<u32>>, Vec<usize>)> =
+            distinct.iter().map(|&p| self.allowed_keys(p)).collect();
+        let of_row: Vec<usize> = pasts
+            .iter()
+            .map(|p| distinct.binary_search(p).unwrap_or(0))
+            .collect();
         let mut s = Scratch {
             h: vec![0f32; rows * d],
             qkv: vec![0f32; rows * 3 * d],
@@ -405,18 +422,25 @@ impl Transformer {
             a: vec![0f32; rows * d],
             fc: vec![0f32; rows * 4 * d],
         };
+        let at: &[usize] = match cache.past_len() {
+            Some(_) => &pasts[..1],
+            None => &pasts,
+        };
         for (i, block) in self.blocks.iter().enumerate() {
-            let keys = &allowed[list_of_layer[i]];
+            let keys: Vec<&[u32]> = of_row
+                .iter()
+                .map(|&j| &allowed[j].0[allowed[j].1[i]][..])
+                .collect();
             block.decode(
                 par,
                 &mut x,
                 &mut s,
                 &mut cache.layers[i],
-                (past, capacity),
-                keys,
+                (at, capacity),
+                &keys,
             )?;
         }
-        cache.len = past + 1;
+        cache.pasts = pasts.iter().map(|p| p + 1).collect();
         layer_norm(&self.ln_f, &x, d, &mut s.h)?;
         let mut logits = vec![0f32; rows * vocab];
         linear(par, &self.head, &s.h, &mut logits, |v| v)?;
