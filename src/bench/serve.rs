@@ -109,8 +109,8 @@ pub fn run(
     probe.generate(0)?;
     // The largest client count once more with staggered starts: client i waits i/c of an
     // offline batch-1 request before its first, so arrivals spread over the steps as they do
-    // when clients are independent (and cohorts that start at different steps cannot share a
-    // transformer call: the rows-per-call column shows what that costs).
+    // when clients are independent: each request joins the running batch at the step after it
+    // arrives, and the rows-per-call column shows how full the steps were.
     let single = rows[0].p50;
     let largest = o.clients.iter().max().copied().unwrap_or(1);
     let runs = o
