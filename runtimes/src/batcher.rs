@@ -16,7 +16,7 @@
 //! The batcher runs on a thread of its own; [`Batcher::submit`] checks the request at once (a bad
 //! request, a full queue and an oversized request are errors before anything runs) and the reply
 //! comes through a callback. Dropping the [`Ticket`] cancels the request: waiting, it is dropped;
-//! running, its cohort stops once every request in it is cancelled.
+//! running, its rows leave the batch at the next step.
 
 use crate::generator::{last_positions, to_images, Decoding, Generator, Output, Request};
 use crate::session::{KvCache, RuntimeError};
