@@ -11,6 +11,10 @@ use std::sync::Arc;
 const LOGITS_TOL: f32 = 1e-4;
 
 fn export_tiny(root: &Path) -> PathBuf {
+    export_tiny_with(root, &[])
+}
+
+fn export_tiny_with(root: &Path, flags: &[&str]) -> PathBuf {
     let run = root.join("run");
     let bin = env!("CARGO_BIN_EXE_dalle");
     // A random-weight tiny model: the export tests' helper builds it the same way.
@@ -25,6 +29,7 @@ fn export_tiny(root: &Path) -> PathBuf {
             "--out",
             out.to_str().unwrap(),
         ])
+        .args(flags)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -193,6 +198,52 @@ fn every_runtime_conforms() {
     let tract = dalle::runtime::open(&dir, RuntimeKind::Tract, &opts).unwrap();
     let e = tract.session().forward(&ids[4..5], 1, &mut c).unwrap_err();
     assert!(e.to_string().contains("holds candle's state"), "{e}");
+}
+
+/// An `--fp16` export on tract, which widens it to f32 on loading (tract's own f16 kernels on x86
+/// are generic loops, ~1000× slower on the dVAE; the speed is `dalle bench --fp16`'s to show),
+/// agrees with candle's run of it: the logits within the f16 parity tolerance (the graph's f16
+/// scalars — attention scale, GELU's constants — stay f16-rounded), the decoded pixels likewise.
+#[test]
+fn f16_exports_run_in_f32_arithmetic_on_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny_with(tmp.path(), &["--fp16"]);
+    let opts = OpenOptions::default();
+    let candle = dalle::runtime::open(&dir, RuntimeKind::Candle, &opts).unwrap();
+    let tract = dalle::runtime::open(&dir, RuntimeKind::Tract, &opts).unwrap();
+    let m = candle.manifest().clone();
+    assert_eq!(m.dtype, dalle_runtimes::Dtype::F16);
+    let l = m.token_layout();
+    let ids: Vec<i64> = (0..m.max_seq())
+        .map(|i| {
+            if i < l.text_len {
+                (i * 5 % l.text_vocab) as i64
+            } else {
+                l.image((i * 11 % l.codebook) as u32) as i64
+            }
+        })
+        .collect();
+    let logits = |g: &dalle_runtimes::Generator| {
+        let mut c = KvCache::new(&m, 1);
+        g.session().forward(&ids, 1, &mut c).unwrap()
+    };
+    let want = logits(&candle);
+    let tol = dalle::parity::Tolerances::for_model(m.dtype, &want);
+    let d = common::max_abs_diff(&logits(&tract), &want);
+    assert!(
+        d <= tol.logits,
+        "tract's f16 export differs from candle's by {d} (tolerance {})",
+        tol.logits
+    );
+    let codes: Vec<i64> = (0..2 * m.geometry.image_tokens())
+        .map(|i| (i * 7 % m.geometry.codebook) as i64)
+        .collect();
+    let (a, b) = (
+        tract.session().decode(&codes, 2).unwrap(),
+        candle.session().decode(&codes, 2).unwrap(),
+    );
+    let d = common::max_abs_diff(&a, &b);
+    assert!(d <= tol.image, "decoded pixels differ by {d}");
 }
 
 #[test]

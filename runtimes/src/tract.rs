@@ -23,19 +23,49 @@ fn err(message: impl std::fmt::Display) -> RuntimeError {
     }
 }
 
-fn load(dir: &Path, file: &str) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
+/// Load and optimise one graph. `widen`: the graph computes in f16 (`--fp16` export); tract's
+/// f16 kernels on x86 are generic loops (a `small` dVAE decode took 197 s instead of 0.15 s), so
+/// its f16 values and operations become f32 before optimising: the f16 weights, widened, in f32
+/// arithmetic — what the candle runtime does with an f16 export on the CPU.
+fn load(dir: &Path, file: &str, widen: bool) -> Result<Arc<TypedRunnableModel>, RuntimeError> {
     let fail = |e: tract_onnx::prelude::TractError| RuntimeError::Load {
         runtime: NAME,
         file: dir.join(file).display().to_string(),
         message: format!("{e:#}"),
     };
-    let model = tract_onnx::onnx()
+    let mut model = tract_onnx::onnx()
         .model_for_path(dir.join(file))
+        .and_then(|m| m.into_typed())
         .map_err(fail)?;
+    if widen {
+        widen_f16(&mut model).map_err(fail)?;
+    }
     model
         .into_optimized()
         .and_then(|m| m.into_runnable())
         .map_err(fail)
+}
+
+/// An f16 graph as an f32 one: the constants widened in place first (left to the translator,
+/// each would be a `Cast` node, and tract does not fold those of large shared weights: the
+/// `small` preset's step then widened its 44M weights every step, 17 ms instead of 9–10), then
+/// every f16 operation and value made f32.
+fn widen_f16(model: &mut tract_onnx::prelude::TypedModel) -> tract_onnx::prelude::TractResult<()> {
+    use tract_onnx::prelude::{f16, Datum, IntoArcTensor, TypedFact};
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::{floats::FloatPrecisionTranslator, transform::ModelTransform};
+    for node in &mut model.nodes {
+        let Some(k) = node.op_as::<Const>() else {
+            continue;
+        };
+        if k.val().datum_type() != f16::datum_type() {
+            continue;
+        }
+        let wide = k.val().cast_to::<f32>()?.into_owned().into_arc_tensor();
+        node.outputs[0].fact = TypedFact::try_from(wide.clone())?;
+        node.op = Box::new(Const::new(wide)?);
+    }
+    FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type()).transform(model)
 }
 
 /// Keys and values, layer after layer, in the graph's fixed-capacity layout `[batch, heads,
@@ -57,11 +87,12 @@ impl TractSession {
     /// Open a model directory whose manifest has been loaded (and verified) already.
     pub fn open(dir: &Path, manifest: Manifest) -> Result<Self, RuntimeError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let widen = manifest.dtype == crate::Dtype::F16;
         Ok(TractSession {
             executor: Executor::multithread_with_name(threads, "dalle-tract"),
-            encoder: load(dir, names::DVAE_ENCODER)?,
-            decoder: load(dir, names::DVAE_DECODER)?,
-            transformer: load(dir, names::TRANSFORMER)?,
+            encoder: load(dir, names::DVAE_ENCODER, widen)?,
+            decoder: load(dir, names::DVAE_DECODER, widen)?,
+            transformer: load(dir, names::TRANSFORMER, widen)?,
             manifest,
         })
     }
