@@ -61,9 +61,13 @@ pub fn key_table(geometry: &Geometry, kind: AttentionKind) -> (Vec<i64>, usize) 
 /// seq` of each row `r`.
 #[derive(Clone)]
 struct KindTables {
-    /// i64 `[b, heads, seq, c]`: each query's cached keys as rows of the flattened cache
-    /// `[b · heads · max_seq, hd]`, c = min(width, max(max(past), 1)).
+    /// i64 `[b, heads, seq · c, 1]`: each query's cached key positions, for a `GatherND` over
+    /// the cache `[b, heads, max_seq, hd]` with two batch dimensions (each row and head reads
+    /// its own positions; the cache is not reshaped, which would copy it in tract), c =
+    /// min(width, max(max(past), 1)).
     rows: String,
+    /// i64 `[5]`: `[0, 0, seq, -1, hd]`, the gathered keys' shape per query.
+    per_query: String,
     /// `[b, 1, seq, seq + c]`: 0 where the query may see the key, −∞ elsewhere, over [this
     /// call's own positions ++ the gathered cached keys]; a gathered key at or past the row's
     /// `past` is one of this call's own (counted in the first block) or padding, so it is −∞
@@ -72,17 +76,16 @@ struct KindTables {
 }
 
 /// `positions` is the i64 `[b, seq]` tensor `past[r] .. past[r] + seq`; `past` is i64 `[b]`,
-/// `batch` i64 `[1]`. Every shape follows from `positions` (gathers, not slices with computed
+/// `seq` i64 `[1]`. Every shape follows from `positions` (gathers, not slices with computed
 /// bounds), so tract's symbolic shapes stay `seq`.
-#[allow(clippy::too_many_arguments)]
 fn kind_tables(
     g: &mut Graph,
     geometry: &Geometry,
     kind: AttentionKind,
-    heads: usize,
+    (heads, hd): (usize, usize),
     past: &str,
     positions: &str,
-    batch: &str,
+    seq: &str,
 ) -> KindTables {
     let n = geometry.seq_len();
     let (keys, width) = key_table(geometry, kind);
@@ -119,20 +122,19 @@ fn kind_tables(
         vec![("axis", Attr::Int(2))],
     );
     let mask = g.op("Unsqueeze", &[&mask, &one], vec![]);
-    // Row (r, h, p) of the flattened cache is (r · heads + h) · max_seq + p.
-    let base = {
-        let h = g.ints(&[heads as i64]);
-        let bh = g.op("Mul", &[batch, &h], vec![]);
-        let bh = g.op("Squeeze", &[&bh], vec![]);
-        let starts = g.op("Range", &[&z0, &bh, &o0], vec![]);
-        let cap = g.int_scalar(n as i64);
-        let starts = g.op("Mul", &[&starts, &cap], vec![]);
-        let shape = g.ints(&[-1, heads as i64, 1, 1]);
-        g.op("Reshape", &[&starts, &shape], vec![])
-    };
+    // [b, seq, c] → [b, heads, seq · c, 1]
     let rows = g.op("Unsqueeze", &[&rows, &one], vec![]);
-    let rows = g.op("Add", &[&base, &rows], vec![]);
-    KindTables { rows, mask }
+    let every_head = g.ints(&[1, heads as i64, 1, 1]);
+    let rows = g.op("Expand", &[&rows, &every_head], vec![]);
+    let flat = g.ints(&[0, 0, -1, 1]);
+    let rows = g.op("Reshape", &[&rows, &flat], vec![]);
+    let (zz, tail) = (g.ints(&[0, 0]), g.ints(&[-1, hd as i64]));
+    let per_query = g.op("Concat", &[&zz, seq, &tail], vec![("axis", Attr::Int(0))]);
+    KindTables {
+        rows,
+        mask,
+        per_query,
+    }
 }
 
 /// Attention of `q` `[b, h, seq, hd]` over the cached keys its mask allows — gathered per query
@@ -148,14 +150,16 @@ fn sparse_attention(
     hd: usize,
     seq: &str,
 ) -> String {
-    // [b, h, seq, c, hd], from the caches flattened to [b · h · max_seq, hd]
-    let flat = g.ints(&[-1, hd as i64]);
-    let (ck, cv) = (
-        g.op("Reshape", &[cached.0, &flat], vec![]),
-        g.op("Reshape", &[cached.1, &flat], vec![]),
-    );
-    let kg = g.op("Gather", &[&ck, &tables.rows], vec![("axis", Attr::Int(0))]);
-    let vg = g.op("Gather", &[&cv, &tables.rows], vec![("axis", Attr::Int(0))]);
+    // [b, h, seq, c, hd]
+    let gather = |g: &mut Graph, cache: &str| {
+        let x = g.op(
+            "GatherND",
+            &[cache, &tables.rows],
+            vec![("batch_dims", Attr::Int(2))],
+        );
+        g.op("Reshape", &[&x, &tables.per_query], vec![])
+    };
+    let (kg, vg) = (gather(g, cached.0), gather(g, cached.1));
     let three = g.ints(&[3]);
     let scale = g.scalar(1.0 / (hd as f32).sqrt());
     let q = g.op("Mul", &[q, &scale], vec![]);
@@ -328,7 +332,7 @@ pub fn transformer_with(
 
     let x = g.scoped("/model", |g| -> R<String> {
         // Positions past[r] .. past[r] + seq of each row r: Range(0, seq) + past, [b, seq].
-        let (seq, batch_len, past_rows, positions) = g.scoped("positions", |g| {
+        let (seq, past_rows, positions) = g.scoped("positions", |g| {
             let seq = g.op(
                 "Shape",
                 &[&ids],
@@ -349,7 +353,7 @@ pub fn transformer_with(
             let axis = g.ints(&[1]);
             let past2 = g.op("Unsqueeze", &[&past_rows, &axis], vec![]);
             let positions = g.op("Add", &[&past2, &offsets], vec![]);
-            (seq.clone(), b, past_rows, positions)
+            (seq.clone(), past_rows, positions)
         });
         // Full-buffer outputs: the kept spans [0, past) and [past + seq, max_seq) of each buffer.
         let spans = (present == Present::FullBuffers).then(|| {
@@ -403,7 +407,7 @@ pub fn transformer_with(
                 AttentionKind::Conv { .. } => "conv",
             };
             let t = g.scoped(&format!("mask.{label}"), |g| {
-                kind_tables(g, geometry, kind, heads, &past_rows, &positions, &batch_len)
+                kind_tables(g, geometry, kind, (heads, hd), &past_rows, &positions, &seq)
             });
             tables.push((kind, t));
         }
