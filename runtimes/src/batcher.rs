@@ -398,11 +398,7 @@ fn run(generator: &Generator, shared: &Shared, options: BatcherOptions) {
             if keep_rows.len() < row {
                 // Rows left: the cache keeps the others' rows only.
                 let picks: Vec<(usize, usize)> = keep_rows.iter().map(|&r| (0, r)).collect();
-                let regrouped = catch_unwind(AssertUnwindSafe(|| {
-                    generator.session().regroup(vec![cohort.cache], &picks)
-                }))
-                .unwrap_or_else(|_| Err(panicked(generator.session().name())));
-                match regrouped {
+                match regroup(generator, vec![cohort.cache], &picks) {
                     Ok(cache) => cohort.cache = cache,
                     Err(e) => {
                         fail(cohort.jobs, &e);
@@ -439,10 +435,7 @@ fn merge(generator: &Generator, cohorts: Vec<Cohort>) -> Result<Cohort, (Vec<Job
         caches.push(c.cache);
         logits.extend(c.logits);
     }
-    let session = generator.session();
-    match catch_unwind(AssertUnwindSafe(|| session.regroup(caches, &picks)))
-        .unwrap_or_else(|_| Err(panicked(session.name())))
-    {
+    match regroup(generator, caches, &picks) {
         Ok(cache) => Ok(Cohort {
             jobs,
             cache,
@@ -450,6 +443,17 @@ fn merge(generator: &Generator, cohorts: Vec<Cohort>) -> Result<Cohort, (Vec<Job
         }),
         Err(e) => Err((jobs, e)),
     }
+}
+
+/// [`Session::regroup`](crate::Session::regroup); a panic inside the runtime becomes an error.
+fn regroup(
+    generator: &Generator,
+    parts: Vec<KvCache>,
+    picks: &[(usize, usize)],
+) -> Result<KvCache, RuntimeError> {
+    let session = generator.session();
+    catch_unwind(AssertUnwindSafe(|| session.regroup(parts, picks)))
+        .unwrap_or_else(|_| Err(panicked(session.name())))
 }
 
 fn waiting_rows(jobs: &VecDeque<Job>) -> usize {
