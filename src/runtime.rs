@@ -128,46 +128,8 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
 }
 
 /// The candle session's KV cache between steps: each layer's (keys, values) buffers of the
-/// whole sequence's capacity, written in place step after step. The buffers may hold more rows
-/// (slots) than the batch uses, its `rows` first: a server's batch grows and shrinks in place
-/// ([`Session::regroup`]) instead of being copied into new buffers at every join and leave.
-struct NativeCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    rows: usize,
-}
-
-impl NativeCache {
-    /// The buffers' rows in use, as the model's cache takes them (views, written in place).
-    fn in_use(&self) -> candle_core::Result<Vec<Option<(Tensor, Tensor)>>> {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                Some((k, v)) if k.dim(0)? > self.rows => Ok(Some((
-                    k.narrow(0, 0, self.rows)?,
-                    v.narrow(0, 0, self.rows)?,
-                ))),
-                other => Ok(other.clone()),
-            })
-            .collect()
-    }
-
-    /// Row `at` of every buffer set to `row` (one row of the same shape; zeros for `None`).
-    fn set_row(
-        buf: &(Tensor, Tensor),
-        at: usize,
-        row: Option<(Tensor, Tensor)>,
-    ) -> candle_core::Result<()> {
-        let (k, v) = match row {
-            Some(r) => r,
-            None => (
-                buf.0.narrow(0, 0, 1)?.zeros_like()?,
-                buf.1.narrow(0, 0, 1)?.zeros_like()?,
-            ),
-        };
-        buf.0.narrow(0, at, 1)?.slice_set(&k, 0, 0)?;
-        buf.1.narrow(0, at, 1)?.slice_set(&v, 0, 0)
-    }
-}
+/// whole sequence's capacity, written in place step after step.
+struct NativeCache(Vec<Option<(Tensor, Tensor)>>);
 
 /// The candle models behind the runtime trait: from a model directory, or from in-memory
 /// models (a training run's checkpoint; then the dVAE is optional).
@@ -238,14 +200,13 @@ impl CandleSession {
 
 /// A cloned cache's own copy of the shared buffers (every step writes them in place).
 fn native_copy(c: &NativeCache) -> Result<NativeCache, RuntimeError> {
-    let layers = c.layers.iter().map(|l| match l {
+    let layers = c.0.iter().map(|l| match l {
         Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
         None => Ok(None),
     });
-    Ok(NativeCache {
-        layers: layers.collect::<candle_core::Result<_>>().map_err(err)?,
-        rows: c.rows,
-    })
+    Ok(NativeCache(
+        layers.collect::<candle_core::Result<_>>().map_err(err)?,
+    ))
 }
 
 impl Session for CandleSession {
@@ -267,10 +228,9 @@ impl Session for CandleSession {
         let dev = &self.device;
         // The cache stays as candle tensors between steps (in `cache.native`); host layers are
         // read only for a cache filled elsewhere.
-        let held = cache.take_native_as(NAME, native_copy)?;
-        let layers = match &held {
+        let layers = match cache.take_native_as(NAME, native_copy)? {
             // Buffers are written in place: a cache that was cloned gets copies of its own.
-            Some(native) => native.in_use().map_err(err)?,
+            Some(NativeCache(layers)) => layers,
             None => {
                 if cache.uniform_len().is_none() {
                     return Err(RuntimeError::Request(
@@ -297,25 +257,7 @@ impl Session for CandleSession {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, t), dev).map_err(err)?;
         let logits = self.transformer.forward(&ids, Some(&mut c)).map_err(err)?;
-        // Capacity buffers are written in place, so buffers held before stay the buffers
-        // (with their spare rows); the model allocated those of a fresh cache.
-        let returned = c.into_layers();
-        let layers = match held {
-            Some(native) => native
-                .layers
-                .into_iter()
-                .zip(returned)
-                .map(|(kept, new)| kept.or(new))
-                .collect(),
-            None => returned,
-        };
-        cache.set_native(
-            NAME,
-            Arc::new(NativeCache {
-                layers,
-                rows: batch,
-            }),
-        );
+        cache.set_native(NAME, Arc::new(NativeCache(c.into_layers())));
         cache.advance(t);
         logits.flatten_all().and_then(|x| x.to_vec1()).map_err(err)
     }
@@ -344,94 +286,30 @@ impl Session for CandleSession {
             .collect::<Result<_, _>>()?;
         let m = &self.manifest;
         let mut out = KvCache::new(m, picks.len());
-        let row_of = |part: usize, row: usize, i: usize| {
-            held[part]
-                .as_ref()
-                .and_then(|c| c.layers[i].as_ref())
-                .map(|(k, v)| -> candle_core::Result<_> {
-                    Ok((k.narrow(0, row, 1)?, v.narrow(0, row, 1)?))
-                })
-                .transpose()
-        };
-        // In place when the first cache's buffers have the slots and its rows keep their order
-        // (moving only towards the front): a request joining the running batch, or leaving it.
-        let slots = held[0]
-            .as_ref()
-            .and_then(|c| c.layers.iter().flatten().next())
-            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0));
-        let in_place = !picks.is_empty()
-            && held[0]
-                .as_ref()
-                .is_some_and(|c| c.layers.iter().all(Option::is_some))
-            && picks.len() <= slots
-            && picks
-                .iter()
-                .enumerate()
-                .all(|(i, &(part, row))| part != 0 || row >= i)
-            && picks
-                .iter()
-                .filter(|p| p.0 == 0)
-                .zip(picks.iter().filter(|p| p.0 == 0).skip(1))
-                .all(|(a, b)| a.1 < b.1);
-        let layers = if in_place {
-            let mut base = held[0]
-                .as_ref()
-                .map(|c| c.layers.clone())
-                .unwrap_or_default();
-            for (i, buf) in base.iter_mut().enumerate() {
-                let buf = buf.as_ref().expect("checked: every layer is allocated");
-                for (at, &(part, row)) in picks.iter().enumerate() {
-                    if part == 0 && row == at {
-                        continue;
-                    }
-                    // A row of the same buffers moves through a copy (`slice_set` reads and
-                    // writes distinct storage).
-                    let src = row_of(part, row, i).map_err(err)?;
-                    let src = match (part, src) {
-                        (0, Some((k, v))) => Some((k.copy(), v.copy())),
-                        (_, Some((k, v))) => Some((Ok(k), Ok(v))),
-                        (_, None) => None,
-                    };
-                    let src = src
-                        .map(|(k, v)| -> candle_core::Result<_> { Ok((k?, v?)) })
-                        .transpose()
-                        .map_err(err)?;
-                    NativeCache::set_row(buf, at, src).map_err(err)?;
-                }
-            }
-            base
-        } else {
-            // New buffers with room to grow: slots for the next power of two of rows.
-            let mut layers = vec![];
-            let want = picks.len().next_power_of_two();
-            for i in 0..m.transformer.n_layers {
-                let like = held.iter().flatten().find_map(|c| c.layers[i].as_ref());
-                let Some((k0, v0)) = like else {
-                    layers.push(None);
-                    continue;
+        let dims = (1, out.heads, m.max_seq(), out.head_dim);
+        let mut layers = vec![];
+        for i in 0..m.transformer.n_layers {
+            let mut rows = (vec![], vec![]);
+            for &(part, row) in picks {
+                let (k, v) = match held[part].as_ref().and_then(|c| c.0[i].as_ref()) {
+                    Some((k, v)) => (k.narrow(0, row, 1), v.narrow(0, row, 1)),
+                    None => (
+                        Tensor::zeros(dims, DType::F32, &self.device),
+                        Tensor::zeros(dims, DType::F32, &self.device),
+                    ),
                 };
-                let (_, h, cap, hd) = k0.dims4().map_err(err)?;
-                let fresh = |t: &Tensor| {
-                    crate::kernels::pages::zeroed_like((want, h, cap, hd), t).map_err(err)
-                };
-                let buf = (fresh(k0)?, fresh(v0)?);
-                for (at, &(part, row)) in picks.iter().enumerate() {
-                    // Rows of a cache with nothing in this layer stay zero.
-                    if let Some(src) = row_of(part, row, i).map_err(err)? {
-                        NativeCache::set_row(&buf, at, Some(src)).map_err(err)?;
-                    }
-                }
-                layers.push(Some(buf));
+                rows.0.push(k.map_err(err)?);
+                rows.1.push(v.map_err(err)?);
             }
-            layers
-        };
-        out.set_native(
-            NAME,
-            Arc::new(NativeCache {
-                layers,
-                rows: picks.len(),
-            }),
-        );
+            layers.push(if picks.is_empty() {
+                None
+            } else {
+                let k = Tensor::cat(&rows.0, 0).map_err(err)?;
+                let v = Tensor::cat(&rows.1, 0).map_err(err)?;
+                Some((k, v))
+            });
+        }
+        out.set_native(NAME, Arc::new(NativeCache(layers)));
         out.lens = lens;
         Ok(out)
     }
