@@ -272,18 +272,8 @@ impl Session for CandleSession {
         mut parts: Vec<KvCache>,
         picks: &[(usize, usize)],
     ) -> Result<KvCache, RuntimeError> {
-        let lens = dalle_runtimes::session::check_regroup(&parts, picks)?;
-        let held: Vec<Option<NativeCache>> = parts
-            .iter_mut()
-            .map(|c| {
-                if !c.is_empty() && c.native.is_none() {
-                    return Err(RuntimeError::Request(
-                        "regroup takes caches this runtime has run".into(),
-                    ));
-                }
-                c.take_native_as(NAME, native_copy)
-            })
-            .collect::<Result<_, _>>()?;
+        let (lens, held) =
+            dalle_runtimes::session::take_for_regroup(NAME, &mut parts, picks, native_copy)?;
         let m = &self.manifest;
         let mut out = KvCache::new(m, picks.len());
         let dims = (1, out.heads, m.max_seq(), out.head_dim);

@@ -269,6 +269,26 @@ fn generators_are_shared_across_threads() {
     assert_eq!(parallel, sequential);
 }
 
+/// One reply per twin, `(request index, output)`, each equal to its twin: the images the
+/// request gets alone.
+type Reply = (usize, Result<dalle_runtimes::Output, RuntimeError>);
+
+fn expect_twins(
+    rx: &std::sync::mpsc::Receiver<Reply>,
+    twins: &[dalle_runtimes::Output],
+    kind: RuntimeKind,
+) {
+    for _ in 0..twins.len() {
+        let (i, out) = rx.recv().unwrap();
+        let out = out.unwrap();
+        assert_eq!(out.codes, twins[i].codes, "{kind:?}: request {i}'s codes");
+        assert_eq!(
+            out.images, twins[i].images,
+            "{kind:?}: request {i}'s images"
+        );
+    }
+}
+
 /// Requests batched across callers (`Batcher`) give each caller the images it gets alone, on
 /// every runtime: mixed image counts, guidance (two rows an image) and priming (its own cohort),
 /// submitted all at once so that they share `forward` calls.
@@ -305,15 +325,7 @@ fn batched_requests_equal_their_sequential_twins_on_every_runtime() {
                     .unwrap()
             })
             .collect();
-        for _ in 0..reqs.len() {
-            let (i, out) = rx.recv().unwrap();
-            let out = out.unwrap();
-            assert_eq!(out.codes, twins[i].codes, "{kind:?}: request {i}'s codes");
-            assert_eq!(
-                out.images, twins[i].images,
-                "{kind:?}: request {i}'s images"
-            );
-        }
+        expect_twins(&rx, &twins, kind);
         let stats = batcher.stats();
         assert!(
             stats.forward_rows > stats.forward_calls,
@@ -368,15 +380,7 @@ fn a_request_joins_the_running_batch_on_every_runtime() {
                     .unwrap(),
             );
         }
-        for _ in 0..reqs.len() {
-            let (i, out) = rx.recv().unwrap();
-            let out = out.unwrap();
-            assert_eq!(out.codes, twins[i].codes, "{kind:?}: request {i}'s codes");
-            assert_eq!(
-                out.images, twins[i].images,
-                "{kind:?}: request {i}'s images"
-            );
-        }
+        expect_twins(&rx, &twins, kind);
         // One-row requests that arrived at different steps: calls of two and three rows are
         // steps shared by requests at different positions.
         let stats = batcher.stats();

@@ -4,7 +4,7 @@
 //! directory `dalle setup ort [--gpu]` fills (see [`library_dir`]).
 
 use crate::session::{
-    check_decode, check_encode, check_forward, check_regroup, host_to_capacity, regroup_buffers,
+    check_decode, check_encode, check_forward, host_to_capacity, regroup_buffers, take_for_regroup,
     write_rows, KvCache, RuntimeError, Session,
 };
 use crate::{names, Manifest};
@@ -366,13 +366,10 @@ impl Session for OrtRuntimeSession {
         mut parts: Vec<KvCache>,
         picks: &[(usize, usize)],
     ) -> Result<KvCache, RuntimeError> {
-        let lens = check_regroup(&parts, picks)?;
+        let (lens, held) =
+            take_for_regroup(self.name, &mut parts, picks, |kv: &OrtKv| Ok(kv.clone()))?;
         let cap = self.manifest.max_seq();
         let mut out = KvCache::new(&self.manifest, picks.len());
-        let held: Vec<Option<OrtKv>> = parts
-            .iter_mut()
-            .map(|c| c.take_native_as(self.name, |kv: &OrtKv| Ok(kv.clone())))
-            .collect::<Result<_, _>>()?;
         let views: Vec<Vec<&[f32]>> = held
             .iter()
             .map(|kv| {

@@ -206,13 +206,17 @@ pub fn regroup_buffers(
         .collect()
 }
 
-/// Checks before [`Session::regroup`]: every pick names a row of a part. Returns the new
-/// cache's row lengths.
-pub fn check_regroup(
-    parts: &[KvCache],
+/// What every [`Session::regroup`] starts with: the picks checked (each names a row of a part),
+/// the new cache's row lengths, and each part's state in `runtime`'s own form, taken out of it
+/// (`None`: the part holds nothing yet). A part filled on the host is refused: its rows are not in
+/// the runtime's buffers.
+pub fn take_for_regroup<T: Any + Send + Sync>(
+    runtime: &'static str,
+    parts: &mut [KvCache],
     picks: &[(usize, usize)],
-) -> Result<Vec<usize>, RuntimeError> {
-    picks
+    copy: impl Fn(&T) -> Result<T, RuntimeError>,
+) -> Result<(Vec<usize>, Vec<Option<T>>), RuntimeError> {
+    let lens = picks
         .iter()
         .map(|&(part, row)| {
             parts
@@ -225,7 +229,19 @@ pub fn check_regroup(
                     ))
                 })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    let held = parts
+        .iter_mut()
+        .map(|c| {
+            if !c.is_empty() && c.native.is_none() {
+                return Err(RuntimeError::Request(
+                    "regroup takes caches this runtime has run".into(),
+                ));
+            }
+            c.take_native_as(runtime, &copy)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((lens, held))
 }
 
 fn foreign(owner: &str, runtime: &str) -> RuntimeError {

@@ -2,7 +2,7 @@
 //! symbolic batch / sequence / past dimensions and reused for every call.
 
 use crate::session::{
-    check_decode, check_encode, check_forward, check_regroup, host_to_capacity, regroup_buffers,
+    check_decode, check_encode, check_forward, host_to_capacity, regroup_buffers, take_for_regroup,
     write_rows, KvCache, RuntimeError, Session,
 };
 use crate::{names, Manifest};
@@ -279,14 +279,12 @@ impl Session for TractSession {
         mut parts: Vec<KvCache>,
         picks: &[(usize, usize)],
     ) -> Result<KvCache, RuntimeError> {
-        let lens = check_regroup(&parts, picks)?;
+        let (lens, held) = take_for_regroup(NAME, &mut parts, picks, |kv: &TractKv| {
+            Ok(TractKv(kv.0.clone()))
+        })?;
         let cap = self.manifest.max_seq();
         let mut out = KvCache::new(&self.manifest, picks.len());
         let (h, hd) = (out.heads, out.head_dim);
-        let held: Vec<Option<TractKv>> = parts
-            .iter_mut()
-            .map(|c| c.take_native_as(NAME, |kv: &TractKv| Ok(TractKv(kv.0.clone()))))
-            .collect::<Result<_, _>>()?;
         let plain: Vec<Vec<_>> = held
             .iter()
             .map(|kv| {
