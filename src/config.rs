@@ -5,7 +5,7 @@
 //! preset is never resumed or loaded as another.
 
 use crate::{Error, Result};
-use dalle_runtimes::Geometry;
+use dalle_runtimes::{Geometry, Norms};
 use serde::{Deserialize, Serialize};
 
 /// The discrete VAE's architecture, with the field names of OpenAI's `dall_e` 0.1
@@ -172,6 +172,9 @@ pub struct TransformerConfig {
     pub n_heads: usize,
     /// Side of the convolutional attention window of the last layer (odd).
     pub conv_kernel: usize,
+    /// Extra layer norms (ruDALL-E's sandwich and double final norms); none in the presets.
+    #[serde(default, skip_serializing_if = "Norms::is_plain")]
+    pub norms: Norms,
 }
 
 impl TransformerConfig {
@@ -359,6 +362,7 @@ fn vae(
 
 fn tf(d_model: usize, n_layers: usize, n_heads: usize, conv_kernel: usize) -> TransformerConfig {
     TransformerConfig {
+        norms: Norms::default(),
         d_model,
         n_layers,
         n_heads,

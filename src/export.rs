@@ -51,6 +51,7 @@ pub fn transformer_spec(c: &Config) -> TransformerSpec {
         n_layers: t.n_layers,
         n_heads: t.n_heads,
         conv_kernel: t.conv_kernel,
+        norms: t.norms,
     }
 }
 
@@ -190,6 +191,7 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
             n_layers: t.n_layers,
             n_heads: t.n_heads,
             conv_kernel,
+            norms: t.norms,
         },
         transformer_weights,
         transformer_source,

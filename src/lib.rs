@@ -10,6 +10,7 @@ mod error;
 pub mod eval;
 pub mod export;
 pub mod fsutil;
+pub mod import;
 pub mod kernels;
 pub mod parity;
 pub mod plot;

@@ -52,6 +52,7 @@ pub fn config_of(m: &Manifest) -> Config {
             n_layers: m.transformer.n_layers,
             n_heads: m.transformer.n_heads,
             conv_kernel,
+            norms: m.transformer.norms,
         },
     }
 }
@@ -109,6 +110,7 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
             n_layers: t.n_layers,
             n_heads: t.n_heads,
             head_dim: t.d_model / t.n_heads,
+            norms: t.norms,
         },
         dvae: dalle_runtimes::manifest::DvaeDims {
             group_count: cfg.vae.group_count,

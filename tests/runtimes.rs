@@ -38,15 +38,7 @@ fn export_tiny_with(root: &Path, flags: &[&str]) -> PathBuf {
 
 mod common;
 
-fn runtimes() -> Vec<RuntimeKind> {
-    let mut v = vec![RuntimeKind::Candle, RuntimeKind::Tract];
-    match dalle_runtimes::ort::find_library() {
-        Ok(_) => v.push(RuntimeKind::Ort),
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI must test ONNX Runtime: {e}"),
-        Err(e) => eprintln!("skipping ort: {e}"),
-    }
-    v
-}
+use common::runtimes;
 
 #[test]
 fn every_runtime_conforms() {

@@ -14,7 +14,7 @@ pub mod triton;
 use dalle_runtimes::manifest::{
     sha256_file, DvaeDims, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
 };
-use dalle_runtimes::{layer_kinds, names, Dtype, Geometry, Manifest, TokenLayout};
+use dalle_runtimes::{layer_kinds, names, Dtype, Geometry, Manifest, Norms, TokenLayout};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,6 +51,8 @@ pub struct TransformerSpec {
     pub n_layers: usize,
     pub n_heads: usize,
     pub conv_kernel: usize,
+    /// Extra layer norms (see [`Norms`]).
+    pub norms: Norms,
 }
 
 /// Everything an export reads. `*_source` name the checkpoints in error messages.
@@ -373,6 +375,7 @@ pub(crate) fn write_dir(
             n_layers: t.n_layers,
             n_heads: t.n_heads,
             head_dim: t.d_model / t.n_heads,
+            norms: t.norms,
         },
         dvae: DvaeDims {
             group_count: input.dvae.group_count,

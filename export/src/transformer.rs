@@ -396,6 +396,7 @@ pub fn transformer_with(
         // Per distinct kind: which cached keys each query gathers, and the additive mask over
         // [gathered cached keys ++ this call's keys].
         let kinds = layer_kinds(spec.n_layers, spec.conv_kernel);
+        let sandwich = spec.norms.sandwich;
         let mut tables: Vec<(AttentionKind, KindTables)> = vec![];
         for &kind in &kinds {
             if tables.iter().any(|(k, _)| *k == kind) {
@@ -469,15 +470,27 @@ pub fn transformer_with(
                     );
                     let merged = g.ints(&[0, 0, d as i64]);
                     let y = g.op("Reshape", &[&y, &merged], vec![]);
-                    g.scoped("proj", |g| linear(g, &y, &format!("{p}.attn.proj"), d, d))
+                    let y = g.scoped("proj", |g| linear(g, &y, &format!("{p}.attn.proj"), d, d))?;
+                    if !sandwich {
+                        return Ok(y);
+                    }
+                    g.scoped("ln_out", |g| {
+                        layer_norm(g, &y, &format!("{p}.attn.ln_out"), d)
+                    })
                 })?;
                 let x = g.op("Add", &[&x, &a], vec![]);
                 let h = g.scoped("ln_2", |g| layer_norm(g, &x, &format!("{p}.ln_2"), d))?;
                 let m = g.scoped("mlp", |g| -> R<String> {
                     let f = g.scoped("fc", |g| linear(g, &h, &format!("{p}.mlp.fc"), d, 4 * d))?;
                     let f = g.scoped("gelu", |g| gelu(g, &f));
-                    g.scoped("proj", |g| {
+                    let y = g.scoped("proj", |g| {
                         linear(g, &f, &format!("{p}.mlp.proj"), 4 * d, d)
+                    })?;
+                    if !sandwich {
+                        return Ok(y);
+                    }
+                    g.scoped("ln_out", |g| {
+                        layer_norm(g, &y, &format!("{p}.mlp.ln_out"), d)
                     })
                 })?;
                 Ok(g.op("Add", &[&x, &m], vec![]))
@@ -489,7 +502,10 @@ pub fn transformer_with(
                 &[batch.clone(), Dim::Named(names::DIM_SEQ), Dim::Fixed(d)],
             );
         }
-        let h = g.scoped("ln_f", |g| layer_norm(g, &x, "ln_f", d))?;
+        let mut h = g.scoped("ln_f", |g| layer_norm(g, &x, "ln_f", d))?;
+        if spec.norms.head {
+            h = g.scoped("ln_head", |g| layer_norm(g, &h, "ln_head", d))?;
+        }
         g.scoped("head", |g| linear(g, &h, "head", d, vocab))
     })?;
     g.scoped("/model", |g| g.to_f32_output(&x, names::LOGITS));

@@ -27,7 +27,7 @@ pub use batcher::{Batcher, BatcherOptions, BatcherStats, SubmitError, Ticket};
 pub use generator::{Decoding, Generator, Image, Output, Request};
 pub use geometry::{Geometry, GeometryError};
 pub use layout::TokenLayout;
-pub use manifest::{Dtype, Manifest, ManifestError, SamplingDefaults};
+pub use manifest::{Dtype, Manifest, ManifestError, Norms, SamplingDefaults};
 pub use masks::{allowed, layer_kinds, mask_matrix, AttentionKind};
 pub use sampler::{Sampler, SamplingError, SamplingParams};
 pub use session::{KvCache, RuntimeError, Session};

@@ -45,6 +45,31 @@ pub struct TransformerDims {
     pub n_layers: usize,
     pub n_heads: usize,
     pub head_dim: usize,
+    /// Layer norms beyond the pre-LN blocks of models trained here (absent: none).
+    #[serde(default, skip_serializing_if = "Norms::is_plain")]
+    pub norms: Norms,
+}
+
+/// The layer norms a transformer has beyond its pre-LN blocks (`ln_1`, `ln_2`) and final
+/// `ln_f`: CogView's sandwich norms and a second final norm, as ruDALL-E's checkpoints have them.
+/// Models trained here have neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Norms {
+    /// A layer norm on each residual branch's output before it is added (CogView's sandwich
+    /// layer norm): `layers.{i}.attn.ln_out` and `layers.{i}.mlp.ln_out`.
+    #[serde(default)]
+    pub sandwich: bool,
+    /// A second layer norm after `ln_f`, before the head: `ln_head`.
+    #[serde(default)]
+    pub head: bool,
+}
+
+impl Norms {
+    /// Neither extra norm: the models this project trains.
+    pub fn is_plain(&self) -> bool {
+        *self == Norms::default()
+    }
 }
 
 /// The dVAE's architecture (`dall_e` 0.1's arguments), for runtimes that rebuild it natively.

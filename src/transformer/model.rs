@@ -168,10 +168,20 @@ struct Block {
     attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    /// CogView's sandwich norms on the attention's and the MLP's outputs before each residual
+    /// addition (`attn.ln_out`, `mlp.ln_out`; `Norms::sandwich`).
+    sandwich: Option<(LayerNorm, LayerNorm)>,
 }
 
 impl Block {
-    fn new(d: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(d: usize, n_heads: usize, sandwich: bool, vb: VarBuilder) -> Result<Self> {
+        let sandwich = match sandwich {
+            true => Some((
+                LayerNorm::new(d, vb.pp("attn").pp("ln_out"))?,
+                LayerNorm::new(d, vb.pp("mlp").pp("ln_out"))?,
+            )),
+            false => None,
+        };
         Ok(Block {
             ln_1: LayerNorm::new(d, vb.pp("ln_1"))?,
             attn: Attention::new(d, n_heads, vb.pp("attn"))?,
@@ -180,6 +190,7 @@ impl Block {
                 fc: linear(d, 4 * d, vb.pp("mlp").pp("fc"))?,
                 proj: linear(4 * d, d, vb.pp("mlp").pp("proj"))?,
             },
+            sandwich,
         })
     }
 
@@ -190,10 +201,18 @@ impl Block {
         keys: Option<&Tensor>,
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
-        let x = (x + self
+        let mut a = self
             .attn
-            .forward(&self.ln_1.forward(x)?, mask, keys, cache)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+            .forward(&self.ln_1.forward(x)?, mask, keys, cache)?;
+        if let Some((ln, _)) = &self.sandwich {
+            a = ln.forward(&a)?;
+        }
+        let x = (x + a)?;
+        let mut m = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        if let Some((_, ln)) = &self.sandwich {
+            m = ln.forward(&m)?;
+        }
+        &x + m
     }
 }
 
@@ -232,6 +251,8 @@ pub struct Transformer {
     kinds: Vec<AttentionKind>,
     masks: Vec<Tensor>,
     ln_f: LayerNorm,
+    /// A second final norm before the head (`Norms::head`).
+    ln_head: Option<LayerNorm>,
     head: Linear,
 }
 
@@ -292,7 +313,7 @@ impl Transformer {
         let image_row = e.get((g.grid, d), "image_row")?;
         let image_col = e.get((g.grid, d), "image_col")?;
         let blocks = (0..t.n_layers)
-            .map(|i| Block::new(d, t.n_heads, vb.pp(format!("layers.{i}"))))
+            .map(|i| Block::new(d, t.n_heads, t.norms.sandwich, vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let kinds = layer_kinds(t.n_layers, t.conv_kernel);
         // One mask tensor per distinct kind, shared by the layers that use it.
@@ -320,6 +341,10 @@ impl Transformer {
             kinds,
             masks,
             ln_f: LayerNorm::new(d, vb.pp("ln_f"))?,
+            ln_head: match t.norms.head {
+                true => Some(LayerNorm::new(d, vb.pp("ln_head"))?),
+                false => None,
+            },
             head: linear(d, layout.vocab_size(), vb.pp("head"))?,
         })
     }
@@ -462,7 +487,11 @@ impl Transformer {
             x = block.forward(&x, &mask, k, slot)?;
         }
         cache.pasts = vec![past + t; b];
-        self.head.forward(&self.ln_f.forward(&x)?)
+        let mut h = self.ln_f.forward(&x)?;
+        if let Some(ln) = &self.ln_head {
+            h = ln.forward(&h)?;
+        }
+        self.head.forward(&h)
     }
 }
 

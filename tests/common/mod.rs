@@ -106,3 +106,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The runtimes a test runs on: candle and tract, and ONNX Runtime when its library is found
+/// (scripts/test.sh installs it; in CI its absence is a failure).
+pub fn runtimes() -> Vec<dalle_runtimes::RuntimeKind> {
+    use dalle_runtimes::RuntimeKind;
+    let mut v = vec![RuntimeKind::Candle, RuntimeKind::Tract];
+    match dalle_runtimes::ort::find_library() {
+        Ok(_) => v.push(RuntimeKind::Ort),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI must test ONNX Runtime: {e}"),
+        Err(e) => eprintln!("skipping ort: {e}"),
+    }
+    v
+}

@@ -324,12 +324,23 @@ impl Block {
             );
         }
         linear(par, &attn.proj, &s.y, &mut s.a, |v| v)?;
-        x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
+        // The sandwich norms write into `s.h`, free between the layer's two halves.
+        let add = |x: &mut [f32], s: &mut Scratch, ln: Option<&LayerNorm>| -> Result<()> {
+            let branch = match ln {
+                Some(ln) => {
+                    layer_norm(ln, &s.a, d, &mut s.h)?;
+                    &s.h
+                }
+                None => &s.a,
+            };
+            x.iter_mut().zip(branch).for_each(|(o, &v)| *o += v);
+            Ok(())
+        };
+        add(x, s, self.sandwich.as_ref().map(|(ln, _)| ln))?;
         layer_norm(&self.ln_2, x, d, &mut s.h)?;
         linear(par, &self.mlp.fc, &s.h, &mut s.fc, activation::gelu_f32)?;
         linear(par, &self.mlp.proj, &s.fc, &mut s.a, |v| v)?;
-        x.iter_mut().zip(&s.a).for_each(|(o, &v)| *o += v);
-        Ok(())
+        add(x, s, self.sandwich.as_ref().map(|(_, ln)| ln))
     }
 }
 
@@ -442,6 +453,10 @@ impl Transformer {
         }
         cache.pasts = pasts.iter().map(|p| p + 1).collect();
         layer_norm(&self.ln_f, &x, d, &mut s.h)?;
+        if let Some(ln) = &self.ln_head {
+            layer_norm(ln, &s.h, d, &mut s.y)?;
+            std::mem::swap(&mut s.h, &mut s.y);
+        }
         let mut logits = vec![0f32; rows * vocab];
         linear(par, &self.head, &s.h, &mut logits, |v| v)?;
         Tensor::from_vec(logits, (rows, 1, vocab), &candle_core::Device::Cpu)

@@ -1,0 +1,299 @@
+//! ruDALL-E import: random-weight checkpoints made with the real package
+//! (`scripts/rudalle-fixtures.py`, rudalle 1.1.3 on torch 2.15: tests/fixtures/rudalle) give
+//! rudalle's logits on candle, tract and ONNX Runtime, teacher-forced and step by step; a
+//! checkpoint that would run code when unpickled, truncated files and other models' files are
+//! clear errors.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use dalle::import::{rudalle, torch};
+use dalle_runtimes::{KvCache, OpenOptions};
+use std::path::{Path, PathBuf};
+
+mod common;
+
+/// fp32 logits of two implementations (DESIGN.md "Parity"; measured ~1e-5).
+const LOGITS_TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rudalle")
+        .join(name)
+}
+
+fn npy(name: &str) -> Tensor {
+    Tensor::read_npy(fixture(name)).unwrap()
+}
+
+fn options() -> rudalle::Options {
+    rudalle::Options {
+        version: rudalle::Version::V3,
+        n_heads: Some(4),
+    }
+}
+
+fn imported() -> rudalle::Transformer {
+    let path = fixture("transformer.pt");
+    let state = torch::read(&path).unwrap();
+    rudalle::transformer(&path, &state, options()).unwrap()
+}
+
+/// A whole config around the imported transformer: the `tiny` preset's f8 dVAE over the
+/// imported geometry (random weights in the exported directory: the transformer is under test).
+fn config(t: &rudalle::Transformer) -> dalle::Config {
+    let mut cfg = dalle::Config::preset("tiny").unwrap();
+    cfg.preset = "rudalle".into();
+    cfg.geometry = t.geometry;
+    cfg.vae.vocab_size = t.geometry.codebook;
+    cfg.transformer = t.config.clone();
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// rudalle's ids → ours: its caption's 0 pads become the per-position pad ids (rudalle does the
+/// same inside its forward), its raw image codes move to the image range.
+fn our_ids(t: &rudalle::Transformer) -> Vec<i64> {
+    let layout = dalle_runtimes::TokenLayout::from(&t.geometry);
+    let ids = npy("input_ids.npy").to_dtype(DType::I64).unwrap();
+    let (b, s) = ids.dims2().unwrap();
+    let ids: Vec<i64> = ids.flatten_all().unwrap().to_vec1().unwrap();
+    (0..b * s)
+        .map(|i| {
+            let (p, v) = (i % s, ids[i]);
+            if p >= layout.text_len {
+                layout.image(v as u32) as i64
+            } else if v == 0 {
+                layout.pad(p) as i64
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn imported_transformer_gives_rudalles_logits_in_candle() {
+    let t = imported();
+    assert!(t.config.norms.sandwich && t.config.norms.head);
+    assert_eq!((t.config.n_layers, t.config.d_model), (4, 64));
+    assert_eq!(
+        (
+            t.geometry.text_vocab,
+            t.geometry.text_len,
+            t.geometry.grid,
+            t.geometry.codebook
+        ),
+        (320, 16, 8, 32)
+    );
+    let cfg = config(&t);
+    let vb = VarBuilder::from_tensors(t.weights.clone(), DType::F32, &Device::Cpu);
+    let model = dalle::transformer::model::Transformer::new(&cfg, vb).unwrap();
+    let ids = our_ids(&t);
+    let s = model.seq_len();
+    let ids = Tensor::from_vec(
+        ids.iter().map(|&v| v as u32).collect::<Vec<_>>(),
+        (2, s),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Teacher-forced: the whole sequence at once.
+    let want = npy("logits.npy");
+    let got = model.forward(&ids, None).unwrap();
+    let d = max_diff(&got, &want);
+    eprintln!("teacher-forced: max |ours − rudalle| {d:.2e}");
+    assert!(d < LOGITS_TOL, "teacher-forced logits differ by {d}");
+    // The caption as one prefill, then one image token a step (the native decoding step).
+    let want = npy("cached_logits.npy"); // (2, grid² + 1, vocab)
+    let text_len = t.geometry.text_len;
+    let mut cache = dalle::transformer::model::KvCache::new(model.n_layers());
+    let first = model
+        .forward(&ids.narrow(1, 0, text_len).unwrap(), Some(&mut cache))
+        .unwrap();
+    let mut steps = vec![first.narrow(1, text_len - 1, 1).unwrap()];
+    for p in text_len..s - 1 {
+        steps.push(
+            model
+                .forward(&ids.narrow(1, p, 1).unwrap(), Some(&mut cache))
+                .unwrap(),
+        );
+    }
+    let got = Tensor::cat(&steps, 1).unwrap();
+    let want = want.narrow(1, 0, s - text_len).unwrap();
+    let d = max_diff(&got, &want);
+    eprintln!("prefill + cached steps: max |ours − rudalle| {d:.2e}");
+    assert!(d < LOGITS_TOL, "cached-step logits differ by {d}");
+}
+
+/// A `torch.save`-shaped zip whose `data.pkl` is `pickle`.
+fn checkpoint_with(path: &Path, pickle: &[u8]) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.start_file("archive/version", stored).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+fn read_err(path: &Path) -> String {
+    torch::read(path).unwrap_err().to_string()
+}
+
+#[test]
+fn a_checkpoint_that_would_run_code_is_refused_and_nothing_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("pwned");
+    // What `pickle.dumps` writes (protocol 2) for a state dict whose one entry's `__reduce__`
+    // is `(os.system, ("touch MARKER",))`: unpickled by Python, it runs the command.
+    let command = format!("touch {}", marker.display());
+    let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x06\x00\x00\x00weightq\x02cposix\nsystem\nq\x03X".to_vec();
+    p.extend_from_slice(&(command.len() as u32).to_le_bytes());
+    p.extend_from_slice(command.as_bytes());
+    p.extend_from_slice(b"q\x04\x85q\x05Rq\x06s.");
+    let path = tmp.path().join("evil.pt");
+    checkpoint_with(&path, &p);
+    let e = read_err(&path);
+    assert!(
+        e.contains("posix.system") && e.contains("refused") && e.contains("evil.pt"),
+        "{e}"
+    );
+    assert!(!marker.exists(), "the payload ran");
+}
+
+#[test]
+fn damaged_and_foreign_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = std::fs::read(fixture("transformer.pt")).unwrap();
+    // Cut in half: the zip's directory (at its end) is gone.
+    let cut = tmp.path().join("cut.pt");
+    std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
+    let e = read_err(&cut);
+    assert!(e.contains("damaged or truncated"), "{e}");
+    // Not a checkpoint at all, and one in torch's legacy format.
+    let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-tiny/grid.png");
+    assert!(read_err(&png).contains("not a PyTorch checkpoint"));
+    let legacy = tmp.path().join("legacy.pt");
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
+    assert!(read_err(&legacy).contains("legacy"));
+    // A state dict without ruDALL-E's tensors (an empty one).
+    let empty = tmp.path().join("empty.pt");
+    checkpoint_with(&empty, b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.");
+    let state = torch::read(&empty).unwrap();
+    let e = rudalle::transformer(&empty, &state, options())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lacks `text_embeddings.weight`") && e.contains("not a ruDALL-E transformer"),
+        "{e}"
+    );
+    // The real checkpoint with a head count that does not divide its width, and as v2.
+    let path = fixture("transformer.pt");
+    let state = torch::read(&path).unwrap();
+    let heads = rudalle::Options {
+        n_heads: Some(5),
+        ..options()
+    };
+    let e = rudalle::transformer(&path, &state, heads)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("does not split into 5 heads"), "{e}");
+    let v2 = rudalle::Options {
+        version: rudalle::Version::V2,
+        ..options()
+    };
+    let e = rudalle::transformer(&path, &state, v2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("v2") && e.contains("Emojich"), "{e}");
+    // Unknown width without --heads.
+    let e = rudalle::transformer(
+        &path,
+        &state,
+        rudalle::Options {
+            n_heads: None,
+            ..options()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("--heads"), "{e}");
+}
+
+/// The imported transformer exported with a (random) f8 dVAE: every runtime's prefill and cached
+/// steps give rudalle's logits, and the manifest records the extra norms.
+#[test]
+fn exported_import_gives_rudalles_logits_on_every_runtime() {
+    let t = imported();
+    let cfg = config(&t);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    common::random_run(&run, &cfg);
+    candle_core::safetensors::save(&t.weights, run.join("transformer.safetensors")).unwrap();
+    let out = tmp.path().join("model");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dalle"))
+        .args(["export", "--transformer", run.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"sandwich\": true") && manifest.contains("\"head\": true"),
+        "{manifest}"
+    );
+    let ids = our_ids(&t);
+    let s = t.geometry.text_len + t.geometry.grid * t.geometry.grid;
+    let text_len = t.geometry.text_len;
+    let want = npy("cached_logits.npy"); // (2, grid² + 1, vocab)
+    let vocab = want.dim(2).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let at = |r: usize, j: usize| &want[(r * (s - text_len + 1) + j) * vocab..][..vocab];
+    for kind in common::runtimes() {
+        let g = dalle::runtime::open(&out, kind, &OpenOptions::default()).unwrap();
+        let sess = g.session();
+        let mut c = KvCache::new(g.manifest(), 2);
+        let mut prefix = ids[..text_len].to_vec();
+        prefix.extend(&ids[s..s + text_len]);
+        let first = sess.forward(&prefix, 2, &mut c).unwrap();
+        let mut worst = 0f32;
+        for r in 0..2 {
+            let last = &first[(r * text_len + text_len - 1) * vocab..][..vocab];
+            worst = worst.max(common::max_abs_diff(last, at(r, 0)));
+        }
+        for p in text_len..s - 1 {
+            let step = sess.forward(&[ids[p], ids[s + p]], 2, &mut c).unwrap();
+            for r in 0..2 {
+                let d = common::max_abs_diff(
+                    &step[r * vocab..(r + 1) * vocab],
+                    at(r, p - text_len + 1),
+                );
+                worst = worst.max(d);
+            }
+        }
+        eprintln!("{}: max |ours − rudalle| {worst:.2e}", kind.name());
+        assert!(
+            worst < LOGITS_TOL,
+            "{}: logits differ by {worst}",
+            kind.name()
+        );
+    }
+}
