@@ -81,3 +81,58 @@ np.save(os.path.join(OUT, "logits.npy"), logits.numpy().astype(np.float32))
 np.save(os.path.join(OUT, "cached_logits.npy"), cached.numpy().astype(np.float32))
 print(f"wrote {OUT}: logits {tuple(logits.shape)}, cached {tuple(cached.shape)}, "
       f"max |teacher-forced − cached| {(logits[:, TEXT_LEN - 1:] - cached).abs().max():.2e}")
+
+# The text tokenizer: a YouTokenToMe BPE model trained on Russian and English captions, and the
+# ids rudalle's tokenizer gives captions (lowercased, as rudalle's pipeline does; BOS and EOS
+# are added by rudalle's wrapper, not by YouTokenToMe).
+import json  # noqa: E402
+import random  # noqa: E402
+
+import youtokentome as yttm  # noqa: E402
+
+rng = random.Random(2)
+ru_colours = ["красный", "синий", "зелёный", "жёлтый", "белый", "чёрный", "фиолетовый", "оранжевый"]
+ru_things = ["круг", "квадрат", "треугольник", "ромб", "звезда", "кольцо", "кот", "дом", "дерево",
+             "машина", "собака", "цветок", "горы", "море", "город", "портрет"]
+ru_places = ["в центре", "слева", "справа", "сверху", "снизу", "на фоне неба", "в лесу", "ночью"]
+en_colours = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]
+en_things = ["circle", "square", "triangle", "diamond", "star", "ring", "cat", "house", "tree",
+             "car", "dog", "flower", "mountains", "sea", "city", "portrait"]
+en_places = ["in the center", "on the left", "on the right", "at the top", "at the bottom",
+             "against the sky", "in a forest", "at night"]
+
+
+def caption():
+    if rng.random() < 0.5:
+        words = [rng.choice(ru_colours), rng.choice(ru_things), rng.choice(ru_places)]
+        if rng.random() < 0.3:
+            words += ["и", rng.choice(ru_colours), rng.choice(ru_things)]
+    else:
+        words = ["a", rng.choice(en_colours), rng.choice(en_things), rng.choice(en_places)]
+        if rng.random() < 0.3:
+            words += ["and", "a", rng.choice(en_colours), rng.choice(en_things)]
+    text = " ".join(words)
+    if rng.random() < 0.2:
+        text = text.capitalize() + rng.choice([".", "!", ",", " 2021", " ..."])
+    return text
+
+
+train = [caption() for _ in range(3000)]
+corpus = os.path.join(OUT, "corpus.tmp")
+with open(corpus, "w") as f:
+    f.write("\n".join(train))
+bpe_path = os.path.join(OUT, "bpe.model")
+yttm.BPE.train(data=corpus, model=bpe_path, vocab_size=400, coverage=0.9995, n_threads=1)
+os.remove(corpus)
+bpe = yttm.BPE(model=bpe_path)
+# Seen and unseen captions, and what a user may type: capitals, runs of spaces, tabs and
+# newlines, rudalle's own word-start mark, characters the model never saw (one, and runs).
+tests = [caption() for _ in range(1200)] + [
+    "", " ", "   ", "\t\n", "КРАСНЫЙ   круг\tв\nцентре  ", "a ▁red circle", "▁", "звезда▁и кольцо",
+    "кот 🐈 на крыше", "猫猫 и dog", "ёжик в тумане", "Ü ü ß", "x" * 40, "2021 год, 1/2 + 3 = 4?",
+    "  leading and trailing  ", "émigré café naïve", "a\u00a0non-breaking space",
+]
+ids = [bpe.encode([t.lower()], output_type=yttm.OutputType.ID)[0] for t in tests]
+with open(os.path.join(OUT, "tokenizer_cases.json"), "w") as f:
+    json.dump({"captions": tests, "ids": ids}, f, ensure_ascii=False)
+print(f"wrote {bpe_path} (vocab {bpe.vocab_size()}) and {len(tests)} tokenized captions")

@@ -63,10 +63,11 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| tok_err(path, "not a readable tokenizer.json", e))
 }
 
-/// Caption → BPE ids.
+/// Caption → BPE ids, with the special ids the tokenizer's post-processor adds (none for the
+/// byte-level BPE trained here; BOS … EOS for ruDALL-E's, `import::yttm`).
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let enc = tokenizer
-        .encode(text, false)
+        .encode(text, true)
         .map_err(|e| Error::Usage(format!("cannot tokenize {text:?}: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }

@@ -297,3 +297,88 @@ fn exported_import_gives_rudalles_logits_on_every_runtime() {
         );
     }
 }
+
+/// The converted YouTokenToMe model gives YouTokenToMe's ids (rudalle's wrapper adds BOS 2 and
+/// EOS 3) on 1,217 Russian and English captions, seen and unseen, with the white space, capitals
+/// and unknown characters users type; `dalle`'s own encode path (what generation calls) is used.
+#[test]
+fn converted_youtokentome_model_gives_its_ids() {
+    let tok = dalle::import::yttm::tokenizer(&fixture("bpe.model")).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_cases.json")).unwrap())
+            .unwrap();
+    let captions = cases["captions"].as_array().unwrap();
+    let ids = cases["ids"].as_array().unwrap();
+    assert!(captions.len() >= 1000);
+    let mut wrong = vec![];
+    for (caption, want) in captions.iter().zip(ids) {
+        let caption = caption.as_str().unwrap();
+        let mut want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        want.insert(0, 2);
+        want.push(3);
+        let got = dalle_runtimes::tokenizer::encode(&tok, caption).unwrap();
+        if got != want {
+            wrong.push(format!("{caption:?}: ours {got:?}, YouTokenToMe {want:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} differ:\n{}",
+        wrong.len(),
+        captions.len(),
+        wrong.join("\n")
+    );
+    // Saved and loaded as a model directory's tokenizer.json, it is the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    tok.save(&path, false).unwrap();
+    let back = dalle_runtimes::tokenizer::load(&path).unwrap();
+    let c = "Красный круг в центре";
+    assert_eq!(
+        dalle_runtimes::tokenizer::encode(&back, c).unwrap(),
+        dalle_runtimes::tokenizer::encode(&tok, c).unwrap()
+    );
+}
+
+#[test]
+fn malformed_youtokentome_models_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = std::fs::read_to_string(fixture("bpe.model")).unwrap();
+    let cases = [
+        (
+            "truncated",
+            real[..real.len() / 2].to_string(),
+            "truncated?",
+        ),
+        (
+            "cut",
+            real.lines().take(3).collect::<Vec<_>>().join("\n"),
+            "ends before",
+        ),
+        (
+            "json",
+            "{\"model\": 1}".to_string(),
+            "not a YouTokenToMe BPE model",
+        ),
+        (
+            "forward",
+            "1 1\n9601 4\n4 7 8\n1 0 2 3\n".to_string(),
+            "before it is defined",
+        ),
+        ("nomark", "1 0\n97 4\n1 0 2 3\n".to_string(), "no word mark"),
+    ];
+    for (name, text, want) in cases {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let e = dalle::import::yttm::tokenizer(&p)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(want) && e.contains(name), "{name}: {e}");
+    }
+}

@@ -13,10 +13,12 @@ pub fn load(path: &Path) -> Result<Tokenizer, RuntimeError> {
     })
 }
 
-/// Caption → BPE ids (no special tokens), exactly as during training.
+/// Caption → BPE ids, exactly as during training: with the special ids the tokenizer's
+/// post-processor adds (none for the byte-level BPE `dalle` trains; BOS … EOS for an imported
+/// ruDALL-E tokenizer).
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, RuntimeError> {
     let enc = tokenizer
-        .encode(text, false)
+        .encode(text, true)
         .map_err(|e| RuntimeError::Request(format!("cannot tokenize {text:?}: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }

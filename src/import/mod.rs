@@ -3,3 +3,4 @@
 
 pub mod rudalle;
 pub mod torch;
+pub mod yttm;
