@@ -136,3 +136,40 @@ ids = [bpe.encode([t.lower()], output_type=yttm.OutputType.ID)[0] for t in tests
 with open(os.path.join(OUT, "tokenizer_cases.json"), "w") as f:
     json.dump({"captions": tests, "ids": ids}, f, ensure_ascii=False)
 print(f"wrote {bpe_path} (vocab {bpe.vocab_size()}) and {len(tests)} tokenized captions")
+
+# The image tokenizer: Sber's VQGAN (rudalle.vae.model.GumbelVQ over taming's Encoder/Decoder)
+# at a small geometry — f8 (four levels), GroupNorm(32) widths, attention at the lowest
+# resolution as in vqgan.gumbelf8-sber.config.yml — saved as its Lightning checkpoint is
+# ({"state_dict": …}, here in f16), with rudalle's codes and decoded pixels for two random images.
+from rudalle.vae.model import GumbelVQ  # noqa: E402
+
+torch.manual_seed(3)
+ddconfig = dict(double_z=False, z_channels=16, resolution=64, in_channels=3, out_ch=3, ch=32,
+                ch_mult=[1, 1, 1, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+vq = GumbelVQ(ddconfig=ddconfig, n_embed=64, embed_dim=16, kl_weight=1e-8)
+with torch.no_grad():
+    for name, p in vq.named_parameters():
+        if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        elif p.dim() == 1:
+            p.copy_(0.1 * torch.randn_like(p))
+    # Stored in f16 (half the fixture's bytes; the reader widens it); the outputs below come from
+    # the same rounded weights.
+    for p in vq.parameters():
+        p.copy_(p.half().float())
+vq.eval()
+state = {k: (v.half() if v.is_floating_point() else v) for k, v in vq.state_dict().items()}
+torch.save({"state_dict": state, "global_step": 0}, os.path.join(OUT, "vqgan.ckpt"))
+images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+with torch.no_grad():
+    # rudalle's VQGanGumbelVAE.get_codebook_indices (argmax codes) and .decode.
+    _, _, (_, _, codes) = vq.encode(2 * images - 1, disable_gumbel_softmax=True)
+    codes = codes.reshape(2, -1)
+    z = torch.nn.functional.one_hot(codes, num_classes=64).float() @ vq.quantize.embed.weight
+    z = z.reshape(2, 8, 8, 16).permute(0, 3, 1, 2)
+    pixels = (vq.decode(z).clamp(-1.0, 1.0) + 1) * 0.5
+np.save(os.path.join(OUT, "vqgan_images.npy"), images.numpy().astype(np.float32))
+np.save(os.path.join(OUT, "vqgan_codes.npy"), codes.numpy().astype(np.int64))
+np.save(os.path.join(OUT, "vqgan_pixels.npy"), pixels.numpy().astype(np.float32))
+print(f"wrote vqgan.ckpt: codes {tuple(codes.shape)} ({len(set(codes.flatten().tolist()))} distinct), "
+      f"pixels {tuple(pixels.shape)}")

@@ -34,7 +34,7 @@ fn options() -> rudalle::Options {
 
 fn imported() -> rudalle::Transformer {
     let path = fixture("transformer.pt");
-    let state = torch::read(&path).unwrap();
+    let state = torch::read(&path, None).unwrap();
     rudalle::transformer(&path, &state, options()).unwrap()
 }
 
@@ -151,7 +151,7 @@ fn checkpoint_with(path: &Path, pickle: &[u8]) {
 }
 
 fn read_err(path: &Path) -> String {
-    torch::read(path).unwrap_err().to_string()
+    torch::read(path, None).unwrap_err().to_string()
 }
 
 #[test]
@@ -193,7 +193,7 @@ fn damaged_and_foreign_files_are_clear_errors() {
     // A state dict without ruDALL-E's tensors (an empty one).
     let empty = tmp.path().join("empty.pt");
     checkpoint_with(&empty, b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.");
-    let state = torch::read(&empty).unwrap();
+    let state = torch::read(&empty, None).unwrap();
     let e = rudalle::transformer(&empty, &state, options())
         .err()
         .unwrap()
@@ -204,7 +204,7 @@ fn damaged_and_foreign_files_are_clear_errors() {
     );
     // The real checkpoint with a head count that does not divide its width, and as v2.
     let path = fixture("transformer.pt");
-    let state = torch::read(&path).unwrap();
+    let state = torch::read(&path, None).unwrap();
     let heads = rudalle::Options {
         n_heads: Some(5),
         ..options()
@@ -381,4 +381,32 @@ fn malformed_youtokentome_models_are_clear_errors() {
             .to_string();
         assert!(e.contains(want) && e.contains(name), "{name}: {e}");
     }
+}
+
+/// Sber's VQGAN rebuilt from its (Lightning, f16) checkpoint: rudalle's argmax codes of two
+/// random images, and rudalle's pixels decoded from them.
+#[test]
+fn vqgan_gives_rudalles_codes_and_pixels_in_candle() {
+    let state = torch::read(&fixture("vqgan.ckpt"), Some("state_dict")).unwrap();
+    let vq = dalle::vae::vqgan::Vqgan::new(&state.tensors).unwrap();
+    assert_eq!((vq.downsample(), vq.codebook()), (8, 64));
+    let images = npy("vqgan_images.npy");
+    let want: Vec<u32> = npy("vqgan_codes.npy")
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&c| c as u32)
+        .collect();
+    let codes = vq.encode(&images).unwrap();
+    let got: Vec<u32> = codes.flatten_all().unwrap().to_vec1().unwrap();
+    let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+    assert_eq!(same, want.len(), "codes: ours {got:?}\nrudalle {want:?}");
+    let pixels = vq.decode(&codes).unwrap();
+    let d = max_diff(&pixels, &npy("vqgan_pixels.npy"));
+    eprintln!("VQGAN decode: max |ours − rudalle| {d:.2e}");
+    assert!(d < 1e-4, "decoded pixels differ by {d}");
 }

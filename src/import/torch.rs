@@ -46,8 +46,9 @@ pub struct StateDict {
     pub other: BTreeMap<String, String>,
 }
 
-/// The state dict in the checkpoint at `path`.
-pub fn read(path: &Path) -> Result<StateDict> {
+/// The state dict in the checkpoint at `path`: the whole pickled dict, or with `key` its entry
+/// of that name (a PyTorch Lightning checkpoint's `state_dict`).
+pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut magic = [0u8; 4];
     let got = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
@@ -124,6 +125,19 @@ pub fn read(path: &Path) -> Result<StateDict> {
         stack
             .finalize()
             .map_err(|e| bad(path, format!("its pickle is incomplete ({e})")))?
+    };
+    let object = match (key, object) {
+        (Some(key), Object::Dict(entries)) => entries
+            .into_iter()
+            .find(|(k, _)| *k == Object::Unicode(key.to_string()))
+            .map(|(_, v)| v)
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("holds no `{key}` entry (a PyTorch Lightning checkpoint has one)"),
+                )
+            })?,
+        (_, object) => object,
     };
     let Object::Dict(entries) = object else {
         return Err(bad(

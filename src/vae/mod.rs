@@ -3,5 +3,6 @@ pub mod io;
 pub mod loss;
 pub mod model;
 pub mod train;
+pub mod vqgan;
 
 pub use model::{Decoder, Encoder};
