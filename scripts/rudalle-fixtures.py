@@ -122,7 +122,7 @@ corpus = os.path.join(OUT, "corpus.tmp")
 with open(corpus, "w") as f:
     f.write("\n".join(train))
 bpe_path = os.path.join(OUT, "bpe.model")
-yttm.BPE.train(data=corpus, model=bpe_path, vocab_size=400, coverage=0.9995, n_threads=1)
+yttm.BPE.train(data=corpus, model=bpe_path, vocab_size=TEXT_VOCAB, coverage=0.9995, n_threads=1)
 os.remove(corpus)
 bpe = yttm.BPE(model=bpe_path)
 # Seen and unseen captions, and what a user may type: capitals, runs of spaces, tabs and
@@ -146,7 +146,7 @@ from rudalle.vae.model import GumbelVQ  # noqa: E402
 torch.manual_seed(3)
 ddconfig = dict(double_z=False, z_channels=16, resolution=64, in_channels=3, out_ch=3, ch=32,
                 ch_mult=[1, 1, 1, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
-vq = GumbelVQ(ddconfig=ddconfig, n_embed=64, embed_dim=16, kl_weight=1e-8)
+vq = GumbelVQ(ddconfig=ddconfig, n_embed=CODES, embed_dim=16, kl_weight=1e-8)
 with torch.no_grad():
     for name, p in vq.named_parameters():
         if p.dim() == 1 and "norm" in name and name.endswith("weight"):
@@ -165,7 +165,7 @@ with torch.no_grad():
     # rudalle's VQGanGumbelVAE.get_codebook_indices (argmax codes) and .decode.
     _, _, (_, _, codes) = vq.encode(2 * images - 1, disable_gumbel_softmax=True)
     codes = codes.reshape(2, -1)
-    z = torch.nn.functional.one_hot(codes, num_classes=64).float() @ vq.quantize.embed.weight
+    z = torch.nn.functional.one_hot(codes, num_classes=CODES).float() @ vq.quantize.embed.weight
     z = z.reshape(2, 8, 8, 16).permute(0, 3, 1, 2)
     pixels = (vq.decode(z).clamp(-1.0, 1.0) + 1) * 0.5
 np.save(os.path.join(OUT, "vqgan_images.npy"), images.numpy().astype(np.float32))

@@ -90,7 +90,7 @@ pub fn load_input(transformer: &Path, vae: Option<&Path>) -> Result<ExportInput>
         preset: tcfg.preset.clone(),
         dvae_geometry: vcfg.geometry,
         transformer_geometry: tcfg.geometry,
-        dvae: dvae_spec(&vcfg),
+        codec: dalle_export::ImageCodec::Dvae(dvae_spec(&vcfg)),
         encoder: to_weights(&read_f32(&epath, &device)?)?,
         encoder_source: epath.display().to_string(),
         decoder: to_weights(&read_f32(&dpath, &device)?)?,
@@ -149,7 +149,14 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
     }
     let geometry: Geometry = field(&v, "geometry").map_err(&bad)?;
     let t: dalle_runtimes::manifest::TransformerDims = field(&v, "transformer").map_err(&bad)?;
-    let d: dalle_runtimes::manifest::DvaeDims = field(&v, "dvae").map_err(&bad)?;
+    let dvae: Option<dalle_runtimes::manifest::DvaeDims> = match v.get("dvae") {
+        Some(_) => Some(field(&v, "dvae").map_err(&bad)?),
+        None => None,
+    };
+    let vqgan: Option<dalle_runtimes::manifest::VqganDims> = match v.get("vqgan") {
+        Some(_) => Some(field(&v, "vqgan").map_err(&bad)?),
+        None => None,
+    };
     let layers: Vec<AttentionKind> = field(&v, "layers").map_err(&bad)?;
     let conv_kernel = match layers.last() {
         Some(AttentionKind::Conv { kernel }) => *kernel,
@@ -164,14 +171,9 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
             p.display().to_string(),
         ))
     };
-    let (encoder, encoder_source) = graph(names::DVAE_ENCODER)?;
-    let (decoder, decoder_source) = graph(names::DVAE_DECODER)?;
-    let (transformer_weights, transformer_source) = graph(names::TRANSFORMER)?;
-    Ok(ExportInput {
-        preset,
-        dvae_geometry: geometry,
-        transformer_geometry: geometry,
-        dvae: DvaeSpec {
+    let codec = match (dvae, vqgan) {
+        (_, Some(v)) => dalle_export::ImageCodec::Vqgan(v),
+        (Some(d), None) => dalle_export::ImageCodec::Dvae(DvaeSpec {
             group_count: d.group_count,
             n_hid: d.n_hid,
             n_blk_per_group: d.n_blk_per_group,
@@ -181,7 +183,17 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
             post_gain: d.post_gain.unwrap_or_else(|| {
                 crate::config::VaeConfig::dall_e_post_gain(d.group_count, d.n_blk_per_group)
             }),
-        },
+        }),
+        (None, None) => return Err(bad("lacks `dvae` (or `vqgan`)".into())),
+    };
+    let (encoder, encoder_source) = graph(names::DVAE_ENCODER)?;
+    let (decoder, decoder_source) = graph(names::DVAE_DECODER)?;
+    let (transformer_weights, transformer_source) = graph(names::TRANSFORMER)?;
+    Ok(ExportInput {
+        preset,
+        dvae_geometry: geometry,
+        transformer_geometry: geometry,
+        codec,
         encoder,
         encoder_source,
         decoder,

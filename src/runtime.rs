@@ -25,8 +25,22 @@ fn err(e: impl std::fmt::Display) -> RuntimeError {
     }
 }
 
-/// The model config a manifest describes.
-pub fn config_of(m: &Manifest) -> Config {
+/// The model config a manifest describes; an error for a model whose image tokenizer is not a
+/// dVAE (an imported ruDALL-E's VQGAN), which a [`Config`] cannot describe.
+pub fn config_of(m: &Manifest) -> Result<Config, RuntimeError> {
+    let dvae = m.dvae.ok_or_else(|| {
+        RuntimeError::Request(
+            "this model's image tokenizer is a VQGAN (an imported ruDALL-E), not a dVAE this \
+             command knows the shape of"
+                .into(),
+        )
+    })?;
+    Ok(config_with(m, dvae))
+}
+
+/// [`config_of`] with the dVAE's dimensions given (any, where the caller uses only the
+/// transformer's part).
+fn config_with(m: &Manifest, dvae: dalle_runtimes::manifest::DvaeDims) -> Config {
     let conv_kernel = m
         .layers
         .iter()
@@ -39,13 +53,13 @@ pub fn config_of(m: &Manifest) -> Config {
         preset: m.preset.clone(),
         geometry: m.geometry,
         vae: VaeConfig {
-            group_count: m.dvae.group_count,
-            n_hid: m.dvae.n_hid,
-            n_blk_per_group: m.dvae.n_blk_per_group,
+            group_count: dvae.group_count,
+            n_hid: dvae.n_hid,
+            n_blk_per_group: dvae.n_blk_per_group,
             vocab_size: m.geometry.codebook,
-            n_init: m.dvae.n_init,
-            channels: m.dvae.channels,
-            post_gain: m.dvae.post_gain,
+            n_init: dvae.n_init,
+            channels: dvae.channels,
+            post_gain: dvae.post_gain,
         },
         transformer: TransformerConfig {
             d_model: m.transformer.d_model,
@@ -112,14 +126,15 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
             head_dim: t.d_model / t.n_heads,
             norms: t.norms,
         },
-        dvae: dalle_runtimes::manifest::DvaeDims {
+        vqgan: None,
+        dvae: Some(dalle_runtimes::manifest::DvaeDims {
             group_count: cfg.vae.group_count,
             n_hid: cfg.vae.n_hid,
             n_blk_per_group: cfg.vae.n_blk_per_group,
             n_init: cfg.vae.n_init,
             channels: cfg.vae.channels,
             post_gain: cfg.vae.post_gain,
-        },
+        }),
         layers: dalle_runtimes::layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),
         opset: 17,
@@ -129,22 +144,39 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
     }
 }
 
+/// What a VQGAN model's [`Config`] carries as its (unused) dVAE part.
+const DVAE_UNUSED: dalle_runtimes::manifest::DvaeDims = dalle_runtimes::manifest::DvaeDims {
+    group_count: 4,
+    n_hid: 256,
+    n_blk_per_group: 2,
+    n_init: 128,
+    channels: 3,
+    post_gain: None,
+};
+
 /// The candle session's KV cache between steps: each layer's (keys, values) buffers of the
 /// whole sequence's capacity, written in place step after step.
 struct NativeCache(Vec<Option<(Tensor, Tensor)>>);
 
 /// The candle models behind the runtime trait: from a model directory, or from in-memory
 /// models (a training run's checkpoint; then the dVAE is optional).
+/// The image tokenizer of a candle session.
+enum Codec {
+    Dvae(Encoder, Decoder),
+    Vqgan(Box<crate::vae::vqgan::Vqgan>),
+}
+
 pub struct CandleSession {
     manifest: Manifest,
     device: Device,
-    vae: Option<(Encoder, Decoder)>,
+    vae: Option<Codec>,
     transformer: Transformer,
 }
 
 impl CandleSession {
     pub fn open(dir: &Path, manifest: Manifest, device: &Device) -> Result<Self, RuntimeError> {
-        let cfg = config_of(&manifest);
+        // A VQGAN model's config: the transformer reads only the geometry and its own part.
+        let cfg = config_with(&manifest, manifest.dvae.unwrap_or(DVAE_UNUSED));
         let vb = |file: &str| -> Result<VarBuilder<'static>, RuntimeError> {
             Ok(VarBuilder::from_tensors(
                 weights(dir, file, device)?,
@@ -157,10 +189,29 @@ impl CandleSession {
             file: dir.join(file).display().to_string(),
             message: format!("weights do not match the manifest: {e}"),
         };
-        let encoder = Encoder::new(&cfg.vae, vb(names::DVAE_ENCODER)?)
-            .map_err(|e| load(names::DVAE_ENCODER, e))?;
-        let decoder = Decoder::new(&cfg.vae, vb(names::DVAE_DECODER)?)
-            .map_err(|e| load(names::DVAE_DECODER, e))?;
+        let codec = match manifest.vqgan {
+            None => Codec::Dvae(
+                Encoder::new(&cfg.vae, vb(names::DVAE_ENCODER)?)
+                    .map_err(|e| load(names::DVAE_ENCODER, e))?,
+                Decoder::new(&cfg.vae, vb(names::DVAE_DECODER)?)
+                    .map_err(|e| load(names::DVAE_DECODER, e))?,
+            ),
+            Some(_) => {
+                // Both graphs' weights under the checkpoint's names (the codebook is the
+                // decoder's, the quantizer's projection the encoder's).
+                let mut all: std::collections::BTreeMap<String, Tensor> =
+                    weights(dir, names::DVAE_ENCODER, device)?
+                        .into_iter()
+                        .collect();
+                all.extend(weights(dir, names::DVAE_DECODER, device)?);
+                let vq = crate::vae::vqgan::Vqgan::new(&all).map_err(|e| RuntimeError::Load {
+                    runtime: NAME,
+                    file: dir.join(names::DVAE_DECODER).display().to_string(),
+                    message: format!("weights do not match the manifest: {e}"),
+                })?;
+                Codec::Vqgan(Box::new(vq))
+            }
+        };
         let mut transformer = Transformer::new(&cfg, vb(names::TRANSFORMER)?)
             .map_err(|e| load(names::TRANSFORMER, e))?;
         // Weights exported in f16 (widened to f32 on loading) are streamed as f16 by decoding
@@ -173,7 +224,7 @@ impl CandleSession {
         Ok(CandleSession {
             manifest,
             device: device.clone(),
-            vae: Some((encoder, decoder)),
+            vae: Some(codec),
             transformer,
         })
     }
@@ -188,12 +239,12 @@ impl CandleSession {
         CandleSession {
             manifest: manifest_of(transformer.config()),
             device: device.clone(),
-            vae,
+            vae: vae.map(|(e, d)| Codec::Dvae(e, d)),
             transformer,
         }
     }
 
-    fn vae(&self) -> Result<&(Encoder, Decoder), RuntimeError> {
+    fn vae(&self) -> Result<&Codec, RuntimeError> {
         self.vae
             .as_ref()
             .ok_or_else(|| RuntimeError::Request("this candle session has no dVAE".into()))
@@ -310,25 +361,22 @@ impl Session for CandleSession {
         let n = check_decode(&self.manifest, tokens, batch)?;
         let ids: Vec<u32> = tokens.iter().map(|&c| c as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, n), &self.device).map_err(err)?;
-        let img = self
-            .vae()?
-            .1
-            .decode(&ids, self.manifest.geometry.grid)
-            .and_then(|x| x.flatten_all()?.to_vec1())
-            .map_err(err)?;
-        Ok(img)
+        let img = match self.vae()? {
+            Codec::Dvae(_, d) => d.decode(&ids, self.manifest.geometry.grid).map_err(err)?,
+            Codec::Vqgan(v) => v.decode(&ids).map_err(err)?,
+        };
+        img.flatten_all().and_then(|x| x.to_vec1()).map_err(err)
     }
 
     fn encode(&self, pixels: &[f32], batch: usize) -> Result<Vec<i64>, RuntimeError> {
         check_encode(&self.manifest, pixels, batch)?;
         let s = self.manifest.geometry.image_size;
         let x = Tensor::from_slice(pixels, (batch, 3, s, s), &self.device).map_err(err)?;
-        let codes: Vec<u32> = self
-            .vae()?
-            .0
-            .encode(&x)
-            .and_then(|c| c.flatten_all()?.to_vec1())
-            .map_err(err)?;
+        let codes = match self.vae()? {
+            Codec::Dvae(e, _) => e.encode(&x).map_err(err)?,
+            Codec::Vqgan(v) => v.encode(&x).map_err(err)?,
+        };
+        let codes: Vec<u32> = codes.flatten_all().and_then(|c| c.to_vec1()).map_err(err)?;
         Ok(codes.into_iter().map(|c| c as i64).collect())
     }
 }

@@ -38,8 +38,8 @@ fn imported() -> rudalle::Transformer {
     rudalle::transformer(&path, &state, options()).unwrap()
 }
 
-/// A whole config around the imported transformer: the `tiny` preset's f8 dVAE over the
-/// imported geometry (random weights in the exported directory: the transformer is under test).
+/// A whole config around the imported transformer, for the candle model alone (its dVAE part
+/// is unused).
 fn config(t: &rudalle::Transformer) -> dalle::Config {
     let mut cfg = dalle::Config::preset("tiny").unwrap();
     cfg.preset = "rudalle".into();
@@ -238,26 +238,32 @@ fn damaged_and_foreign_files_are_clear_errors() {
     assert!(e.contains("--heads"), "{e}");
 }
 
-/// The imported transformer exported with a (random) f8 dVAE: every runtime's prefill and cached
-/// steps give rudalle's logits, and the manifest records the extra norms.
+/// `dalle import rudalle` on the fixtures: a model directory whose transformer gives rudalle's
+/// logits (prefill and cached steps) and whose VQGAN graphs give rudalle's codes and pixels, on
+/// every runtime; `dalle parity` passes and `dalle generate` writes an image.
 #[test]
-fn exported_import_gives_rudalles_logits_on_every_runtime() {
+fn imported_model_directory_matches_rudalle_on_every_runtime() {
     let t = imported();
-    let cfg = config(&t);
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    common::random_run(&run, &cfg);
-    candle_core::safetensors::save(&t.weights, run.join("transformer.safetensors")).unwrap();
     let out = tmp.path().join("model");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dalle"))
-        .args(["export", "--transformer", run.to_str().unwrap()])
-        .args(["--out", out.to_str().unwrap()])
+    let o = dalle_cmd()
+        .args(["import", "rudalle", "--heads", "4"])
+        .arg("--transformer")
+        .arg(fixture("transformer.pt"))
+        .arg("--vqgan")
+        .arg(fixture("vqgan.ckpt"))
+        .arg("--tokenizer")
+        .arg(fixture("bpe.model"))
+        .arg("--out")
+        .arg(&out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(
-        manifest.contains("\"sandwich\": true") && manifest.contains("\"head\": true"),
+        manifest.contains("\"sandwich\": true")
+            && manifest.contains("\"vqgan\"")
+            && !manifest.contains("\"dvae\""),
         "{manifest}"
     );
     let ids = our_ids(&t);
@@ -267,6 +273,23 @@ fn exported_import_gives_rudalles_logits_on_every_runtime() {
     let vocab = want.dim(2).unwrap();
     let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
     let at = |r: usize, j: usize| &want[(r * (s - text_len + 1) + j) * vocab..][..vocab];
+    let images: Vec<f32> = npy("vqgan_images.npy")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let codes: Vec<i64> = npy("vqgan_codes.npy")
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pixels: Vec<f32> = npy("vqgan_pixels.npy")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for kind in common::runtimes() {
         let g = dalle::runtime::open(&out, kind, &OpenOptions::default()).unwrap();
         let sess = g.session();
@@ -289,13 +312,100 @@ fn exported_import_gives_rudalles_logits_on_every_runtime() {
                 worst = worst.max(d);
             }
         }
-        eprintln!("{}: max |ours − rudalle| {worst:.2e}", kind.name());
-        assert!(
-            worst < LOGITS_TOL,
-            "{}: logits differ by {worst}",
-            kind.name()
+        let name = kind.name();
+        eprintln!("{name}: logits max |ours − rudalle| {worst:.2e}");
+        assert!(worst < LOGITS_TOL, "{name}: logits differ by {worst}");
+        assert_eq!(
+            sess.encode(&images, 2).unwrap(),
+            codes,
+            "{name}: VQGAN codes"
         );
+        let d = common::max_abs_diff(&sess.decode(&codes, 2).unwrap(), &pixels);
+        eprintln!("{name}: VQGAN pixels max |ours − rudalle| {d:.2e}");
+        assert!(d < 1e-4, "{name}: VQGAN pixels differ by {d}");
     }
+    let o = dalle_cmd()
+        .args(["parity", "--runtimes", "candle,tract"])
+        .arg("--model")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = tmp.path().join("out.png");
+    let o = dalle_cmd()
+        .args([
+            "generate",
+            "--runtime",
+            "tract",
+            "--num-images",
+            "1",
+            "красный круг",
+        ])
+        .arg("--model")
+        .arg(&out)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).unwrap();
+    assert!(
+        img.width() >= 64 && img.height() >= 64,
+        "{}×{}",
+        img.width(),
+        img.height()
+    );
+    // The same command again does not replace the directory without --force.
+    let o = dalle_cmd()
+        .args(["import", "rudalle"])
+        .arg("--transformer")
+        .arg(fixture("transformer.pt"))
+        .arg("--vqgan")
+        .arg(fixture("vqgan.ckpt"))
+        .arg("--tokenizer")
+        .arg(fixture("bpe.model"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--force"), "{e}");
+    assert!(out.join("manifest.json").is_file());
+}
+
+/// The VQGAN and the transformer of different models, and the transformer given as the VQGAN,
+/// are clear errors naming the file.
+#[test]
+fn mismatched_import_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |vqgan: &Path, tokenizer: &Path| {
+        let o = dalle_cmd()
+            .args(["import", "rudalle", "--heads", "4"])
+            .arg("--transformer")
+            .arg(fixture("transformer.pt"))
+            .arg("--vqgan")
+            .arg(vqgan)
+            .arg("--tokenizer")
+            .arg(tokenizer)
+            .arg("--out")
+            .arg(tmp.path().join("model"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(!tmp.path().join("model").exists());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run(&fixture("transformer.pt"), &fixture("bpe.model"));
+    assert!(
+        e.contains("quantize.embed.weight") && e.contains("transformer.pt"),
+        "{e}"
+    );
+    let e = run(&fixture("vqgan.ckpt"), &fixture("vqgan.ckpt"));
+    assert!(e.contains("not a YouTokenToMe BPE model"), "{e}");
+}
+
+fn dalle_cmd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dalle"))
 }
 
 /// The converted YouTokenToMe model gives YouTokenToMe's ids (rudalle's wrapper adds BOS 2 and
@@ -389,7 +499,7 @@ fn malformed_youtokentome_models_are_clear_errors() {
 fn vqgan_gives_rudalles_codes_and_pixels_in_candle() {
     let state = torch::read(&fixture("vqgan.ckpt"), Some("state_dict")).unwrap();
     let vq = dalle::vae::vqgan::Vqgan::new(&state.tensors).unwrap();
-    assert_eq!((vq.downsample(), vq.codebook()), (8, 64));
+    assert_eq!((vq.downsample(), vq.codebook()), (8, 32));
     let images = npy("vqgan_images.npy");
     let want: Vec<u32> = npy("vqgan_codes.npy")
         .to_dtype(DType::I64)

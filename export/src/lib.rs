@@ -10,9 +10,11 @@ pub mod dvae;
 pub mod onnx;
 pub mod transformer;
 pub mod triton;
+pub mod vqgan;
 
 use dalle_runtimes::manifest::{
-    sha256_file, DvaeDims, LayoutRanges, SamplingDefaults, TransformerDims, SCHEMA_VERSION,
+    sha256_file, DvaeDims, LayoutRanges, SamplingDefaults, TransformerDims, VqganDims,
+    SCHEMA_VERSION,
 };
 use dalle_runtimes::{layer_kinds, names, Dtype, Geometry, Manifest, Norms, TokenLayout};
 use std::collections::BTreeMap;
@@ -55,6 +57,14 @@ pub struct TransformerSpec {
     pub norms: Norms,
 }
 
+/// The network that turns images into tokens and back (`dvae_encoder.onnx`,
+/// `dvae_decoder.onnx`): OpenAI's dVAE, or Sber's VQGAN of an imported ruDALL-E model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageCodec {
+    Dvae(DvaeSpec),
+    Vqgan(VqganDims),
+}
+
 /// Everything an export reads. `*_source` name the checkpoints in error messages.
 #[derive(Clone, Debug)]
 pub struct ExportInput {
@@ -63,7 +73,7 @@ pub struct ExportInput {
     /// Geometry of the dVAE checkpoint and of the transformer checkpoint: they must agree.
     pub dvae_geometry: Geometry,
     pub transformer_geometry: Geometry,
-    pub dvae: DvaeSpec,
+    pub codec: ImageCodec,
     pub encoder: Weights,
     pub encoder_source: String,
     pub decoder: Weights,
@@ -157,11 +167,14 @@ pub(crate) fn check(input: &ExportInput, opts: &ExportOptions) -> Result<(), Exp
     let g = &input.dvae_geometry;
     g.validate()
         .map_err(|e| ExportError::Invalid(e.to_string()))?;
-    let down = 1usize << input.dvae.group_count.saturating_sub(1);
-    if input.dvae.vocab_size != g.codebook || g.image_size / down != g.grid {
+    let (codebook, down) = match &input.codec {
+        ImageCodec::Dvae(d) => (d.vocab_size, 1usize << d.group_count.saturating_sub(1)),
+        ImageCodec::Vqgan(v) => (g.codebook, v.downsample()),
+    };
+    if codebook != g.codebook || g.image_size / down != g.grid {
         return Err(ExportError::Invalid(format!(
-            "the dVAE (codebook {}, downsampling {down}) does not produce the geometry's {}×{} grid of {} codes from {} px",
-            input.dvae.vocab_size, g.grid, g.grid, g.codebook, g.image_size
+            "the image tokenizer (codebook {codebook}, downsampling {down}) does not produce the geometry's {}×{} grid of {} codes from {} px",
+            g.grid, g.grid, g.codebook, g.image_size
         )));
     }
     let t = &input.transformer;
@@ -324,25 +337,20 @@ pub(crate) fn write_dir(
         files.extend(written);
         Ok(())
     };
+    let (dt, op) = (opts.dtype, opts.opset);
     save(names::DVAE_ENCODER, &|| {
-        dvae::encoder(
-            &g,
-            &input.dvae,
-            &input.encoder,
-            opts.dtype,
-            opts.opset,
-            &input.encoder_source,
-        )
+        let (w, src) = (&input.encoder, &input.encoder_source);
+        match &input.codec {
+            ImageCodec::Dvae(d) => dvae::encoder(&g, d, w, dt, op, src),
+            ImageCodec::Vqgan(v) => vqgan::encoder(&g, v, w, dt, op, src),
+        }
     })?;
     save(names::DVAE_DECODER, &|| {
-        dvae::decoder(
-            &g,
-            &input.dvae,
-            &input.decoder,
-            opts.dtype,
-            opts.opset,
-            &input.decoder_source,
-        )
+        let (w, src) = (&input.decoder, &input.decoder_source);
+        match &input.codec {
+            ImageCodec::Dvae(d) => dvae::decoder(&g, d, w, dt, op, src),
+            ImageCodec::Vqgan(v) => vqgan::decoder(&g, v, w, dt, op, src),
+        }
     })?;
     save(names::TRANSFORMER, &|| {
         transformer::transformer(
@@ -377,13 +385,20 @@ pub(crate) fn write_dir(
             head_dim: t.d_model / t.n_heads,
             norms: t.norms,
         },
-        dvae: DvaeDims {
-            group_count: input.dvae.group_count,
-            n_hid: input.dvae.n_hid,
-            n_blk_per_group: input.dvae.n_blk_per_group,
-            n_init: input.dvae.n_init,
-            channels: input.dvae.channels,
-            post_gain: Some(input.dvae.post_gain),
+        dvae: match &input.codec {
+            ImageCodec::Dvae(d) => Some(DvaeDims {
+                group_count: d.group_count,
+                n_hid: d.n_hid,
+                n_blk_per_group: d.n_blk_per_group,
+                n_init: d.n_init,
+                channels: d.channels,
+                post_gain: Some(d.post_gain),
+            }),
+            ImageCodec::Vqgan(_) => None,
+        },
+        vqgan: match &input.codec {
+            ImageCodec::Vqgan(v) => Some(v.clone()),
+            ImageCodec::Dvae(_) => None,
         },
         layers: layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),

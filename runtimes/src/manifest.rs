@@ -86,6 +86,38 @@ pub struct DvaeDims {
     pub post_gain: Option<f64>,
 }
 
+/// Sber's VQGAN (ruDALL-E's image tokenizer; taming-transformers' `Encoder` / `Decoder` with
+/// a gumbel quantizer), as its config names it: the image tokenizer of imported ruDALL-E models,
+/// in place of [`DvaeDims`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqganDims {
+    /// Width of the first level (`ch`) and each level's multiple of it (`ch_mult`); the image is
+    /// downsampled by 2^(levels − 1).
+    pub ch: usize,
+    pub ch_mult: Vec<usize>,
+    /// Residual blocks per encoder level (the decoder has one more).
+    pub num_res_blocks: usize,
+    /// Levels (0: full resolution) whose residual blocks are each followed by attention.
+    pub attn_levels: Vec<usize>,
+    pub z_channels: usize,
+    /// Width of a codebook vector.
+    pub embed_dim: usize,
+    pub channels: usize,
+}
+
+impl VqganDims {
+    /// Width of level `i`.
+    pub fn width(&self, i: usize) -> usize {
+        self.ch * self.ch_mult[i]
+    }
+
+    /// Pixels per token side.
+    pub fn downsample(&self) -> usize {
+        1 << self.ch_mult.len().saturating_sub(1)
+    }
+}
+
 /// The unified vocabulary spelled out: `[text | pads | image]` offsets and sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,7 +229,12 @@ pub struct Manifest {
     pub geometry: Geometry,
     pub layout: LayoutRanges,
     pub transformer: TransformerDims,
-    pub dvae: DvaeDims,
+    /// The image tokenizer: OpenAI's dVAE (every model trained here), or …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dvae: Option<DvaeDims>,
+    /// … Sber's VQGAN (imported ruDALL-E models). Exactly one of the two is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vqgan: Option<VqganDims>,
     /// Attention kind of each transformer layer, in order.
     pub layers: Vec<AttentionKind>,
     pub io: IoNames,
@@ -346,18 +383,42 @@ impl Manifest {
             ));
         }
         let t = &self.transformer;
-        // Bounds far above any real model, so nothing derived from them overflows.
-        for (field, v, max) in [
+        let mut sizes = vec![
             ("transformer.d_model", t.d_model, 1 << 16),
             ("transformer.n_layers", t.n_layers, 1 << 12),
             ("transformer.n_heads", t.n_heads, 1 << 12),
             ("transformer.head_dim", t.head_dim, 1 << 16),
-            ("dvae.group_count", self.dvae.group_count, 16),
-            ("dvae.n_hid", self.dvae.n_hid, 1 << 14),
-            ("dvae.n_blk_per_group", self.dvae.n_blk_per_group, 64),
-            ("dvae.n_init", self.dvae.n_init, 1 << 14),
-            ("dvae.channels", self.dvae.channels, 64),
-        ] {
+        ];
+        match (&self.dvae, &self.vqgan) {
+            (Some(d), None) => sizes.extend([
+                ("dvae.group_count", d.group_count, 16),
+                ("dvae.n_hid", d.n_hid, 1 << 14),
+                ("dvae.n_blk_per_group", d.n_blk_per_group, 64),
+                ("dvae.n_init", d.n_init, 1 << 14),
+                ("dvae.channels", d.channels, 64),
+            ]),
+            (None, Some(v)) => {
+                sizes.extend([
+                    ("vqgan.ch", v.ch, 1 << 14),
+                    ("vqgan.levels", v.ch_mult.len(), 16),
+                    ("vqgan.num_res_blocks", v.num_res_blocks, 64),
+                    ("vqgan.z_channels", v.z_channels, 1 << 14),
+                    ("vqgan.embed_dim", v.embed_dim, 1 << 14),
+                    ("vqgan.channels", v.channels, 64),
+                ]);
+                sizes.extend(v.ch_mult.iter().map(|&m| ("vqgan.ch_mult", m, 64)));
+                if v.ch_mult.is_empty() || v.attn_levels.iter().any(|&l| l >= v.ch_mult.len()) {
+                    return Err(format!(
+                        "vqgan has {} levels and attention at levels {:?}",
+                        v.ch_mult.len(),
+                        v.attn_levels
+                    ));
+                }
+            }
+            _ => return Err("it names both or neither of `dvae` and `vqgan`".into()),
+        }
+        // Bounds far above any real model, so nothing derived from them overflows.
+        for (field, v, max) in sizes {
             if v > max {
                 return Err(format!(
                     "{field} is {v}, above the largest this build handles ({max})"

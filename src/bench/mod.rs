@@ -133,7 +133,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         }
     };
     let manifest = Manifest::load(&model.dir).map_err(dalle_runtimes::RuntimeError::from)?;
-    let cfg = crate::runtime::config_of(&manifest);
+    let cfg = crate::runtime::config_of(&manifest)?;
     let mut decode = vec![];
     // The matmul rate measured after a row is the next row's "before" (only a session opening
     // lies between them).

@@ -79,7 +79,7 @@ impl BenchModel {
             preset: cfg.preset.clone(),
             dvae_geometry: cfg.geometry,
             transformer_geometry: cfg.geometry,
-            dvae: dvae_spec(&cfg),
+            codec: dalle_export::ImageCodec::Dvae(dvae_spec(&cfg)),
             encoder: to_weights(&encoder)?,
             encoder_source: format!("random {preset} dVAE encoder"),
             decoder: to_weights(&decoder)?,

@@ -6,6 +6,7 @@ mod data;
 mod eval;
 mod export;
 mod generate;
+mod import;
 mod info;
 mod parity;
 mod serve;
@@ -63,6 +64,8 @@ enum Command {
     Setup(setup::SetupCommand),
     /// Export a trained model to an ONNX model directory (manifest, tokenizer, three graphs).
     Export(export::ExportArgs),
+    /// Import a model trained elsewhere (ruDALL-E) as a model directory.
+    Import(import::ImportArgs),
     /// dVAE utilities.
     #[command(subcommand)]
     Vae(vae::VaeCommand),
@@ -90,6 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Setup(c) => setup::run(c),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Vae(c) => vae::run(c),
         Command::Encode(a) => codec::encode(a),
         Command::Decode(a) => codec::decode(a),

@@ -304,3 +304,122 @@ pub fn transformer(path: &Path, state: &StateDict, options: Options) -> Result<T
         weights,
     })
 }
+
+/// What `dalle import rudalle` reads.
+pub struct ImportPaths<'a> {
+    /// The transformer's state dict (`pytorch_model_v3.bin`).
+    pub transformer: &'a Path,
+    /// Sber's VQGAN (`vqgan.gumbelf8-sber.model.ckpt`: a Lightning checkpoint, or a bare state
+    /// dict).
+    pub vqgan: &'a Path,
+    /// The YouTokenToMe model (`bpe.model`).
+    pub tokenizer: &'a Path,
+}
+
+/// ruDALL-E's sampling settings (its README's `generate_images(…, top_k=2048, top_p=0.995)`),
+/// the top-k capped at the codebook.
+pub fn sampling(codebook: usize) -> dalle_runtimes::SamplingDefaults {
+    dalle_runtimes::SamplingDefaults {
+        temperature: 1.0,
+        top_k: Some(2048.min(codebook)),
+        top_p: Some(0.995),
+        guidance_scale: 1.0,
+    }
+}
+
+/// Everything an export of a ruDALL-E model reads: the transformer, the VQGAN split into its
+/// encoder's and decoder's weights, and the tokenizer converted into `tokenizer_json` (a path
+/// the caller owns).
+pub fn export_input(
+    paths: &ImportPaths,
+    options: Options,
+    tokenizer_json: &Path,
+) -> Result<dalle_export::ExportInput> {
+    let state = super::torch::read(paths.transformer, None)?;
+    let t = transformer(paths.transformer, &state, options)?;
+    drop(state);
+    let vq = read_vqgan(paths.vqgan)?;
+    let dims = crate::vae::vqgan::dims(&vq).map_err(|e| bad(paths.vqgan, e.to_string()))?;
+    // The structure is checked by building it (names, shapes, GroupNorm widths).
+    crate::vae::vqgan::Vqgan::new(&vq).map_err(|e| bad(paths.vqgan, e.to_string()))?;
+    let codebook = vq["quantize.embed.weight"].dim(0)?;
+    if codebook != t.geometry.codebook || dims.downsample() != VQGAN_DOWNSAMPLE {
+        return Err(bad(
+            paths.vqgan,
+            format!(
+                "a VQGAN of {codebook} codes at f{}; the transformer {} reads {} codes of an f8 \
+                 VQGAN: they are not one model's",
+                dims.downsample(),
+                paths.transformer.display(),
+                t.geometry.codebook
+            ),
+        ));
+    }
+    let tok = super::yttm::tokenizer(paths.tokenizer)?;
+    let ids = tok.get_vocab_size(true);
+    if ids > t.geometry.text_vocab {
+        return Err(bad(
+            paths.tokenizer,
+            format!(
+                "has {ids} ids; the transformer's text vocabulary is {}: not this model's \
+                 tokenizer",
+                t.geometry.text_vocab
+            ),
+        ));
+    }
+    tok.save(tokenizer_json, false).map_err(|e| {
+        bad(
+            tokenizer_json,
+            format!("cannot write the converted tokenizer ({e})"),
+        )
+    })?;
+    let part = |prefixes: &[&str]| -> Result<dalle_export::Weights> {
+        let picked: HashMap<String, Tensor> = vq
+            .iter()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        crate::export::to_weights(&picked)
+    };
+    let spec = dalle_export::TransformerSpec {
+        d_model: t.config.d_model,
+        n_layers: t.config.n_layers,
+        n_heads: t.config.n_heads,
+        conv_kernel: t.config.conv_kernel,
+        norms: t.config.norms,
+    };
+    Ok(dalle_export::ExportInput {
+        preset: "rudalle".into(),
+        dvae_geometry: t.geometry,
+        transformer_geometry: t.geometry,
+        codec: dalle_export::ImageCodec::Vqgan(dims),
+        encoder: part(&["encoder.", "quant_conv.", "quantize.proj."])?,
+        encoder_source: paths.vqgan.display().to_string(),
+        decoder: part(&["decoder.", "post_quant_conv.", "quantize.embed."])?,
+        decoder_source: paths.vqgan.display().to_string(),
+        transformer: spec,
+        transformer_weights: crate::export::to_weights(&t.weights)?,
+        transformer_source: paths.transformer.display().to_string(),
+        tokenizer: tokenizer_json.to_path_buf(),
+        sampling: sampling(t.geometry.codebook),
+    })
+}
+
+/// The VQGAN's tensors: a Lightning checkpoint's `state_dict`, or the file's own state dict.
+fn read_vqgan(path: &Path) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let state = match super::torch::read(path, Some("state_dict")) {
+        Ok(s) => s,
+        Err(Error::Checkpoint { message, .. }) if message.contains("holds no `state_dict`") => {
+            super::torch::read(path, None)?
+        }
+        Err(e) => return Err(e),
+    };
+    if !state.tensors.contains_key("quantize.embed.weight") {
+        return Err(bad(
+            path,
+            "lacks `quantize.embed.weight`: not a ruDALL-E VQGAN checkpoint \
+             (vqgan.gumbelf8-sber.model.ckpt)",
+        ));
+    }
+    Ok(state.tensors)
+}

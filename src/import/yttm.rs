@@ -37,7 +37,13 @@ fn bad(path: &Path, message: impl Into<String>) -> Error {
 
 /// The YouTokenToMe model at `path` as a tokenizer.
 pub fn tokenizer(path: &Path) -> Result<Tokenizer> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        bad(
+            path,
+            "is not text: not a YouTokenToMe BPE model (ruDALL-E's `bpe.model` is a text file)",
+        )
+    })?;
     let not_yttm = |line: usize, what: &str| {
         bad(
             path,

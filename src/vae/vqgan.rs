@@ -9,6 +9,7 @@
 
 use crate::{Error, Result};
 use candle_core::{DType, Module, Tensor, D};
+use dalle_runtimes::manifest::VqganDims;
 use std::collections::BTreeMap;
 
 /// GroupNorm's groups and epsilon in taming's `Normalize`.
@@ -228,6 +229,37 @@ fn levels(w: &Weights, p: &str, resample: &str, stride: usize) -> Result<Vec<Lev
     (0..n)
         .map(|i| Level::new(w, &format!("{p}.{i}"), resample, stride))
         .collect()
+}
+
+/// The architecture of the VQGAN whose weights these are (the manifest's `vqgan`).
+pub fn dims(weights: &BTreeMap<String, Tensor>) -> Result<VqganDims> {
+    let w = Weights(weights);
+    let dims = |name: &str| -> Result<Vec<usize>> { Ok(w.get(name)?.dims().to_vec()) };
+    let levels = (0..)
+        .take_while(|i| w.has(&format!("encoder.down.{i}.block.0.norm1.weight")))
+        .count();
+    if levels == 0 {
+        return Err(missing("encoder.down.0.block.0.norm1.weight"));
+    }
+    let ch = dims("encoder.conv_in.weight")?[0];
+    let ch_mult = (0..levels)
+        .map(|i| Ok(dims(&format!("encoder.down.{i}.block.0.conv1.weight"))?[0] / ch))
+        .collect::<Result<Vec<_>>>()?;
+    let num_res_blocks = (0..)
+        .take_while(|j| w.has(&format!("encoder.down.0.block.{j}.norm1.weight")))
+        .count();
+    let attn_levels = (0..levels)
+        .filter(|i| w.has(&format!("encoder.down.{i}.attn.0.norm.weight")))
+        .collect();
+    Ok(VqganDims {
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_levels,
+        z_channels: dims("encoder.conv_out.weight")?[0],
+        embed_dim: dims("quantize.embed.weight")?[1],
+        channels: dims("encoder.conv_in.weight")?[1],
+    })
 }
 
 /// The whole VQGAN: encoder to argmax codes, codebook, decoder.
