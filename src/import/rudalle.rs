@@ -414,6 +414,18 @@ fn read_vqgan(path: &Path) -> Result<std::collections::BTreeMap<String, Tensor>>
         }
         Err(e) => return Err(e),
     };
+    if state
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("model.decoder.decoder.") || k.contains("idwt"))
+    {
+        return Err(bad(
+            path,
+            "is the DWT variant of Sber's VQGAN (vqgan.gumbelf8-sber-dwt: its decoder ends in an \
+             inverse wavelet transform), which this import does not support; use \
+             vqgan.gumbelf8-sber.model.ckpt",
+        ));
+    }
     if !state.tensors.contains_key("quantize.embed.weight") {
         return Err(bad(
             path,
