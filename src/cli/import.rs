@@ -84,7 +84,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
     let m = dalle_export::export(&input, &a.out, &opts, &mut progress)?;
     println!(
         "wrote ruDALL-E ({} layers, width {}, {}×{} VQGAN tokens of {} codes, {}) to {}; try \
-         `dalle generate --model {} --prompt …`",
+         `dalle generate --model {} \"…\"`",
         m.transformer.n_layers,
         m.transformer.d_model,
         m.geometry.grid,
