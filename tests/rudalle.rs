@@ -290,9 +290,24 @@ fn imported_model_directory_matches_rudalle_on_every_runtime() {
         .unwrap()
         .to_vec1()
         .unwrap();
+    let teacher: Vec<f32> = npy("logits.npy").flatten_all().unwrap().to_vec1().unwrap();
     for kind in common::runtimes() {
         let g = dalle::runtime::open(&out, kind, &OpenOptions::default()).unwrap();
         let sess = g.session();
+        // Teacher-forced: the whole sequence in one call.
+        let mut c = KvCache::new(g.manifest(), 2);
+        let full = sess.forward(&ids, 2, &mut c).unwrap();
+        let d = common::max_abs_diff(&full, &teacher);
+        eprintln!(
+            "{}: teacher-forced max |ours − rudalle| {d:.2e}",
+            kind.name()
+        );
+        assert!(
+            d < LOGITS_TOL,
+            "{}: teacher-forced logits differ by {d}",
+            kind.name()
+        );
+        // The caption as one prefill, then one image token a step.
         let mut c = KvCache::new(g.manifest(), 2);
         let mut prefix = ids[..text_len].to_vec();
         prefix.extend(&ids[s..s + text_len]);
@@ -519,4 +534,30 @@ fn vqgan_gives_rudalles_codes_and_pixels_in_candle() {
     let d = max_diff(&pixels, &npy("vqgan_pixels.npy"));
     eprintln!("VQGAN decode: max |ours − rudalle| {d:.2e}");
     assert!(d < 1e-4, "decoded pixels differ by {d}");
+}
+
+/// A PyTorch Lightning checkpoint names its training metadata's classes (a callback as a dict
+/// key): reading its `state_dict` accepts them, reading the file as a state dict does not.
+#[test]
+fn lightning_metadata_is_accepted_only_around_a_state_dict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("lightning.ckpt");
+    // {"state_dict": OrderedDict(), "callbacks": {ModelCheckpoint: {}}}, protocol 2.
+    let mut p =
+        b"\x80\x02}q\x00(X\x0a\x00\x00\x00state_dictq\x01ccollections\nOrderedDict\nq\x02)Rq\x03"
+            .to_vec();
+    p.extend_from_slice(b"X\x09\x00\x00\x00callbacksq\x04}q\x05");
+    p.extend_from_slice(
+        b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\nq\x06}q\x07su.",
+    );
+    checkpoint_with(&path, &p);
+    let state = torch::read(&path, Some("state_dict")).unwrap();
+    assert!(state.tensors.is_empty());
+    let e = read_err(&path);
+    assert!(
+        e.contains("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        "{e}"
+    );
+    let e = torch::read(&path, Some("weights")).unwrap_err().to_string();
+    assert!(e.contains("holds no `weights` entry"), "{e}");
 }

@@ -279,8 +279,10 @@ pub fn transformer(path: &Path, state: &StateDict, options: Options) -> Result<T
     // Position `text_len` (v2's extra position, after its BOS) is unused in v3.
     let pos = take("text_pos_embeddings.weight", &[text_len + 1, d])?;
     weights.insert("embed.text_pos".into(), pos.narrow(0, 0, text_len)?);
-    // Whatever else is a float tensor is a part this import would silently drop.
-    if let Some(extra) = t.keys().find(|k| !used.contains(*k)) {
+    // Whatever else is a float tensor is a part this import would silently drop; the attention
+    // masks (buffers, bool or float by rudalle's version) are ours already.
+    let masks = ["row_mask", "col_mask", "conv_mask"].map(|m| format!("transformer.{m}"));
+    if let Some(extra) = t.keys().find(|k| !used.contains(*k) && !masks.contains(k)) {
         return Err(bad(
             path,
             format!(

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-/// What a state dict of tensors names: (module, name); a name ending in `*` is a prefix.
+/// What a state dict of tensors names: (module, name). A name `*X` is any name ending in X;
+/// a module `M.*` is M's submodules.
 pub const ALLOWED: [(&str, &str); 4] = [
     ("collections", "OrderedDict"),
     ("torch._utils", "_rebuild_tensor_v2"),
@@ -20,9 +21,38 @@ pub const ALLOWED: [(&str, &str); 4] = [
     ("torch", "*Storage"),
 ];
 
-fn allowed(module: &str, name: &str) -> bool {
-    ALLOWED.iter().any(|&(m, n)| {
-        m == module
+/// What a PyTorch Lightning checkpoint (taming's VQGAN is one) names besides its state dict:
+/// its training metadata's containers and plain types — classes whose construction from data
+/// runs nothing else. Accepted only where a caller reads one entry (`state_dict`) of such a file.
+pub const ALLOWED_IN_LIGHTNING: [(&str, &str); 17] = [
+    ("collections", "defaultdict"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
+    ("pytorch_lightning.callbacks.*", "*Checkpoint"),
+    ("pytorch_lightning.callbacks.*", "*Monitor"),
+    ("omegaconf.*", "*Config"),
+    ("omegaconf.*", "*Metadata"),
+    ("omegaconf.*", "*Node"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "str"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("typing", "Any"),
+];
+
+fn listed(list: &[(&str, &str)], module: &str, name: &str) -> bool {
+    list.iter().any(|&(m, n)| {
+        let module_ok = match m.strip_suffix(".*") {
+            Some(parent) => module
+                .strip_prefix(parent)
+                .is_some_and(|rest| rest.starts_with('.')),
+            None => m == module,
+        };
+        module_ok
             && match n.strip_prefix('*') {
                 Some(suffix) => name.ends_with(suffix) && name.len() > suffix.len(),
                 None => n == name,
@@ -106,14 +136,18 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
                 class_name,
             }) = stack.stack().last()
             {
-                if !allowed(module_name, class_name) {
+                let ok = listed(&ALLOWED, module_name, class_name)
+                    || (key.is_some() && listed(&ALLOWED_IN_LIGHTNING, module_name, class_name));
+                if !ok {
                     return Err(bad(
                         path,
                         format!(
                             "its pickle names `{module_name}.{class_name}`, which a state dict \
                              of tensors never does: the file may run code when loaded in Python, \
                              and is refused (nothing of it was run). Load only checkpoints from \
-                             their publishers; convert once and ship the exported model directory"
+                             their publishers; if you trust this one, save its tensors alone \
+                             (`torch.save(model.state_dict(), path)`) and import that; convert \
+                             once and ship the exported model directory"
                         ),
                     ));
                 }
