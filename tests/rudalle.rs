@@ -223,6 +223,36 @@ fn damaged_and_foreign_files_are_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("v2") && e.contains("Emojich"), "{e}");
+    // Six layers (layers 0–1 copied as 4–5): rudalle's last layer would attend by column.
+    let mut six = torch::read(&path, None).unwrap();
+    let copies: Vec<(String, Tensor)> = six
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("transformer.layers.")?;
+            let (i, tail) = rest.split_once('.')?;
+            let i: usize = i.parse().ok().filter(|&i| i < 2)?;
+            Some((format!("transformer.layers.{}.{tail}", i + 4), v.clone()))
+        })
+        .collect();
+    six.tensors.extend(copies);
+    let e = rudalle::transformer(&path, &six, options())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("6 layers") && e.contains("column"), "{e}");
+    // A tensor no part of the model has.
+    let mut extra = torch::read(&path, None).unwrap();
+    let w = extra.tensors["to_logits.1.bias"].clone();
+    extra.tensors.insert("to_logits.2.bias".into(), w);
+    let e = rudalle::transformer(&path, &extra, options())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("`to_logits.2.bias`") && e.contains("variant"),
+        "{e}"
+    );
     // Unknown width without --heads.
     let e = rudalle::transformer(
         &path,
