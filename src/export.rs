@@ -149,14 +149,16 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
     }
     let geometry: Geometry = field(&v, "geometry").map_err(&bad)?;
     let t: dalle_runtimes::manifest::TransformerDims = field(&v, "transformer").map_err(&bad)?;
-    let dvae: Option<dalle_runtimes::manifest::DvaeDims> = match v.get("dvae") {
-        Some(_) => Some(field(&v, "dvae").map_err(&bad)?),
-        None => None,
-    };
-    let vqgan: Option<dalle_runtimes::manifest::VqganDims> = match v.get("vqgan") {
-        Some(_) => Some(field(&v, "vqgan").map_err(&bad)?),
-        None => None,
-    };
+    // The image tokenizer: `dvae`, or `vqgan` for an imported ruDALL-E (absent = None).
+    let optional = |key: &str| v.get(key).is_some();
+    let dvae: Option<dalle_runtimes::manifest::DvaeDims> = optional("dvae")
+        .then(|| field(&v, "dvae"))
+        .transpose()
+        .map_err(&bad)?;
+    let vqgan: Option<dalle_runtimes::manifest::VqganDims> = optional("vqgan")
+        .then(|| field(&v, "vqgan"))
+        .transpose()
+        .map_err(&bad)?;
     let layers: Vec<AttentionKind> = field(&v, "layers").map_err(&bad)?;
     let conv_kernel = match layers.last() {
         Some(AttentionKind::Conv { kernel }) => *kernel,

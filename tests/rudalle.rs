@@ -72,16 +72,8 @@ fn our_ids(t: &rudalle::Transformer) -> Vec<i64> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    common::max_abs_diff(&v(a), &v(b))
 }
 
 #[test]
@@ -276,18 +268,7 @@ fn imported_model_directory_matches_rudalle_on_every_runtime() {
     let t = imported();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    let o = dalle_cmd()
-        .args(["import", "rudalle", "--heads", "4"])
-        .arg("--transformer")
-        .arg(fixture("transformer.pt"))
-        .arg("--vqgan")
-        .arg(fixture("vqgan.ckpt"))
-        .arg("--tokenizer")
-        .arg(fixture("bpe.model"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = import(&fixture("vqgan.ckpt"), &fixture("bpe.model"), &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(
@@ -401,18 +382,7 @@ fn imported_model_directory_matches_rudalle_on_every_runtime() {
         img.height()
     );
     // The same command again does not replace the directory without --force.
-    let o = dalle_cmd()
-        .args(["import", "rudalle"])
-        .arg("--transformer")
-        .arg(fixture("transformer.pt"))
-        .arg("--vqgan")
-        .arg(fixture("vqgan.ckpt"))
-        .arg("--tokenizer")
-        .arg(fixture("bpe.model"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = import(&fixture("vqgan.ckpt"), &fixture("bpe.model"), &out);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--force"), "{e}");
     assert!(out.join("manifest.json").is_file());
@@ -424,18 +394,7 @@ fn imported_model_directory_matches_rudalle_on_every_runtime() {
 fn mismatched_import_files_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |vqgan: &Path, tokenizer: &Path| {
-        let o = dalle_cmd()
-            .args(["import", "rudalle", "--heads", "4"])
-            .arg("--transformer")
-            .arg(fixture("transformer.pt"))
-            .arg("--vqgan")
-            .arg(vqgan)
-            .arg("--tokenizer")
-            .arg(tokenizer)
-            .arg("--out")
-            .arg(tmp.path().join("model"))
-            .output()
-            .unwrap();
+        let o = import(vqgan, tokenizer, &tmp.path().join("model"));
         assert!(!o.status.success());
         assert!(!tmp.path().join("model").exists());
         String::from_utf8_lossy(&o.stderr).to_string()
@@ -451,6 +410,22 @@ fn mismatched_import_files_are_clear_errors() {
 
 fn dalle_cmd() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_dalle"))
+}
+
+/// `dalle import rudalle` of the fixture transformer with `vqgan` and `tokenizer` into `out`.
+fn import(vqgan: &Path, tokenizer: &Path, out: &Path) -> std::process::Output {
+    dalle_cmd()
+        .args(["import", "rudalle", "--heads", "4"])
+        .arg("--transformer")
+        .arg(fixture("transformer.pt"))
+        .arg("--vqgan")
+        .arg(vqgan)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
 }
 
 /// The converted YouTokenToMe model gives YouTokenToMe's ids (rudalle's wrapper adds BOS 2 and

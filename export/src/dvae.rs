@@ -113,7 +113,7 @@ fn max_pool(g: &mut Graph, x: &str) -> String {
 
 /// Nearest ×2 as a reshape and a broadcast: (b, c, h, w) → (b, c, h, 1, w, 1) → expand to
 /// (…, 2, …, 2) → (b, c, 2h, 2w); `side` is h (= w).
-fn upsample(g: &mut Graph, x: &str, width: usize, side: usize) -> String {
+pub(crate) fn upsample(g: &mut Graph, x: &str, width: usize, side: usize) -> String {
     let (c, s) = (width as i64, side as i64);
     let six = g.ints(&[0, c, s, 1, s, 1]);
     let x6 = g.op("Reshape", &[x, &six], vec![]);
@@ -121,6 +121,24 @@ fn upsample(g: &mut Graph, x: &str, width: usize, side: usize) -> String {
     let up = g.op("Expand", &[&x6, &rep], vec![]);
     let four = g.ints(&[0, c, 2 * s, 2 * s]);
     g.op("Reshape", &[&up, &four], vec![])
+}
+
+/// The encoders' output: `image_tokens` i64 [batch, n], the argmax over axis 1 of `logits`
+/// (batch, codebook, n).
+pub(crate) fn argmax_tokens(g: &mut Graph, logits: &str, n: usize) {
+    g.scoped("/encoder", |g| {
+        g.op_to(
+            "ArgMax",
+            &[logits],
+            vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
+            names::IMAGE_TOKENS,
+        )
+    });
+    g.output(
+        names::IMAGE_TOKENS,
+        Elem::I64,
+        &[Dim::Named(names::DIM_BATCH), Dim::Fixed(n)],
+    );
 }
 
 fn group_widths(spec: &DvaeSpec) -> Vec<usize> {
@@ -174,19 +192,7 @@ pub fn encoder(
         let shape = g.ints(&[0, spec.vocab_size as i64, n as i64]);
         Ok(g.op("Reshape", &[&logits, &shape], vec![]))
     })?;
-    g.scoped("/encoder", |g| {
-        g.op_to(
-            "ArgMax",
-            &[&logits],
-            vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
-            names::IMAGE_TOKENS,
-        )
-    });
-    g.output(
-        names::IMAGE_TOKENS,
-        Elem::I64,
-        &[Dim::Named(names::DIM_BATCH), Dim::Fixed(n)],
-    );
+    argmax_tokens(&mut g, &logits, n);
     g.finish(
         "dvae_encoder",
         opset,

@@ -120,17 +120,6 @@ fn mid(g: &mut Graph, x: &str, p: &str, c: usize, side: usize) -> R<String> {
     resnet(g, &h, &format!("{p}.mid.block_2"), c, c, side)
 }
 
-/// Nearest ×2 as in the dVAE graph: reshape, broadcast, reshape.
-fn upsample(g: &mut Graph, x: &str, c: usize, side: usize) -> String {
-    let (c, s) = (c as i64, side as i64);
-    let six = g.ints(&[0, c, s, 1, s, 1]);
-    let x6 = g.op("Reshape", &[x, &six], vec![]);
-    let rep = g.ints(&[1, 1, 1, 2, 1, 2]);
-    let up = g.op("Expand", &[&x6, &rep], vec![]);
-    let four = g.ints(&[0, c, 2 * s, 2 * s]);
-    g.op("Reshape", &[&up, &four], vec![])
-}
-
 /// `dvae_encoder.onnx` of a VQGAN: image f32 [batch, 3, H, W] in [0, 1] → argmax codes.
 pub fn encoder(
     geometry: &Geometry,
@@ -200,15 +189,7 @@ pub fn encoder(
         let shape = g.ints(&[0, geometry.codebook as i64, n as i64]);
         Ok(g.op("Reshape", &[&logits, &shape], vec![]))
     })?;
-    g.scoped("/encoder", |g| {
-        g.op_to(
-            "ArgMax",
-            &[&logits],
-            vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
-            names::IMAGE_TOKENS,
-        )
-    });
-    g.output(names::IMAGE_TOKENS, Elem::I64, &[batch, Dim::Fixed(n)]);
+    crate::dvae::argmax_tokens(&mut g, &logits, n);
     g.finish(
         "dvae_encoder",
         opset,
@@ -267,7 +248,7 @@ pub fn decoder(
                 }
             }
             if i > 0 {
-                h = upsample(g, &h, width, side);
+                h = crate::dvae::upsample(g, &h, width, side);
                 side *= 2;
                 h = conv(
                     g,

@@ -101,7 +101,7 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
             format!("is damaged or truncated ({e}); download or copy it again"),
         )
     };
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    std::io::Seek::rewind(&mut file).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| damaged(&e))?;
     let pickles: Vec<String> = zip
         .file_names()

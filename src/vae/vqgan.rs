@@ -163,18 +163,16 @@ struct Level {
 
 impl Level {
     fn new(w: &Weights, p: &str, resample: &str, stride: usize) -> Result<Self> {
-        let count = |what: &str| {
+        // Residual blocks have `norm1`, attention blocks `norm`.
+        let count = |what: &str, norm: &str| {
             (0..)
-                .take_while(|j| {
-                    w.has(&format!("{p}.{what}.{j}.norm1.weight"))
-                        || w.has(&format!("{p}.{what}.{j}.norm.weight"))
-                })
+                .take_while(|j| w.has(&format!("{p}.{what}.{j}.{norm}.weight")))
                 .count()
         };
-        let blocks = (0..count("block"))
+        let blocks = (0..count("block", "norm1"))
             .map(|j| Resnet::new(w, &format!("{p}.block.{j}")))
             .collect::<Result<Vec<_>>>()?;
-        let attns = (0..count("attn"))
+        let attns = (0..count("attn", "norm"))
             .map(|j| Attn::new(w, &format!("{p}.attn.{j}")))
             .collect::<Result<Vec<_>>>()?;
         if blocks.is_empty() || !(attns.is_empty() || attns.len() == blocks.len()) {
