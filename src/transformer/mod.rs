@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod model;
+pub mod sparse;
 pub mod train;
 
 pub use model::{KvCache, Transformer};

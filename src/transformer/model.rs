@@ -7,6 +7,7 @@
 //! `layers.{i}.ln_1`, `layers.{i}.attn.qkv`, `layers.{i}.attn.proj`, `layers.{i}.ln_2`,
 //! `layers.{i}.mlp.fc`, `layers.{i}.mlp.proj`, `ln_f`, `head` (each `.weight` / `.bias`).
 
+use super::sparse::SlotPlan;
 use crate::config::Config;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -108,12 +109,14 @@ impl Attention {
     /// query (t = 1), the positions its mask allows; attention then reads only those keys and
     /// values instead of the whole cache (the same result: masked weights are exactly 0).
     /// `cache`: this layer's buffers, the positions before `past` filled, `capacity` long;
-    /// `None` (training) keeps nothing and stays differentiable.
+    /// `None` (training) keeps nothing and stays differentiable. `plan`: for a whole sequence
+    /// from position 0, attention over the key slots the mask can allow only (`super::sparse`).
     fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         keys: Option<&Tensor>,
+        plan: Option<&SlotPlan>,
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -134,13 +137,14 @@ impl Attention {
             };
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = match keys {
-            Some(idx) => {
+        let y = match (keys, plan) {
+            (Some(idx), _) => {
                 let (k, v) = (k.index_select(idx, 2)?, v.index_select(idx, 2)?); // (b, h, n, hd)
                 let att = softmax_last(&(batched_matmul(&q, &k, true)? * scale)?)?;
                 batched_matmul(&att, &v, false)?
             }
-            None => {
+            (None, Some(plan)) => plan.attend(&q, &k, &v, scale)?,
+            (None, None) => {
                 let att = masked_softmax(&batched_matmul(&q, &k, true)?, mask, scale)?; // (b, h, t, s)
                 batched_matmul(&att, &v, false)? // (b, h, t, hd)
             }
@@ -199,11 +203,12 @@ impl Block {
         x: &Tensor,
         mask: &Tensor,
         keys: Option<&Tensor>,
+        plan: Option<&SlotPlan>,
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let mut a = self
             .attn
-            .forward(&self.ln_1.forward(x)?, mask, keys, cache)?;
+            .forward(&self.ln_1.forward(x)?, mask, keys, plan, cache)?;
         if let Some((ln, _)) = &self.sandwich {
             a = ln.forward(&a)?;
         }
@@ -250,6 +255,8 @@ pub struct Transformer {
     blocks: Vec<Block>,
     kinds: Vec<AttentionKind>,
     masks: Vec<Tensor>,
+    /// Each layer's slot plan for whole sequences (`None`: dense masked attention).
+    plans: Vec<Option<SlotPlan>>,
     ln_f: LayerNorm,
     /// A second final norm before the head (`Norms::head`).
     ln_head: Option<LayerNorm>,
@@ -317,15 +324,18 @@ impl Transformer {
             .collect::<Result<Vec<_>>>()?;
         let kinds = layer_kinds(t.n_layers, t.conv_kernel);
         // One mask tensor per distinct kind, shared by the layers that use it.
-        let mut by_kind: Vec<(AttentionKind, Tensor)> = vec![];
-        let mut masks = Vec::with_capacity(kinds.len());
+        let mut by_kind: Vec<(AttentionKind, Tensor, Option<SlotPlan>)> = vec![];
+        let (mut masks, mut plans) = (vec![], vec![]);
         for &kind in &kinds {
-            if let Some((_, m)) = by_kind.iter().find(|(k, _)| *k == kind) {
+            if let Some((_, m, p)) = by_kind.iter().find(|(k, _, _)| *k == kind) {
                 masks.push(m.clone());
+                plans.push(p.clone());
             } else {
                 let m = additive_mask(g.text_len, g.grid, kind, vb.device())?;
-                by_kind.push((kind, m.clone()));
+                let p = SlotPlan::new(g.text_len, g.grid, kind, vb.device())?;
+                by_kind.push((kind, m.clone(), p.clone()));
                 masks.push(m);
+                plans.push(p);
             }
         }
         Ok(Transformer {
@@ -340,6 +350,7 @@ impl Transformer {
             blocks,
             kinds,
             masks,
+            plans,
             ln_f: LayerNorm::new(d, vb.pp("ln_f"))?,
             ln_head: match t.norms.head {
                 true => Some(LayerNorm::new(d, vb.pp("ln_head"))?),
@@ -482,9 +493,11 @@ impl Transformer {
         for (i, block) in self.blocks.iter().enumerate() {
             let mask = self.masks[i].narrow(0, past, t)?.narrow(1, 0, past + t)?;
             let k = keys.get(list_of_layer[i]);
+            let whole = past == 0 && t == self.seq_len();
+            let plan = self.plans[i].as_ref().filter(|_| whole);
             let pasts = [past];
             let slot = cached.then(|| (&mut cache.layers[i], &pasts[..], self.seq_len()));
-            x = block.forward(&x, &mask, k, slot)?;
+            x = block.forward(&x, &mask, k, plan, slot)?;
         }
         cache.pasts = vec![past + t; b];
         let mut h = self.ln_f.forward(&x)?;
