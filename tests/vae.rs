@@ -514,3 +514,66 @@ fn decoder_finetune_moves_only_the_decoder_and_diagnostics_are_logged() {
     );
     assert!(metric(&out, "rt_psnr").iter().any(|v| *v > 5.0));
 }
+
+/// `--init-from` with the decoder fine-tune from update 0: the run starts from the trained
+/// weights, the encoder — and so every code a stage 2 was trained on — stays bit for bit, the
+/// decoder trains (at a learning rate small enough that it stays within 1e-4 of where it
+/// started, where a fresh initialisation is far away), and train.json records where it
+/// started. A directory that is no dVAE is refused before the run directory is written.
+#[test]
+fn init_from_continues_a_trained_dvae_and_keeps_its_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dalle::data::shapes::write_set(&data, 64, 3, dalle::data::shapes::Split::Train, 32, false)
+        .unwrap();
+    let first = tmp.path().join("first");
+    let mut req = request(&data, &first, 4, false, None);
+    req.options.lp.ema_decay = 0.0;
+    req.options.lp.seed = 11; // not the second run's seed: its fresh start would differ
+    train_vae(req).unwrap();
+
+    let second = tmp.path().join("second");
+    let mut req = request(&data, &second, 3, false, None);
+    req.options.init_from = Some(first.clone());
+    req.options.schedule.decoder_finetune_from = Some(0);
+    req.options.schedule.lr_start = 1e-6;
+    req.options.lp.ema_decay = 0.0;
+    train_vae(req).unwrap();
+    let load =
+        |dir: &Path, f: &str| candle_core::safetensors::load(dir.join(f), &Device::Cpu).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        common::max_abs_diff(
+            &a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        )
+    };
+    let (enc1, enc2) = (
+        load(&first, "encoder.safetensors"),
+        load(&second, "encoder.safetensors"),
+    );
+    for (name, t) in &enc1 {
+        assert!(
+            diff(t, &enc2[name]) == 0.0,
+            "{name} moved: the codes would change"
+        );
+    }
+    let (dec1, dec2) = (
+        load(&first, "decoder.safetensors"),
+        load(&second, "decoder.safetensors"),
+    );
+    let moved: Vec<f32> = dec1.iter().map(|(n, t)| diff(t, &dec2[n])).collect();
+    assert!(moved.iter().any(|&d| d > 0.0), "the decoder trains");
+    assert!(
+        moved.iter().all(|&d| d < 1e-4),
+        "the decoder started elsewhere: {moved:?}"
+    );
+    let recorded = std::fs::read_to_string(second.join("train.json")).unwrap();
+    assert!(recorded.contains("\"init_from\""), "{recorded}");
+
+    let third = tmp.path().join("third");
+    let mut req = request(&data, &third, 3, false, None);
+    req.options.init_from = Some(data.clone());
+    let e = train_vae(req).unwrap_err().to_string();
+    assert!(e.contains("not a dVAE directory"), "{e}");
+    assert!(!third.exists(), "a refused start writes nothing");
+}

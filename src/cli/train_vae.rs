@@ -4,6 +4,7 @@ use super::train::RunArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use dalle::vae::train::{VaeTrainOptions, VaeTrainRequest};
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct TrainVaeArgs {
@@ -80,10 +81,38 @@ pub struct TrainVaeArgs {
     /// codes with straight-through gradients (0: the paper; 1: --straight-through).
     #[arg(long, default_value_t = 0.0)]
     pub hard_fraction: f64,
+    /// Start from a trained dVAE's weights (a `dalle train-vae` run, or the `dalle train` run it
+    /// went into) instead of a fresh initialisation; its config.json gives the geometry. With
+    /// `--decoder-finetune-from 0` this trains its decoder further on its own argmax codes: the
+    /// codes, and so a stage 2 trained on them, stay as they are (not in the paper).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 }
 
 pub fn run(a: TrainVaeArgs) -> Result<()> {
     let (mut config, device, lr) = a.run.check(a.batch_size)?;
+    if let Some(dir) = &a.init_from {
+        if a.kmeans_init || a.freeze_encoder {
+            bail!(
+                "--init-from starts from trained weights; --kmeans-init and --freeze-encoder \
+                 start from a fresh encoder: give one or the other"
+            );
+        }
+        let given = [
+            ("--post-gain", a.post_gain.is_some()),
+            ("--n-hid", a.n_hid.is_some()),
+            ("--blocks-per-group", a.blocks_per_group.is_some()),
+            ("--codebook", a.codebook.is_some()),
+            ("--image-size", a.image_size.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} changes the dVAE's shape, which --init-from takes from {}: leave it out",
+                dir.display()
+            );
+        }
+        config = dalle::vae::train::initial_weights(dir, &device)?.0;
+    }
     if a.post_gain.is_some()
         || a.n_hid.is_some()
         || a.blocks_per_group.is_some()
@@ -166,6 +195,7 @@ pub fn run(a: TrainVaeArgs) -> Result<()> {
         );
     }
     options.schedule.hard_fraction = a.hard_fraction;
+    options.init_from = a.init_from.clone();
     a.run.apply(&mut options.lp);
     let summary = dalle::vae::train::train_vae(VaeTrainRequest {
         config,

@@ -1,6 +1,6 @@
 //! Stage-1 training: the ELB with a gumbel-softmax relaxation (Ramesh et al. 2021 §2.1, A.2).
 
-use super::io::{save_dir, split_prefixed, Vae};
+use super::io::{read_f32, save_dir, split_prefixed, Vae};
 use super::loss::{
     edge_weights, foreground_weights, gaussian_nll_weighted, gumbel_softmax_scaled, harden_some,
     kl_to_uniform, laplace_nll_weighted, logit_laplace_nll_weighted, one_hot_argmax,
@@ -28,6 +28,10 @@ pub struct VaeTrainOptions {
     #[serde(rename = "loop")]
     pub lp: LoopOptions,
     pub schedule: VaeSchedule,
+    /// The trained dVAE directory the run started from instead of a fresh initialisation
+    /// (`--init-from`); older run files lack it and get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl VaeTrainOptions {
@@ -48,8 +52,27 @@ impl VaeTrainOptions {
                 },
             ),
             schedule: VaeSchedule::scaled(steps),
+            init_from: None,
         }
     }
+}
+
+/// A trained dVAE directory's config and weights, named as in a training var map (`encoder.…`,
+/// `decoder.…`): what `--init-from` starts a run from. Every tensor the model has must be
+/// there with its shape (checked by building the model from them).
+pub fn initial_weights(dir: &Path, device: &Device) -> Result<(Config, HashMap<String, Tensor>)> {
+    let vae = Vae::load(dir, device)?;
+    let dir = match dir.join("encoder.safetensors").exists() {
+        true => dir.to_path_buf(),
+        false => dir.join("vae"),
+    };
+    let mut weights = HashMap::new();
+    for part in ["encoder", "decoder"] {
+        for (name, t) in read_f32(&dir.join(format!("{part}.safetensors")), device)? {
+            weights.insert(format!("{part}.{name}"), t);
+        }
+    }
+    Ok((vae.config, weights))
 }
 
 /// dall_e's initialisation: kernels ~ N(0, 1/fan_in), biases zero.
@@ -209,6 +232,11 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
         eprint!("{}", index.report());
     }
     crate::data::loader::require_usable(&index)?;
+    // So are the weights a fresh run starts from.
+    let initial = match (&req.options.init_from, req.resume) {
+        (Some(dir), false) => Some(initial_weights(dir, &req.device)?.1),
+        _ => None,
+    };
     let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
     let loader = Loader::new(
         index,
@@ -220,6 +248,14 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
     let (varmap, encoder, decoder) = new_model(&req.config, opts.lp.seed, &req.device)?;
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
+    } else if let (Some(weights), Some(dir)) = (&initial, &opts.init_from) {
+        for (name, var) in train::named_vars(&varmap) {
+            let t = weights
+                .get(&name)
+                .ok_or_else(|| crate::Error::checkpoint(dir, format!("lacks tensor `{name}`")))?;
+            var.set(t)?;
+        }
+        eprintln!("starting from the weights of {}", dir.display());
     } else if opts.schedule.kmeans_init {
         let images: Vec<RgbImage> = loader
             .fixed(KMEANS_IMAGES)
