@@ -305,6 +305,67 @@ fn loss_weights_text_one_eighth_and_image_seven_eighths() {
     assert!(t > 0.0 && i > 0.0);
 }
 
+/// The image-codes-only losses: the text part is the full-vocabulary loss's, the image part the
+/// cross-entropy of log-softmax over the image range of the full logits (the same numbers
+/// computed the long way), the total weighs them 1/8 and 7/8, and every parameter still gets a
+/// gradient; without the option it is `loss` over `forward` exactly.
+#[test]
+fn image_codes_only_loss_is_the_cross_entropy_over_the_codes() {
+    let cfg = micro();
+    let (vm, model) = build(&cfg, 3);
+    let ids = random_ids(3, &cfg, 4);
+    let (t, s) = (cfg.geometry.text_len, cfg.geometry.seq_len());
+    let layout = dalle_runtimes::TokenLayout::from(&cfg.geometry);
+    let logits = model.forward(&ids, None).unwrap();
+    let (full_total, full_text, _) = loss(&logits, &ids, t).unwrap();
+    let (total, text, image) = model.losses(&ids, true).unwrap();
+    let image_logits = logits
+        .narrow(1, t - 1, s - t)
+        .unwrap()
+        .narrow(2, layout.image_offset(), layout.codebook)
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&image_logits, 2).unwrap();
+    let codes: Vec<u32> = ids
+        .narrow(1, t, s - t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+        .iter()
+        .map(|&id| layout.image_code(id).unwrap())
+        .collect();
+    let codes = Tensor::from_vec(codes, (3, s - t, 1), &Device::Cpu).unwrap();
+    let want = logp
+        .gather(&codes, 2)
+        .unwrap()
+        .neg()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let v = |x: &Tensor| x.to_scalar::<f32>().unwrap();
+    assert!(
+        (v(&image) - v(&want)).abs() < 1e-5,
+        "{} vs {}",
+        v(&image),
+        v(&want)
+    );
+    assert!((v(&text) - v(&full_text)).abs() < 1e-6);
+    assert!((v(&total) - (v(&text) / 8.0 + 7.0 * v(&image) / 8.0)).abs() < 1e-5);
+    let grads = total.backward().unwrap();
+    for (name, var) in dalle::train::named_vars(&vm) {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert!(
+            v(&g.abs().unwrap().sum_all().unwrap()) > 0.0,
+            "zero gradient for {name}"
+        );
+    }
+    let (plain, _, _) = model.losses(&ids, false).unwrap();
+    assert_eq!(v(&plain), v(&full_total));
+}
+
 mod generation {
     use super::*;
     use dalle::transformer::generate::{generate, Request};

@@ -9,7 +9,7 @@
 
 use super::sparse::SlotPlan;
 use crate::config::Config;
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
@@ -464,6 +464,11 @@ impl Transformer {
 
     /// The forward pass as candle tensor ops (training, prefill, other devices).
     fn forward_here(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.head.forward(&self.hidden(ids, cache)?)
+    }
+
+    /// The final normalised states the head reads, (b, t, d), as tensor ops.
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let mut scratch = KvCache::new(self.blocks.len());
         let cached = cache.is_some();
@@ -504,7 +509,45 @@ impl Transformer {
         if let Some(ln) = &self.ln_head {
             h = ln.forward(&h)?;
         }
-        self.head.forward(&h)
+        Ok(h)
+    }
+
+    /// The training losses (total, text, image) of whole sequences `ids (b, seq)`. With
+    /// `image_codes_only`, each image position's cross-entropy is over the image codes alone —
+    /// no text id can follow there, and sampling draws from the codes only (DALLE-pytorch masks
+    /// its logits the same way) — so the head computes `codebook` of its rows there instead of
+    /// the whole vocabulary (a third of them at the `shapes` preset); otherwise [`loss`] over
+    /// [`Transformer::forward`].
+    pub fn losses(&self, ids: &Tensor, image_codes_only: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        if !image_codes_only {
+            return loss(&self.forward(ids, None)?, ids, self.text_len);
+        }
+        let (b, s) = ids.dims2()?;
+        let t = self.text_len;
+        let h = self.hidden(ids, None)?;
+        let nll = crate::kernels::loss::next_token_nll;
+        // Positions 0 ‥ t − 2 predict the caption's ids 1 ‥ t − 1.
+        let text = nll(
+            &self.head.forward(&h.narrow(1, 0, t)?)?,
+            &ids.narrow(1, 0, t)?,
+        )?;
+        // Positions t − 1 ‥ s − 2 predict the codes; the codes shifted in after one dummy target
+        // for the last position, whose prediction the loss skips.
+        let (offset, n) = (self.layout.image_offset(), self.layout.codebook);
+        let weight = self.head.weight.narrow(0, offset, n)?;
+        let bias = self.head.bias.narrow(0, offset, n)?;
+        let logits =
+            crate::kernels::linear::linear(&h.narrow(1, t - 1, s - t + 1)?, &weight, &bias)?;
+        let codes = ids
+            .narrow(1, t, s - t)?
+            .to_dtype(DType::F32)?
+            .affine(1.0, -(offset as f64))?
+            .to_dtype(DType::U32)?;
+        let dummy = Tensor::zeros((b, 1), DType::U32, ids.device())?;
+        let image = nll(&logits, &Tensor::cat(&[&dummy, &codes], 1)?)?;
+        let (text, image) = (text.mean_all()?, image.mean_all()?);
+        let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
+        Ok((total, text, image))
     }
 }
 

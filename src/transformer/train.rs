@@ -7,7 +7,7 @@
 //! directory is all `dalle generate --runtime candle` needs.
 
 use super::generate::{generate, Request};
-use super::model::{init_value, loss, Transformer};
+use super::model::{init_value, Transformer};
 use crate::config::Config;
 use crate::data::filters::Filters;
 use crate::data::loader::{EpochOrder, Loader};
@@ -39,6 +39,10 @@ pub struct TransformerTrainOptions {
     /// BPE-dropout rate while training (paper: 0.1). Drawn by `tokenizers` from its own
     /// generator, so a resumed run is bit-identical only at 0.
     pub bpe_dropout: f32,
+    /// Each image position's loss over the image codes alone instead of the whole vocabulary
+    /// ([`Transformer::losses`]). Older run files lack it and get false.
+    #[serde(default)]
+    pub image_codes_only: bool,
 }
 
 impl TransformerTrainOptions {
@@ -63,6 +67,7 @@ impl TransformerTrainOptions {
             warmup_steps: (steps / 20).max(1),
             caption_dropout: 0.1,
             bpe_dropout: 0.1,
+            image_codes_only: true,
         }
     }
 
@@ -192,8 +197,7 @@ impl TransformerStage {
                 ids.extend(set.codes[k].iter().map(|&c| self.layout.image(c)));
             }
             let ids = Tensor::from_vec(ids, (rows, model.seq_len()), &self.device)?;
-            let (total, text, image) =
-                loss(&model.forward(&ids, None)?, &ids, self.layout.text_len)?;
+            let (total, text, image) = model.losses(&ids, self.opts.image_codes_only)?;
             for (s, t) in sums.iter_mut().zip([total, text, image]) {
                 *s += t.to_dtype(DType::F64)?.to_scalar::<f64>()? * rows as f64;
             }
@@ -232,8 +236,7 @@ impl Stage for TransformerStage {
             ids.extend(self.set.codes[k].iter().map(|&c| self.layout.image(c)));
         }
         let ids = Tensor::from_vec(ids, (b, self.model.seq_len()), &self.device)?;
-        let (total, text, image) =
-            loss(&self.model.forward(&ids, None)?, &ids, self.layout.text_len)?;
+        let (total, text, image) = self.model.losses(&ids, self.opts.image_codes_only)?;
         let s = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let metrics = vec![
             ("loss", s(&total)?),
