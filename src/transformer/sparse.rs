@@ -173,8 +173,24 @@ impl SlotPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transformer::model::additive_mask;
     use candle_core::Var;
+
+    /// The dense additive mask of one kind over the whole sequence, from the same definition.
+    fn additive_mask(
+        text_len: usize,
+        grid: usize,
+        kind: AttentionKind,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let n = text_len + grid * grid;
+        let m: Vec<f32> = (0..n * n)
+            .map(|i| match allowed(text_len, grid, kind, i / n, i % n) {
+                true => 0.0,
+                false => f32::NEG_INFINITY,
+            })
+            .collect();
+        Tensor::from_vec(m, (n, n), dev)
+    }
 
     fn dense(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
         let att = masked_softmax(&batched_matmul(q, k, true).unwrap(), mask, scale).unwrap();
