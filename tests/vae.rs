@@ -333,6 +333,19 @@ fn request(
     }
 }
 
+/// The tensors of one of a run's exported weight files (`encoder.safetensors`, …).
+fn weights(dir: &Path, file: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+fn tensor_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    common::max_abs_diff(
+        &a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    )
+}
+
 fn metric(dir: &Path, name: &str) -> Vec<f64> {
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
@@ -443,15 +456,11 @@ fn kmeans_start_gives_content_codes_and_a_frozen_encoder_stays_put() {
     s.straight_through = true;
     req.options.lp.ema_decay = 0.0;
     train_vae(req).unwrap();
-    let a = candle_core::safetensors::load(out.join("encoder.safetensors"), &Device::Cpu).unwrap();
-    let b =
-        candle_core::safetensors::load(again.join("encoder.safetensors"), &Device::Cpu).unwrap();
+    let a = weights(&out, "encoder.safetensors");
+    let b = weights(&again, "encoder.safetensors");
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
-        let d = common::max_abs_diff(
-            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        let d = tensor_diff(t, &b[name]);
         assert!(d == 0.0, "{name} moved by {d} with a frozen encoder");
     }
 }
@@ -471,16 +480,11 @@ fn decoder_finetune_moves_only_the_decoder_and_diagnostics_are_logged() {
         r
     };
     train_vae(req(Some(3))).unwrap();
-    let load = |f: &str| candle_core::safetensors::load(out.join(f), &Device::Cpu).unwrap();
+    let load = |f: &str| weights(&out, f);
     let (enc3, dec3) = (load("encoder.safetensors"), load("decoder.safetensors"));
     train_vae(req(None)).unwrap();
     let (enc6, dec6) = (load("encoder.safetensors"), load("decoder.safetensors"));
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        common::max_abs_diff(
-            &a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        )
-    };
+    let diff = tensor_diff;
     for (name, t) in &enc3 {
         let d = diff(t, &enc6[name]);
         assert!(
@@ -540,14 +544,7 @@ fn init_from_continues_a_trained_dvae_and_keeps_its_codes() {
     // The exported weights are the EMA's, which must leave the unmoved encoder as it was.
     req.options.lp.ema_decay = 0.999;
     train_vae(req).unwrap();
-    let load =
-        |dir: &Path, f: &str| candle_core::safetensors::load(dir.join(f), &Device::Cpu).unwrap();
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        common::max_abs_diff(
-            &a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        )
-    };
+    let (load, diff) = (weights, tensor_diff);
     let (enc1, enc2) = (
         load(&first, "encoder.safetensors"),
         load(&second, "encoder.safetensors"),

@@ -7,9 +7,9 @@
 //! `layers.{i}.ln_1`, `layers.{i}.attn.qkv`, `layers.{i}.attn.proj`, `layers.{i}.ln_2`,
 //! `layers.{i}.mlp.fc`, `layers.{i}.mlp.proj`, `ln_f`, `head` (each `.weight` / `.bias`).
 
-use super::sparse::SlotPlan;
+use super::sparse::{additive_mask, SlotPlan};
 use crate::config::Config;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use dalle_runtimes::{layer_kinds, AttentionKind, TokenLayout};
 
@@ -219,26 +219,6 @@ impl Block {
         }
         &x + m
     }
-}
-
-/// Additive mask for one attention kind over the whole sequence: 0 = may attend, −∞ = not.
-pub fn additive_mask(
-    text_len: usize,
-    grid: usize,
-    kind: AttentionKind,
-    device: &Device,
-) -> Result<Tensor> {
-    let n = text_len + grid * grid;
-    let m: Vec<f32> = (0..n * n)
-        .map(|i| {
-            if dalle_runtimes::allowed(text_len, grid, kind, i / n, i % n) {
-                0.0
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
-        .collect();
-    Tensor::from_vec(m, (n, n), device)
 }
 
 /// The transformer; `forward` serves training (whole sequences) and cached decoding.

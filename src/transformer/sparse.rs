@@ -18,6 +18,24 @@ use crate::kernels::softmax::masked_softmax;
 use candle_core::{Device, Result, Tensor};
 use dalle_runtimes::{allowed, AttentionKind};
 
+/// The dense additive mask of one kind over the whole sequence, (n, n) for n = text_len + grid²:
+/// 0 where the query (row) may attend to the key (column), −∞ elsewhere.
+pub fn additive_mask(
+    text_len: usize,
+    grid: usize,
+    kind: AttentionKind,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = text_len + grid * grid;
+    let m: Vec<f32> = (0..n * n)
+        .map(|i| match allowed(text_len, grid, kind, i / n, i % n) {
+            true => 0.0,
+            false => f32::NEG_INFINITY,
+        })
+        .collect();
+    Tensor::from_vec(m, (n, n), device)
+}
+
 /// How one attention kind's image queries are grouped and which key slots each group reads.
 #[derive(Clone, Debug)]
 pub struct SlotPlan {
@@ -173,41 +191,11 @@ impl SlotPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
-
-    /// The dense additive mask of one kind over the whole sequence, from the same definition.
-    fn additive_mask(
-        text_len: usize,
-        grid: usize,
-        kind: AttentionKind,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        let n = text_len + grid * grid;
-        let m: Vec<f32> = (0..n * n)
-            .map(|i| match allowed(text_len, grid, kind, i / n, i % n) {
-                true => 0.0,
-                false => f32::NEG_INFINITY,
-            })
-            .collect();
-        Tensor::from_vec(m, (n, n), dev)
-    }
+    use crate::kernels::testing::{agree, var};
 
     fn dense(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
         let att = masked_softmax(&batched_matmul(q, k, true).unwrap(), mask, scale).unwrap();
         batched_matmul(&att, v, false).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Every kind's slot attention gives the dense masked attention's values and gradients
@@ -226,17 +214,7 @@ mod tests {
                     .unwrap()
                     .expect("a window smaller than the sequence");
                 let n = text_len + grid * grid;
-                let vars: Vec<Var> = (0..3)
-                    .map(|i| {
-                        Var::from_tensor(
-                            &Tensor::randn(0f32, 1.0, (2, 3, n, 4), &dev)
-                                .unwrap()
-                                .affine(1.0 + i as f64, 0.0)
-                                .unwrap(),
-                        )
-                        .unwrap()
-                    })
-                    .collect();
+                let vars: Vec<_> = (1..=3).map(|i| var(&[2, 3, n, 4], i as f32)).collect();
                 let (q, k, v) = (
                     vars[0].as_tensor(),
                     vars[1].as_tensor(),
@@ -245,15 +223,7 @@ mod tests {
                 let mask = additive_mask(text_len, grid, kind, &dev).unwrap();
                 let want = dense(q, k, v, &mask, 0.5);
                 let got = plan.attend(q, k, v, 0.5).unwrap();
-                assert!(max_diff(&want, &got) < 1e-5, "{kind:?} {grid}: values");
-                // A loss that weighs every output differently, so each gradient is checked.
-                let w = Tensor::randn(0f32, 1.0, (2, 3, n, 4), &dev).unwrap();
-                let gw = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let gg = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                for var in &vars {
-                    let (a, b) = (gw.get(var).unwrap(), gg.get(var).unwrap());
-                    assert!(max_diff(a, b) < 1e-4, "{kind:?} {grid}: gradients");
-                }
+                agree(&vars.iter().collect::<Vec<_>>(), got, want, 1e-5, 1e-4);
             }
         }
     }
