@@ -478,9 +478,10 @@ mod tests {
         ];
         for (c, n_out, h, w) in shapes {
             for k in [1, 3, 7] {
-                // A sum of c·k² unit products (n_out·k² for the input gradient) is ~√(c·k²)
-                // large, and so are its rounding errors.
-                let tol = 1e-4 * ((c.max(n_out) * k * k) as f32 / 64.0).sqrt().max(1.0);
+                // A sum of c·k² unit products (n_out·k² for the input gradient, 2·h·w for the
+                // bias gradient) is ~√(terms) large, and so are its rounding errors.
+                let terms = (c.max(n_out) * k * k).max(2 * h * w);
+                let tol = 1e-4 * (terms as f32 / 64.0).sqrt().max(1.0);
                 for relu in [false, true] {
                     let pad = (k - 1) / 2;
                     let x = Tensor::randn(0f32, 1., (c, 2, h, w), &dev)?; // (c, b, h, w)
