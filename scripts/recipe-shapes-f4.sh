@@ -14,6 +14,14 @@
 # stage 2 takes the grid from the dVAE) and EDGE_WEIGHT=4 weighs both sides of every boundary 5×
 # in stage 1 (session 17: the two together reached 84% fully correct on the round trip at half
 # their run, models/STAGE1-NOTES.md); both default to the 64-px recipe's.
+# DECODER_ROUNDS="STEPS[:STOP] ..." trains the finished dVAE's decoder further on its encoder's own
+# argmax codes, one `train-vae --init-from … --decoder-finetune-from 0` run per round (lr 2e-4
+# cosine over STEPS, stopping at STOP if given; round i seeded SEED + i - 1): the codes stay the same.
+# TF_BATCH is stage 2's batch size (default 32).
+#
+# FULL=1 is the 96-px recipe of models/stage1-s96e4 and models/stage2-tf16-wip — several hours on
+# two cores, outside the 90-min budget: IMAGE_SIZE=96 EDGE_WEIGHT=4 DECODER_ROUNDS="1600 2000:1200"
+# TF_STEPS=6000 TF_BATCH=16 (each can still be overridden).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +37,17 @@ SWEEP_SAMPLES=${SWEEP_SAMPLES:-64}
 SWEEP_GUIDANCE=${SWEEP_GUIDANCE:-1,1.5,2,3}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 TOP_K=${TOP_K:-8}
+if [ "${FULL:-0}" = 1 ]; then
+  IMAGE_SIZE=${IMAGE_SIZE:-96}
+  EDGE_WEIGHT=${EDGE_WEIGHT:-4}
+  DECODER_ROUNDS=${DECODER_ROUNDS-1600 2000:1200}
+  TF_STEPS=${TF_STEPS:-6000}
+  TF_BATCH=${TF_BATCH:-16}
+fi
 IMAGE_SIZE=${IMAGE_SIZE:-64}
 EDGE_WEIGHT=${EDGE_WEIGHT:-0}
+DECODER_ROUNDS=${DECODER_ROUNDS:-}
+TF_BATCH=${TF_BATCH:-32}
 
 cargo build --release --bin dalle
 DALLE=target/release/dalle
@@ -76,11 +93,32 @@ if ! done_ vae; then
   touch "$WORK/vae.done"
 fi
 
+# The dVAE stage 2 trains on and the model ships: the last decoder round's, else stage 1's.
+VAE="$WORK/vae"
+round=0
+for r in $DECODER_ROUNDS; do
+  round=$((round + 1))
+  steps=${r%%:*}
+  stop=; upto=$steps
+  [ "$r" != "$steps" ] && stop="--stop-at ${r#*:}" && upto="${r#*:} of $steps"
+  if ! done_ "decoder-$round"; then
+    stamp "stage 1, decoder round $round: $upto updates on the encoder's argmax codes"
+    $DALLE train-vae $(fresh "$WORK/decoder-$round") --preset shapes --data "$WORK/shapes-train" \
+      --out "$WORK/decoder-$round" --init-from "$VAE" --decoder-finetune-from 0 --steps "$steps" $stop \
+      --seed $((SEED + round - 1)) --batch-size "$VAE_BATCH" --lr 2e-4 --likelihood gaussian \
+      --edge-weight "$EDGE_WEIGHT" --checkpoint-every 200 --sample-every 200 --log-every 25
+    $DALLE vae psnr --vae "$WORK/decoder-$round" --data "$WORK/shapes-heldout" --count "$HELDOUT_IMAGES" \
+      | tee "$WORK/decoder-$round-psnr.txt"
+    touch "$WORK/decoder-$round.done"
+  fi
+  VAE="$WORK/decoder-$round"
+done
+
 if ! done_ transformer; then
   stamp "stage 2: transformer, $TF_STEPS steps"
-  $DALLE train $(fresh "$WORK/transformer") --preset shapes --data "$WORK/shapes-train" --vae "$WORK/vae" \
+  $DALLE train $(fresh "$WORK/transformer") --preset shapes --data "$WORK/shapes-train" --vae "$VAE" \
     --eval-data "$WORK/shapes-heldout" --out "$WORK/transformer" --steps "$TF_STEPS" \
-    --seed "$SEED" --batch-size 32 --lr 1e-3 --caption-dropout 0.2 --bpe-dropout 0 \
+    --seed "$SEED" --batch-size "$TF_BATCH" --lr 1e-3 --caption-dropout 0.2 --bpe-dropout 0 \
     --checkpoint-every 250 --sample-every 250 --log-every 25
   touch "$WORK/transformer.done"
 fi
