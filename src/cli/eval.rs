@@ -58,7 +58,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(m) => m,
         None => dalle::bundled_model()?,
     };
-    let gen = dalle::runtime::open(&model, kind, &providers.options())?;
+    let gen = std::sync::Arc::new(dalle::runtime::open(&model, kind, &providers.options())?);
     let truth = dalle::eval::ground_truth(samples, gen.manifest().geometry.image_size as u32);
     let scores = dalle::eval::shapes(&gen, samples, &guidance, top_k, &mut |l| eprintln!("{l}"))?;
     let (psnr, round_trip) = dalle::eval::dvae_round_trip(&gen, samples)?;

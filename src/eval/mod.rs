@@ -5,8 +5,11 @@
 pub mod judge;
 
 use crate::data::shapes::{generate_one, Split};
-use dalle_runtimes::{Generator, Request, RuntimeError};
+use dalle_runtimes::{
+    Batcher, BatcherOptions, Generator, Output, Request, RuntimeError, SubmitError,
+};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Scenes of the evaluation come from this seed, not the training sets' (seed 0 by default).
 pub const EVAL_SEED: u64 = 9_001;
@@ -54,37 +57,44 @@ impl Score {
     }
 }
 
+/// Rows (images, twice with guidance) the evaluation samples at once through a [`Batcher`]:
+/// each request still gets the image it gets alone (the batcher's contract, tested on every
+/// runtime), in a fraction of the time of one image at a time.
+pub const BATCH_ROWS: usize = 32;
+
 /// Generate and judge `samples` scenes of each split at each guidance scale.
 pub fn shapes(
-    gen: &Generator,
+    gen: &Arc<Generator>,
     samples: usize,
     guidance: &[f32],
     top_k: Option<usize>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Score>, RuntimeError> {
     let size = gen.manifest().geometry.image_size as u32;
+    let mut batcher = Batcher::new(gen.clone(), BatcherOptions::new(BATCH_ROWS, samples.max(1)));
     let mut scores = vec![];
     for split in [Split::Train, Split::Heldout] {
-        let name = if split == Split::Train {
-            "seen"
-        } else {
-            "held-out"
-        };
+        let name = split_name(split);
+        let scenes: Vec<_> = (0..samples)
+            .map(|i| generate_one(EVAL_SEED, split, i as u64, size))
+            .collect();
         for &g in guidance {
+            let requests = scenes.iter().enumerate().map(|(i, s)| {
+                let req = Request::new(s.caption.clone())
+                    .seed(i as u64)
+                    .guidance_scale(g);
+                match top_k {
+                    Some(k) => req.top_k(k),
+                    None => req,
+                }
+            });
+            let outputs = generate_all(&batcher, requests)?;
             let mut score = Score {
                 split: name.into(),
                 guidance_scale: g,
                 ..Default::default()
             };
-            for i in 0..samples {
-                let s = generate_one(EVAL_SEED, split, i as u64, size);
-                let mut req = Request::new(s.caption.clone())
-                    .seed(i as u64)
-                    .guidance_scale(g);
-                if let Some(k) = top_k {
-                    req = req.top_k(k);
-                }
-                let out = gen.generate(&req)?;
+            for (s, out) in scenes.iter().zip(outputs) {
                 let img = &out.images[0];
                 let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
                     .expect("3 bytes a pixel");
@@ -100,7 +110,46 @@ pub fn shapes(
             scores.push(score);
         }
     }
+    batcher.shutdown();
     Ok(scores)
+}
+
+/// Every request's output, in request order: all queued at once, sampled together.
+fn generate_all(
+    batcher: &Batcher,
+    requests: impl Iterator<Item = Request>,
+) -> Result<Vec<Output>, RuntimeError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut tickets = vec![];
+    for (i, req) in requests.enumerate() {
+        let tx = tx.clone();
+        let ticket = batcher
+            .submit(&req, move |out| {
+                // The receiver lives until every reply has come or an error ended the wait.
+                let _ = tx.send((i, out));
+            })
+            .map_err(|e| match e {
+                SubmitError::Request(e) => e,
+                e => RuntimeError::Request(e.to_string()),
+            })?;
+        tickets.push(ticket);
+    }
+    // Each reply closure holds a sender: once every request has replied or been dropped by the
+    // batcher, the channel ends instead of waiting forever.
+    drop(tx);
+    let mut outputs: Vec<Option<Output>> = (0..tickets.len()).map(|_| None).collect();
+    for (i, out) in rx {
+        outputs[i] = Some(out?);
+    }
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.ok_or_else(|| {
+                RuntimeError::Request(format!("request {i} of the evaluation got no images"))
+            })
+        })
+        .collect()
 }
 
 /// The judge on ground-truth renders of the same scenes: the ceiling of [`shapes`].
