@@ -145,6 +145,8 @@ const CASES: &[Case] = &[
     case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae --image-size 32", 1, "--image-size changes the dVAE's shape"),
     case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae --kmeans-init", 1, "give one or the other"),
     case("train --preset small --vae {T}/vae --data {T}/data --out {T}/new --steps 1", 1, "needs 128px"),
+    case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae", 1, "is a `dalle train-vae` run"),
+    case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/user", 1, "is not a `dalle train` run"),
     case("decode --vae {T}/vae --tokens {T}/user/NOTES.txt --out {T}/o.png", 1, "is not JSON"),
     case("decode --vae {T}/vae --tokens {T}/short.json --out {T}/o.png", 1, "expected 64 tokens"),
     case("export --transformer {T}/tf --out {T}/model", 1, "exists; pass --force to replace it"),

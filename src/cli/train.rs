@@ -83,6 +83,12 @@ pub struct TrainArgs {
     /// measured at every sample step and joins metrics.csv and the curves.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Start from a `dalle train` run's weights (its transformer.safetensors: the EMA) instead of
+    /// a fresh initialisation, with a fresh optimiser and learning-rate schedule — to train a
+    /// finished run further. Its preset must be this run's, its dVAE encoder --vae's, and its
+    /// tokenizer is reused.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -117,6 +123,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     options.caption_dropout = a.caption_dropout;
     options.bpe_dropout = a.bpe_dropout;
+    options.init_from = a.init_from.clone();
     a.run.apply(&mut options.lp);
     let s = train_transformer(TransformerTrainRequest {
         config,

@@ -43,6 +43,10 @@ pub struct TransformerTrainOptions {
     /// ([`Transformer::losses`]). Older run files lack it and get false.
     #[serde(default)]
     pub image_codes_only: bool,
+    /// The `dalle train` run whose weights the run started from instead of a fresh
+    /// initialisation (`--init-from`); older run files lack it and get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl TransformerTrainOptions {
@@ -68,6 +72,7 @@ impl TransformerTrainOptions {
             caption_dropout: 0.1,
             bpe_dropout: 0.1,
             image_codes_only: true,
+            init_from: None,
         }
     }
 
@@ -316,6 +321,63 @@ pub struct TransformerTrainRequest {
     pub filters: Filters,
 }
 
+/// A finished (or checkpointed) `dalle train` run to start from: its exported EMA weights
+/// (`transformer.safetensors`), checked against the model `config` describes and against the
+/// dVAE the new run trains on, whose encoder must be the one the run learnt the codes of.
+fn initial_weights(
+    dir: &Path,
+    config: &Config,
+    vae_dir: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let weights = dir.join("transformer.safetensors");
+    if !weights.is_file() {
+        let what = if dir.join("encoder.safetensors").is_file() {
+            "is a `dalle train-vae` run (a dVAE), not a `dalle train` run"
+        } else {
+            "is not a `dalle train` run (no transformer.safetensors)"
+        };
+        return Err(Error::checkpoint(dir, what));
+    }
+    let stored = Config::load(&dir.join("config.json"))?;
+    if &stored != config {
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "holds a transformer of preset `{}` and geometry {}px → {}×{} × {} codes, which \
+                 differs from this run's (`{}`, {}px → {}×{} × {} codes): start from a run of \
+                 the same preset and dVAE",
+                stored.preset,
+                stored.geometry.image_size,
+                stored.geometry.grid,
+                stored.geometry.grid,
+                stored.geometry.codebook,
+                config.preset,
+                config.geometry.image_size,
+                config.geometry.grid,
+                config.geometry.grid,
+                config.geometry.codebook,
+            ),
+        ));
+    }
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| Error::io(p, e));
+    let theirs = read(dir.join("vae").join("encoder.safetensors"))?;
+    if theirs != read(vae_dir.join("encoder.safetensors"))? {
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "was trained on the codes of another dVAE encoder than {}'s: its weights would \
+                 read other image tokens; pass that run's dVAE (its vae/ directory) as --vae",
+                vae_dir.display()
+            ),
+        ));
+    }
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(Error::checkpoint(dir, "has no tokenizer.json"));
+    }
+    crate::vae::io::read_f32(&weights, device)
+}
+
 /// Copy the dVAE into the run directory so that the checkpoint is self-contained.
 fn copy_vae(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
@@ -376,10 +438,20 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
             message: "has no usable samples".into(),
         });
     }
+    // So are the weights a fresh run starts from.
+    let initial = match (&req.options.init_from, req.resume) {
+        (Some(dir), false) => Some(initial_weights(dir, &req.config, &req.vae, &req.device)?),
+        _ => None,
+    };
     let (opts, start) = train::prepare(&req.out, &req.config, req.options, req.resume)?;
     let tok_path = req.out.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         crate::text::load(&tok_path)?
+    } else if let (Some(dir), Some(_)) = (&opts.init_from, &initial) {
+        // The caption ids the weights were trained on.
+        let t = crate::text::load(&dir.join("tokenizer.json"))?;
+        crate::text::save(&t, &tok_path)?;
+        t
     } else {
         let t = crate::text::train(&set.captions, g.text_vocab, 2)?;
         crate::text::save(&t, &tok_path)?;
@@ -403,6 +475,24 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     train::init_vars(&varmap, opts.lp.seed, init_value)?;
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
+    } else if let (Some(weights), Some(dir)) = (&initial, &opts.init_from) {
+        for (name, var) in train::named_vars(&varmap) {
+            let t = weights
+                .get(&name)
+                .ok_or_else(|| Error::checkpoint(dir, format!("lacks tensor `{name}`")))?;
+            if t.dims() != var.dims() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "tensor `{name}` is {:?}, this model's is {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                ));
+            }
+            var.set(t)?;
+        }
+        eprintln!("starting from the weights of {}", dir.display());
     }
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
     let lp = opts.lp.clone();

@@ -297,3 +297,101 @@ fn a_dvae_codebook_size_flows_into_stage_two_and_the_export() {
     ]);
     assert!(img.exists());
 }
+
+/// `train --init-from RUN` starts from the run's (EMA) weights with its tokenizer, and refuses a
+/// run whose codes came from another dVAE encoder — before it writes anything.
+#[test]
+fn init_from_starts_from_a_runs_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, vae, other_vae) = (
+        tmp.path().join("shapes"),
+        tmp.path().join("vae"),
+        tmp.path().join("vae2"),
+    );
+    let (run, next, refused) = (
+        tmp.path().join("tf"),
+        tmp.path().join("tf2"),
+        tmp.path().join("tf3"),
+    );
+    shapes(&data, 12, 4);
+    for (dir, seed) in [(&vae, "0"), (&other_vae, "1")] {
+        ok(&[
+            "train-vae",
+            "--data",
+            p(&data),
+            "--out",
+            p(dir),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--seed",
+            seed,
+        ]);
+    }
+    let train = |vae: &Path, out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--vae",
+            p(vae),
+            "--data",
+            p(&data),
+            "--out",
+            p(out),
+            "--batch-size",
+            "2",
+            "--bpe-dropout",
+            "0",
+        ];
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run_args = train(&vae, &run, &["--steps", "3"]);
+    ok(&run_args.iter().map(String::as_str).collect::<Vec<_>>());
+    // A learning rate of 1e-12: one update leaves the weights where they started.
+    let next_args = train(
+        &vae,
+        &next,
+        &["--steps", "1", "--lr", "1e-12", "--init-from", p(&run)],
+    );
+    ok(&next_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let read = |dir: &Path| {
+        dalle::vae::io::read_f32(
+            &dir.join("transformer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (read(&run), read(&next));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let d = (t - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{name} moved by {d}");
+    }
+    assert_eq!(
+        std::fs::read(run.join("tokenizer.json")).unwrap(),
+        std::fs::read(next.join("tokenizer.json")).unwrap()
+    );
+    let stored = std::fs::read_to_string(next.join("train.json")).unwrap();
+    assert!(stored.contains("\"init_from\""), "{stored}");
+    // Another encoder's codes: refused, nothing written.
+    let refused_args = train(
+        &other_vae,
+        &refused,
+        &["--steps", "1", "--init-from", p(&run)],
+    );
+    fails(
+        &refused_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "another dVAE encoder",
+    );
+    assert!(!refused.exists());
+}
