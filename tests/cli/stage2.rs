@@ -1,6 +1,7 @@
 //! Stage 2: `train`, `generate` and `export`, and their bad inputs.
 
 use super::*;
+use candle_core::Device;
 
 #[test]
 fn stage_two_train_and_generate_with_bad_inputs() {
@@ -356,25 +357,16 @@ fn init_from_starts_from_a_runs_weights() {
     );
     ok(&next_args.iter().map(String::as_str).collect::<Vec<_>>());
     let read = |dir: &Path| {
-        dalle::vae::io::read_f32(
-            &dir.join("transformer.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
+        let w = dalle::vae::io::read_f32(&dir.join("transformer.safetensors"), &Device::Cpu);
+        w.unwrap()
     };
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (a, b) = (read(&run), read(&next));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
-        let d = (t - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = (flat(t).iter().zip(flat(&b[name])))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-6, "{name} moved by {d}");
     }
     assert_eq!(
