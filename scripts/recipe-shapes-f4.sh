@@ -19,7 +19,7 @@
 # cosine over STEPS, stopping at STOP if given; round i seeded SEED + i - 1): the codes stay the same.
 # TF_BATCH is stage 2's batch size (default 32).
 #
-# FULL=1 is the 96-px recipe of models/stage1-s96e4 and models/stage2-tf16-wip — several hours on
+# FULL=1 is the 96-px recipe of models/stage1-s96e4 and models/stage2-tf16 — several hours on
 # two cores, outside the 90-min budget: IMAGE_SIZE=96 EDGE_WEIGHT=4 DECODER_ROUNDS="1600 2000:1200"
 # TF_STEPS=6000 TF_BATCH=16 (each can still be overridden).
 set -euo pipefail
