@@ -231,7 +231,9 @@ fn differences(stored: &serde_json::Value, given: &serde_json::Value, path: &str
     }
 }
 
-pub(super) fn load_into(
+/// Set every var from `tensors` (a checkpoint, or the weights a run starts from), each present
+/// with its shape, or say which is missing or misshapen in `file`.
+pub(crate) fn load_into(
     vars: &[(String, Var)],
     tensors: &HashMap<String, Tensor>,
     file: &Path,

@@ -20,7 +20,8 @@ mod history;
 pub mod optim;
 mod progress;
 
-use checkpoint::{load_into, load_safetensors, save_checkpoint};
+pub(crate) use checkpoint::load_into;
+use checkpoint::{load_safetensors, save_checkpoint};
 pub use checkpoint::{prepare, Start};
 use history::History;
 

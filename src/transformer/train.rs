@@ -476,22 +476,7 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
     } else if let (Some(weights), Some(dir)) = (&initial, &opts.init_from) {
-        for (name, var) in train::named_vars(&varmap) {
-            let t = weights
-                .get(&name)
-                .ok_or_else(|| Error::checkpoint(dir, format!("lacks tensor `{name}`")))?;
-            if t.dims() != var.dims() {
-                return Err(Error::checkpoint(
-                    dir,
-                    format!(
-                        "tensor `{name}` is {:?}, this model's is {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
-                ));
-            }
-            var.set(t)?;
-        }
+        train::load_into(&train::named_vars(&varmap), weights, dir)?;
         eprintln!("starting from the weights of {}", dir.display());
     }
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;

@@ -249,12 +249,7 @@ pub fn train_vae(req: VaeTrainRequest) -> Result<Summary> {
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
     } else if let (Some(weights), Some(dir)) = (&initial, &opts.init_from) {
-        for (name, var) in train::named_vars(&varmap) {
-            let t = weights
-                .get(&name)
-                .ok_or_else(|| crate::Error::checkpoint(dir, format!("lacks tensor `{name}`")))?;
-            var.set(t)?;
-        }
+        train::load_into(&train::named_vars(&varmap), weights, dir)?;
         eprintln!("starting from the weights of {}", dir.display());
     } else if opts.schedule.kmeans_init {
         let images: Vec<RgbImage> = loader
