@@ -28,9 +28,9 @@ pub use config::Config;
 pub use error::{Error, Result};
 
 /// Where the bundled model lives, relative to the repository root.
-pub const BUNDLED_MODEL: &str = "models/shapes-tiny";
+pub const BUNDLED_MODEL: &str = "models/shapes-96";
 
-/// The bundled model directory: `$DALLE_MODEL` if set, else `models/shapes-tiny` of the source
+/// The bundled model directory: `$DALLE_MODEL` if set, else `models/shapes-96` of the source
 /// tree this binary was built from, else next to the current directory.
 pub fn bundled_model() -> Result<std::path::PathBuf> {
     if let Some(dir) = std::env::var_os("DALLE_MODEL").filter(|v| !v.is_empty()) {

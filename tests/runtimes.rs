@@ -296,6 +296,7 @@ fn batched_requests_equal_their_sequential_twins_on_every_runtime() {
                 .top_k(16);
             match i {
                 2 | 5 => r.guidance_scale(3.0),
+                3 => r.rerank(3),
                 4 => r.prime(vec![1, 2, 3]),
                 _ => r,
             }
@@ -339,6 +340,57 @@ fn batched_requests_equal_their_sequential_twins_on_every_runtime() {
         batcher.shutdown();
         let e = batcher.submit(&reqs[0], |_| {}).unwrap_err();
         assert!(e.to_string().contains("shutting down"), "{e}");
+    }
+}
+
+/// Reranking keeps, of each image's candidates, the one with the best caption fit: candidate 0
+/// is the image drawn without reranking, so the kept fit is never below it, and where it is
+/// equal the image is that one. Without unconditional rows there is no fit; zero candidates is
+/// a request error.
+#[test]
+fn rerank_keeps_the_best_fitting_candidate_on_every_runtime() {
+    // The fit of one image computed in batches of other sizes (tract's kernels round by batch):
+    // a sum of 64 log-probability differences, ~1e-5 apart measured.
+    const FIT_TOL: f32 = 1e-3;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = export_tiny(tmp.path());
+    for kind in runtimes() {
+        let g = dalle::runtime::open(&dir, kind, &OpenOptions::default()).unwrap();
+        let base = Request::new("a red circle").num_images(3).seed(2).top_k(16);
+        assert_eq!(g.generate(&base).unwrap().caption_fit, None, "{kind:?}");
+        for guidance in [1.0, 2.0] {
+            let one = g.generate(&base.clone().guidance_scale(guidance).rerank(1));
+            let best = g.generate(&base.clone().guidance_scale(guidance).rerank(4));
+            let (one, best) = (one.unwrap(), best.unwrap());
+            let best_fit = best.caption_fit.clone().expect("a fit with reranking");
+            assert_eq!(
+                best.codes.len(),
+                3,
+                "{kind:?}: one image per image asked for"
+            );
+            if guidance == 1.0 {
+                // No guidance and no reranking: no unconditional rows, no fit.
+                assert_eq!(one.caption_fit, None, "{kind:?}");
+                continue;
+            }
+            let one_fit = one.caption_fit.clone().expect("a fit under guidance");
+            for j in 0..3 {
+                assert!(best_fit[j].is_finite(), "{kind:?}: {best_fit:?}");
+                assert!(
+                    best_fit[j] >= one_fit[j] - FIT_TOL,
+                    "{kind:?} image {j}: {best_fit:?} < {one_fit:?}"
+                );
+                if best.codes[j] == one.codes[j] {
+                    let d = (best_fit[j] - one_fit[j]).abs();
+                    assert!(
+                        d <= FIT_TOL,
+                        "{kind:?} image {j}: same image, fits {d} apart"
+                    );
+                }
+            }
+        }
+        let e = g.generate(&base.clone().rerank(0)).unwrap_err();
+        assert!(e.to_string().contains("rerank"), "{kind:?}: {e}");
     }
 }
 

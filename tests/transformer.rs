@@ -379,6 +379,7 @@ mod generation {
             params: SamplingParams::default(),
             seed: 1,
             guidance_scale: 1.0,
+            rerank: 1,
             prime: vec![],
         }
     }

@@ -56,7 +56,7 @@ pub enum SubmitError {
     Request(#[from] RuntimeError),
     #[error("the queue is full ({0} requests wait); retry later")]
     QueueFull(usize),
-    #[error("this request needs {rows} rows (images, twice with guidance); the server runs at most {max}")]
+    #[error("this request needs {rows} rows (images × rerank candidates, twice with guidance or reranking); the server runs at most {max}")]
     TooLarge { rows: usize, max: usize },
     #[error("the server is shutting down")]
     Stopped,
@@ -183,9 +183,7 @@ impl Batcher {
             .into());
         }
         // Before `Decoding::new` allocates per image.
-        let rows = req
-            .num_images
-            .saturating_mul(if req.guidance_scale != 1.0 { 2 } else { 1 });
+        let rows = crate::generator::request_rows(req);
         if rows > self.options.max_rows {
             return Err(SubmitError::TooLarge {
                 rows,
@@ -503,9 +501,9 @@ fn finish(generator: &Generator, jobs: Vec<Job>) {
             reply,
             ..
         } = job;
-        let codes = decoding.into_codes();
+        let (codes, caption_fit) = decoding.into_codes();
         all.extend(codes.iter().flatten().map(|&c| c as i64));
-        parts.push((codes, truncated, reply));
+        parts.push((codes, caption_fit, truncated, reply));
     }
     let n: usize = parts.iter().map(|p| p.0.len()).sum();
     let session = generator.session();
@@ -517,17 +515,18 @@ fn finish(generator: &Generator, jobs: Vec<Job>) {
         Ok(pixels) => {
             let size = generator.manifest().geometry.image_size;
             let mut images = to_images(&pixels, n, size).into_iter();
-            for (codes, truncated, reply) in parts {
+            for (codes, caption_fit, truncated, reply) in parts {
                 let images = images.by_ref().take(codes.len()).collect();
                 reply(Ok(Output {
                     codes,
                     images,
                     truncated,
+                    caption_fit,
                 }));
             }
         }
         Err(e) => {
-            for (_, _, reply) in parts {
+            for (_, _, _, reply) in parts {
                 reply(Err(copy_error(&e)));
             }
         }

@@ -23,6 +23,9 @@ pub struct Request {
     pub seed: u64,
     /// Classifier-free guidance scale; 1 disables guidance (and the unconditional half-batch).
     pub guidance_scale: f32,
+    /// Candidates sampled for each image; the one whose tokens the caption explains best (the
+    /// highest [`Output::caption_fit`]) is kept. 1 keeps the one sample.
+    pub rerank: usize,
     /// Codebook tokens of the first image positions to keep (image completion), row-major.
     pub prime: Vec<u32>,
     /// Refuse a prompt longer than the model's caption instead of truncating it.
@@ -38,6 +41,7 @@ impl Request {
             params: SamplingParams::default(),
             seed: 0,
             guidance_scale: 1.0,
+            rerank: 1,
             prime: vec![],
             strict: false,
         }
@@ -65,6 +69,13 @@ impl Request {
     }
     pub fn guidance_scale(mut self, s: f32) -> Self {
         self.guidance_scale = s;
+        self
+    }
+    /// Sample `n` candidates for each image and keep the best fit to the caption. Ramesh et al.
+    /// 2021 rerank samples with a contrastive model (CLIP); here the score comes from the
+    /// transformer itself, with and without the caption ([`Output::caption_fit`]).
+    pub fn rerank(mut self, n: usize) -> Self {
+        self.rerank = n;
         self
     }
     pub fn prime(mut self, codes: Vec<u32>) -> Self {
@@ -115,6 +126,11 @@ pub struct Output {
     pub images: Vec<Image>,
     /// The prompt had more tokens than the model's caption; the rest were dropped.
     pub truncated: bool,
+    /// Per image, how well the caption explains its tokens, the score reranking keeps the best
+    /// of: Σ log p(token | caption) − ½ log p(token | empty caption) over the sampled image
+    /// tokens, in nats ([`UNCONDITIONAL_WEIGHT`]); `None` when no unconditional rows ran
+    /// (guidance 1 and no reranking).
+    pub caption_fit: Option<Vec<f32>>,
 }
 
 /// A model directory opened on one runtime, with its tokenizer. `Send + Sync`: share it across
@@ -167,7 +183,7 @@ impl Generator {
                 m.geometry.text_len
             )));
         }
-        let codes = sample_codes(self.session.as_ref(), &text, req, progress)?;
+        let (codes, caption_fit) = sample_codes(self.session.as_ref(), &text, req, progress)?;
         let n = req.num_images;
         let flat: Vec<i64> = codes.iter().flatten().map(|&c| c as i64).collect();
         let pixels = self.session.decode(&flat, n)?;
@@ -175,20 +191,26 @@ impl Generator {
             images: to_images(&pixels, n, m.geometry.image_size),
             codes,
             truncated,
+            caption_fit,
         })
     }
 }
 
+/// Codebook tokens of each image (row-major) and, where unconditional rows ran, each image's
+/// [`Output::caption_fit`].
+pub type Sampled = (Vec<Vec<u32>>, Option<Vec<f32>>);
+
 /// The sampling loop every runtime shares: `text` (exactly `text_len` unified ids) → the
 /// codebook tokens of `req.num_images` images, row-major. `req.prompt` and `req.strict` are not
-/// read. Prefill the caption (and primed codes) once, then one token per step for all images as
-/// one batch; with guidance, a second half-batch sees the empty caption.
+/// read. Prefill the caption (and primed codes) once, then one token per step for all images
+/// (and their rerank candidates) as one batch; with guidance or reranking, a second half-batch
+/// sees the empty caption.
 pub fn sample_codes(
     session: &dyn Session,
     text: &[u32],
     req: &Request,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<Vec<u32>>, RuntimeError> {
+) -> Result<Sampled, RuntimeError> {
     let m = session.manifest();
     let (mut decoding, prefix) = Decoding::new(m, text, req)?;
     let b = decoding.rows();
@@ -205,14 +227,19 @@ pub fn sample_codes(
     }
 }
 
-/// One request's images while they are sampled: its rows (one per image, and with guidance a
-/// second block of rows that see the empty caption), its samplers and the codes so far.
+/// One request's images while they are sampled: its rows (one per candidate — `rerank` per
+/// image — and with guidance or reranking a second block of rows that see the empty caption),
+/// its samplers, the codes and caption fit so far.
 /// [`sample_codes`] drives one alone; a batcher ([`crate::batcher`]) drives several requests'
 /// rows through one `forward` call.
 #[derive(Debug)]
 pub struct Decoding {
+    /// Candidate `c` of image `j` is row `j * candidates + c`.
     samplers: Vec<Sampler>,
     codes: Vec<Vec<u32>>,
+    /// Σ log p(token | caption) − log p(token | empty caption) of each candidate so far.
+    fit: Vec<f64>,
+    candidates: usize,
     guidance: f32,
     guided: bool,
     image_offset: usize,
@@ -252,6 +279,11 @@ impl Decoding {
                 req.guidance_scale
             )));
         }
+        if req.rerank == 0 {
+            return Err(RuntimeError::Request(
+                "rerank must be at least 1 (1 keeps the one sample of each image)".into(),
+            ));
+        }
         if req.prime.len() >= n_image {
             return Err(RuntimeError::Request(format!(
                 "priming {} of {n_image} image tokens leaves nothing to generate",
@@ -268,21 +300,27 @@ impl Decoding {
                 m.geometry.codebook
             )));
         }
-        let n = req.num_images;
-        let guided = req.guidance_scale != 1.0;
+        let candidates = req.rerank;
+        let n = req.num_images.saturating_mul(candidates);
+        let guided = needs_unconditional(req);
         // Before anything is allocated per image.
         let per_image = request_bytes(m, if guided { 2 } else { 1 });
         crate::memory::check(
             per_image.saturating_mul(n as u64),
-            &format!("generating {n} image(s) at once"),
+            &format!("generating {n} image(s) (with rerank candidates) at once"),
             &format!(
                 "ask for fewer images per call (about {} fit now)",
                 crate::memory::available().map_or(0, |a| a / per_image.max(1))
             ),
         )
         .map_err(RuntimeError::Request)?;
+        // Candidate 0 of image j draws what image j draws without reranking; the others have
+        // streams of their own, the same whatever the number of images.
         let samplers = (0..n as u64)
-            .map(|i| Sampler::for_image(req.params, req.seed, i))
+            .map(|k| {
+                let (j, c) = (k / candidates as u64, k % candidates as u64);
+                Sampler::for_image(req.params, req.seed, j | (c << 32))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RuntimeError::Request(e.to_string()))?;
         let empty: Vec<u32> = (0..layout.text_len).map(|i| layout.pad(i)).collect();
@@ -295,6 +333,8 @@ impl Decoding {
         let decoding = Decoding {
             samplers,
             codes: vec![req.prime.clone(); n],
+            fit: vec![0.0; n],
+            candidates,
             guidance: req.guidance_scale,
             guided,
             image_offset: layout.image_offset(),
@@ -334,6 +374,12 @@ impl Decoding {
                 guide(&mut row, &logits[n + i], self.guidance);
             }
             let id = self.samplers[i].sample(&row, self.image.clone());
+            if self.guided {
+                let image = &self.image;
+                self.fit[i] += log_prob(&logits[i][image.clone()], id - image.start)
+                    - UNCONDITIONAL_WEIGHT
+                        * log_prob(&logits[n + i][image.clone()], id - image.start);
+            }
             self.codes[i].push((id - self.image_offset) as u32);
             next.push(id as i64);
         }
@@ -346,10 +392,50 @@ impl Decoding {
         Some(next)
     }
 
-    /// Codebook tokens of each image, row-major.
-    pub fn into_codes(self) -> Vec<Vec<u32>> {
-        self.codes
+    /// Codebook tokens of each image, row-major, and each image's caption fit (where the
+    /// unconditional rows ran): of each image's candidates the best fit, the first on a tie.
+    pub fn into_codes(self) -> Sampled {
+        let guided = self.guided;
+        let mut codes = vec![];
+        let mut fit = vec![];
+        let per = self.candidates;
+        for (cands, fits) in self.codes.chunks(per).zip(self.fit.chunks(per)) {
+            let best = (1..per).fold(0, |b, c| if fits[c] > fits[b] { c } else { b });
+            codes.push(cands[best].clone());
+            fit.push(fits[best] as f32);
+        }
+        (codes, guided.then_some(fit))
     }
+}
+
+/// The weight of the empty caption's log-likelihood in [`Output::caption_fit`]: the score is
+/// the caption's log-likelihood of the image minus this much of the empty caption's. At 0 it is
+/// the likelihood alone, which prefers plain images (one object where two were asked for); at 1
+/// the pointwise mutual information log p(x | c) / p(x), which prefers images crowded with what
+/// the caption names (an extra object raises it). Measured on the shapes benchmark (`dalle eval
+/// --rerank 4`, guidance 1.5, 200 scenes per split; fully correct seen / held-out, 35% / 22%
+/// without reranking): 0 → 43% / 21%, ½ → 42.5% / 25%, 1 → 20% / 14% (100 scenes).
+pub const UNCONDITIONAL_WEIGHT: f64 = 0.5;
+
+/// Whether a request runs rows with the empty caption: for guidance, and for reranking (whose
+/// score compares the two).
+pub fn needs_unconditional(req: &Request) -> bool {
+    req.guidance_scale != 1.0 || req.rerank > 1
+}
+
+/// Rows a request runs: its images times their rerank candidates, twice with the unconditional
+/// rows.
+pub fn request_rows(req: &Request) -> usize {
+    req.num_images
+        .saturating_mul(req.rerank)
+        .saturating_mul(if needs_unconditional(req) { 2 } else { 1 })
+}
+
+/// log softmax(logits)[i], in f64.
+fn log_prob(logits: &[f32], i: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[i] as f64 - max - sum.ln()
 }
 
 /// Bytes one image holds while it is generated by `sequences` sequences (2 with guidance): the

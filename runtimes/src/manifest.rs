@@ -185,6 +185,18 @@ pub struct SamplingDefaults {
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
     pub guidance_scale: f32,
+    /// Candidates sampled per image, the best fit to the caption kept ([`crate::Request::rerank`]);
+    /// absent = 1, so manifests written before it read (and write) unchanged.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub rerank: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl Default for SamplingDefaults {
@@ -194,6 +206,7 @@ impl Default for SamplingDefaults {
             top_k: None,
             top_p: None,
             guidance_scale: 1.0,
+            rerank: 1,
         }
     }
 }

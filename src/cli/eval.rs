@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model directory; default: the bundled `models/shapes-tiny`.
+    /// Model directory; default: the bundled `models/shapes-96`.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, value_parser = ["shapes"], default_value = "shapes")]
@@ -20,8 +20,12 @@ pub struct EvalArgs {
     /// Guidance scales to compare (1 = none).
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     pub guidance: Vec<f32>,
+    /// Keep the k most likely tokens; default: the model's manifest.
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Candidates per image, the best fit to the caption kept; default: the model's manifest.
+    #[arg(long)]
+    pub rerank: Option<usize>,
     #[arg(long)]
     pub json: bool,
     /// Write a grid of the first generated images (seen row, held-out row framed in red) at
@@ -40,6 +44,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         samples,
         guidance,
         top_k,
+        rerank,
         json,
         grid,
         providers,
@@ -60,7 +65,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let gen = std::sync::Arc::new(dalle::runtime::open(&model, kind, &providers.options())?);
     let truth = dalle::eval::ground_truth(samples, gen.manifest().geometry.image_size as u32);
-    let scores = dalle::eval::shapes(&gen, samples, &guidance, top_k, &mut |l| eprintln!("{l}"))?;
+    // Sampling as `generate` samples this model, but for the guidance scales compared.
+    let defaults = gen.manifest().sampling;
+    let mut params = defaults.params();
+    params.top_k = top_k.or(params.top_k);
+    let rerank = rerank.unwrap_or(defaults.rerank);
+    if rerank == 0 {
+        bail!("--rerank must be at least 1 (1 keeps the one sample of each image)");
+    }
+    let sampling = dalle::eval::Sampling {
+        params,
+        rerank,
+        guidance,
+    };
+    let scores = dalle::eval::shapes(&gen, samples, &sampling, &mut |l| eprintln!("{l}"))?;
+    let guidance = sampling.guidance;
     let (psnr, round_trip) = dalle::eval::dvae_round_trip(&gen, samples)?;
     let mut examples = vec![];
     if let Some(path) = &grid {
@@ -111,6 +130,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "({samples} scenes per split; `dvae` = the judge on the renders after the dVAE \
              round trip, `truth` = on the renders themselves)"
         );
+        println!(
+            "sampling: top-k {}, top-p {}, temperature {}, rerank {rerank}",
+            params.top_k.map_or("off".into(), |k| k.to_string()),
+            params.top_p.map_or("off".into(), |p| p.to_string()),
+            params.temperature
+        );
+        for s in &scores {
+            let kinds: Vec<String> = s
+                .kinds
+                .iter()
+                .map(|(k, &(ok, n))| format!("{k} {ok}/{n}"))
+                .collect();
+            println!(
+                "fully correct by scene kind, {} guidance {}: {}",
+                s.split,
+                s.guidance_scale,
+                kinds.join(", ")
+            );
+        }
         println!("dVAE round trip on {samples} held-out renders: PSNR {psnr:.2} dB");
         for (i, e) in examples.iter().enumerate() {
             println!(

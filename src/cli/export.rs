@@ -50,6 +50,9 @@ pub struct ExportArgs {
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Candidates sampled per image, the best fit to the caption kept (see `generate --rerank`).
+    #[arg(long, default_value_t = 1)]
+    pub rerank: usize,
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
@@ -67,13 +70,18 @@ pub fn run(a: ExportArgs) -> Result<()> {
         top_k,
         top_p,
         temperature,
+        rerank,
     } = a;
     let sampling = dalle_runtimes::SamplingDefaults {
         temperature,
         top_k,
         top_p,
         guidance_scale,
+        rerank,
     };
+    if rerank == 0 {
+        bail!("--rerank must be at least 1 (1 keeps the one sample of each image)");
+    }
     sampling.params().validate()?;
     if !(guidance_scale.is_finite() && guidance_scale >= 0.0) {
         bail!("--guidance-scale must be a finite number ≥ 0 (got {guidance_scale})");

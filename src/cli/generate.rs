@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     /// candle, tract, ort, cuda or trt; default tract with --model, candle with --checkpoint.
     #[arg(long)]
     pub runtime: Option<String>,
-    /// An exported model directory (`dalle export`); default: the bundled `models/shapes-tiny`.
+    /// An exported model directory (`dalle export`); default: the bundled `models/shapes-96`.
     #[arg(long, conflicts_with = "checkpoint")]
     pub model: Option<PathBuf>,
     /// A `dalle train` run directory (candle only).
@@ -45,6 +45,11 @@ pub struct GenerateArgs {
     /// Classifier-free guidance (1: none); default: the model's manifest, else 1.
     #[arg(long, allow_negative_numbers = true)]
     pub guidance_scale: Option<f32>,
+    /// Sample this many candidates per image and keep the one the caption explains best (its
+    /// log-likelihood ratio against the empty caption; the paper reranks with CLIP); default:
+    /// the model's manifest, else 1. Costs that many times the sampling.
+    #[arg(long)]
+    pub rerank: Option<usize>,
     /// Keep the first --prime-rows token rows of this image and generate the rest.
     #[arg(long, requires = "prime_rows")]
     pub prime_image: Option<PathBuf>,
@@ -88,6 +93,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     params.validate()?;
     let guidance_scale = a.guidance_scale.unwrap_or(defaults.guidance_scale);
+    let rerank = a.rerank.unwrap_or(defaults.rerank);
+    if rerank == 0 {
+        bail!("--rerank must be at least 1 (1 keeps the one sample of each image)");
+    }
     let prompt = match (&a.prompt, &a.prompt_file) {
         (_, Some(f)) => {
             let bytes = std::fs::read(f)
@@ -116,7 +125,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     dalle::fsutil::refuse_non_regular(&a.out)?;
     dalle::plot::image_format(&a.out)?;
     if let Some(model) = &model {
-        return generate_model(&a, model, kind, &prompt, params, guidance_scale);
+        let sampling = (params, guidance_scale, rerank);
+        return generate_model(&a, model, kind, &prompt, sampling);
     }
     let device = dalle::util::device(&a.device)?;
     let dir = a
@@ -169,6 +179,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         params,
         seed: a.seed,
         guidance_scale,
+        rerank,
         prime,
     };
     let codes = dalle::transformer::generate::generate(&model, &req, &device)?;
@@ -197,8 +208,7 @@ fn generate_model(
     model: &std::path::Path,
     kind: dalle_runtimes::RuntimeKind,
     prompt: &str,
-    params: dalle_runtimes::SamplingParams,
-    guidance_scale: f32,
+    (params, guidance_scale, rerank): (dalle_runtimes::SamplingParams, f32, usize),
 ) -> Result<()> {
     let device = dalle::util::device(&a.device)?;
     let gen = dalle::runtime::open_on(model, kind, &a.providers.options(), &device)?;
@@ -224,6 +234,7 @@ fn generate_model(
         params,
         seed: a.seed,
         guidance_scale,
+        rerank,
         prime,
         strict: a.strict,
     };

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// An exported model directory (`dalle export`); default: the bundled `models/shapes-tiny`.
+    /// An exported model directory (`dalle export`); default: the bundled `models/shapes-96`.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// candle, tract, ort, cuda or trt.

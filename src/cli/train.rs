@@ -89,10 +89,21 @@ pub struct TrainArgs {
     /// tokenizer is reused.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Transformer depth instead of the preset's (pass it again with --resume). With
+    /// --init-from a shallower run grows: its layers keep their attention kind and order, and
+    /// each new layer starts as the identity (zero output projections).
+    #[arg(long)]
+    pub layers: Option<usize>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let (config, device, lr) = a.run.check(a.batch_size)?;
+    let (mut config, device, lr) = a.run.check(a.batch_size)?;
+    if let Some(n) = a.layers {
+        if n == 0 {
+            bail!("--layers must be at least 1");
+        }
+        config.transformer.n_layers = n;
+    }
     if !(0.0..=1.0).contains(&a.caption_dropout) {
         bail!(
             "--caption-dropout must be in [0, 1] (got {})",

@@ -23,6 +23,8 @@ pub struct Score {
     /// attribute → (correct, asked).
     pub attributes: std::collections::BTreeMap<String, (usize, usize)>,
     pub fully_correct: usize,
+    /// Scene kind (single, count, relation) → (fully correct, scenes).
+    pub kinds: std::collections::BTreeMap<String, (usize, usize)>,
     /// The first [`EXAMPLES`] captions and generated images, for a grid.
     #[serde(skip)]
     pub examples: Vec<(String, image::RgbImage)>,
@@ -36,10 +38,13 @@ impl Score {
         self.fully_correct as f64 / self.samples.max(1) as f64
     }
 
-    /// Count one judged image.
-    pub fn add(&mut self, v: &judge::Verdict) {
+    /// Count one judged image of a scene of `kind`.
+    pub fn add(&mut self, kind: &str, v: &judge::Verdict) {
         self.samples += 1;
         self.fully_correct += v.correct as usize;
+        let k = self.kinds.entry(kind.into()).or_default();
+        k.0 += v.correct as usize;
+        k.1 += 1;
         for (name, x) in [
             ("colour", v.colour),
             ("shape", v.shape),
@@ -62,12 +67,19 @@ impl Score {
 /// runtime), in a fraction of the time of one image at a time.
 pub const BATCH_ROWS: usize = 32;
 
+/// How [`shapes`] samples: every guidance scale with the same token sampling and reranking.
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    pub params: dalle_runtimes::SamplingParams,
+    pub rerank: usize,
+    pub guidance: Vec<f32>,
+}
+
 /// Generate and judge `samples` scenes of each split at each guidance scale.
 pub fn shapes(
     gen: &Arc<Generator>,
     samples: usize,
-    guidance: &[f32],
-    top_k: Option<usize>,
+    sampling: &Sampling,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Score>, RuntimeError> {
     let size = gen.manifest().geometry.image_size as u32;
@@ -78,15 +90,13 @@ pub fn shapes(
         let scenes: Vec<_> = (0..samples)
             .map(|i| generate_one(EVAL_SEED, split, i as u64, size))
             .collect();
-        for &g in guidance {
-            let requests = scenes.iter().enumerate().map(|(i, s)| {
-                let req = Request::new(s.caption.clone())
+        for &g in &sampling.guidance {
+            let requests = scenes.iter().enumerate().map(|(i, s)| Request {
+                params: sampling.params,
+                ..Request::new(s.caption.clone())
                     .seed(i as u64)
-                    .guidance_scale(g);
-                match top_k {
-                    Some(k) => req.top_k(k),
-                    None => req,
-                }
+                    .guidance_scale(g)
+                    .rerank(sampling.rerank)
             });
             let outputs = generate_all(&batcher, requests)?;
             let mut score = Score {
@@ -98,7 +108,8 @@ pub fn shapes(
                 let img = &out.images[0];
                 let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
                     .expect("3 bytes a pixel");
-                score.add(&judge::judge(&s.scene, &judge::detect(&img)));
+                let det = judge::detect(&img);
+                score.add(&s.scene.kind, &judge::judge(&s.scene, &det));
                 if score.examples.len() < EXAMPLES {
                     score.examples.push((s.caption.clone(), img));
                 }
@@ -169,7 +180,10 @@ pub fn ground_truth(samples: usize, size: u32) -> Vec<Score> {
             };
             for i in 0..samples {
                 let s = generate_one(EVAL_SEED, split, i as u64, size);
-                score.add(&judge::judge(&s.scene, &judge::detect(&s.image)));
+                score.add(
+                    &s.scene.kind,
+                    &judge::judge(&s.scene, &judge::detect(&s.image)),
+                );
             }
             score
         })
@@ -212,7 +226,7 @@ pub fn dvae_round_trip(gen: &Generator, samples: usize) -> Result<(f64, Vec<Scor
             let img = &dalle_runtimes::generator::to_images(&back, 1, size)[0];
             let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
                 .expect("3 bytes a pixel");
-            score.add(&judge::judge(&s.scene, &judge::detect(&img)));
+            score.add(&s.scene.kind, &judge::judge(&s.scene, &judge::detect(&img)));
         }
         scores.push(score);
     }

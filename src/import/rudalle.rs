@@ -326,6 +326,7 @@ pub fn sampling(codebook: usize) -> dalle_runtimes::SamplingDefaults {
         top_k: Some(2048.min(codebook)),
         top_p: Some(0.995),
         guidance_scale: 1.0,
+        rerank: 1,
     }
 }
 

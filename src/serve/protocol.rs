@@ -80,6 +80,7 @@ pub struct Sampling {
     top_p: Option<f32>,
     temperature: Option<f32>,
     guidance_scale: Option<f32>,
+    rerank: Option<usize>,
     strict: Option<bool>,
 }
 
@@ -108,7 +109,7 @@ pub fn openai_request(body: &[u8], app: &App) -> Result<Request, ApiError> {
     let Some(fields) = value.as_object() else {
         return Err(ApiError::bad(d, "the body must be a JSON object"));
     };
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "prompt",
         "model",
         "n",
@@ -120,6 +121,7 @@ pub fn openai_request(body: &[u8], app: &App) -> Result<Request, ApiError> {
         "top_p",
         "temperature",
         "guidance_scale",
+        "rerank",
         "strict",
     ];
     if let Some(k) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -316,7 +318,16 @@ fn request(d: Dialect, prompt: String, s: Sampling, app: &App) -> Result<Request
     }
     let defaults = &m.sampling;
     let guidance = s.guidance_scale.unwrap_or(defaults.guidance_scale);
-    let per_image = if guidance != 1.0 { 2 } else { 1 };
+    let rerank = s.rerank.unwrap_or(defaults.rerank);
+    if rerank == 0 {
+        return Err(ApiError::bad(
+            d,
+            "rerank must be at least 1 (1 keeps the one sample of each image)",
+        ));
+    }
+    let per_image = dalle_runtimes::generator::request_rows(
+        &Request::new("").guidance_scale(guidance).rerank(rerank),
+    );
     let max_n = (app.options.max_batch / per_image).max(1);
     let n = s.n.unwrap_or(1);
     if n < 1 || n > max_n as i64 {
@@ -338,6 +349,7 @@ fn request(d: Dialect, prompt: String, s: Sampling, app: &App) -> Result<Request
         .num_images(n as usize)
         .seed(seed)
         .guidance_scale(guidance)
+        .rerank(rerank)
         .strict(app.options.strict || s.strict.unwrap_or(false));
     req.params = params;
     Ok(req)

@@ -18,6 +18,8 @@ pub struct Request {
     pub seed: u64,
     /// Classifier-free guidance scale; 1 disables guidance (and the unconditional half-batch).
     pub guidance_scale: f32,
+    /// Candidates per image, the best fit to the caption kept (`dalle_runtimes::Request::rerank`).
+    pub rerank: usize,
     /// Image codes of the first rows to keep (the paper's image completion), row-major.
     pub prime: Vec<u32>,
 }
@@ -32,8 +34,9 @@ pub fn generate(model: &Transformer, req: &Request, device: &Device) -> Result<V
         params: req.params,
         seed: req.seed,
         guidance_scale: req.guidance_scale,
+        rerank: req.rerank,
         prime: req.prime.clone(),
         strict: false,
     };
-    Ok(sample_codes(&session, &req.text, &r, &mut |_, _| {})?)
+    Ok(sample_codes(&session, &req.text, &r, &mut |_, _| {})?.0)
 }

@@ -292,6 +292,7 @@ impl Stage for TransformerStage {
                 },
                 seed: i as u64,
                 guidance_scale: 1.0,
+                rerank: 1,
                 prime: vec![],
             };
             images.extend(self.vae.decode(&generate(&model, &req, &self.device)?)?);
@@ -329,7 +330,7 @@ fn initial_weights(
     config: &Config,
     vae_dir: &Path,
     device: &Device,
-) -> Result<HashMap<String, Tensor>> {
+) -> Result<InitialWeights> {
     let weights = dir.join("transformer.safetensors");
     if !weights.is_file() {
         let what = if dir.join("encoder.safetensors").is_file() {
@@ -340,7 +341,21 @@ fn initial_weights(
         return Err(Error::checkpoint(dir, what));
     }
     let stored = Config::load(&dir.join("config.json"))?;
-    if &stored != config {
+    if stored.transformer.n_layers > config.transformer.n_layers {
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "holds a transformer of {} layers, more than this run's {}: pass --layers {} or more",
+                stored.transformer.n_layers,
+                config.transformer.n_layers,
+                stored.transformer.n_layers
+            ),
+        ));
+    }
+    // Depth may grow (`grow_layers`); everything else must match.
+    let mut same_depth = stored.clone();
+    same_depth.transformer.n_layers = config.transformer.n_layers;
+    if &same_depth != config {
         return Err(Error::checkpoint(
             dir,
             format!(
@@ -375,7 +390,63 @@ fn initial_weights(
     if !dir.join("tokenizer.json").is_file() {
         return Err(Error::checkpoint(dir, "has no tokenizer.json"));
     }
-    crate::vae::io::read_f32(&weights, device)
+    let tensors = crate::vae::io::read_f32(&weights, device)?;
+    Ok(InitialWeights {
+        slots: grown_slots(stored.transformer.n_layers, config.transformer.n_layers),
+        tensors,
+    })
+}
+
+/// The weights a run starts from (`--init-from`) and where each of their layers goes.
+struct InitialWeights {
+    tensors: HashMap<String, Tensor>,
+    /// `slots[i]`: the layer of this run that the source's layer `i` becomes.
+    slots: Vec<usize>,
+}
+
+/// Where each of a `from`-layer model's layers goes in a `to`-layer model (`to ≥ from`). The
+/// attention kind of a layer depends only on its index, except that the last is the
+/// convolutional one (`masks::layer_kinds`), so every layer but the last keeps its index and the
+/// last stays last: a 4-layer row, column, row, conv stack becomes layers 0, 1, 2 and 7 of 8
+/// (row, column, row, row, row, column, row, conv).
+pub fn grown_slots(from: usize, to: usize) -> Vec<usize> {
+    (0..from)
+        .map(|i| if i + 1 == from { to - 1 } else { i })
+        .collect()
+}
+
+/// The source weights renamed to their grown layers; every layer without a source keeps its fresh
+/// initialisation but with zero output projections (attention's and the MLP's), so that it adds
+/// nothing to the residual stream: the grown model computes what the source computed.
+fn grown_weights(
+    initial: InitialWeights,
+    vars: &[(String, candle_core::Var)],
+) -> Result<HashMap<String, Tensor>> {
+    let InitialWeights { tensors, slots } = initial;
+    let mut out = HashMap::new();
+    for (name, t) in tensors {
+        let renamed = match name.strip_prefix("layers.").and_then(|r| r.split_once('.')) {
+            Some((i, rest)) => match i.parse::<usize>().ok().and_then(|i| slots.get(i)) {
+                Some(slot) => format!("layers.{slot}.{rest}"),
+                None => name,
+            },
+            None => name,
+        };
+        out.insert(renamed, t);
+    }
+    for (name, var) in vars {
+        if out.contains_key(name) {
+            continue;
+        }
+        // A copy: a variable cannot be set from its own storage.
+        let fresh = var.as_tensor().copy()?;
+        let output = name.contains(".attn.proj.") || name.contains(".mlp.proj.");
+        out.insert(
+            name.clone(),
+            if output { fresh.zeros_like()? } else { fresh },
+        );
+    }
+    Ok(out)
 }
 
 /// Copy the dVAE into the run directory so that the checkpoint is self-contained.
@@ -475,9 +546,19 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     train::init_vars(&varmap, opts.lp.seed, init_value)?;
     if let Start::Resume { step, .. } = &start {
         eprintln!("resuming {} from step {step}", req.out.display());
-    } else if let (Some(weights), Some(dir)) = (&initial, &opts.init_from) {
-        train::load_into(&train::named_vars(&varmap), weights, dir)?;
+    } else if let (Some(initial), Some(dir)) = (initial, &opts.init_from) {
+        let vars = train::named_vars(&varmap);
+        let grown = initial.slots.len() < req.config.transformer.n_layers;
+        let slots = initial.slots.clone();
+        train::load_into(&vars, &grown_weights(initial, &vars)?, dir)?;
         eprintln!("starting from the weights of {}", dir.display());
+        if grown {
+            eprintln!(
+                "its {} layers are layers {slots:?} of {}; the others start as the identity",
+                slots.len(),
+                req.config.transformer.n_layers
+            );
+        }
     }
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
     let lp = opts.lp.clone();

@@ -439,7 +439,7 @@ pub fn round_trip_diagnostics(vae: &Vae, per_split: usize) -> Result<RoundTrip> 
                     e.0 += verdict.correct as usize;
                     e.1 += 1;
                 }
-                score.add(&verdict);
+                score.add(&s.scene.kind, &verdict);
                 if split == Split::Heldout {
                     psnr += image_psnr(orig, img);
                 }

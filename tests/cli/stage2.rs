@@ -375,6 +375,57 @@ fn init_from_starts_from_a_runs_weights() {
     );
     let stored = std::fs::read_to_string(next.join("train.json")).unwrap();
     assert!(stored.contains("\"init_from\""), "{stored}");
+    // Grown to 6 layers (`--layers`): the 4 source layers become 0, 1, 2 and 5, the new ones
+    // add nothing, so the grown model's logits are the source's.
+    let grown = tmp.path().join("tf-grown");
+    let grown_args = train(
+        &vae,
+        &grown,
+        &[
+            "--steps",
+            "1",
+            "--lr",
+            "1e-12",
+            "--init-from",
+            p(&run),
+            "--layers",
+            "6",
+        ],
+    );
+    ok(&grown_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let logits = |dir: &Path| {
+        let cfg = dalle::Config::load(&dir.join("config.json")).unwrap();
+        let vb =
+            candle_nn::VarBuilder::from_tensors(read(dir), candle_core::DType::F32, &Device::Cpu);
+        let model = dalle::transformer::model::Transformer::new(&cfg, vb).unwrap();
+        let seq = cfg.geometry.text_len + cfg.geometry.grid * cfg.geometry.grid;
+        let ids: Vec<u32> = (0..seq as u32).map(|i| i * 7 % 100).collect();
+        let ids = candle_core::Tensor::from_vec(ids, (1, seq), &Device::Cpu).unwrap();
+        (
+            cfg.transformer.n_layers,
+            flat(&model.forward(&ids, None).unwrap()),
+        )
+    };
+    let ((n_run, want), (n_grown, got)) = (logits(&run), logits(&grown));
+    assert_eq!((n_run, n_grown), (4, 6));
+    let d = want
+        .iter()
+        .zip(&got)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "the grown model's logits differ by {d}");
+    // A deeper source than the run: refused before anything is written.
+    let shallow = tmp.path().join("tf-shallow");
+    let shallow_args = train(
+        &vae,
+        &shallow,
+        &["--steps", "1", "--init-from", p(&grown), "--layers", "3"],
+    );
+    fails(
+        &shallow_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "6 layers, more than this run's 3",
+    );
+    assert!(!shallow.exists());
     // Another encoder's codes: refused, nothing written.
     let refused_args = train(
         &other_vae,
