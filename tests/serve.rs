@@ -1,4 +1,6 @@
-//! `dalle serve` on the bundled model (tract), talked to over real HTTP on 127.0.0.1.
+//! `dalle serve` (tract) on the 64-px `models/shapes-tiny` — unguided and 8×8 tokens, so that
+//! the row arithmetic below is one row an image and requests finish fast; the bundled model
+//! goes through the same code — talked to over real HTTP on 127.0.0.1.
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -18,6 +20,10 @@ impl Server {
         cmd.args(["serve", "--port", "0"])
             .args(args)
             .env("RAYON_NUM_THREADS", "1")
+            .env(
+                "DALLE_MODEL",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-tiny"),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -143,6 +149,10 @@ fn same_seed_gives_the_png_of_dalle_generate_through_both_apis() {
             "4",
         ])
         .args(["--seed", "11", "--out", out.to_str().unwrap()])
+        .env(
+            "DALLE_MODEL",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-tiny"),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -357,6 +367,13 @@ fn bad_requests_get_json_errors_and_the_server_goes_on() {
             json!({"prompt": "a", "temperature": -1}).to_string().into(),
             400,
             "temperature",
+        ),
+        (
+            "no rerank candidate",
+            "application/json",
+            json!({"prompt": "a", "rerank": 0}).to_string().into(),
+            400,
+            "rerank must be at least 1",
         ),
         (
             "a control character",

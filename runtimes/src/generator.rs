@@ -237,7 +237,7 @@ pub struct Decoding {
     /// Candidate `c` of image `j` is row `j * candidates + c`.
     samplers: Vec<Sampler>,
     codes: Vec<Vec<u32>>,
-    /// Σ log p(token | caption) − log p(token | empty caption) of each candidate so far.
+    /// Each candidate's [`Output::caption_fit`] so far.
     fit: Vec<f64>,
     candidates: usize,
     guidance: f32,
@@ -309,7 +309,7 @@ impl Decoding {
             per_image.saturating_mul(n as u64),
             &format!("generating {n} image(s) (with rerank candidates) at once"),
             &format!(
-                "ask for fewer images per call (about {} fit now)",
+                "ask for fewer images per call, or fewer rerank candidates (about {} fit now)",
                 crate::memory::available().map_or(0, |a| a / per_image.max(1))
             ),
         )
