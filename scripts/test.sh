@@ -66,7 +66,7 @@ target/debug/dalle parity --model "$P/model" --runtimes candle,tract,ort
 echo "== the same on the kernels of a CPU without AVX-512, and of one without AVX2 (DALLE_CPU caps them)"
 DALLE_CPU=avx2 target/debug/dalle parity --model "$P/model" --runtimes candle,tract
 DALLE_CPU=portable target/debug/dalle parity --model "$P/model" --runtimes candle,tract
-echo "== dalle parity on the bundled model exported in f16 (f16 tolerances)"
+echo "== dalle parity on models/shapes-tiny exported in f16 (f16 tolerances)"
 target/debug/dalle export --from-model models/shapes-tiny --out "$P/model-f16" --fp16 >/dev/null
 target/debug/dalle parity --model "$P/model-f16" --runtimes candle,tract,ort
 
