@@ -108,8 +108,7 @@ pub fn shapes(
                 let img = &out.images[0];
                 let img = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
                     .expect("3 bytes a pixel");
-                let det = judge::detect(&img);
-                score.add(&s.scene.kind, &judge::judge(&s.scene, &det));
+                score.add(&s.scene.kind, &judge::judge(&s.scene, &judge::detect(&img)));
                 if score.examples.len() < EXAMPLES {
                     score.examples.push((s.caption.clone(), img));
                 }

@@ -352,7 +352,7 @@ fn initial_weights(
             ),
         ));
     }
-    // Depth may grow (`grow_layers`); everything else must match.
+    // Depth may grow (`grown_slots`); everything else must match.
     let mut same_depth = stored.clone();
     same_depth.transformer.n_layers = config.transformer.n_layers;
     if &same_depth != config {
@@ -409,7 +409,7 @@ struct InitialWeights {
 /// convolutional one (`masks::layer_kinds`), so every layer but the last keeps its index and the
 /// last stays last: a 4-layer row, column, row, conv stack becomes layers 0, 1, 2 and 7 of 8
 /// (row, column, row, row, row, column, row, conv).
-pub fn grown_slots(from: usize, to: usize) -> Vec<usize> {
+fn grown_slots(from: usize, to: usize) -> Vec<usize> {
     (0..from)
         .map(|i| if i + 1 == from { to - 1 } else { i })
         .collect()
@@ -417,7 +417,8 @@ pub fn grown_slots(from: usize, to: usize) -> Vec<usize> {
 
 /// The source weights renamed to their grown layers; every layer without a source keeps its fresh
 /// initialisation but with zero output projections (attention's and the MLP's), so that it adds
-/// nothing to the residual stream: the grown model computes what the source computed.
+/// nothing to the residual stream: the grown model computes what the source computed. Any other
+/// tensor the source lacks stays missing, for `load_into` to report.
 fn grown_weights(
     initial: InitialWeights,
     vars: &[(String, candle_core::Var)],
@@ -434,8 +435,14 @@ fn grown_weights(
         };
         out.insert(renamed, t);
     }
+    let new_layer = |name: &str| {
+        let layer = name.strip_prefix("layers.").and_then(|r| r.split_once('.'));
+        layer
+            .and_then(|(i, _)| i.parse::<usize>().ok())
+            .is_some_and(|i| !slots.contains(&i))
+    };
     for (name, var) in vars {
-        if out.contains_key(name) {
+        if out.contains_key(name) || !new_layer(name) {
             continue;
         }
         // A copy: a variable cannot be set from its own storage.
