@@ -99,6 +99,8 @@ const CASES: &[Case] = &[
     case("generate x --model {T}/model --out {T}/o.bmp", 1, "name the file .png, .jpg or .webp"),
     case("generate x --model {T}/model --out {T}/o", 1, "cannot tell the image format from no extension"),
     case("data shapes --out {T}/new --count 0", 1, "--count must be at least 1"),
+    case("data shapes --out {T}/new --cap shape=3", 2, "KIND=N with KIND one of single, count, relation"),
+    case("data shapes --out {T}/new --count 2 --cap single=0 --cap count=0 --cap relation=0", 1, "nothing was written"),
     case("data stats {T}/user/NOTES.txt", 1, "is a file, not a data set"),
     case("train-vae --preset tiny --data {T}/empty --out {T}/new --steps 1", 1, "has no samples"),
     case("train-vae --preset tiny --data {T}/gone --out {T}/new --steps 1", 1, "no usable samples (1 seen, 1 skipped: missing_file 1)"),

@@ -3,7 +3,7 @@
 use super::FilterArgs;
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use dalle::data::shapes::Split;
+use dalle::data::shapes::{KindCap, Split};
 use dalle::data::Index;
 use std::path::PathBuf;
 
@@ -29,6 +29,11 @@ pub enum DataCommand {
         /// Write into a non-empty --out, replacing its metadata.jsonl and same-named images.
         #[arg(long)]
         force: bool,
+        /// Keep at most N scenes of KIND (single, count, relation) of the --count drawn; later
+        /// ones are skipped, so the set is the uncapped one less those scenes (repeatable: a
+        /// relation-heavy mix is `--cap single=5000 --cap count=4000`).
+        #[arg(long = "cap", value_name = "KIND=N")]
+        caps: Vec<KindCap>,
     },
     /// Count usable and skipped samples (decodes every image).
     Stats {
@@ -49,6 +54,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             split,
             image_size,
             force,
+            caps,
         } => {
             if !(16..=MAX_SHAPES_SIZE).contains(&image_size) {
                 bail!(
@@ -58,8 +64,17 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             if count == 0 {
                 bail!("--count must be at least 1 (got 0)");
             }
-            dalle::data::shapes::write_set(&out, count, seed, split, image_size, force)?;
-            println!("wrote {count} {split:?} samples to {}", out.display());
+            let written = dalle::data::shapes::write_set_capped(
+                &out, count, seed, split, image_size, force, &caps,
+            )?;
+            if written < count {
+                println!(
+                    "wrote {written} {split:?} samples of {count} drawn (--cap) to {}",
+                    out.display()
+                );
+            } else {
+                println!("wrote {count} {split:?} samples to {}", out.display());
+            }
         }
         DataCommand::Stats { dir, filters, json } => {
             let idx = Index::scan(&dir, &filters.build()?, true)?;

@@ -416,8 +416,11 @@ pub struct ShapesSample {
     pub image: RgbImage,
 }
 
-/// Sample `i` of the set `(seed, split)`: a pure function of its arguments.
-pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample {
+/// The scene kinds [`random_scene`] draws, in the order of its thresholds.
+pub const SCENE_KINDS: [&str; 3] = ["single", "count", "relation"];
+
+/// Scene and caption of sample `i` of `(seed, split)`, and the generator positioned to render it.
+fn draw(seed: u64, split: Split, i: u64) -> (Scene, String, Rng) {
     let purpose = match split {
         Split::Train => "shapes-train",
         Split::Heldout => "shapes-heldout",
@@ -425,6 +428,12 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
     let mut rng = Rng::stream(seed, purpose, i);
     let scene = sample_scene(&mut rng, split);
     let caption = caption(&scene, &mut rng);
+    (scene, caption, rng)
+}
+
+/// Sample `i` of the set `(seed, split)`: a pure function of its arguments.
+pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample {
+    let (scene, caption, mut rng) = draw(seed, split, i);
     let image = render(&scene, size, &mut rng);
     ShapesSample {
         scene,
@@ -433,9 +442,37 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
     }
 }
 
-/// Write `count` samples into `out` in the image-folder format (`metadata.jsonl` + PNGs).
-/// Write `count` scenes to `out` in the image-folder format; a non-empty `out` is refused unless
-/// `replace` (see [`FolderWriter::create`]).
+/// At most `at_most` scenes of `kind` in a written set (`dalle data shapes --cap KIND=N`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindCap {
+    pub kind: String,
+    pub at_most: usize,
+}
+
+impl std::str::FromStr for KindCap {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let usage = || {
+            format!(
+                "expected KIND=N with KIND one of {} and N a count of scenes (got '{s}')",
+                SCENE_KINDS.join(", ")
+            )
+        };
+        let (kind, n) = s.split_once('=').ok_or_else(usage)?;
+        if !SCENE_KINDS.contains(&kind) {
+            return Err(usage());
+        }
+        let at_most = n.parse().map_err(|_| usage())?;
+        Ok(KindCap {
+            kind: kind.to_string(),
+            at_most,
+        })
+    }
+}
+
+/// Write `count` scenes to `out` in the image-folder format (`metadata.jsonl` + PNGs); a
+/// non-empty `out` is refused unless `replace` (see [`FolderWriter::create`]).
 pub fn write_set(
     out: &Path,
     count: usize,
@@ -444,13 +481,62 @@ pub fn write_set(
     size: u32,
     replace: bool,
 ) -> Result<()> {
-    let mut w = FolderWriter::create(out, replace)?;
-    for i in 0..count {
-        let s = generate_one(seed, split, i as u64, size);
-        let extra = serde_json::json!({ "scene": s.scene, "split": split });
-        w.add(&format!("{i:06}.png"), &s.image, &s.caption, extra)?;
+    write_set_capped(out, count, seed, split, size, replace, &[]).map(|_| ())
+}
+
+/// [`write_set`] keeping at most `caps[k].at_most` scenes of each capped kind: of the `count`
+/// scenes drawn, those past their kind's cap are skipped, not redrawn, so the written set is the
+/// uncapped one less those scenes, every sample under its uncapped name. Returns how many were
+/// written. A kind capped twice, or caps that leave no scene (nothing is then written), are
+/// refused.
+pub fn write_set_capped(
+    out: &Path,
+    count: usize,
+    seed: u64,
+    split: Split,
+    size: u32,
+    replace: bool,
+    caps: &[KindCap],
+) -> Result<usize> {
+    for (i, c) in caps.iter().enumerate() {
+        if caps[..i].iter().any(|d| d.kind == c.kind) {
+            return Err(crate::Error::Usage(format!(
+                "--cap {} is given twice: cap each scene kind once",
+                c.kind
+            )));
+        }
     }
-    w.finish()
+    let mut left: Vec<(&str, usize)> = caps.iter().map(|c| (c.kind.as_str(), c.at_most)).collect();
+    // Which scenes to write, decided before anything is created (drawing one costs no render).
+    let keep: Vec<usize> = (0..count)
+        .filter(|&i| {
+            let kind = draw(seed, split, i as u64).0.kind;
+            match left.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, 0)) => false,
+                Some((_, n)) => {
+                    *n -= 1;
+                    true
+                }
+                None => true,
+            }
+        })
+        .collect();
+    if keep.is_empty() {
+        return Err(crate::Error::Usage(format!(
+            "--cap left none of the {count} scenes drawn, so nothing was written to {}: raise a \
+             cap or --count",
+            out.display()
+        )));
+    }
+    let mut w = FolderWriter::create(out, replace)?;
+    for &i in &keep {
+        let (scene, caption, mut rng) = draw(seed, split, i as u64);
+        let image = render(&scene, size, &mut rng);
+        let extra = serde_json::json!({ "scene": scene, "split": split });
+        w.add(&format!("{i:06}.png"), &image, &caption, extra)?;
+    }
+    w.finish()?;
+    Ok(keep.len())
 }
 
 #[cfg(test)]
@@ -485,5 +571,65 @@ mod tests {
         assert!(
             (area("star") - 5.0 * 0.45 * (std::f64::consts::PI / 5.0).sin() / 4.0).abs() < 0.01
         );
+    }
+
+    /// A capped set is the uncapped one less the scenes past their kind's cap: the same lines,
+    /// in order, under the same names; a kind's cap is exact; bad caps are refused.
+    #[test]
+    fn a_capped_set_is_a_subset_of_the_uncapped_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (all, capped) = (dir.path().join("all"), dir.path().join("capped"));
+        write_set(&all, 60, 5, Split::Train, 16, false).unwrap();
+        let caps: Vec<KindCap> = ["single=3", "count=0"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let n = write_set_capped(&capped, 60, 5, Split::Train, 16, false, &caps).unwrap();
+        let lines = |d: &Path| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(d.join("metadata.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let kind = |v: &serde_json::Value| v["scene"]["kind"].as_str().unwrap().to_string();
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        let expected: Vec<_> = lines(&all)
+            .into_iter()
+            .filter(|v| {
+                let k = seen.entry(kind(v)).or_default();
+                *k += 1;
+                match kind(v).as_str() {
+                    "single" => *k <= 3,
+                    "count" => false,
+                    _ => true,
+                }
+            })
+            .collect();
+        assert_eq!(lines(&capped), expected);
+        assert_eq!(n, expected.len());
+        assert_eq!(expected.iter().filter(|v| kind(v) == "single").count(), 3);
+        assert!(expected.iter().any(|v| kind(v) == "relation"));
+        for v in &expected {
+            let name = v["file_name"].as_str().unwrap();
+            let read = |d: &Path| std::fs::read(d.join(name)).unwrap();
+            assert_eq!(read(&capped), read(&all), "{name}");
+        }
+
+        for bad in ["relation", "shape=3", "count=-1", "count=x"] {
+            let e = bad.parse::<KindCap>().unwrap_err();
+            assert!(
+                e.contains("KIND=N with KIND one of single, count, relation"),
+                "{e}"
+            );
+        }
+        let twice = ["count=1", "count=2"].map(|c| c.parse::<KindCap>().unwrap());
+        let e = write_set_capped(&dir.path().join("t"), 4, 5, Split::Train, 16, false, &twice);
+        assert!(e.unwrap_err().to_string().contains("given twice"));
+        let none = SCENE_KINDS.map(|k| format!("{k}=0").parse::<KindCap>().unwrap());
+        let empty = dir.path().join("none");
+        let e = write_set_capped(&empty, 4, 5, Split::Train, 16, false, &none);
+        assert!(e.unwrap_err().to_string().contains("nothing was written"));
+        assert!(!empty.exists());
     }
 }
