@@ -62,6 +62,7 @@ fn eval_on_the_bundled_model_is_well_above_chance() {
         &SAMPLES.to_string(),
         "--guidance",
         &m.sampling.guidance_scale.to_string(),
+        "--binding",
         "--json",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -96,6 +97,16 @@ fn eval_on_the_bundled_model_is_well_above_chance() {
             "{}: shape after the dVAE round trip {acc:.3} is below {MIN_ROUND_TRIP_SHAPE}",
             s["split"]
         );
+    }
+    // Binding by likelihood covers exactly the relation scenes the judge scored.
+    let binding = v["binding"].as_array().expect("--binding rows");
+    assert_eq!(binding.len(), 2, "one binding row per split");
+    for (b, s) in binding.iter().zip(scores) {
+        assert_eq!(b["split"], s["split"]);
+        let scenes = b["scenes"].as_u64().unwrap();
+        assert_eq!(Some(scenes), s["kinds"]["relation"][1].as_u64());
+        assert!(scenes > 0 && b["preferred"].as_u64().unwrap() <= scenes);
+        assert!(b["mean_margin"].as_f64().unwrap().is_finite(), "{b}");
     }
     let psnr = v["dvae_psnr_heldout_db"].as_f64().unwrap();
     assert!(

@@ -432,7 +432,7 @@ pub fn request_rows(req: &Request) -> usize {
 }
 
 /// log softmax(logits)[i], in f64.
-fn log_prob(logits: &[f32], i: usize) -> f64 {
+pub fn log_prob(logits: &[f32], i: usize) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     logits[i] as f64 - max - sum.ln()

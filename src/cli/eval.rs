@@ -28,6 +28,10 @@ pub struct EvalArgs {
     pub rerank: Option<usize>,
     #[arg(long)]
     pub json: bool,
+    /// Also measure binding without sampling: on each split's relation scenes, how often the
+    /// transformer prefers the true render to the one with the two objects' colours swapped.
+    #[arg(long)]
+    pub binding: bool,
     /// Write a grid of the first generated images (seen row, held-out row framed in red) at
     /// the first guidance scale.
     #[arg(long)]
@@ -46,6 +50,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         top_k,
         rerank,
         json,
+        binding,
         grid,
         providers,
     } = a;
@@ -81,6 +86,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let scores = dalle::eval::shapes(&gen, samples, &sampling, &mut |l| eprintln!("{l}"))?;
     let guidance = sampling.guidance;
     let (psnr, round_trip) = dalle::eval::dvae_round_trip(&gen, samples)?;
+    let binding = if binding {
+        Some(dalle::eval::binding(&gen, samples)?)
+    } else {
+        None
+    };
     let mut examples = vec![];
     if let Some(path) = &grid {
         let top = guidance[0];
@@ -98,7 +108,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     if json {
-        let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth, "judge_on_dvae_round_trip": round_trip, "dvae_psnr_heldout_db": psnr, "grid_examples": examples });
+        let v = serde_json::json!({ "runtime": runtime, "samples": samples, "scores": scores, "judge_on_ground_truth": truth, "judge_on_dvae_round_trip": round_trip, "dvae_psnr_heldout_db": psnr, "grid_examples": examples, "binding": binding });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let attrs = ["colour", "shape", "size", "position", "count", "relation"];
@@ -150,6 +160,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
             );
         }
         println!("dVAE round trip on {samples} held-out renders: PSNR {psnr:.2} dB");
+        for b in binding.iter().flatten() {
+            println!(
+                "binding, {}: the true render preferred to the attribute-swapped one in {}/{} \
+                 relation scenes, mean margin {:.2} nats",
+                b.split, b.preferred, b.scenes, b.mean_margin
+            );
+        }
         for (i, e) in examples.iter().enumerate() {
             println!(
                 "grid {i}: [{}] {}",

@@ -442,6 +442,36 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
     }
 }
 
+/// Sample `i` of `(seed, split)` and, for a relation scene, the same render with the two
+/// objects' colours swapped (their shapes where the colours are the same): the caption no
+/// longer describes it, though every attribute it names is still drawn — the pair that tells
+/// a model that binds attributes to objects from one that only matches them.
+pub fn generate_swapped(
+    seed: u64,
+    split: Split,
+    i: u64,
+    size: u32,
+) -> (ShapesSample, Option<RgbImage>) {
+    let (scene, caption, mut rng) = draw(seed, split, i);
+    let swapped = (scene.kind == "relation").then(|| {
+        let mut other = scene.clone();
+        let (a, b) = other.objects.split_at_mut(1);
+        if a[0].colour != b[0].colour {
+            std::mem::swap(&mut a[0].colour, &mut b[0].colour);
+        } else {
+            std::mem::swap(&mut a[0].shape, &mut b[0].shape);
+        }
+        render(&other, size, &mut rng.clone())
+    });
+    let image = render(&scene, size, &mut rng);
+    let sample = ShapesSample {
+        scene,
+        caption,
+        image,
+    };
+    (sample, swapped)
+}
+
 /// At most `at_most` scenes of `kind` in a written set (`dalle data shapes --cap KIND=N`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KindCap {
@@ -631,5 +661,47 @@ mod tests {
         let e = write_set_capped(&empty, 4, 5, Split::Train, 16, false, &none);
         assert!(e.unwrap_err().to_string().contains("nothing was written"));
         assert!(!empty.exists());
+    }
+
+    /// The swapped render of a relation scene draws the same objects in the same places with
+    /// the two colours (or, of one colour, the two shapes) exchanged; other scenes have none.
+    #[test]
+    fn a_swapped_render_exchanges_the_two_objects_attributes() {
+        let (mut relations, mut others) = (0, 0);
+        for i in 0..40 {
+            let (s, swapped) = generate_swapped(3, Split::Train, i, 96);
+            assert_eq!(s.image, generate_one(3, Split::Train, i, 96).image);
+            let Some(swapped) = swapped else {
+                others += 1;
+                continue;
+            };
+            relations += 1;
+            assert_ne!(swapped, s.image, "scene {i}: {:?}", s.scene);
+            let detected = crate::eval::judge::detect(&swapped);
+            let (a, b) = (&s.scene.objects[0], &s.scene.objects[1]);
+            let (at_a, at_b) = if a.colour != b.colour {
+                (
+                    (b.colour.as_str(), a.shape.as_str()),
+                    (a.colour.as_str(), b.shape.as_str()),
+                )
+            } else {
+                (
+                    (a.colour.as_str(), b.shape.as_str()),
+                    (b.colour.as_str(), a.shape.as_str()),
+                )
+            };
+            for (colour, shape) in [at_a, at_b] {
+                assert!(
+                    detected
+                        .iter()
+                        .any(|d| d.colour == colour && d.shape == shape),
+                    "scene {i}: no {colour} {shape} in {detected:?}"
+                );
+            }
+        }
+        assert!(
+            relations > 5 && others > 5,
+            "{relations} relation scenes of 40"
+        );
     }
 }
