@@ -194,7 +194,6 @@ pub fn ground_truth(samples: usize, size: u32) -> Vec<Score> {
 /// decoded images, the ceiling stage 1 puts on [`shapes`].
 pub fn dvae_round_trip(gen: &Generator, samples: usize) -> Result<(f64, Vec<Score>), RuntimeError> {
     let size = gen.manifest().geometry.image_size;
-    let plane = size * size;
     let mut total = 0.0;
     let mut scores = vec![];
     for split in [Split::Train, Split::Heldout] {
@@ -205,12 +204,7 @@ pub fn dvae_round_trip(gen: &Generator, samples: usize) -> Result<(f64, Vec<Scor
         };
         for i in 0..samples {
             let s = generate_one(EVAL_SEED, split, i as u64, size as u32);
-            let mut pixels = vec![0f32; 3 * plane];
-            for (p, px) in s.image.pixels().enumerate() {
-                for c in 0..3 {
-                    pixels[c * plane + p] = px[c] as f32 / 255.0;
-                }
-            }
+            let pixels = planar(&s.image);
             let codes = gen.session().encode(&pixels, 1)?;
             let back = gen.session().decode(&codes, 1)?;
             if split == Split::Heldout {
@@ -247,15 +241,11 @@ pub struct Binding {
     pub mean_margin: f64,
 }
 
-/// Σ log p(codes | caption) over the image positions, teacher-forced (image logits only).
-fn image_log_likelihood(
-    gen: &Generator,
-    caption: &str,
-    codes: &[i64],
-) -> Result<f64, RuntimeError> {
+/// Σ log p(codes | caption) over the image positions, teacher-forced (image logits only);
+/// `text` is the caption's `text_len` unified ids ([`Generator::caption`]).
+fn image_log_likelihood(gen: &Generator, text: &[u32], codes: &[i64]) -> Result<f64, RuntimeError> {
     let m = gen.manifest();
     let layout = m.token_layout();
-    let (text, _) = gen.caption(caption)?;
     let mut ids: Vec<i64> = text.iter().map(|&t| t as i64).collect();
     ids.extend(codes.iter().map(|&c| c + layout.image_offset() as i64));
     let inputs = &ids[..ids.len() - 1];
@@ -277,16 +267,7 @@ fn image_log_likelihood(
 /// [`Binding`] on both splits' first `samples` eval scenes (their relation scenes).
 pub fn binding(gen: &Generator, samples: usize) -> Result<Vec<Binding>, RuntimeError> {
     let size = gen.manifest().geometry.image_size;
-    let plane = size * size;
-    let codes = |img: &image::RgbImage| -> Result<Vec<i64>, RuntimeError> {
-        let mut pixels = vec![0f32; 3 * plane];
-        for (p, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                pixels[c * plane + p] = px[c] as f32 / 255.0;
-            }
-        }
-        gen.session().encode(&pixels, 1)
-    };
+    let codes = |img: &image::RgbImage| gen.session().encode(&planar(img), 1);
     let mut out = vec![];
     for split in [Split::Train, Split::Heldout] {
         let mut b = Binding {
@@ -298,8 +279,9 @@ pub fn binding(gen: &Generator, samples: usize) -> Result<Vec<Binding>, RuntimeE
             let (s, swapped) =
                 crate::data::shapes::generate_swapped(EVAL_SEED, split, i as u64, size as u32);
             let Some(swapped) = swapped else { continue };
-            let margin = image_log_likelihood(gen, &s.caption, &codes(&s.image)?)?
-                - image_log_likelihood(gen, &s.caption, &codes(&swapped)?)?;
+            let (text, _) = gen.caption(&s.caption)?;
+            let margin = image_log_likelihood(gen, &text, &codes(&s.image)?)?
+                - image_log_likelihood(gen, &text, &codes(&swapped)?)?;
             b.scenes += 1;
             b.preferred += (margin > 0.0) as usize;
             total += margin;
@@ -308,6 +290,18 @@ pub fn binding(gen: &Generator, samples: usize) -> Result<Vec<Binding>, RuntimeE
         out.push(b);
     }
     Ok(out)
+}
+
+/// An RGB image as the runtimes' planar `[3, h, w]` pixels in [0, 1].
+fn planar(img: &image::RgbImage) -> Vec<f32> {
+    let plane = (img.width() * img.height()) as usize;
+    let mut pixels = vec![0f32; 3 * plane];
+    for (p, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            pixels[c * plane + p] = px[c] as f32 / 255.0;
+        }
+    }
+    pixels
 }
 
 fn split_name(split: Split) -> &'static str {
