@@ -3,7 +3,7 @@
 use super::FilterArgs;
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use dalle::data::shapes::{KindCap, Split};
+use dalle::data::shapes::{KindCap, SetSpec, Split};
 use dalle::data::Index;
 use std::path::PathBuf;
 
@@ -34,6 +34,11 @@ pub enum DataCommand {
         /// relation-heavy mix is `--cap single=5000 --cap count=4000`).
         #[arg(long = "cap", value_name = "KIND=N")]
         caps: Vec<KindCap>,
+        /// Also render each scene's hard negatives beside it (`NNNNNN.negK.png`, listed in its
+        /// metadata line): relation scenes with the two objects' attributes or places swapped,
+        /// counts with one object fewer or more — for `dalle train --negative-weight`.
+        #[arg(long)]
+        negatives: bool,
     },
     /// Count usable and skipped samples (decodes every image).
     Stats {
@@ -55,6 +60,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             image_size,
             force,
             caps,
+            negatives,
         } => {
             if !(16..=MAX_SHAPES_SIZE).contains(&image_size) {
                 bail!(
@@ -64,9 +70,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             if count == 0 {
                 bail!("--count must be at least 1 (got 0)");
             }
-            let written = dalle::data::shapes::write_set_capped(
-                &out, count, seed, split, image_size, force, &caps,
-            )?;
+            let spec = SetSpec {
+                negatives,
+                ..SetSpec::new(count, seed, split, image_size)
+            };
+            let written = dalle::data::shapes::write_set_capped(&out, &spec, force, &caps)?;
             if written < count {
                 println!(
                     "wrote {written} {split:?} samples of {count} drawn (--cap) to {}",

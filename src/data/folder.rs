@@ -39,6 +39,15 @@ impl FolderWriter {
         })
     }
 
+    /// Save `image` as `file_name` without a metadata line of its own (an image another line
+    /// names, e.g. a negative).
+    pub fn add_image(&mut self, file_name: &str, image: &RgbImage) -> Result<()> {
+        let path = self.dir.join(file_name);
+        image
+            .save_with_format(&path, image::ImageFormat::Png)
+            .map_err(|e| Error::input(&path, format!("cannot write image: {e}")))
+    }
+
     /// Save `image` as `file_name` and record its caption and any extra fields.
     pub fn add(
         &mut self,
@@ -47,10 +56,8 @@ impl FolderWriter {
         text: &str,
         extra: serde_json::Value,
     ) -> Result<()> {
+        self.add_image(file_name, image)?;
         let path = self.dir.join(file_name);
-        image
-            .save_with_format(&path, image::ImageFormat::Png)
-            .map_err(|e| Error::input(&path, format!("cannot write image: {e}")))?;
         let mut line = serde_json::json!({ "file_name": file_name, "text": text });
         if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
             obj.extend(extra);

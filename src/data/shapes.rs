@@ -442,6 +442,79 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
     }
 }
 
+/// `scene` with its two objects' colours exchanged, or their shapes where they share a colour:
+/// every attribute a relation caption names is still drawn, bound to the other object.
+fn swap_attributes(scene: &Scene) -> Scene {
+    let mut other = scene.clone();
+    let (a, b) = other.objects.split_at_mut(1);
+    if a[0].colour != b[0].colour {
+        std::mem::swap(&mut a[0].colour, &mut b[0].colour);
+    } else {
+        std::mem::swap(&mut a[0].shape, &mut b[0].shape);
+    }
+    other
+}
+
+/// What a scene draws, whatever the order of its objects: two scenes with the same key render
+/// the same objects in the same cells.
+fn drawn(scene: &Scene) -> Vec<(String, String, String, usize, usize)> {
+    let mut key: Vec<_> = scene
+        .objects
+        .iter()
+        .map(|o| (o.shape.clone(), o.colour.clone(), o.size.clone(), o.row, o.col))
+        .collect();
+    key.sort();
+    key
+}
+
+/// Hard negatives of `scene`: small edits that its caption no longer describes though they draw
+/// nearly everything it names — for two objects in a relation, their attributes exchanged
+/// ([`swap_attributes`]: bound wrongly) and their cells exchanged (the relation reversed); for
+/// a count, one object fewer and one more (in a free cell `rng` picks). Edits that draw what
+/// the scene draws, repeat another edit, or, in the training split, draw a held-out
+/// combination are left out. Single objects have none.
+pub fn negatives(scene: &Scene, split: Split, rng: &mut Rng) -> Vec<Scene> {
+    let mut out: Vec<Scene> = vec![];
+    let objects = &scene.objects;
+    let candidates = match scene.kind.as_str() {
+        "relation" if objects.len() == 2 => {
+            let mut moved = scene.clone();
+            let (a, b) = moved.objects.split_at_mut(1);
+            std::mem::swap(&mut a[0].row, &mut b[0].row);
+            std::mem::swap(&mut a[0].col, &mut b[0].col);
+            vec![swap_attributes(scene), moved]
+        }
+        "count" if !objects.is_empty() => {
+            let mut fewer = scene.clone();
+            fewer.objects.pop();
+            let mut free: Vec<(usize, usize)> = (0..9)
+                .map(|c| (c / 3, c % 3))
+                .filter(|&(r, c)| !objects.iter().any(|o| (o.row, o.col) == (r, c)))
+                .collect();
+            rng.shuffle(&mut free);
+            let mut more = scene.clone();
+            if let Some(&(row, col)) = free.first() {
+                more.objects.push(Object {
+                    row,
+                    col,
+                    ..objects[0].clone()
+                });
+            }
+            vec![fewer, more]
+        }
+        _ => vec![],
+    };
+    for c in candidates {
+        let same = |s: &Scene| drawn(s) == drawn(&c);
+        let leaks = split == Split::Train && is_held_out(&c);
+        if c.objects.is_empty() || same(scene) || out.iter().any(same) || leaks {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Sample `i` of `(seed, split)` and, for a relation scene, the same render with the two
 /// objects' colours swapped (their shapes where the colours are the same): the caption no
 /// longer describes it, though every attribute it names is still drawn — the pair that tells
@@ -453,16 +526,8 @@ pub fn generate_swapped(
     size: u32,
 ) -> (ShapesSample, Option<RgbImage>) {
     let (scene, caption, mut rng) = draw(seed, split, i);
-    let swapped = (scene.kind == "relation").then(|| {
-        let mut other = scene.clone();
-        let (a, b) = other.objects.split_at_mut(1);
-        if a[0].colour != b[0].colour {
-            std::mem::swap(&mut a[0].colour, &mut b[0].colour);
-        } else {
-            std::mem::swap(&mut a[0].shape, &mut b[0].shape);
-        }
-        render(&other, size, &mut rng.clone())
-    });
+    let swapped = (scene.kind == "relation")
+        .then(|| render(&swap_attributes(&scene), size, &mut rng.clone()));
     let image = render(&scene, size, &mut rng);
     let sample = ShapesSample {
         scene,
@@ -511,23 +576,53 @@ pub fn write_set(
     size: u32,
     replace: bool,
 ) -> Result<()> {
-    write_set_capped(out, count, seed, split, size, replace, &[]).map(|_| ())
+    let spec = SetSpec::new(count, seed, split, size);
+    write_set_capped(out, &spec, replace, &[]).map(|_| ())
 }
 
-/// [`write_set`] keeping at most `caps[k].at_most` scenes of each capped kind: of the `count`
-/// scenes drawn, those past their kind's cap are skipped, not redrawn, so the written set is the
-/// uncapped one less those scenes, every sample under its uncapped name. Returns how many were
-/// written. A kind capped twice, or caps that leave no scene (nothing is then written), are
-/// refused.
+/// Which shapes set to write: `count` scenes of `(seed, split)` at `size` pixels and, with
+/// `negatives`, each scene's [`negatives`] rendered beside it.
+#[derive(Clone, Copy, Debug)]
+pub struct SetSpec {
+    pub count: usize,
+    pub seed: u64,
+    pub split: Split,
+    pub size: u32,
+    pub negatives: bool,
+}
+
+impl SetSpec {
+    pub fn new(count: usize, seed: u64, split: Split, size: u32) -> Self {
+        SetSpec {
+            count,
+            seed,
+            split,
+            size,
+            negatives: false,
+        }
+    }
+}
+
+/// Write the set `spec` describes, keeping at most `caps[k].at_most` scenes of each capped kind:
+/// of the `count` scenes drawn, those past their kind's cap are skipped, not redrawn, so the
+/// written set is the uncapped one less those scenes, every sample under its uncapped name.
+/// With `spec.negatives`, scene `NNNNNN.png`'s negatives are `NNNNNN.neg0.png`, … (rendered
+/// with the scene's own jitter), listed in its metadata line as `negatives`. Returns how many
+/// scenes were written. A kind capped twice, or caps that leave no scene (nothing is then
+/// written), are refused.
 pub fn write_set_capped(
     out: &Path,
-    count: usize,
-    seed: u64,
-    split: Split,
-    size: u32,
+    spec: &SetSpec,
     replace: bool,
     caps: &[KindCap],
 ) -> Result<usize> {
+    let SetSpec {
+        count,
+        seed,
+        split,
+        size,
+        negatives: with_negatives,
+    } = *spec;
     for (i, c) in caps.iter().enumerate() {
         if caps[..i].iter().any(|d| d.kind == c.kind) {
             return Err(crate::Error::Usage(format!(
@@ -561,8 +656,20 @@ pub fn write_set_capped(
     let mut w = FolderWriter::create(out, replace)?;
     for &i in &keep {
         let (scene, caption, mut rng) = draw(seed, split, i as u64);
+        let mut extra = serde_json::json!({ "scene": scene, "split": split });
+        if with_negatives {
+            let mut pick = Rng::stream(seed, "shapes-negatives", i as u64);
+            let mut names = vec![];
+            for (k, neg) in negatives(&scene, split, &mut pick).iter().enumerate() {
+                let name = format!("{i:06}.neg{k}.png");
+                w.add_image(&name, &render(neg, size, &mut rng.clone()))?;
+                names.push(name);
+            }
+            if !names.is_empty() {
+                extra["negatives"] = names.into();
+            }
+        }
         let image = render(&scene, size, &mut rng);
-        let extra = serde_json::json!({ "scene": scene, "split": split });
         w.add(&format!("{i:06}.png"), &image, &caption, extra)?;
     }
     w.finish()?;
@@ -614,7 +721,8 @@ mod tests {
             .iter()
             .map(|c| c.parse().unwrap())
             .collect();
-        let n = write_set_capped(&capped, 60, 5, Split::Train, 16, false, &caps).unwrap();
+        let spec = SetSpec::new(60, 5, Split::Train, 16);
+        let n = write_set_capped(&capped, &spec, false, &caps).unwrap();
         let lines = |d: &Path| -> Vec<serde_json::Value> {
             std::fs::read_to_string(d.join("metadata.jsonl"))
                 .unwrap()
@@ -654,11 +762,12 @@ mod tests {
             );
         }
         let twice = ["count=1", "count=2"].map(|c| c.parse::<KindCap>().unwrap());
-        let e = write_set_capped(&dir.path().join("t"), 4, 5, Split::Train, 16, false, &twice);
+        let spec = SetSpec::new(4, 5, Split::Train, 16);
+        let e = write_set_capped(&dir.path().join("t"), &spec, false, &twice);
         assert!(e.unwrap_err().to_string().contains("given twice"));
         let none = SCENE_KINDS.map(|k| format!("{k}=0").parse::<KindCap>().unwrap());
         let empty = dir.path().join("none");
-        let e = write_set_capped(&empty, 4, 5, Split::Train, 16, false, &none);
+        let e = write_set_capped(&empty, &spec, false, &none);
         assert!(e.unwrap_err().to_string().contains("nothing was written"));
         assert!(!empty.exists());
     }

@@ -499,13 +499,24 @@ impl Transformer {
     /// the whole vocabulary (a third of them at the `shapes` preset); otherwise [`loss`] over
     /// [`Transformer::forward`].
     pub fn losses(&self, ids: &Tensor, image_codes_only: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        if !image_codes_only {
-            return loss(&self.forward(ids, None)?, ids, self.text_len);
-        }
+        let (text, image) = self.position_nll(ids, image_codes_only)?;
+        let (text, image) = (text.mean_all()?, image.mean_all()?);
+        let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
+        Ok((total, text, image))
+    }
+
+    /// Each target's negative log-likelihood under teacher forcing: `(b, text_len − 1)` for the
+    /// caption's ids 1 ‥ text_len − 1 and `(b, s − text_len)` for the image codes, each code's
+    /// over the codes alone when `image_codes_only` (else over the whole vocabulary).
+    pub fn position_nll(&self, ids: &Tensor, image_codes_only: bool) -> Result<(Tensor, Tensor)> {
         let (b, s) = ids.dims2()?;
         let t = self.text_len;
-        let h = self.hidden(ids, None)?;
         let nll = crate::kernels::loss::next_token_nll;
+        if !image_codes_only {
+            let all = nll(&self.forward(ids, None)?, ids)?; // position p predicts p + 1
+            return Ok((all.narrow(1, 0, t - 1)?, all.narrow(1, t - 1, s - t)?));
+        }
+        let h = self.hidden(ids, None)?;
         // Positions 0 ‥ t − 2 predict the caption's ids 1 ‥ t − 1.
         let text = nll(
             &self.head.forward(&h.narrow(1, 0, t)?)?,
@@ -525,9 +536,7 @@ impl Transformer {
             .to_dtype(DType::U32)?;
         let dummy = Tensor::zeros((b, 1), DType::U32, ids.device())?;
         let image = nll(&logits, &Tensor::cat(&[&dummy, &codes], 1)?)?;
-        let (text, image) = (text.mean_all()?, image.mean_all()?);
-        let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
-        Ok((total, text, image))
+        Ok((text, image))
     }
 }
 

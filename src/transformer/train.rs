@@ -47,6 +47,15 @@ pub struct TransformerTrainOptions {
     /// initialisation (`--init-from`); older run files lack it and get none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Weight of the hard-negative term (`--negative-weight`): for each sample that lists
+    /// negatives (one drawn per update), log(1 + e^−margin) where margin is how many nats likelier
+    /// its image is than the negative under its caption. 0 (older runs): the paper's loss alone.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub negative_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl TransformerTrainOptions {
@@ -73,6 +82,7 @@ impl TransformerTrainOptions {
             bpe_dropout: 0.1,
             image_codes_only: true,
             init_from: None,
+            negative_weight: 0.0,
         }
     }
 
@@ -94,6 +104,10 @@ pub struct TokenSet {
     pub grid: usize,
     pub captions: Vec<String>,
     pub codes: Vec<Vec<u32>>,
+    /// Per sample, the codes of its hard negatives (images its caption does not describe;
+    /// `dalle data shapes --negatives`); empty unless the run asked for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negatives: Vec<Vec<Vec<u32>>>,
 }
 
 fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
@@ -105,9 +119,43 @@ fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
 
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// Encode every usable image of `data` with the dVAE in `vae_dir`, or reuse the cache in
-/// `vae_dir/token-cache/` when neither the data index nor the dVAE weights changed.
-pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> Result<TokenSet> {
+/// The image files a sample's metadata line lists as its hard negatives (`negatives`: file
+/// names relative to the sample's directory); a malformed list is an error naming the sample.
+fn negative_paths(sample: &crate::data::Sample, data: &Path) -> Result<Vec<PathBuf>> {
+    let Some(list) = sample.extra.as_ref().and_then(|e| e.get("negatives")) else {
+        return Ok(vec![]);
+    };
+    let crate::data::Source::File(image) = &sample.source else {
+        return Ok(vec![]);
+    };
+    let base = image.parent().unwrap_or(data);
+    let names = list.as_array().filter(|a| a.iter().all(|n| n.is_string()));
+    let Some(names) = names else {
+        return Err(Error::Dataset {
+            path: data.to_path_buf(),
+            message: format!(
+                "the metadata line of {} has `negatives` {list}, not a list of file names",
+                image.display()
+            ),
+        });
+    };
+    Ok(names
+        .iter()
+        .filter_map(|n| n.as_str())
+        .map(|n| base.join(n))
+        .collect())
+}
+
+/// Encode every usable image of `data` with the dVAE in `vae_dir` (and, `with_negatives`, the
+/// hard negatives each sample lists), or reuse the cache in `vae_dir/token-cache/` when neither
+/// the data index nor the dVAE weights changed.
+pub fn token_set(
+    vae: &Vae,
+    vae_dir: &Path,
+    data: &Path,
+    filters: &Filters,
+    with_negatives: bool,
+) -> Result<TokenSet> {
     let index = Index::scan(data, filters, false)?;
     let mut weights_hash = FNV_START;
     for f in ["encoder.safetensors", "decoder.safetensors"] {
@@ -124,6 +172,11 @@ pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> R
             format!("{:?}\u{0}{}\u{0}", s.source, s.text).into_bytes(),
             data_hash,
         );
+        if with_negatives {
+            for p in negative_paths(s, data)? {
+                data_hash = fnv(format!("-{}\u{0}", p.display()).into_bytes(), data_hash);
+            }
+        }
     }
     let cache = vae_dir
         .join("token-cache")
@@ -146,6 +199,7 @@ pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> R
         grid: vae.grid(),
         captions: vec![],
         codes: vec![],
+        negatives: vec![],
     };
     let usable = loader.fixed(loader.len());
     eprintln!("encoding {} images with the dVAE", usable.len());
@@ -158,6 +212,30 @@ pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> R
                 .map(|(i, _)| loader.index().samples[*i].text.clone()),
         );
     }
+    if with_negatives {
+        let mut paths = vec![];
+        for (i, _) in &usable {
+            paths.push(negative_paths(&loader.index().samples[*i], data)?);
+        }
+        let total: usize = paths.iter().map(Vec::len).sum();
+        if total > 0 {
+            eprintln!("encoding {total} hard negatives with the dVAE");
+        }
+        let flat: Vec<&PathBuf> = paths.iter().flatten().collect();
+        let mut codes = vec![];
+        for chunk in flat.chunks(64) {
+            let images = chunk
+                .iter()
+                .map(|p| crate::data::load_square(p, vae.image_size()))
+                .collect::<Result<Vec<_>>>()?;
+            codes.extend(vae.encode(&images)?);
+        }
+        let mut codes = codes.into_iter();
+        set.negatives = paths
+            .iter()
+            .map(|p| codes.by_ref().take(p.len()).collect())
+            .collect();
+    }
     let json = serde_json::to_string(&set).map_err(|e| Error::Usage(e.to_string()))?;
     let written = std::fs::create_dir_all(cache.parent().unwrap_or(vae_dir))
         .map_err(|e| Error::io(&cache, e))
@@ -166,6 +244,35 @@ pub fn token_set(vae: &Vae, vae_dir: &Path, data: &Path, filters: &Filters) -> R
         eprintln!("warning: cannot write the token cache ({e}); continuing without it");
     }
     Ok(set)
+}
+
+/// How much likelier each sample's image is than its hard negative under the same caption: the
+/// rows `b..` of a batch's per-code NLL are negatives of the rows `paired` of its first `b`.
+struct Margins(Tensor);
+
+impl Margins {
+    fn new(image_nll: &Tensor, b: usize, paired: Vec<u32>) -> Result<Self> {
+        let m = paired.len();
+        let sums = image_nll.sum(1)?; // −log p(codes | caption) of each row
+        let index = Tensor::from_vec(paired, m, image_nll.device())?;
+        let positive = sums.narrow(0, 0, b)?.index_select(&index, 0)?;
+        Ok(Margins((sums.narrow(0, b, m)? - positive)?))
+    }
+
+    /// The pairs' logistic loss, mean of log(1 + e^(−margin)) (small once the caption's image is
+    /// several nats likelier than its negative), and the share of pairs already preferred.
+    fn loss(&self, m: usize) -> Result<(Tensor, f64)> {
+        let x = self.0.neg()?;
+        // log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|), without overflow.
+        let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let preferred = self
+            .0
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .count();
+        Ok((softplus.mean_all()?, preferred as f64 / m as f64))
+    }
 }
 
 struct TransformerStage {
@@ -211,6 +318,49 @@ impl TransformerStage {
         Ok(sums.map(|s| s / n.max(1) as f64))
     }
 
+    /// Over the first [`EVAL_SAMPLES`] of `set` that list hard negatives: the share of (sample,
+    /// negative) pairs whose sample the caption makes likelier, and the mean margin in nats.
+    /// `None` when the set lists none.
+    fn eval_margins(&self, model: &Transformer, set: &TokenSet) -> Result<Option<(f64, f64)>> {
+        let b = self.opts.lp.batch_size.max(1);
+        let (mut pairs, mut preferred, mut total) = (0usize, 0usize, 0f64);
+        let mut ids: Vec<u32> = vec![];
+        // Per group in `ids`: its number of rows (the sample, then its negatives).
+        let mut groups: Vec<usize> = vec![];
+        let samples = set.negatives.iter().take(set.codes.len().min(EVAL_SAMPLES));
+        let with_negatives: Vec<usize> = samples
+            .enumerate()
+            .filter(|(_, n)| !n.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+        for (at, &k) in with_negatives.iter().enumerate() {
+            let caption = self.caption_ids(&self.tokenizer, &set.captions[k])?;
+            for codes in std::iter::once(&set.codes[k]).chain(&set.negatives[k]) {
+                ids.extend(&caption);
+                ids.extend(codes.iter().map(|&c| self.layout.image(c)));
+            }
+            groups.push(1 + set.negatives[k].len());
+            let rows: usize = groups.iter().sum();
+            if rows < b && at + 1 < with_negatives.len() {
+                continue;
+            }
+            let batch = Tensor::from_vec(std::mem::take(&mut ids), (rows, model.seq_len()), &self.device)?;
+            let (_, image) = model.position_nll(&batch, self.opts.image_codes_only)?;
+            let nll = image.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let mut row = 0;
+            for g in groups.drain(..) {
+                for neg in &nll[row + 1..row + g] {
+                    let margin = neg - nll[row];
+                    pairs += 1;
+                    preferred += (margin > 0.0) as usize;
+                    total += margin;
+                }
+                row += g;
+            }
+        }
+        Ok((pairs > 0).then(|| (preferred as f64 / pairs as f64, total / pairs as f64)))
+    }
+
     fn caption_ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         let bpe = crate::text::encode(tokenizer, text)?;
         let (ids, _) = self.layout.caption(&bpe).map_err(|bad| {
@@ -226,7 +376,10 @@ impl TransformerStage {
 impl Stage for TransformerStage {
     fn loss(&mut self, step: usize) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
         let b = self.opts.lp.batch_size;
+        let contrast = self.opts.negative_weight > 0.0;
         let mut ids = Vec::with_capacity(b * self.layout.text_len);
+        // Rows after the batch: a hard negative of sample `paired[j]`, under its caption.
+        let (mut negative_ids, mut paired) = (vec![], vec![]);
         for i in 0..b as u64 {
             let pos = step as u64 * b as u64 + i;
             let k = self.order.at(pos);
@@ -237,17 +390,36 @@ impl Stage for TransformerStage {
             } else {
                 self.set.captions[k].as_str()
             };
-            ids.extend(self.caption_ids(&self.train_tokenizer, text)?);
+            let caption = self.caption_ids(&self.train_tokenizer, text)?;
+            let negatives = self.set.negatives.get(k).map_or(&[][..], Vec::as_slice);
+            if contrast && !drop && !negatives.is_empty() {
+                let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
+                negative_ids.extend(&caption);
+                negative_ids.extend(negatives[j].iter().map(|&c| self.layout.image(c)));
+                paired.push(i as u32);
+            }
+            ids.extend(caption);
             ids.extend(self.set.codes[k].iter().map(|&c| self.layout.image(c)));
         }
-        let ids = Tensor::from_vec(ids, (b, self.model.seq_len()), &self.device)?;
-        let (total, text, image) = self.model.losses(&ids, self.opts.image_codes_only)?;
+        let rows = b + paired.len();
+        ids.extend(negative_ids);
+        let ids = Tensor::from_vec(ids, (rows, self.model.seq_len()), &self.device)?;
+        let (text, image) = self.model.position_nll(&ids, self.opts.image_codes_only)?;
+        let text = text.narrow(0, 0, b)?.mean_all()?;
+        let pair = match paired.len() {
+            0 => None,
+            m => Some(Margins::new(&image, b, paired)?.loss(m)?),
+        };
+        let image = image.narrow(0, 0, b)?.mean_all()?;
+        let mut total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
         let s = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let metrics = vec![
-            ("loss", s(&total)?),
-            ("text", s(&text)?),
-            ("image", s(&image)?),
-        ];
+        let mut metrics = vec![("text", s(&text)?), ("image", s(&image)?)];
+        if let Some((loss, preferred)) = pair {
+            metrics.push(("contrast", s(&loss)?));
+            metrics.push(("prefer", preferred));
+            total = (total + (loss * self.opts.negative_weight)?)?;
+        }
+        metrics.insert(0, ("loss", s(&total)?));
         Ok((total, metrics))
     }
 
@@ -279,6 +451,10 @@ impl Stage for TransformerStage {
                 ("heldout_text", text),
                 ("heldout_image", image),
             ];
+            if let Some((prefer, margin)) = self.eval_margins(&model, set)? {
+                metrics.push(("heldout_prefer", prefer));
+                metrics.push(("heldout_margin", margin));
+            }
         }
         let mut images = vec![];
         for (i, caption) in self.set.captions.iter().take(4).enumerate() {
@@ -505,15 +681,25 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
         ));
     }
     // Both data sets are read before the run directory is written, so a bad one leaves nothing.
-    let set = token_set(&vae, &req.vae, &req.data, &req.filters)?;
+    let contrast = req.options.negative_weight > 0.0;
+    let set = token_set(&vae, &req.vae, &req.data, &req.filters, contrast)?;
     let eval = match &req.eval_data {
-        Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters)?),
+        Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters, contrast)?),
         None => None,
     };
     if set.codes.is_empty() {
         return Err(Error::Dataset {
             path: req.data.clone(),
             message: "has no usable samples".into(),
+        });
+    }
+    if contrast && set.negatives.iter().all(Vec::is_empty) {
+        return Err(Error::Dataset {
+            path: req.data.clone(),
+            message: "lists no hard negatives (no metadata line has `negatives`), which \
+                      --negative-weight trains on: write the set with `dalle data shapes \
+                      --negatives`, or leave --negative-weight at 0"
+                .into(),
         });
     }
     // So are the weights a fresh run starts from.
