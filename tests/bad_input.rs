@@ -178,6 +178,10 @@ const CASES: &[Case] = &[
     case("encode --vae {T}/vae --input {T}/missing.png", 1, "missing.png"),
     case("train --preset tiny --vae {T}/missing --data {T}/data --out {T}/new --steps 1", 1, "is not a dVAE directory"),
     case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --caption-dropout 2", 1, "--caption-dropout must be in [0, 1]"),
+    case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --negative-weight 0.1", 1, "lists no hard negatives"),
+    case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --negative-weight nan", 1, "--negative-weight must be a finite number"),
+    case("train --preset tiny --vae {T}/vae --data {T}/negbad --out {T}/new --steps 1 --negative-weight 0.1", 1, "not a list of file names"),
+    case("train --preset tiny --vae {T}/vae --data {T}/neggone --out {T}/new --steps 1 --negative-weight 0.1", 1, "gone.neg.png"),
     case("train-vae --preset tiny --data {T}/data --out {T}/new --steps 1 --tau-start 0", 1, "must be above 0"),
     case("train-vae --preset tiny --data {T}/data --out {T}/new --steps 1 --hard-fraction 2", 1, "--hard-fraction must be from 0 to 1"),
     case("train-vae --preset tiny --data {T}/data --out {T}/new --steps 1 --beta-max nan", 1, "--beta-max must be a finite number"),
@@ -267,6 +271,16 @@ fn fixtures(t: &Path) {
     std::fs::write(t.join("latin1.txt"), b"caf\xe9").unwrap();
     std::fs::create_dir(t.join("empty")).unwrap();
     std::fs::write(t.join("empty/metadata.jsonl"), "").unwrap();
+    // Sets whose one sample lists its hard negatives wrongly: not a list, a missing file.
+    for (dir, negatives) in [("negbad", "3"), ("neggone", "[\"gone.neg.png\"]")] {
+        std::fs::create_dir(t.join(dir)).unwrap();
+        std::fs::copy(t.join("data/000000.png"), t.join(dir).join("a.png")).unwrap();
+        std::fs::write(
+            t.join(dir).join("metadata.jsonl"),
+            format!("{{\"file_name\": \"a.png\", \"text\": \"a red square\", \"negatives\": {negatives}}}\n"),
+        )
+        .unwrap();
+    }
     std::fs::create_dir(t.join("gone")).unwrap();
     std::fs::write(
         t.join("gone/metadata.jsonl"),

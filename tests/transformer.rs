@@ -668,4 +668,76 @@ mod training {
         train_transformer(request(&vae, &data, &split, 8, true, None)).unwrap();
         super::common::assert_same_checkpoint(&straight, &split);
     }
+
+    /// The hard-negative term pairs each negative with its own sample: with negatives that are
+    /// copies of their samples every margin is 0 (the term is log 2 at every update, no pair
+    /// preferred); with the real ones and a large weight, the model learns to prefer the images
+    /// it trains on to their negatives.
+    #[test]
+    fn hard_negatives_are_paired_with_their_samples() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let spec = dalle::data::shapes::SetSpec {
+            negatives: true,
+            ..dalle::data::shapes::SetSpec::new(24, 1, dalle::data::shapes::Split::Train, 32)
+        };
+        dalle::data::shapes::write_set_capped(&data, &spec, false, &[]).unwrap();
+        let vae = vae_dir(tmp.path(), &data);
+        let column = |out: &Path, name: &str| -> Vec<f64> {
+            let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+            let head: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+            let col = head.iter().position(|c| *c == name).unwrap();
+            csv.lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(col).unwrap().parse().unwrap())
+                .filter(|v: &f64| !v.is_nan())
+                .collect()
+        };
+
+        let copies = tmp.path().join("copies");
+        std::fs::create_dir(&copies).unwrap();
+        let meta = std::fs::read_to_string(data.join("metadata.jsonl")).unwrap();
+        for line in meta.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let name = v["file_name"].as_str().unwrap();
+            std::fs::copy(data.join(name), copies.join(name)).unwrap();
+            for n in v["negatives"].as_array().into_iter().flatten() {
+                std::fs::copy(data.join(name), copies.join(n.as_str().unwrap())).unwrap();
+            }
+        }
+        std::fs::write(copies.join("metadata.jsonl"), &meta).unwrap();
+        let out = tmp.path().join("same");
+        let mut req = request(&vae, &copies, &out, 6, false, None);
+        req.options.negative_weight = 1.0;
+        req.eval_data = Some(copies.clone());
+        train_transformer(req).unwrap();
+        let contrast = column(&out, "contrast");
+        assert!(
+            !contrast.is_empty(),
+            "no update held a sample with negatives"
+        );
+        for c in contrast {
+            assert!((c - std::f64::consts::LN_2).abs() < 1e-6, "{c}");
+        }
+        assert!(column(&out, "prefer").iter().all(|&p| p == 0.0));
+        assert_eq!(column(&out, "heldout_prefer"), [0.0]);
+        assert_eq!(column(&out, "heldout_margin"), [0.0]);
+
+        let run = |weight: f64| {
+            let out = tmp.path().join(format!("w{weight}"));
+            let mut req = request(&vae, &data, &out, 60, false, None);
+            req.options.negative_weight = weight;
+            train_transformer(req).unwrap();
+            (
+                column(&out, "heldout_prefer")[0],
+                column(&out, "heldout_margin")[0],
+            )
+        };
+        let (plain, contrasted) = (run(0.0), run(1.0));
+        eprintln!("{plain:?} {contrasted:?}");
+        assert!(
+            contrasted.0 > plain.0 && contrasted.1 > plain.1 + 1.0,
+            "{plain:?} {contrasted:?}"
+        );
+    }
 }

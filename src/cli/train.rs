@@ -96,7 +96,7 @@ pub struct TrainArgs {
     pub layers: Option<usize>,
     /// Weight of a hard-negative term beside the paper's loss: each sample whose metadata line
     /// lists negatives (`dalle data shapes --negatives`: two objects' attributes or places
-    /// swapped, a count off by one) adds log(1 + e^−margin), margin = how many nats likelier its
+    /// swapped) adds log(1 + e^−margin), margin = how many nats likelier its
     /// image is than one of its negatives under its caption. Teaches which object an attribute
     /// belongs to, a fact worth ~1 nat of a 576-code image's loss. 0: the paper's loss alone.
     #[arg(long, default_value_t = 0.0)]

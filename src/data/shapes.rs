@@ -461,53 +461,40 @@ fn drawn(scene: &Scene) -> Vec<(String, String, String, usize, usize)> {
     let mut key: Vec<_> = scene
         .objects
         .iter()
-        .map(|o| (o.shape.clone(), o.colour.clone(), o.size.clone(), o.row, o.col))
+        .map(|o| {
+            (
+                o.shape.clone(),
+                o.colour.clone(),
+                o.size.clone(),
+                o.row,
+                o.col,
+            )
+        })
         .collect();
     key.sort();
     key
 }
 
-/// Hard negatives of `scene`: small edits that its caption no longer describes though they draw
-/// nearly everything it names — for two objects in a relation, their attributes exchanged
-/// ([`swap_attributes`]: bound wrongly) and their cells exchanged (the relation reversed); for
-/// a count, one object fewer and one more (in a free cell `rng` picks). Edits that draw what
-/// the scene draws, repeat another edit, or, in the training split, draw a held-out
-/// combination are left out. Single objects have none.
-pub fn negatives(scene: &Scene, split: Split, rng: &mut Rng) -> Vec<Scene> {
+/// Hard negatives of `scene`: edits its caption no longer describes though they draw every
+/// object it names, at the same cost in codes — for two objects in a relation, their attributes
+/// exchanged ([`swap_attributes`]: bound wrongly) and their cells exchanged (the relation
+/// reversed). Edits that draw what the scene draws, repeat the other, or, in the training split,
+/// draw a held-out combination are left out. Singles and counts have none: a count off by one
+/// draws an object more or fewer, which changes an image's likelihood by far more than how
+/// well it fits its caption, so a likelihood margin cannot compare the two.
+pub fn negatives(scene: &Scene, split: Split) -> Vec<Scene> {
+    if scene.kind != "relation" || scene.objects.len() != 2 {
+        return vec![];
+    }
+    let mut moved = scene.clone();
+    let (a, b) = moved.objects.split_at_mut(1);
+    std::mem::swap(&mut a[0].row, &mut b[0].row);
+    std::mem::swap(&mut a[0].col, &mut b[0].col);
     let mut out: Vec<Scene> = vec![];
-    let objects = &scene.objects;
-    let candidates = match scene.kind.as_str() {
-        "relation" if objects.len() == 2 => {
-            let mut moved = scene.clone();
-            let (a, b) = moved.objects.split_at_mut(1);
-            std::mem::swap(&mut a[0].row, &mut b[0].row);
-            std::mem::swap(&mut a[0].col, &mut b[0].col);
-            vec![swap_attributes(scene), moved]
-        }
-        "count" if !objects.is_empty() => {
-            let mut fewer = scene.clone();
-            fewer.objects.pop();
-            let mut free: Vec<(usize, usize)> = (0..9)
-                .map(|c| (c / 3, c % 3))
-                .filter(|&(r, c)| !objects.iter().any(|o| (o.row, o.col) == (r, c)))
-                .collect();
-            rng.shuffle(&mut free);
-            let mut more = scene.clone();
-            if let Some(&(row, col)) = free.first() {
-                more.objects.push(Object {
-                    row,
-                    col,
-                    ..objects[0].clone()
-                });
-            }
-            vec![fewer, more]
-        }
-        _ => vec![],
-    };
-    for c in candidates {
+    for c in [swap_attributes(scene), moved] {
         let same = |s: &Scene| drawn(s) == drawn(&c);
         let leaks = split == Split::Train && is_held_out(&c);
-        if c.objects.is_empty() || same(scene) || out.iter().any(same) || leaks {
+        if same(scene) || out.iter().any(same) || leaks {
             continue;
         }
         out.push(c);
@@ -658,9 +645,8 @@ pub fn write_set_capped(
         let (scene, caption, mut rng) = draw(seed, split, i as u64);
         let mut extra = serde_json::json!({ "scene": scene, "split": split });
         if with_negatives {
-            let mut pick = Rng::stream(seed, "shapes-negatives", i as u64);
             let mut names = vec![];
-            for (k, neg) in negatives(&scene, split, &mut pick).iter().enumerate() {
+            for (k, neg) in negatives(&scene, split).iter().enumerate() {
                 let name = format!("{i:06}.neg{k}.png");
                 w.add_image(&name, &render(neg, size, &mut rng.clone()))?;
                 names.push(name);
@@ -708,6 +694,76 @@ mod tests {
         assert!(
             (area("star") - 5.0 * 0.45 * (std::f64::consts::PI / 5.0).sin() / 4.0).abs() < 0.01
         );
+    }
+
+    /// Each relation scene's negatives are its attributes swapped and its places swapped (the
+    /// relation reversed), none the scene itself, none repeated, none held out in the training
+    /// split; other scenes have none; a written set lists them, rendered with the scene's own
+    /// jitter.
+    #[test]
+    fn negatives_are_small_edits_the_caption_does_not_describe() {
+        let cells = |s: &Scene| -> Vec<(usize, usize)> {
+            let mut c: Vec<_> = s.objects.iter().map(|o| (o.row, o.col)).collect();
+            c.sort();
+            c
+        };
+        let mut relations = 0;
+        for split in [Split::Train, Split::Heldout] {
+            for i in 0..200 {
+                let (scene, _, _) = draw(4, split, i);
+                let negs = negatives(&scene, split);
+                for (k, n) in negs.iter().enumerate() {
+                    assert_ne!(drawn(n), drawn(&scene), "{scene:?}");
+                    assert!(negs[..k].iter().all(|m| drawn(m) != drawn(n)));
+                    assert!(split == Split::Heldout || !is_held_out(n), "{n:?}");
+                }
+                match scene.kind.as_str() {
+                    "single" | "count" => assert!(negs.is_empty()),
+                    _ => {
+                        relations += 1;
+                        let (a, b) = (&scene.objects[0], &scene.objects[1]);
+                        let swapped = swap_attributes(&scene);
+                        let mut moved = scene.clone();
+                        (moved.objects[0].row, moved.objects[0].col) = (b.row, b.col);
+                        (moved.objects[1].row, moved.objects[1].col) = (a.row, a.col);
+                        assert!(!negs.is_empty() || split == Split::Train, "{scene:?}");
+                        for m in &negs {
+                            assert_eq!(cells(m), cells(&scene));
+                            assert!(drawn(m) == drawn(&swapped) || drawn(m) == drawn(&moved));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(relations > 80, "{relations}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SetSpec {
+            negatives: true,
+            ..SetSpec::new(30, 4, Split::Train, 32)
+        };
+        write_set_capped(dir.path(), &spec, false, &[]).unwrap();
+        let mut listed = 0;
+        for line in std::fs::read_to_string(dir.path().join("metadata.jsonl"))
+            .unwrap()
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let i: u64 = v["file_name"].as_str().unwrap()[..6].parse().unwrap();
+            let (scene, _, rng) = draw(4, Split::Train, i);
+            let negs = negatives(&scene, Split::Train);
+            let names: Vec<String> = v
+                .get("negatives")
+                .map(|n| serde_json::from_value(n.clone()).unwrap())
+                .unwrap_or_default();
+            assert_eq!(names.len(), negs.len(), "{line}");
+            for (name, neg) in names.iter().zip(&negs) {
+                let read = image::open(dir.path().join(name)).unwrap().to_rgb8();
+                assert_eq!(read, render(neg, 32, &mut rng.clone()), "{name}");
+                listed += 1;
+            }
+        }
+        assert!(listed > 10, "{listed}");
     }
 
     /// A capped set is the uncapped one less the scenes past their kind's cap: the same lines,

@@ -344,7 +344,11 @@ impl TransformerStage {
             if rows < b && at + 1 < with_negatives.len() {
                 continue;
             }
-            let batch = Tensor::from_vec(std::mem::take(&mut ids), (rows, model.seq_len()), &self.device)?;
+            let batch = Tensor::from_vec(
+                std::mem::take(&mut ids),
+                (rows, model.seq_len()),
+                &self.device,
+            )?;
             let (_, image) = model.position_nll(&batch, self.opts.image_codes_only)?;
             let nll = image.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let mut row = 0;
@@ -684,7 +688,8 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let contrast = req.options.negative_weight > 0.0;
     let set = token_set(&vae, &req.vae, &req.data, &req.filters, contrast)?;
     let eval = match &req.eval_data {
-        Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters, contrast)?),
+        // Its negatives, where it lists any, measure every run (`heldout_prefer`).
+        Some(dir) => Some(token_set(&vae, &req.vae, dir, &req.filters, true)?),
         None => None,
     };
     if set.codes.is_empty() {
