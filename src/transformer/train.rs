@@ -246,17 +246,21 @@ pub fn token_set(
     Ok(set)
 }
 
-/// How much likelier each sample's image is than its hard negative under the same caption: the
-/// rows `b..` of a batch's per-code NLL are negatives of the rows `paired` of its first `b`.
+/// How much likelier each sample's codes are than its hard negative's under the same caption,
+/// over the positions where the two differ (the objects whose attributes or places were swapped;
+/// the background between them, predicted after different contexts, is left to the paper's
+/// loss): the rows `b..` of a batch's per-code NLL are negatives of the rows `paired` of its
+/// first `b`, and `differ` is 1 where a negative's code is not its sample's.
 struct Margins(Tensor);
 
 impl Margins {
-    fn new(image_nll: &Tensor, b: usize, paired: Vec<u32>) -> Result<Self> {
-        let m = paired.len();
-        let sums = image_nll.sum(1)?; // −log p(codes | caption) of each row
+    fn new(image_nll: &Tensor, b: usize, paired: Vec<u32>, differ: Vec<f32>) -> Result<Self> {
+        let (m, n) = (paired.len(), image_nll.dim(1)?);
         let index = Tensor::from_vec(paired, m, image_nll.device())?;
-        let positive = sums.narrow(0, 0, b)?.index_select(&index, 0)?;
-        Ok(Margins((sums.narrow(0, b, m)? - positive)?))
+        let positive = image_nll.narrow(0, 0, b)?.index_select(&index, 0)?;
+        let differ = Tensor::from_vec(differ, (m, n), image_nll.device())?;
+        let gap = ((image_nll.narrow(0, b, m)? - positive)? * differ)?;
+        Ok(Margins(gap.sum(1)?))
     }
 
     /// The pairs' logistic loss, mean of log(1 + e^(−margin)) (small once the caption's image is
@@ -383,7 +387,7 @@ impl Stage for TransformerStage {
         let contrast = self.opts.negative_weight > 0.0;
         let mut ids = Vec::with_capacity(b * self.layout.text_len);
         // Rows after the batch: a hard negative of sample `paired[j]`, under its caption.
-        let (mut negative_ids, mut paired) = (vec![], vec![]);
+        let (mut negative_ids, mut paired, mut differ) = (vec![], vec![], vec![]);
         for i in 0..b as u64 {
             let pos = step as u64 * b as u64 + i;
             let k = self.order.at(pos);
@@ -400,6 +404,8 @@ impl Stage for TransformerStage {
                 let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
                 negative_ids.extend(&caption);
                 negative_ids.extend(negatives[j].iter().map(|&c| self.layout.image(c)));
+                let codes = self.set.codes[k].iter().zip(&negatives[j]);
+                differ.extend(codes.map(|(a, b)| (a != b) as u8 as f32));
                 paired.push(i as u32);
             }
             ids.extend(caption);
@@ -412,7 +418,7 @@ impl Stage for TransformerStage {
         let text = text.narrow(0, 0, b)?.mean_all()?;
         let pair = match paired.len() {
             0 => None,
-            m => Some(Margins::new(&image, b, paired)?.loss(m)?),
+            m => Some(Margins::new(&image, b, paired, differ)?.loss(m)?),
         };
         let image = image.narrow(0, 0, b)?.mean_all()?;
         let mut total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
