@@ -96,9 +96,10 @@ pub struct TrainArgs {
     pub layers: Option<usize>,
     /// Weight of a hard-negative term beside the paper's loss: each sample whose metadata line
     /// lists negatives (`dalle data shapes --negatives`: two objects' attributes or places
-    /// swapped) adds log(1 + e^−margin), margin = how many nats likelier its
-    /// image is than one of its negatives under its caption. Teaches which object an attribute
-    /// belongs to, a fact worth ~1 nat of a 576-code image's loss. 0: the paper's loss alone.
+    /// swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption makes its
+    /// code than a negative's at the first position where the two differ (after the same
+    /// prefix: where the image commits to which object goes there). Teaches which object an
+    /// attribute belongs to, worth ~1 nat of a 576-code image's loss. 0: the paper's loss alone.
     #[arg(long, default_value_t = 0.0)]
     pub negative_weight: f64,
 }
@@ -134,10 +135,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let per_seq = 4
         * (t.n_layers as u64 * (seq * t.d_model as u64 * 40 + 3 * t.n_heads as u64 * seq * seq)
             + 3 * seq * vocab);
-    // A sample with hard negatives adds a row of one of them.
-    let rows = a.batch_size as u64 * if a.negative_weight > 0.0 { 2 } else { 1 };
     dalle_runtimes::memory::check(
-        per_seq.saturating_mul(rows),
+        per_seq.saturating_mul(a.batch_size as u64),
         &format!("a transformer update of batch {}", a.batch_size),
         "use a smaller --batch-size",
     )

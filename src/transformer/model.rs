@@ -509,14 +509,49 @@ impl Transformer {
     /// caption's ids 1 ‥ text_len − 1 and `(b, s − text_len)` for the image codes, each code's
     /// over the codes alone when `image_codes_only` (else over the whole vocabulary).
     pub fn position_nll(&self, ids: &Tensor, image_codes_only: bool) -> Result<(Tensor, Tensor)> {
+        let (text, image, _) = self.position_nll_and_margins(ids, image_codes_only, &[])?;
+        Ok((text, image))
+    }
+
+    /// [`Transformer::position_nll`] and, for each of `choices`, how many nats likelier its row's
+    /// code is than the alternative at its position, `(choices,)`: the difference of the two
+    /// codes' logits, the same whatever the softmax normalises over (`None` without choices).
+    pub fn position_nll_and_margins(
+        &self,
+        ids: &Tensor,
+        image_codes_only: bool,
+        choices: &[CodeChoice],
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let (b, s) = ids.dims2()?;
         let t = self.text_len;
         let nll = crate::kernels::loss::next_token_nll;
-        if !image_codes_only {
-            let all = nll(&self.forward(ids, None)?, ids)?; // position p predicts p + 1
-            return Ok((all.narrow(1, 0, t - 1)?, all.narrow(1, t - 1, s - t)?));
-        }
         let h = self.hidden(ids, None)?;
+        let (offset, n) = (self.layout.image_offset(), self.layout.codebook);
+        let weight = self.head.weight.narrow(0, offset, n)?;
+        let bias = self.head.bias.narrow(0, offset, n)?;
+        let margins = if choices.is_empty() {
+            None
+        } else {
+            // Position t − 1 + p holds the hidden state that predicts code p.
+            let rows: Vec<u32> = choices
+                .iter()
+                .map(|c| (c.row * s + t - 1 + c.position) as u32)
+                .collect();
+            let rows = Tensor::from_vec(rows, choices.len(), ids.device())?;
+            let picked = h.flatten(0, 1)?.index_select(&rows, 0)?;
+            let logits = crate::kernels::linear::linear(&picked, &weight, &bias)?;
+            let pick = |f: fn(&CodeChoice) -> u32| -> Result<Tensor> {
+                let codes: Vec<u32> = choices.iter().map(f).collect();
+                let codes = Tensor::from_vec(codes, (choices.len(), 1), ids.device())?;
+                logits.gather(&codes, 1)?.squeeze(1)
+            };
+            Some((pick(|c| c.code)? - pick(|c| c.other)?)?)
+        };
+        if !image_codes_only {
+            let all = nll(&self.head.forward(&h)?, ids)?; // position p predicts p + 1
+            let (text, image) = (all.narrow(1, 0, t - 1)?, all.narrow(1, t - 1, s - t)?);
+            return Ok((text, image, margins));
+        }
         // Positions 0 ‥ t − 2 predict the caption's ids 1 ‥ t − 1.
         let text = nll(
             &self.head.forward(&h.narrow(1, 0, t)?)?,
@@ -524,9 +559,6 @@ impl Transformer {
         )?;
         // Positions t − 1 ‥ s − 2 predict the codes; the codes shifted in after one dummy target
         // for the last position, whose prediction the loss skips.
-        let (offset, n) = (self.layout.image_offset(), self.layout.codebook);
-        let weight = self.head.weight.narrow(0, offset, n)?;
-        let bias = self.head.bias.narrow(0, offset, n)?;
         let logits =
             crate::kernels::linear::linear(&h.narrow(1, t - 1, s - t + 1)?, &weight, &bias)?;
         let codes = ids
@@ -536,8 +568,20 @@ impl Transformer {
             .to_dtype(DType::U32)?;
         let dummy = Tensor::zeros((b, 1), DType::U32, ids.device())?;
         let image = nll(&logits, &Tensor::cat(&[&dummy, &codes], 1)?)?;
-        Ok((text, image))
+        Ok((text, image, margins))
     }
+}
+
+/// A choice between two image codes at one position of a training row: `code`, the row's, and
+/// `other`, the one its hard negative has at the first position where the two differ — after
+/// the same prefix, so both are predicted from the same state.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CodeChoice {
+    pub row: usize,
+    /// Index of the code in the image (0 ‥ grid² − 1).
+    pub position: usize,
+    pub code: u32,
+    pub other: u32,
 }
 
 /// The paper's loss: next-token cross-entropy, averaged separately over text targets (ids

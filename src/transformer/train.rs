@@ -7,7 +7,7 @@
 //! directory is all `dalle generate --runtime candle` needs.
 
 use super::generate::{generate, Request};
-use super::model::{init_value, Transformer};
+use super::model::{init_value, CodeChoice, Transformer};
 use crate::config::Config;
 use crate::data::filters::Filters;
 use crate::data::loader::{EpochOrder, Loader};
@@ -49,7 +49,9 @@ pub struct TransformerTrainOptions {
     pub init_from: Option<PathBuf>,
     /// Weight of the hard-negative term (`--negative-weight`): for each sample that lists
     /// negatives (one drawn per update), log(1 + e^−margin) where margin is how many nats likelier
-    /// its image is than the negative under its caption. 0 (older runs): the paper's loss alone.
+    /// the caption makes the sample's code than the negative's at the first position where they
+    /// differ (the same prefix precedes both: the decision the caption must make). 0 (older
+    /// runs): the paper's loss alone.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub negative_weight: f64,
 }
@@ -246,37 +248,19 @@ pub fn token_set(
     Ok(set)
 }
 
-/// How much likelier each sample's codes are than its hard negative's under the same caption,
-/// over the positions where the two differ (the objects whose attributes or places were swapped;
-/// the background between them, predicted after different contexts, is left to the paper's
-/// loss): the rows `b..` of a batch's per-code NLL are negatives of the rows `paired` of its
-/// first `b`, and `differ` is 1 where a negative's code is not its sample's.
-struct Margins(Tensor);
-
-impl Margins {
-    fn new(image_nll: &Tensor, b: usize, paired: Vec<u32>, differ: Vec<f32>) -> Result<Self> {
-        let (m, n) = (paired.len(), image_nll.dim(1)?);
-        let index = Tensor::from_vec(paired, m, image_nll.device())?;
-        let positive = image_nll.narrow(0, 0, b)?.index_select(&index, 0)?;
-        let differ = Tensor::from_vec(differ, (m, n), image_nll.device())?;
-        let gap = ((image_nll.narrow(0, b, m)? - positive)? * differ)?;
-        Ok(Margins(gap.sum(1)?))
-    }
-
-    /// The pairs' logistic loss, mean of log(1 + e^(−margin)) (small once the caption's image is
-    /// several nats likelier than its negative), and the share of pairs already preferred.
-    fn loss(&self, m: usize) -> Result<(Tensor, f64)> {
-        let x = self.0.neg()?;
-        // log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|), without overflow.
-        let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-        let preferred = self
-            .0
-            .to_vec1::<f32>()?
-            .iter()
-            .filter(|&&v| v > 0.0)
-            .count();
-        Ok((softplus.mean_all()?, preferred as f64 / m as f64))
-    }
+/// The hard-negative term over a batch's `margins` (how many nats likelier each sample's code is
+/// than its negative's at their first difference): the mean of log(1 + e^−margin), small once
+/// the caption decides for the sample's code by several nats, and the share already preferred.
+fn negative_loss(margins: &Tensor) -> Result<(Tensor, f64)> {
+    let x = margins.neg()?;
+    // log(1 + eˣ) = max(x, 0) + log(1 + e^−|x|), without overflow.
+    let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let m = margins.to_vec1::<f32>()?;
+    let preferred = m.iter().filter(|&&v| v > 0.0).count();
+    Ok((
+        softplus.mean_all()?,
+        preferred as f64 / m.len().max(1) as f64,
+    ))
 }
 
 struct TransformerStage {
@@ -386,8 +370,7 @@ impl Stage for TransformerStage {
         let b = self.opts.lp.batch_size;
         let contrast = self.opts.negative_weight > 0.0;
         let mut ids = Vec::with_capacity(b * self.layout.text_len);
-        // Rows after the batch: a hard negative of sample `paired[j]`, under its caption.
-        let (mut negative_ids, mut paired, mut differ) = (vec![], vec![], vec![]);
+        let mut choices = vec![];
         for i in 0..b as u64 {
             let pos = step as u64 * b as u64 + i;
             let k = self.order.at(pos);
@@ -398,33 +381,33 @@ impl Stage for TransformerStage {
             } else {
                 self.set.captions[k].as_str()
             };
-            let caption = self.caption_ids(&self.train_tokenizer, text)?;
+            ids.extend(self.caption_ids(&self.train_tokenizer, text)?);
+            let codes = &self.set.codes[k];
+            ids.extend(codes.iter().map(|&c| self.layout.image(c)));
             let negatives = self.set.negatives.get(k).map_or(&[][..], Vec::as_slice);
             if contrast && !drop && !negatives.is_empty() {
                 let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
-                negative_ids.extend(&caption);
-                negative_ids.extend(negatives[j].iter().map(|&c| self.layout.image(c)));
-                let codes = self.set.codes[k].iter().zip(&negatives[j]);
-                differ.extend(codes.map(|(a, b)| (a != b) as u8 as f32));
-                paired.push(i as u32);
+                let first = codes.iter().zip(&negatives[j]).position(|(a, b)| a != b);
+                if let Some(p) = first {
+                    choices.push(CodeChoice {
+                        row: i as usize,
+                        position: p,
+                        code: codes[p],
+                        other: negatives[j][p],
+                    });
+                }
             }
-            ids.extend(caption);
-            ids.extend(self.set.codes[k].iter().map(|&c| self.layout.image(c)));
         }
-        let rows = b + paired.len();
-        ids.extend(negative_ids);
-        let ids = Tensor::from_vec(ids, (rows, self.model.seq_len()), &self.device)?;
-        let (text, image) = self.model.position_nll(&ids, self.opts.image_codes_only)?;
-        let text = text.narrow(0, 0, b)?.mean_all()?;
-        let pair = match paired.len() {
-            0 => None,
-            m => Some(Margins::new(&image, b, paired, differ)?.loss(m)?),
-        };
-        let image = image.narrow(0, 0, b)?.mean_all()?;
+        let ids = Tensor::from_vec(ids, (b, self.model.seq_len()), &self.device)?;
+        let (text, image, margins) =
+            self.model
+                .position_nll_and_margins(&ids, self.opts.image_codes_only, &choices)?;
+        let (text, image) = (text.mean_all()?, image.mean_all()?);
         let mut total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
         let s = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let mut metrics = vec![("text", s(&text)?), ("image", s(&image)?)];
-        if let Some((loss, preferred)) = pair {
+        if let Some(margins) = margins {
+            let (loss, preferred) = negative_loss(&margins)?;
             metrics.push(("contrast", s(&loss)?));
             metrics.push(("prefer", preferred));
             total = (total + (loss * self.opts.negative_weight)?)?;
