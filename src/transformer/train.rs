@@ -248,6 +248,33 @@ pub fn token_set(
     Ok(set)
 }
 
+/// Share of all training codes above which a code counts as background ([`common_codes`]),
+/// and the least multiple of the uniform share (1 / codebook) it must also exceed.
+const COMMON_CODE_SHARE: f64 = 0.05;
+const COMMON_CODE_OVER_UNIFORM: f64 = 8.0;
+
+/// Which codes are background: each more than [`COMMON_CODE_SHARE`] of the training images'
+/// codes and more than [`COMMON_CODE_OVER_UNIFORM`] times a uniform code's share (on the shapes
+/// set, the plain field's two, 58% of all). A hard negative whose first
+/// difference from its sample has such a code on either side is not a choice the caption makes
+/// there but whether an object starts at this row — its margin would teach positions, not
+/// binding (a third of the shapes pairs; with them the term lowered the preference it trains).
+fn common_codes(codes: &[Vec<u32>], codebook: usize) -> Vec<bool> {
+    let mut counts = vec![0usize; codebook];
+    let mut total = 0usize;
+    for &c in codes.iter().flatten() {
+        if let Some(n) = counts.get_mut(c as usize) {
+            *n += 1;
+        }
+        total += 1;
+    }
+    let share = COMMON_CODE_SHARE.max(COMMON_CODE_OVER_UNIFORM / codebook.max(1) as f64);
+    counts
+        .iter()
+        .map(|&n| n as f64 > share * total as f64)
+        .collect()
+}
+
 /// The hard-negative term over a batch's `margins` (how many nats likelier each sample's code is
 /// than its negative's at their first difference): the mean of log(1 + e^−margin), small once
 /// the caption decides for the sample's code by several nats, and the share already preferred.
@@ -274,6 +301,8 @@ struct TransformerStage {
     device: Device,
     vae: Vae,
     order: EpochOrder,
+    /// Codes common enough to be background ([`common_codes`]), never a hard-negative choice.
+    common: Vec<bool>,
     /// Held-out captions and codes whose loss is measured at every sample step.
     eval: Option<TokenSet>,
 }
@@ -388,7 +417,10 @@ impl Stage for TransformerStage {
             if contrast && !drop && !negatives.is_empty() {
                 let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
                 let first = codes.iter().zip(&negatives[j]).position(|(a, b)| a != b);
-                if let Some(p) = first {
+                let fair = |&p: &usize| {
+                    !self.common[codes[p] as usize] && !self.common[negatives[j][p] as usize]
+                };
+                if let Some(p) = first.filter(fair) {
                     choices.push(CodeChoice {
                         row: i as usize,
                         position: p,
@@ -750,6 +782,7 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
     let lp = opts.lp.clone();
     let order = EpochOrder::new(set.codes.len(), opts.lp.seed);
+    let common = common_codes(&set.codes, g.codebook);
     let mut stage = TransformerStage {
         layout: TokenLayout::from(&req.config.geometry),
         config: req.config,
@@ -761,6 +794,7 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
         device: req.device,
         vae,
         order,
+        common,
         eval,
     };
     train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
