@@ -776,6 +776,17 @@ mod training {
             )
         };
         let (plain, contrasted) = (run(0.0), run(3.0));
+        // A resumed run keeps its stored weight, whatever the command line says.
+        let straight = tmp.path().join("straight");
+        let mut req = request(&vae, &data, &straight, 8, false, None);
+        req.options.negative_weight = 3.0;
+        train_transformer(req).unwrap();
+        let split = tmp.path().join("split");
+        let mut req = request(&vae, &data, &split, 8, false, Some(4));
+        req.options.negative_weight = 3.0;
+        train_transformer(req).unwrap();
+        train_transformer(request(&vae, &data, &split, 8, true, None)).unwrap();
+        super::common::assert_same_checkpoint(&straight, &split);
         assert!(
             contrasted.0 > plain.0 && contrasted.1 > plain.1 + 1.0,
             "{plain:?} {contrasted:?}"

@@ -706,7 +706,13 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
         ));
     }
     // Both data sets are read before the run directory is written, so a bad one leaves nothing.
-    let contrast = req.options.negative_weight > 0.0;
+    // A resumed run keeps the options it stored (`train::prepare`), its negative weight too.
+    let stored = std::fs::read(req.out.join("train.json")).ok();
+    let stored = stored.and_then(|b| serde_json::from_slice::<TransformerTrainOptions>(&b).ok());
+    let contrast = match (&stored, req.resume) {
+        (Some(o), true) => o.negative_weight > 0.0,
+        _ => req.options.negative_weight > 0.0,
+    };
     let set = token_set(&vae, &req.vae, &req.data, &req.filters, contrast)?;
     let eval = match &req.eval_data {
         // Its negatives, where it lists any, measure every run (`heldout_prefer`).
