@@ -501,8 +501,7 @@ impl Transformer {
     pub fn losses(&self, ids: &Tensor, image_codes_only: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (text, image) = self.position_nll(ids, image_codes_only)?;
         let (text, image) = (text.mean_all()?, image.mean_all()?);
-        let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
-        Ok((total, text, image))
+        Ok((paper_total(&text, &image)?, text, image))
     }
 
     /// Each target's negative log-likelihood under teacher forcing: `(b, text_len − 1)` for the
@@ -591,8 +590,12 @@ pub fn loss(logits: &Tensor, ids: &Tensor, text_len: usize) -> Result<(Tensor, T
     let nll = crate::kernels::loss::next_token_nll(logits, ids)?; // (b, s − 1): position p predicts p + 1
     let text = nll.narrow(1, 0, text_len - 1)?.mean_all()?;
     let image = nll.narrow(1, text_len - 1, s - text_len)?.mean_all()?;
-    let total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
-    Ok((total, text, image))
+    Ok((paper_total(&text, &image)?, text, image))
+}
+
+/// The paper's weighting of the mean text and image losses: 1/8 and 7/8.
+pub fn paper_total(text: &Tensor, image: &Tensor) -> Result<Tensor> {
+    (text * (1.0 / 8.0))? + (image * (7.0 / 8.0))?
 }
 
 /// GPT-2's initialisation: matrices and embeddings ~ N(0, 0.02²), biases 0, layer-norm gains 1.

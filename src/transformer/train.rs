@@ -7,7 +7,7 @@
 //! directory is all `dalle generate --runtime candle` needs.
 
 use super::generate::{generate, Request};
-use super::model::{init_value, CodeChoice, Transformer};
+use super::model::{init_value, paper_total, CodeChoice, Transformer};
 use crate::config::Config;
 use crate::data::filters::Filters;
 use crate::data::loader::{EpochOrder, Loader};
@@ -435,7 +435,7 @@ impl Stage for TransformerStage {
             self.model
                 .position_nll_and_margins(&ids, self.opts.image_codes_only, &choices)?;
         let (text, image) = (text.mean_all()?, image.mean_all()?);
-        let mut total = ((&text * (1.0 / 8.0))? + (&image * (7.0 / 8.0))?)?;
+        let mut total = paper_total(&text, &image)?;
         let s = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let mut metrics = vec![("text", s(&text)?), ("image", s(&image)?)];
         if let Some(margins) = margins {
