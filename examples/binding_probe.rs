@@ -6,7 +6,11 @@
 //! scenes, drawn fresh for every update (no scene is seen twice). Reports teacher-forced argmax
 //! accuracy of each of the four on 512 other scenes, every `log` updates.
 //!
-//! cargo run --release --example binding_probe -- <tokenizer.json> <updates> [lr] [init.safetensors]
+//! With `grid` 6 instead of 2, the objects sit in their cells of the 3 × 3 layout, 2 × 2 tokens
+//! each (colour at the top left, shape in the other three) on a background code: where the first
+//! object starts is then uncertain too, and most of the loss is background, as in an image.
+//!
+//! cargo run --release --example binding_probe -- <tokenizer.json> <updates> [lr] [init.safetensors|-] [grid]
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -27,18 +31,35 @@ fn relation_scene(rng: &mut Rng) -> Scene {
     }
 }
 
-/// Codes: colours 0‥8, shapes 8‥14; the first object in raster order (cell row, then column).
-fn codes(s: &Scene) -> [u32; 4] {
+/// Codes: colours 0‥8, shapes 8‥14, background 20; the first object in raster order (cell
+/// row, then column). Returns the grid's codes and the four decisions' positions (colour and
+/// first shape token of each object, in raster order).
+fn codes(s: &Scene, grid: usize) -> (Vec<u32>, [usize; 4]) {
     let mut o: Vec<_> = s.objects.iter().collect();
     o.sort_by_key(|o| (o.row, o.col));
     let c = |x: &str| COLOURS.iter().position(|c| c.0 == x).unwrap() as u32;
     let h = |x: &str| 8 + SHAPES.iter().position(|s| *s == x).unwrap() as u32;
-    [
-        c(&o[0].colour),
-        h(&o[0].shape),
-        c(&o[1].colour),
-        h(&o[1].shape),
-    ]
+    if grid == 2 {
+        let v = vec![
+            c(&o[0].colour),
+            h(&o[0].shape),
+            c(&o[1].colour),
+            h(&o[1].shape),
+        ];
+        return (v, [0, 1, 2, 3]);
+    }
+    let mut v = vec![20; grid * grid];
+    let mut at = [0; 4];
+    for (i, ob) in o.iter().enumerate() {
+        let p = 2 * ob.row * grid + 2 * ob.col;
+        v[p] = c(&ob.colour);
+        for q in [p + 1, p + grid, p + grid + 1] {
+            v[q] = h(&ob.shape);
+        }
+        at[2 * i] = p;
+        at[2 * i + 1] = p + 1;
+    }
+    (v, at)
 }
 
 fn batch(
@@ -46,12 +67,13 @@ fn batch(
     rng: &mut Rng,
     tok: &tokenizers::Tokenizer,
     layout: &TokenLayout,
+    grid: usize,
 ) -> anyhow::Result<Vec<u32>> {
     let mut ids = vec![];
     for s in scenes {
         let bpe = dalle::text::encode(tok, &caption(s, rng))?;
         ids.extend(layout.caption(&bpe).unwrap().0);
-        ids.extend(codes(s).iter().map(|&c| layout.image(c)));
+        ids.extend(codes(s, grid).0.iter().map(|&c| layout.image(c)));
     }
     Ok(ids)
 }
@@ -62,13 +84,14 @@ fn main() -> anyhow::Result<()> {
     let updates: usize = args[2].parse()?;
     let lr_peak: f64 = args.get(3).map_or(Ok(1e-3), |s| s.parse())?;
     let mut cfg = Config::preset("shapes")?;
-    cfg.geometry.grid = 2;
+    let grid: usize = args.get(5).map_or(Ok(2), |s| s.parse())?;
+    cfg.geometry.grid = grid;
     let layout = TokenLayout::from(&cfg.geometry);
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let model = Transformer::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     dalle::train::init_vars(&varmap, 0, init_value)?;
-    if let Some(init) = args.get(4) {
+    if let Some(init) = args.get(4).filter(|a| *a != "-") {
         // Every tensor of the same shape from a trained run; the image position tables' first rows.
         let w = candle_core::safetensors::load(init, &dev)?;
         let mut n = 0;
@@ -99,17 +122,17 @@ fn main() -> anyhow::Result<()> {
             grad_clip: Some(4.0),
         },
     )?;
-    let s = layout.text_len + 4;
+    let s = layout.text_len + grid * grid;
     let mut eval_rng = Rng::new(12345);
     let eval: Vec<Scene> = (0..512).map(|_| relation_scene(&mut eval_rng)).collect();
-    let eval_ids = batch(&eval, &mut eval_rng, &tok, &layout)?;
+    let eval_ids = batch(&eval, &mut eval_rng, &tok, &layout, grid)?;
     let eval_ids = Tensor::from_vec(eval_ids, (eval.len(), s), &dev)?;
     let mut rng = Rng::new(7);
     let b = 16;
     let start = std::time::Instant::now();
     for step in 1..=updates {
         let scenes: Vec<Scene> = (0..b).map(|_| relation_scene(&mut rng)).collect();
-        let ids = Tensor::from_vec(batch(&scenes, &mut rng, &tok, &layout)?, (b, s), &dev)?;
+        let ids = Tensor::from_vec(batch(&scenes, &mut rng, &tok, &layout, grid)?, (b, s), &dev)?;
         let (loss, _, image) = model.losses(&ids, true)?;
         let warm = (step as f64 / 100.0).min(1.0);
         let lr = lr_peak * warm;
@@ -118,15 +141,15 @@ fn main() -> anyhow::Result<()> {
             let h = model.forward(&eval_ids, None)?; // (n, s, vocab)
             let off = layout.image_offset() as u32;
             let pred = h
-                .narrow(1, layout.text_len - 1, 4)?
+                .narrow(1, layout.text_len - 1, grid * grid)?
                 .narrow(2, off as usize, layout.codebook)?
                 .argmax(2)?
                 .to_vec2::<u32>()?;
-            let truth: Vec<[u32; 4]> = eval.iter().map(codes).collect();
             let mut right = [0usize; 4];
             let mut all = 0;
-            for (p, t) in pred.iter().zip(&truth) {
-                let ok: Vec<bool> = (0..4).map(|i| p[i] == t[i]).collect();
+            for (p, scene) in pred.iter().zip(&eval) {
+                let (t, at) = codes(scene, grid);
+                let ok: Vec<bool> = at.iter().map(|&i| p[i] == t[i]).collect();
                 for i in 0..4 {
                     right[i] += ok[i] as usize;
                 }
