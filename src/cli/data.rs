@@ -35,8 +35,9 @@ pub enum DataCommand {
         #[arg(long = "cap", value_name = "KIND=N")]
         caps: Vec<KindCap>,
         /// Also render each scene's hard negatives beside it (`NNNNNN.negK.png`, listed in its
-        /// metadata line): each relation scene with its two objects' attributes swapped and with
-        /// their places swapped — for `dalle train --negative-weight`.
+        /// metadata line): each relation scene with its two objects' attributes swapped, with
+        /// their places swapped and with their shapes swapped — for `dalle train
+        /// --negative-weight`.
         #[arg(long)]
         negatives: bool,
     },

@@ -95,8 +95,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub layers: Option<usize>,
     /// Weight of a hard-negative term beside the paper's loss: each sample whose metadata line
-    /// lists negatives (`dalle data shapes --negatives`: two objects' attributes or places
-    /// swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption makes its
+    /// lists negatives (`dalle data shapes --negatives`: two objects' attributes, places or
+    /// shapes swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption makes its
     /// code than a negative's at the first position where the two differ (after the same
     /// prefix: where the image commits to which object goes there). Teaches which object an
     /// attribute belongs to, worth ~1 nat of a 576-code image's loss. 0: the paper's loss alone.

@@ -477,8 +477,10 @@ fn drawn(scene: &Scene) -> Vec<(String, String, String, usize, usize)> {
 
 /// Hard negatives of `scene`: edits its caption no longer describes though they draw every
 /// object it names, at the same cost in codes — for two objects in a relation, their attributes
-/// exchanged ([`swap_attributes`]: bound wrongly) and their cells exchanged (the relation
-/// reversed). Edits that draw what the scene draws, repeat the other, or, in the training split,
+/// exchanged ([`swap_attributes`]: bound wrongly), their cells exchanged (the relation
+/// reversed) and their shapes exchanged (each colour where the caption puts it, on the other's
+/// shape: where the two first differ, an object has begun in the right colour and the model
+/// must draw the shape the caption binds to that colour). Edits that draw what the scene draws, repeat the other, or, in the training split,
 /// draw a held-out combination are left out. Singles and counts have none: a count off by one
 /// draws an object more or fewer, which changes an image's likelihood by far more than how
 /// well it fits its caption, so a likelihood margin cannot compare the two.
@@ -490,8 +492,11 @@ pub fn negatives(scene: &Scene, split: Split) -> Vec<Scene> {
     let (a, b) = moved.objects.split_at_mut(1);
     std::mem::swap(&mut a[0].row, &mut b[0].row);
     std::mem::swap(&mut a[0].col, &mut b[0].col);
+    let mut reshaped = scene.clone();
+    let (a, b) = reshaped.objects.split_at_mut(1);
+    std::mem::swap(&mut a[0].shape, &mut b[0].shape);
     let mut out: Vec<Scene> = vec![];
-    for c in [swap_attributes(scene), moved] {
+    for c in [swap_attributes(scene), moved, reshaped] {
         let same = |s: &Scene| drawn(s) == drawn(&c);
         let leaks = split == Split::Train && is_held_out(&c);
         if same(scene) || out.iter().any(same) || leaks {
@@ -707,7 +712,7 @@ mod tests {
             c.sort();
             c
         };
-        let mut relations = 0;
+        let (mut relations, mut reshapes) = (0, 0);
         for split in [Split::Train, Split::Heldout] {
             for i in 0..200 {
                 let (scene, _, _) = draw(4, split, i);
@@ -726,16 +731,28 @@ mod tests {
                         let mut moved = scene.clone();
                         (moved.objects[0].row, moved.objects[0].col) = (b.row, b.col);
                         (moved.objects[1].row, moved.objects[1].col) = (a.row, a.col);
+                        let mut reshaped = scene.clone();
+                        reshaped.objects[0].shape = b.shape.clone();
+                        reshaped.objects[1].shape = a.shape.clone();
                         assert!(!negs.is_empty() || split == Split::Train, "{scene:?}");
                         for m in &negs {
                             assert_eq!(cells(m), cells(&scene));
-                            assert!(drawn(m) == drawn(&swapped) || drawn(m) == drawn(&moved));
+                            assert!([&swapped, &moved, &reshaped]
+                                .iter()
+                                .any(|e| drawn(m) == drawn(e)));
+                            reshapes += (drawn(m) == drawn(&reshaped)
+                                && drawn(m) != drawn(&swapped))
+                                as usize;
                         }
                     }
                 }
             }
         }
         assert!(relations > 80, "{relations}");
+        assert!(
+            reshapes > relations / 2,
+            "{reshapes} shape swaps of {relations}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let spec = SetSpec {
