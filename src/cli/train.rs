@@ -96,9 +96,9 @@ pub struct TrainArgs {
     pub layers: Option<usize>,
     /// Weight of a hard-negative term beside the paper's loss: each sample whose metadata line
     /// lists negatives (`dalle data shapes --negatives`: two objects' attributes, places or
-    /// shapes swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption
-    /// makes its code than a negative's where the two renders first differ in pixels (after the
-    /// same prefix: where the image commits to which object goes there). Teaches which object an
+    /// shapes swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption makes its
+    /// code than a negative's at the first position where the two differ (after the same
+    /// prefix: where the image commits to which object goes there). Teaches which object an
     /// attribute belongs to, worth ~1 nat of a 576-code image's loss. 0: the paper's loss alone.
     #[arg(long, default_value_t = 0.0)]
     pub negative_weight: f64,

@@ -21,7 +21,6 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dalle_runtimes::{SamplingParams, TokenLayout};
-use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,9 +49,9 @@ pub struct TransformerTrainOptions {
     pub init_from: Option<PathBuf>,
     /// Weight of the hard-negative term (`--negative-weight`): for each sample that lists
     /// negatives (one drawn per update), log(1 + e^−margin) where margin is how many nats likelier
-    /// the caption makes the sample's code than the negative's at the first position where the
-    /// two renders differ (the same prefix precedes both: the decision the caption must make).
-    /// 0 (older runs): the paper's loss alone.
+    /// the caption makes the sample's code than the negative's at the first position where they
+    /// differ (the same prefix precedes both: the decision the caption must make). 0 (older
+    /// runs): the paper's loss alone.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub negative_weight: f64,
 }
@@ -111,28 +110,6 @@ pub struct TokenSet {
     /// `dalle data shapes --negatives`); empty unless the run asked for them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub negatives: Vec<Vec<Vec<u32>>>,
-    /// Per sample and negative, the first position (raster order) whose pixels differ between
-    /// the two images ([`pixel_onset`]); `grid²` where none do.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub negative_onsets: Vec<Vec<u32>>,
-}
-
-/// The first token position (raster order over a `grid × grid` layout) whose block of pixels
-/// differs between two images of one size, `grid²` where none does. Where a hard negative's
-/// codes first differ from its sample's can be earlier: a dVAE token near an object encodes some
-/// of it (on the shapes set, 99% of first code differences lie before either image shows an
-/// object), a difference no prefix can predict; where the pixels first differ, one image begins
-/// to draw something the other does not, after the same prefix.
-pub fn pixel_onset(a: &RgbImage, b: &RgbImage, grid: usize) -> u32 {
-    let block = (a.width() as usize / grid.max(1)).max(1);
-    let mut differs = vec![a.dimensions() != b.dimensions(); grid * grid];
-    for (x, y, p) in a.enumerate_pixels() {
-        if b.get_pixel_checked(x, y) != Some(p) {
-            let (r, c) = (y as usize / block, x as usize / block);
-            differs[r.min(grid - 1) * grid + c.min(grid - 1)] = true;
-        }
-    }
-    differs.iter().position(|&d| d).unwrap_or(grid * grid) as u32
 }
 
 fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
@@ -192,7 +169,6 @@ pub fn token_set(
     }
     let dvae = format!("{weights_hash:016x}");
     let mut data_hash = FNV_START;
-    let mut listed = false;
     for s in &index.samples {
         data_hash = fnv(
             format!("{:?}\u{0}{}\u{0}", s.source, s.text).into_bytes(),
@@ -201,31 +177,20 @@ pub fn token_set(
         if with_negatives {
             for p in negative_paths(s, data)? {
                 data_hash = fnv(format!("-{}\u{0}", p.display()).into_bytes(), data_hash);
-                listed = true;
             }
         }
-    }
-    if listed {
-        // Caches written before the negatives' pixel onsets were stored are not reused.
-        data_hash = fnv(*b"onsets", data_hash);
     }
     let cache = vae_dir
         .join("token-cache")
         .join(format!("{data_hash:016x}.json"));
     if let Ok(text) = std::fs::read_to_string(&cache) {
         if let Ok(set) = serde_json::from_str::<TokenSet>(&text) {
-            let onsets = set.negative_onsets.len() == set.negatives.len()
-                && set
-                    .negatives
-                    .iter()
-                    .zip(&set.negative_onsets)
-                    .all(|(n, o)| n.len() == o.len());
-            if set.dvae == dvae && set.grid == vae.grid() && onsets {
+            if set.dvae == dvae && set.grid == vae.grid() {
                 eprintln!("using the token cache {}", cache.display());
                 return Ok(set);
             }
             eprintln!(
-                "{} does not hold this dVAE's codes of every image: encoding again",
+                "the dVAE changed since {} was written: encoding again",
                 cache.display()
             );
         }
@@ -237,7 +202,6 @@ pub fn token_set(
         captions: vec![],
         codes: vec![],
         negatives: vec![],
-        negative_onsets: vec![],
     };
     let usable = loader.fixed(loader.len());
     eprintln!("encoding {} images with the dVAE", usable.len());
@@ -259,30 +223,19 @@ pub fn token_set(
         if total > 0 {
             eprintln!("encoding {total} hard negatives with the dVAE");
         }
-        let flat: Vec<(usize, &PathBuf)> = paths
-            .iter()
-            .enumerate()
-            .flat_map(|(k, p)| p.iter().map(move |p| (k, p)))
-            .collect();
-        let (mut codes, mut onsets) = (vec![], vec![]);
+        let flat: Vec<&PathBuf> = paths.iter().flatten().collect();
+        let mut codes = vec![];
         for chunk in flat.chunks(64) {
             let images = chunk
                 .iter()
-                .map(|(_, p)| crate::data::load_square(p, vae.image_size()))
+                .map(|p| crate::data::load_square(p, vae.image_size()))
                 .collect::<Result<Vec<_>>>()?;
-            for ((k, _), image) in chunk.iter().zip(&images) {
-                onsets.push(pixel_onset(&usable[*k].1, image, vae.grid()));
-            }
             codes.extend(vae.encode(&images)?);
         }
-        let (mut codes, mut onsets) = (codes.into_iter(), onsets.into_iter());
+        let mut codes = codes.into_iter();
         set.negatives = paths
             .iter()
             .map(|p| codes.by_ref().take(p.len()).collect())
-            .collect();
-        set.negative_onsets = paths
-            .iter()
-            .map(|p| onsets.by_ref().take(p.len()).collect())
             .collect();
     }
     let json = serde_json::to_string(&set).map_err(|e| Error::Usage(e.to_string()))?;
@@ -293,6 +246,33 @@ pub fn token_set(
         eprintln!("warning: cannot write the token cache ({e}); continuing without it");
     }
     Ok(set)
+}
+
+/// Share of all training codes above which a code counts as background ([`common_codes`]),
+/// and the least multiple of the uniform share (1 / codebook) it must also exceed.
+const COMMON_CODE_SHARE: f64 = 0.05;
+const COMMON_CODE_OVER_UNIFORM: f64 = 8.0;
+
+/// Which codes are background: each more than [`COMMON_CODE_SHARE`] of the training images'
+/// codes and more than [`COMMON_CODE_OVER_UNIFORM`] times a uniform code's share (on the shapes
+/// set, the plain field's two, 58% of all). A hard negative whose first
+/// difference from its sample has such a code on either side is not a choice the caption makes
+/// there but whether an object starts at this row — its margin would teach positions, not
+/// binding (a third of the shapes pairs; with them the term lowered the preference it trains).
+fn common_codes(codes: &[Vec<u32>], codebook: usize) -> Vec<bool> {
+    let mut counts = vec![0usize; codebook];
+    let mut total = 0usize;
+    for &c in codes.iter().flatten() {
+        if let Some(n) = counts.get_mut(c as usize) {
+            *n += 1;
+        }
+        total += 1;
+    }
+    let share = COMMON_CODE_SHARE.max(COMMON_CODE_OVER_UNIFORM / codebook.max(1) as f64);
+    counts
+        .iter()
+        .map(|&n| n as f64 > share * total as f64)
+        .collect()
 }
 
 /// The hard-negative term over a batch's `margins` (how many nats likelier each sample's code is
@@ -321,6 +301,8 @@ struct TransformerStage {
     device: Device,
     vae: Vae,
     order: EpochOrder,
+    /// Codes common enough to be background ([`common_codes`]), never a hard-negative choice.
+    common: Vec<bool>,
     /// Held-out captions and codes whose loss is measured at every sample step.
     eval: Option<TokenSet>,
 }
@@ -434,10 +416,11 @@ impl Stage for TransformerStage {
             let negatives = self.set.negatives.get(k).map_or(&[][..], Vec::as_slice);
             if contrast && !drop && !negatives.is_empty() {
                 let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
-                // From where the renders first differ, the first position whose codes do.
-                let onset = self.set.negative_onsets[k][j] as usize;
-                let first = (onset..codes.len()).find(|&p| codes[p] != negatives[j][p]);
-                if let Some(p) = first {
+                let first = codes.iter().zip(&negatives[j]).position(|(a, b)| a != b);
+                let fair = |&p: &usize| {
+                    !self.common[codes[p] as usize] && !self.common[negatives[j][p] as usize]
+                };
+                if let Some(p) = first.filter(fair) {
                     choices.push(CodeChoice {
                         row: i as usize,
                         position: p,
@@ -805,6 +788,7 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
     let train_tokenizer = crate::text::with_dropout(&tokenizer, opts.bpe_dropout)?;
     let lp = opts.lp.clone();
     let order = EpochOrder::new(set.codes.len(), opts.lp.seed);
+    let common = common_codes(&set.codes, g.codebook);
     let mut stage = TransformerStage {
         layout: TokenLayout::from(&req.config.geometry),
         config: req.config,
@@ -816,30 +800,8 @@ pub fn train_transformer(mut req: TransformerTrainRequest) -> Result<Summary> {
         device: req.device,
         vae,
         order,
+        common,
         eval,
     };
     train::run(&mut stage, &varmap, &lp, &req.out, start, req.stop_at)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pixel_onset;
-    use image::{Rgb, RgbImage};
-
-    #[test]
-    fn a_pixel_onset_is_the_first_token_block_whose_pixels_differ() {
-        let grey = RgbImage::from_pixel(16, 16, Rgb([128, 128, 128]));
-        assert_eq!(pixel_onset(&grey, &grey, 4), 16, "identical images: none");
-        let mut b = grey.clone();
-        b.put_pixel(13, 14, Rgb([200, 0, 0])); // block (3, 3)
-        b.put_pixel(9, 5, Rgb([0, 0, 200])); // block (1, 2), earlier in raster order
-        assert_eq!(pixel_onset(&grey, &b, 4), 6);
-        assert_eq!(pixel_onset(&b, &grey, 4), 6, "symmetric");
-        let small = RgbImage::from_pixel(8, 8, Rgb([128, 128, 128]));
-        assert_eq!(
-            pixel_onset(&grey, &small, 4),
-            0,
-            "different sizes differ at once"
-        );
-    }
 }
