@@ -764,6 +764,10 @@ mod training {
         assert!(!head.lines().next().unwrap().contains("contrast"), "{head}");
         assert_eq!(column(&out, "heldout_prefer"), [0.0]);
         assert_eq!(column(&out, "heldout_margin"), [0.0]);
+        assert!(
+            column(&out, "heldout_choice").is_empty(),
+            "no decision to make"
+        );
 
         let run = |weight: f64| {
             let out = tmp.path().join(format!("w{weight}"));

@@ -336,11 +336,15 @@ impl TransformerStage {
     }
 
     /// Over the first [`EVAL_SAMPLES`] of `set` that list hard negatives: the share of (sample,
-    /// negative) pairs whose sample the caption makes likelier, and the mean margin in nats.
-    /// `None` when the set lists none.
-    fn eval_margins(&self, model: &Transformer, set: &TokenSet) -> Result<Option<(f64, f64)>> {
+    /// negative) pairs whose sample the caption makes likelier, the mean margin in nats, and the
+    /// share whose sample's code the caption prefers at the first position where the two differ
+    /// (after the same prefix: where sampling commits to one of them; NaN without any). `None`
+    /// when the set lists none.
+    fn eval_margins(&self, model: &Transformer, set: &TokenSet) -> Result<Option<[f64; 3]>> {
         let b = self.opts.lp.batch_size.max(1);
         let (mut pairs, mut preferred, mut total) = (0usize, 0usize, 0f64);
+        let (mut chosen, mut decisions) = (0usize, 0usize);
+        let mut choices: Vec<CodeChoice> = vec![];
         let mut ids: Vec<u32> = vec![];
         // Per group in `ids`: its number of rows (the sample, then its negatives).
         let mut groups: Vec<usize> = vec![];
@@ -352,9 +356,21 @@ impl TransformerStage {
             .collect();
         for (at, &k) in with_negatives.iter().enumerate() {
             let caption = self.caption_ids(&self.tokenizer, &set.captions[k])?;
+            let row: usize = groups.iter().sum();
             for codes in std::iter::once(&set.codes[k]).chain(&set.negatives[k]) {
                 ids.extend(&caption);
                 ids.extend(codes.iter().map(|&c| self.layout.image(c)));
+            }
+            let codes = &set.codes[k];
+            for neg in &set.negatives[k] {
+                if let Some(p) = codes.iter().zip(neg).position(|(a, b)| a != b) {
+                    choices.push(CodeChoice {
+                        row,
+                        position: p,
+                        code: codes[p],
+                        other: neg[p],
+                    });
+                }
             }
             groups.push(1 + set.negatives[k].len());
             let rows: usize = groups.iter().sum();
@@ -366,7 +382,16 @@ impl TransformerStage {
                 (rows, model.seq_len()),
                 &self.device,
             )?;
-            let (_, image) = model.position_nll(&batch, self.opts.image_codes_only)?;
+            let (_, image, margins) = model.position_nll_and_margins(
+                &batch,
+                self.opts.image_codes_only,
+                &std::mem::take(&mut choices),
+            )?;
+            if let Some(m) = margins {
+                let m = m.to_vec1::<f32>()?;
+                decisions += m.len();
+                chosen += m.iter().filter(|&&v| v > 0.0).count();
+            }
             let nll = image.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let mut row = 0;
             for g in groups.drain(..) {
@@ -379,7 +404,16 @@ impl TransformerStage {
                 row += g;
             }
         }
-        Ok((pairs > 0).then(|| (preferred as f64 / pairs as f64, total / pairs as f64)))
+        Ok((pairs > 0).then(|| {
+            [
+                preferred as f64 / pairs as f64,
+                total / pairs as f64,
+                match decisions {
+                    0 => f64::NAN,
+                    d => chosen as f64 / d as f64,
+                },
+            ]
+        }))
     }
 
     fn caption_ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
@@ -476,9 +510,10 @@ impl Stage for TransformerStage {
                 ("heldout_text", text),
                 ("heldout_image", image),
             ];
-            if let Some((prefer, margin)) = self.eval_margins(&model, set)? {
+            if let Some([prefer, margin, choice]) = self.eval_margins(&model, set)? {
                 metrics.push(("heldout_prefer", prefer));
                 metrics.push(("heldout_margin", margin));
+                metrics.push(("heldout_choice", choice));
             }
         }
         let mut images = vec![];
