@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dalle::data::shapes::{caption, sample_scene, Scene, Split, COLOURS, SHAPES};
 use dalle::rng::Rng;
-use dalle::train::optim::{AdamW, AdamWConfig};
+use dalle::train::optim::AdamW;
 use dalle::transformer::model::init_value;
 use dalle::transformer::Transformer;
 use dalle::Config;
@@ -112,16 +112,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("loaded {n} tensors from {init}");
     }
     let vars = dalle::train::named_vars(&varmap);
-    let mut opt = AdamW::new(
-        vars,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.96,
-            eps: 1e-8,
-            weight_decay: 4.5e-2,
-            grad_clip: Some(4.0),
-        },
-    )?;
+    // The paper's optimiser, as `dalle train` sets it up.
+    let paper = dalle::transformer::train::TransformerTrainOptions::new(updates, 16, 0);
+    let mut opt = AdamW::new(vars, paper.lp.adamw)?;
     let s = layout.text_len + grid * grid;
     let mut eval_rng = Rng::new(12345);
     let eval: Vec<Scene> = (0..512).map(|_| relation_scene(&mut eval_rng)).collect();
