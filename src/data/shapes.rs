@@ -445,12 +445,20 @@ pub fn generate_one(seed: u64, split: Split, i: u64, size: u32) -> ShapesSample 
 /// `scene` with its two objects' colours exchanged, or their shapes where they share a colour:
 /// every attribute a relation caption names is still drawn, bound to the other object.
 fn swap_attributes(scene: &Scene) -> Scene {
+    exchange(scene, |a, b| {
+        if a.colour != b.colour {
+            std::mem::swap(&mut a.colour, &mut b.colour);
+        } else {
+            std::mem::swap(&mut a.shape, &mut b.shape);
+        }
+    })
+}
+
+/// `scene` with `swap` applied to its first two objects.
+fn exchange(scene: &Scene, swap: impl Fn(&mut Object, &mut Object)) -> Scene {
     let mut other = scene.clone();
-    let (a, b) = other.objects.split_at_mut(1);
-    if a[0].colour != b[0].colour {
-        std::mem::swap(&mut a[0].colour, &mut b[0].colour);
-    } else {
-        std::mem::swap(&mut a[0].shape, &mut b[0].shape);
+    if let [a, b, ..] = other.objects.as_mut_slice() {
+        swap(a, b);
     }
     other
 }
@@ -480,21 +488,19 @@ fn drawn(scene: &Scene) -> Vec<(String, String, String, usize, usize)> {
 /// exchanged ([`swap_attributes`]: bound wrongly), their cells exchanged (the relation
 /// reversed) and their shapes exchanged (each colour where the caption puts it, on the other's
 /// shape: where the two first differ, an object has begun in the right colour and the model
-/// must draw the shape the caption binds to that colour). Edits that draw what the scene draws, repeat the other, or, in the training split,
-/// draw a held-out combination are left out. Singles and counts have none: a count off by one
+/// must draw the shape the caption binds to that colour). Edits that draw what the scene
+/// draws, repeat another, or, in the training split, draw a held-out combination are left out. Singles and counts have none: a count off by one
 /// draws an object more or fewer, which changes an image's likelihood by far more than how
 /// well it fits its caption, so a likelihood margin cannot compare the two.
 pub fn negatives(scene: &Scene, split: Split) -> Vec<Scene> {
     if scene.kind != "relation" || scene.objects.len() != 2 {
         return vec![];
     }
-    let mut moved = scene.clone();
-    let (a, b) = moved.objects.split_at_mut(1);
-    std::mem::swap(&mut a[0].row, &mut b[0].row);
-    std::mem::swap(&mut a[0].col, &mut b[0].col);
-    let mut reshaped = scene.clone();
-    let (a, b) = reshaped.objects.split_at_mut(1);
-    std::mem::swap(&mut a[0].shape, &mut b[0].shape);
+    let moved = exchange(scene, |a, b| {
+        std::mem::swap(&mut a.row, &mut b.row);
+        std::mem::swap(&mut a.col, &mut b.col);
+    });
+    let reshaped = exchange(scene, |a, b| std::mem::swap(&mut a.shape, &mut b.shape));
     let mut out: Vec<Scene> = vec![];
     for c in [swap_attributes(scene), moved, reshaped] {
         let same = |s: &Scene| drawn(s) == drawn(&c);

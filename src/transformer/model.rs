@@ -583,6 +583,20 @@ pub struct CodeChoice {
     pub other: u32,
 }
 
+impl CodeChoice {
+    /// The choice between `codes` (in batch row `row`) and `other` at their first differing
+    /// position; `None` where they are the same.
+    pub fn first_difference(row: usize, codes: &[u32], other: &[u32]) -> Option<Self> {
+        let position = codes.iter().zip(other).position(|(a, b)| a != b)?;
+        Some(CodeChoice {
+            row,
+            position,
+            code: codes[position],
+            other: other[position],
+        })
+    }
+}
+
 /// The paper's loss: next-token cross-entropy, averaged separately over text targets (ids
 /// 1‥text_len−1) and image targets, weighted 1/8 and 7/8. Returns (loss, text, image).
 pub fn loss(logits: &Tensor, ids: &Tensor, text_len: usize) -> Result<(Tensor, Tensor, Tensor)> {

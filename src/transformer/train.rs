@@ -361,17 +361,11 @@ impl TransformerStage {
                 ids.extend(&caption);
                 ids.extend(codes.iter().map(|&c| self.layout.image(c)));
             }
-            let codes = &set.codes[k];
-            for neg in &set.negatives[k] {
-                if let Some(p) = codes.iter().zip(neg).position(|(a, b)| a != b) {
-                    choices.push(CodeChoice {
-                        row,
-                        position: p,
-                        code: codes[p],
-                        other: neg[p],
-                    });
-                }
-            }
+            choices.extend(
+                set.negatives[k]
+                    .iter()
+                    .filter_map(|neg| CodeChoice::first_difference(row, &set.codes[k], neg)),
+            );
             groups.push(1 + set.negatives[k].len());
             let rows: usize = groups.iter().sum();
             if rows < b && at + 1 < with_negatives.len() {
@@ -450,18 +444,12 @@ impl Stage for TransformerStage {
             let negatives = self.set.negatives.get(k).map_or(&[][..], Vec::as_slice);
             if contrast && !drop && !negatives.is_empty() {
                 let j = Rng::stream(self.opts.lp.seed, "negative", pos).below(negatives.len());
-                let first = codes.iter().zip(&negatives[j]).position(|(a, b)| a != b);
-                let fair = |&p: &usize| {
-                    !self.common[codes[p] as usize] && !self.common[negatives[j][p] as usize]
+                let fair = |c: &CodeChoice| {
+                    !self.common[c.code as usize] && !self.common[c.other as usize]
                 };
-                if let Some(p) = first.filter(fair) {
-                    choices.push(CodeChoice {
-                        row: i as usize,
-                        position: p,
-                        code: codes[p],
-                        other: negatives[j][p],
-                    });
-                }
+                choices.extend(
+                    CodeChoice::first_difference(i as usize, codes, &negatives[j]).filter(fair),
+                );
             }
         }
         let ids = Tensor::from_vec(ids, (b, self.model.seq_len()), &self.device)?;
