@@ -72,7 +72,10 @@ fn batch(
     let mut ids = vec![];
     for s in scenes {
         let bpe = dalle::text::encode(tok, &caption(s, rng))?;
-        ids.extend(layout.caption(&bpe).unwrap().0);
+        let (caption, _) = layout.caption(&bpe).map_err(|id| {
+            anyhow::anyhow!("the tokenizer gave id {id}, outside the text vocabulary")
+        })?;
+        ids.extend(caption);
         ids.extend(codes(s, grid).0.iter().map(|&c| layout.image(c)));
     }
     Ok(ids)
@@ -80,11 +83,19 @@ fn batch(
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        anyhow::bail!(
+            "usage: binding_probe <tokenizer.json> <updates> [lr] [init.safetensors|-] [grid 2|6]"
+        );
+    }
     let tok = dalle::text::load(std::path::Path::new(&args[1]))?;
     let updates: usize = args[2].parse()?;
     let lr_peak: f64 = args.get(3).map_or(Ok(1e-3), |s| s.parse())?;
     let mut cfg = Config::preset("shapes")?;
     let grid: usize = args.get(5).map_or(Ok(2), |s| s.parse())?;
+    if grid != 2 && grid != 6 {
+        anyhow::bail!("grid {grid}: the probe lays its decisions out on a grid of 2 or 6");
+    }
     cfg.geometry.grid = grid;
     let layout = TokenLayout::from(&cfg.geometry);
     let dev = Device::Cpu;
