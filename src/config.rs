@@ -5,6 +5,7 @@
 //! preset is never resumed or loaded as another.
 
 use crate::{Error, Result};
+use dalle_runtimes::manifest::DvaeEncoder;
 use dalle_runtimes::{Geometry, Norms};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,10 @@ pub struct VaeConfig {
     /// all groups), which keeps OpenAI's weights loading unchanged; configs without the field get it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_gain: Option<f64>,
+    /// The encoder's architecture: `dall_e`'s (the default, also for configs without the field)
+    /// or `patch`, each code from its own cell's pixels alone.
+    #[serde(default, skip_serializing_if = "DvaeEncoder::is_dall_e")]
+    pub encoder: DvaeEncoder,
 }
 
 impl VaeConfig {
@@ -357,6 +362,7 @@ fn vae(
         n_init,
         channels: 3,
         post_gain: None,
+        encoder: DvaeEncoder::DallE,
     }
 }
 

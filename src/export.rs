@@ -41,6 +41,7 @@ pub fn dvae_spec(c: &Config) -> DvaeSpec {
         n_init: v.n_init,
         channels: v.channels,
         post_gain: v.post_gain(),
+        encoder: v.encoder,
     }
 }
 
@@ -185,6 +186,7 @@ pub fn load_model_dir(dir: &Path) -> Result<ExportInput> {
             post_gain: d.post_gain.unwrap_or_else(|| {
                 crate::config::VaeConfig::dall_e_post_gain(d.group_count, d.n_blk_per_group)
             }),
+            encoder: d.encoder,
         }),
         (None, None) => return Err(bad("lacks `dvae` (or `vqgan`)".into())),
     };

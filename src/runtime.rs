@@ -60,6 +60,7 @@ fn config_with(m: &Manifest, dvae: dalle_runtimes::manifest::DvaeDims) -> Config
             n_init: dvae.n_init,
             channels: dvae.channels,
             post_gain: dvae.post_gain,
+            encoder: dvae.encoder,
         },
         transformer: TransformerConfig {
             d_model: m.transformer.d_model,
@@ -134,6 +135,7 @@ pub fn manifest_of(cfg: &Config) -> Manifest {
             n_init: cfg.vae.n_init,
             channels: cfg.vae.channels,
             post_gain: cfg.vae.post_gain,
+            encoder: cfg.vae.encoder,
         }),
         layers: dalle_runtimes::layer_kinds(t.n_layers, t.conv_kernel),
         io: Default::default(),
@@ -152,6 +154,7 @@ const DVAE_UNUSED: dalle_runtimes::manifest::DvaeDims = dalle_runtimes::manifest
     n_init: 128,
     channels: 3,
     post_gain: None,
+    encoder: dalle_runtimes::manifest::DvaeEncoder::DallE,
 };
 
 /// The candle session's KV cache between steps: each layer's (keys, values) buffers of the

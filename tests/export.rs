@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use dalle::config::Config;
 use dalle::transformer::Transformer;
 use dalle_export::ExportOptions;
+use dalle_runtimes::manifest::DvaeEncoder;
 use dalle_runtimes::{names, Dtype, Manifest, ManifestError, TokenLayout};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -301,6 +302,19 @@ fn exported_graphs_in_tract_match_the_candle_models() {
     let c = candle(&run, &cfg);
     check_dvae(&out, &c, &cfg, F32_TOL);
     check_transformer(&out, &m, &c, &cfg, F32_TOL);
+}
+
+#[test]
+fn a_patch_encoder_exports_and_gives_the_candle_codes_in_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.vae.encoder = DvaeEncoder::Patch;
+    let run = run_dir(tmp.path(), &cfg);
+    let out = tmp.path().join("model");
+    let m = export(&run, &out, &ExportOptions::default());
+    assert_eq!(m.dvae.map(|d| d.encoder), Some(DvaeEncoder::Patch));
+    let c = candle(&run, &cfg);
+    check_dvae(&out, &c, &cfg, F32_TOL);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use crate::onnx::{Attr, Dim, Elem, Graph};
 use crate::{DvaeSpec, ExportError, Weights};
+use dalle_runtimes::manifest::{DvaeEncoder, PATCH_HIDDEN_LAYERS};
 use dalle_runtimes::{names, Dtype, Geometry};
 use tract_onnx::pb::ModelProto;
 
@@ -145,6 +146,33 @@ fn group_widths(spec: &DvaeSpec) -> Vec<usize> {
     (0..spec.group_count).map(|g| spec.n_hid << g).collect()
 }
 
+/// A [`DvaeEncoder::Patch`] encoder's logits (b, vocab, h, w): an f×f conv of stride f, then
+/// the hidden and output 1×1 convs with a ReLU before each.
+fn patch_encoder(g: &mut Graph, x: &str, spec: &DvaeSpec) -> R<String> {
+    let f = 1usize << (spec.group_count - 1);
+    let width = spec.n_hid << (spec.group_count - 1);
+    let mut h = g.scoped("input", |g| -> R<String> {
+        let w = g.weight("blocks.input.w", &[width, spec.channels, f, f])?;
+        let b = g.weight("blocks.input.b", &[width])?;
+        let attrs = vec![
+            ("kernel_shape", Attr::Ints(vec![f as i64, f as i64])),
+            ("strides", Attr::Ints(vec![f as i64, f as i64])),
+        ];
+        Ok(g.op("Conv", &[x, &w, &b], attrs))
+    })?;
+    for i in 1..=PATCH_HIDDEN_LAYERS {
+        let name = format!("hidden_{i}");
+        h = g.scoped(&name, |g| {
+            let r = g.op("Relu", &[&h], vec![]);
+            conv(g, &r, &format!("blocks.{name}"), width, width, 1)
+        })?;
+    }
+    g.scoped("output", |g| {
+        let r = g.op("Relu", &[&h], vec![]);
+        conv(g, &r, "blocks.output.conv", width, spec.vocab_size, 1)
+    })
+}
+
 /// `dvae_encoder.onnx`: image f32 [batch, 3, H, W] in [0, 1] → image_tokens i64 [batch, h·w].
 pub fn encoder(
     geometry: &Geometry,
@@ -175,6 +203,11 @@ pub fn encoder(
             let m = g.op("Mul", &[&x, &scale], vec![]);
             g.op("Add", &[&m, &shift], vec![])
         });
+        if spec.encoder == DvaeEncoder::Patch {
+            let logits = patch_encoder(g, &x, spec)?;
+            let shape = g.ints(&[0, spec.vocab_size as i64, n as i64]);
+            return Ok(g.op("Reshape", &[&logits, &shape], vec![]));
+        }
         let x = g.scoped("input", |g| {
             conv(g, &x, "blocks.input", spec.channels, spec.n_hid, 7)
         })?;

@@ -44,6 +44,8 @@ pub struct DvaeSpec {
     pub channels: usize,
     /// Scale of every residual branch (`dall_e`: 1 / n_layers²).
     pub post_gain: f64,
+    /// The encoder's architecture.
+    pub encoder: dalle_runtimes::manifest::DvaeEncoder,
 }
 
 /// The transformer's architecture.
@@ -393,6 +395,7 @@ pub(crate) fn write_dir(
                 n_init: d.n_init,
                 channels: d.channels,
                 post_gain: Some(d.post_gain),
+                encoder: d.encoder,
             }),
             ImageCodec::Vqgan(_) => None,
         },

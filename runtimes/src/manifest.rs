@@ -84,6 +84,32 @@ pub struct DvaeDims {
     /// Scale of every residual branch; absent (older manifests): `dall_e`'s 1 / n_layers².
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_gain: Option<f64>,
+    /// The encoder's architecture; absent (older manifests): `dall_e`'s.
+    #[serde(default, skip_serializing_if = "DvaeEncoder::is_dall_e")]
+    pub encoder: DvaeEncoder,
+}
+
+/// Which network turns an image into codes. The decoder is `dall_e`'s either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DvaeEncoder {
+    /// `dall_e` 0.1's: a 7×7 input conv and residual groups of 3×3 convs with max pooling
+    /// between them, so each code also sees the pixels around its own cell.
+    #[default]
+    DallE,
+    /// Each code from its own cell's f×f pixels alone: an f×f convolution of stride f, then
+    /// [`PATCH_HIDDEN_LAYERS`] 1×1 layers and the 1×1 output, ReLU between them (not in the
+    /// paper). A grey cell gets the same code whatever is drawn next to it.
+    Patch,
+}
+
+/// Hidden 1×1 layers of a [`DvaeEncoder::Patch`] encoder (`blocks.hidden_{i}`, i from 1).
+pub const PATCH_HIDDEN_LAYERS: usize = 2;
+
+impl DvaeEncoder {
+    pub fn is_dall_e(&self) -> bool {
+        *self == DvaeEncoder::DallE
+    }
 }
 
 /// Sber's VQGAN (ruDALL-E's image tokenizer; taming-transformers' `Encoder` / `Decoder` with

@@ -45,6 +45,11 @@ pub struct TrainVaeArgs {
     /// (`dalle data shapes --image-size N`).
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// The encoder: `dall-e` (the paper's) or `patch`, each code from its own f×f pixels alone,
+    /// so that a token of empty background does not announce the object beside it (not in the
+    /// paper). Stored in config.json.
+    #[arg(long, value_enum)]
+    pub encoder: Option<EncoderArg>,
     /// Codebook size, the image vocabulary (default: the preset's), stored in config.json; stage 2
     /// takes it from the dVAE.
     #[arg(long)]
@@ -89,6 +94,22 @@ pub struct TrainVaeArgs {
     pub init_from: Option<PathBuf>,
 }
 
+/// `--encoder`'s values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum EncoderArg {
+    DallE,
+    Patch,
+}
+
+impl From<EncoderArg> for dalle_runtimes::manifest::DvaeEncoder {
+    fn from(a: EncoderArg) -> Self {
+        match a {
+            EncoderArg::DallE => Self::DallE,
+            EncoderArg::Patch => Self::Patch,
+        }
+    }
+}
+
 pub fn run(a: TrainVaeArgs) -> Result<()> {
     let (mut config, device, lr) = a.run.check(a.batch_size)?;
     if let Some(dir) = &a.init_from {
@@ -104,6 +125,7 @@ pub fn run(a: TrainVaeArgs) -> Result<()> {
             ("--blocks-per-group", a.blocks_per_group.is_some()),
             ("--codebook", a.codebook.is_some()),
             ("--image-size", a.image_size.is_some()),
+            ("--encoder", a.encoder.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
             bail!(
@@ -118,11 +140,13 @@ pub fn run(a: TrainVaeArgs) -> Result<()> {
         || a.blocks_per_group.is_some()
         || a.codebook.is_some()
         || a.image_size.is_some()
+        || a.encoder.is_some()
     {
         config.vae.post_gain = a.post_gain.or(config.vae.post_gain);
         config.vae.n_hid = a.n_hid.unwrap_or(config.vae.n_hid);
         config.vae.n_blk_per_group = a.blocks_per_group.unwrap_or(config.vae.n_blk_per_group);
         config.vae.vocab_size = a.codebook.unwrap_or(config.vae.vocab_size);
+        config.vae.encoder = a.encoder.map_or(config.vae.encoder, Into::into);
         config.geometry.codebook = config.vae.vocab_size;
         if let Some(size) = a.image_size {
             let f = config.vae.downsample();

@@ -78,6 +78,7 @@ pub fn run(cmd: VaeCommand) -> Result<()> {
                 n_init,
                 channels,
                 post_gain: None,
+                encoder: Default::default(),
             };
             let c = dalle::vae::io::import_openai(&encoder, &decoder, vae, image_size, &out)?;
             println!(

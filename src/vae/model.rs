@@ -7,6 +7,7 @@
 use crate::config::VaeConfig;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use dalle_runtimes::manifest::{DvaeEncoder, PATCH_HIDDEN_LAYERS};
 
 /// ε of `dall_e`'s `map_pixels`: the encoder sees pixels squeezed into [ε, 1 − ε] so that the
 /// logit-Laplace likelihood stays finite at 0 and 1.
@@ -260,39 +261,114 @@ impl Stack {
 
 /// Image [0, 1] → codebook logits over a `grid × grid` map.
 #[derive(Clone, Debug)]
-pub struct Encoder(Stack);
+pub struct Encoder(EncoderNet);
+
+#[derive(Clone, Debug)]
+enum EncoderNet {
+    /// `dall_e` 0.1's.
+    DallE(Stack),
+    /// [`DvaeEncoder::Patch`]: each cell's pixels alone.
+    Patch(PatchNet),
+}
+
+/// A [`DvaeEncoder::Patch`] encoder: `blocks.input` an f×f conv of stride f (run as a 1×1 conv
+/// over each cell's 3·f·f pixels), `blocks.hidden_{i}` 1×1 convs, `blocks.output.conv`; ReLU
+/// before every layer but the first.
+#[derive(Clone, Debug)]
+struct PatchNet {
+    cell: usize,
+    input: Conv,
+    hidden: Vec<Conv>,
+    output: Conv,
+}
+
+impl PatchNet {
+    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("blocks");
+        let (f, c) = (cfg.downsample(), cfg.channels);
+        let width = cfg.group_width(cfg.group_count);
+        let cell = Conv::new(c, width, f, vb.pp("input"))?;
+        // (width, c, f, f) → (width, c·f·f, 1, 1): the order [`Self::cells`] lays pixels out in.
+        let input = Conv {
+            w: cell.w.reshape((width, c * f * f, 1, 1))?,
+            b: cell.b,
+            pad: 0,
+        };
+        let hidden = (1..=PATCH_HIDDEN_LAYERS)
+            .map(|i| Conv::new(width, width, 1, vb.pp(format!("hidden_{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let output = Conv::new(width, cfg.vocab_size, 1, vb.pp("output").pp("conv"))?;
+        Ok(PatchNet {
+            cell: f,
+            input,
+            hidden,
+            output,
+        })
+    }
+
+    /// (b, c, H, W) → (c·f·f, b, H/f, W/f), channel-major: each cell's pixels as channels, in
+    /// the order of the input conv's (c, ky, kx) weights.
+    fn cells(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.cell;
+        let (b, c, h, w) = x.dims4()?;
+        x.reshape((b, c, h / f, f, w / f, f))?
+            .permute((1, 3, 5, 0, 2, 4))?
+            .contiguous()?
+            .reshape((c * f * f, b, h / f, w / f))
+    }
+
+    /// Channel-major activations of the last hidden layer, before its ReLU.
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.input.apply(&self.cells(x)?, false)?;
+        for layer in &self.hidden {
+            h = layer.apply(&h, true)?;
+        }
+        Ok(h)
+    }
+}
 
 impl Encoder {
     /// Build under `vb` (the `blocks.` prefix is added here).
     pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.encoder == DvaeEncoder::Patch {
+            return Ok(Encoder(EncoderNet::Patch(PatchNet::new(cfg, vb)?)));
+        }
         let widths: Vec<usize> = (1..=cfg.group_count).map(|g| cfg.group_width(g)).collect();
         let first = (cfg.channels, cfg.n_hid, 7);
-        Ok(Encoder(Stack::new(
+        Ok(Encoder(EncoderNet::DallE(Stack::new(
             vb,
             first,
             &widths,
             (cfg.n_blk_per_group, cfg.post_gain()),
             [3, 3, 3, 1],
             cfg.vocab_size,
-        )?))
+        )?)))
     }
 
     /// (b, 3, H, W) pixels in [0, 1] → (b, vocab, H/f, W/f) logits.
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
-        let x = self
-            .0
-            .input
-            .forward(&swap_batch_channels(&map_pixels(image)?)?)?;
-        swap_batch_channels(&self.0.trunk(x, max_pool2)?)
+        let x = map_pixels(image)?;
+        let logits = match &self.0 {
+            EncoderNet::DallE(stack) => {
+                let x = stack.input.forward(&swap_batch_channels(&x)?)?;
+                stack.trunk(x, max_pool2)?
+            }
+            EncoderNet::Patch(net) => net.output.apply(&net.hidden(&x)?, true)?,
+        };
+        swap_batch_channels(&logits)
     }
 
     /// (b, 3, H, W) → (b, width, H/f, W/f): what the output conv turns into logits.
     pub fn features(&self, image: &Tensor) -> Result<Tensor> {
-        let x = self
-            .0
-            .input
-            .forward(&swap_batch_channels(&map_pixels(image)?)?)?;
-        swap_batch_channels(&self.0.features(x, max_pool2)?)
+        let x = map_pixels(image)?;
+        let features = match &self.0 {
+            EncoderNet::DallE(stack) => {
+                let x = stack.input.forward(&swap_batch_channels(&x)?)?;
+                stack.features(x, max_pool2)?
+            }
+            EncoderNet::Patch(net) => net.hidden(&x)?.relu()?,
+        };
+        swap_batch_channels(&features)
     }
 
     /// (b, 3, H, W) → (b, grid·grid) token ids (argmax, no noise), raster order.
