@@ -17,7 +17,8 @@
 # DECODER_ROUNDS="STEPS[:STOP] ..." trains the finished dVAE's decoder further on its encoder's own
 # argmax codes, one `train-vae --init-from … --decoder-finetune-from 0` run per round (lr 2e-4
 # cosine over STEPS, stopping at STOP if given; round i seeded SEED + i - 1): the codes stay the same.
-# TF_BATCH is stage 2's batch size (default 32).
+# TF_BATCH is stage 2's batch size (default 32). ENCODER=patch trains a dVAE whose codes each see
+# their own cell's pixels alone (`train-vae --encoder patch`; default dall-e, the paper's encoder).
 #
 # FULL=1 is the 96-px recipe of models/stage1-s96e4 and models/stage2-tf16 — several hours on
 # two cores, outside the 90-min budget: IMAGE_SIZE=96 EDGE_WEIGHT=4 DECODER_ROUNDS="1600 2000:1200"
@@ -48,6 +49,7 @@ IMAGE_SIZE=${IMAGE_SIZE:-64}
 EDGE_WEIGHT=${EDGE_WEIGHT:-0}
 DECODER_ROUNDS=${DECODER_ROUNDS:-}
 TF_BATCH=${TF_BATCH:-32}
+ENCODER=${ENCODER:-dall-e}
 
 cargo build --release --bin dalle
 DALLE=target/release/dalle
@@ -83,7 +85,7 @@ Q=$((VAE_STEPS * 3 / 4))
 # 68% against 58%).
 VAE_FLAGS="--likelihood gaussian --kmeans-init --tau-end 0.5 --tau-steps $((VAE_STEPS * 9 / 16)) \
   --beta-max 1 --beta-steps $((VAE_STEPS / 8)) --decoder-finetune-from $Q --hard-fraction 0.5 \
-  --image-size $IMAGE_SIZE --edge-weight $EDGE_WEIGHT"
+  --image-size $IMAGE_SIZE --edge-weight $EDGE_WEIGHT --encoder $ENCODER"
 if ! done_ vae; then
   stamp "stage 1: dVAE, $VAE_STEPS steps"
   $DALLE train-vae $(fresh "$WORK/vae") --preset shapes --data "$WORK/shapes-train" --out "$WORK/vae" \

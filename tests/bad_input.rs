@@ -146,6 +146,8 @@ const CASES: &[Case] = &[
     case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/user", 1, "is not a dVAE directory"),
     case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae --image-size 32", 1, "--image-size changes the dVAE's shape"),
     case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae --kmeans-init", 1, "give one or the other"),
+    case("train-vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae --encoder patch", 1, "--encoder changes the dVAE's shape"),
+    case("train-vae --data {T}/data --out {T}/new --steps 1 --encoder conv", 2, "invalid value 'conv' for '--encoder"),
     case("train --preset small --vae {T}/vae --data {T}/data --out {T}/new --steps 1", 1, "needs 128px"),
     case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/vae", 1, "is a `dalle train-vae` run"),
     case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --init-from {T}/user", 1, "is not a `dalle train` run"),
