@@ -150,7 +150,7 @@ fn group_widths(spec: &DvaeSpec) -> Vec<usize> {
 /// the hidden and output 1×1 convs with a ReLU before each.
 fn patch_encoder(g: &mut Graph, x: &str, spec: &DvaeSpec) -> R<String> {
     let f = 1usize << (spec.group_count - 1);
-    let width = spec.n_hid << (spec.group_count - 1);
+    let width = *group_widths(spec).last().expect("group_count ≥ 1");
     let mut h = g.scoped("input", |g| -> R<String> {
         let w = g.weight("blocks.input.w", &[width, spec.channels, f, f])?;
         let b = g.weight("blocks.input.b", &[width])?;
