@@ -168,6 +168,7 @@ const CASES: &[Case] = &[
     case("eval --model {T}/model --samples 2 --rerank 0", 1, "--rerank must be at least 1"),
     case("export --transformer {T}/tf --out {T}/new --rerank 0", 1, "--rerank must be at least 1"),
     case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --layers 0", 1, "--layers must be at least 1"),
+    case("train --preset tiny --vae {T}/vae --data {T}/data --out {T}/new --steps 1 --conv-kernel 8", 1, "--conv-kernel must be odd"),
     case("generate --prompt-file {T}/missing.txt --out {T}/o.png", 1, "cannot read prompt file"),
     case("generate --prompt-file {T}/latin1.txt --out {T}/o.png", 1, "is not UTF-8"),
     case("generate x --model {T}/model --prime-image {T}/user/NOTES.txt --prime-rows 2 --out {T}/o.png", 1, "cannot use this image"),

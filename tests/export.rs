@@ -304,6 +304,20 @@ fn exported_graphs_in_tract_match_the_candle_models() {
     check_transformer(&out, &m, &c, &cfg, F32_TOL);
 }
 
+/// A convolutional window as wide as twice the grid reads every earlier position: dense causal
+/// attention, exported through the same gathered-key tables.
+#[test]
+fn a_whole_grid_window_exports_and_matches_candle_in_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.transformer.conv_kernel = 2 * cfg.geometry.grid + 1;
+    let run = run_dir(tmp.path(), &cfg);
+    let out = tmp.path().join("model");
+    let m = export(&run, &out, &ExportOptions::default());
+    let c = candle(&run, &cfg);
+    check_transformer(&out, &m, &c, &cfg, F32_TOL);
+}
+
 #[test]
 fn a_patch_encoder_exports_and_gives_the_candle_codes_in_tract() {
     let tmp = tempfile::tempdir().unwrap();

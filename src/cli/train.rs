@@ -94,6 +94,12 @@ pub struct TrainArgs {
     /// each new layer starts as the identity (zero output projections).
     #[arg(long)]
     pub layers: Option<usize>,
+    /// Side of the last layer's convolutional attention window instead of the preset's (odd;
+    /// pass it again with --resume). 2 × grid + 1 or more reads every earlier image position:
+    /// dense causal attention. With --init-from the weights carry over unchanged (only which
+    /// keys the layer reads differs).
+    #[arg(long)]
+    pub conv_kernel: Option<usize>,
     /// Weight of a hard-negative term beside the paper's loss: each sample whose metadata line
     /// lists negatives (`dalle data shapes --negatives`: two objects' attributes, places or
     /// shapes swapped) adds log(1 + e^−margin), margin = how many nats likelier its caption makes its
@@ -111,6 +117,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bail!("--layers must be at least 1");
         }
         config.transformer.n_layers = n;
+    }
+    if let Some(k) = a.conv_kernel {
+        if k.is_multiple_of(2) {
+            bail!("--conv-kernel must be odd: the window is centred on its query (got {k})");
+        }
+        config.transformer.conv_kernel = k;
     }
     if !(0.0..=1.0).contains(&a.caption_dropout) {
         bail!(

@@ -576,9 +576,11 @@ fn initial_weights(
             ),
         ));
     }
-    // Depth may grow (`grown_slots`); everything else must match.
+    // Depth may grow (`grown_slots`) and the convolutional window change (the same weights);
+    // everything else must match.
     let mut same_depth = stored.clone();
     same_depth.transformer.n_layers = config.transformer.n_layers;
+    same_depth.transformer.conv_kernel = config.transformer.conv_kernel;
     if &same_depth != config {
         return Err(Error::checkpoint(
             dir,

@@ -414,6 +414,33 @@ fn init_from_starts_from_a_runs_weights() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(d < 1e-4, "the grown model's logits differ by {d}");
+    // A wider convolutional window (`--conv-kernel`; 33 reads the whole grid): the same weights,
+    // recorded in the new run's config.
+    let dense = tmp.path().join("tf-dense");
+    let dense_args = train(
+        &vae,
+        &dense,
+        &[
+            "--steps",
+            "1",
+            "--lr",
+            "1e-12",
+            "--init-from",
+            p(&run),
+            "--conv-kernel",
+            "33",
+        ],
+    );
+    ok(&dense_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let cfg = dalle::Config::load(&dense.join("config.json")).unwrap();
+    assert_eq!(cfg.transformer.conv_kernel, 33);
+    let d = read(&dense);
+    for (name, t) in &a {
+        let moved = (flat(t).iter().zip(flat(&d[name])))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(moved < 1e-6, "{name} moved by {moved}");
+    }
     // A deeper source than the run: refused before anything is written.
     let shallow = tmp.path().join("tf-shallow");
     let shallow_args = train(
