@@ -350,25 +350,32 @@ fn init_from_starts_from_a_runs_weights() {
     let run_args = train(&vae, &run, &["--steps", "3"]);
     ok(&run_args.iter().map(String::as_str).collect::<Vec<_>>());
     // A learning rate of 1e-12: one update leaves the weights where they started.
-    let next_args = train(
-        &vae,
-        &next,
-        &["--steps", "1", "--lr", "1e-12", "--init-from", p(&run)],
-    );
-    ok(&next_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let from_run = |out: &Path, extra: &[&str]| {
+        let mut e = vec!["--steps", "1", "--lr", "1e-12", "--init-from", p(&run)];
+        e.extend(extra);
+        ok(&train(&vae, out, &e)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
+    };
+    from_run(&next, &[]);
     let read = |dir: &Path| {
         let w = dalle::vae::io::read_f32(&dir.join("transformer.safetensors"), &Device::Cpu);
         w.unwrap()
     };
     let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (a, b) = (read(&run), read(&next));
-    assert_eq!(a.len(), b.len());
-    for (name, t) in &a {
-        let d = (flat(t).iter().zip(flat(&b[name])))
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(d < 1e-6, "{name} moved by {d}");
-    }
+    let a = read(&run);
+    let unmoved = |dir: &Path| {
+        let b = read(dir);
+        assert_eq!(a.len(), b.len());
+        for (name, t) in &a {
+            let d = (flat(t).iter().zip(flat(&b[name])))
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-6, "{name} moved by {d}");
+        }
+    };
+    unmoved(&next);
     assert_eq!(
         std::fs::read(run.join("tokenizer.json")).unwrap(),
         std::fs::read(next.join("tokenizer.json")).unwrap()
@@ -378,21 +385,7 @@ fn init_from_starts_from_a_runs_weights() {
     // Grown to 6 layers (`--layers`): the 4 source layers become 0, 1, 2 and 5, the new ones
     // add nothing, so the grown model's logits are the source's.
     let grown = tmp.path().join("tf-grown");
-    let grown_args = train(
-        &vae,
-        &grown,
-        &[
-            "--steps",
-            "1",
-            "--lr",
-            "1e-12",
-            "--init-from",
-            p(&run),
-            "--layers",
-            "6",
-        ],
-    );
-    ok(&grown_args.iter().map(String::as_str).collect::<Vec<_>>());
+    from_run(&grown, &["--layers", "6"]);
     let logits = |dir: &Path| {
         let cfg = dalle::Config::load(&dir.join("config.json")).unwrap();
         let vb =
@@ -417,30 +410,10 @@ fn init_from_starts_from_a_runs_weights() {
     // A wider convolutional window (`--conv-kernel`; 33 reads the whole grid): the same weights,
     // recorded in the new run's config.
     let dense = tmp.path().join("tf-dense");
-    let dense_args = train(
-        &vae,
-        &dense,
-        &[
-            "--steps",
-            "1",
-            "--lr",
-            "1e-12",
-            "--init-from",
-            p(&run),
-            "--conv-kernel",
-            "33",
-        ],
-    );
-    ok(&dense_args.iter().map(String::as_str).collect::<Vec<_>>());
+    from_run(&dense, &["--conv-kernel", "33"]);
     let cfg = dalle::Config::load(&dense.join("config.json")).unwrap();
     assert_eq!(cfg.transformer.conv_kernel, 33);
-    let d = read(&dense);
-    for (name, t) in &a {
-        let moved = (flat(t).iter().zip(flat(&d[name])))
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(moved < 1e-6, "{name} moved by {moved}");
-    }
+    unmoved(&dense);
     // A deeper source than the run: refused before anything is written.
     let shallow = tmp.path().join("tf-shallow");
     let shallow_args = train(
