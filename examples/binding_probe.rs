@@ -11,9 +11,10 @@
 //! object starts is then uncertain too, and most of the loss is background, as in an image.
 //!
 //! With `grid` 24 (the 96-px preset's own grid), each object is 3 × 3 tokens at a random offset
-//! inside its 8 × 8 layout cell (colour at the top left, shape in the other eight); accuracies
-//! are then the argmax *among the colour (shape) codes* at each decision: which object, given
-//! where — the binding question — while the whole grid, masks and all, is the real one.
+//! inside its 8 × 8 layout cell (colour at the top left, shape in the other eight); with 12 (an
+//! f8 token grid of a 96-px image), 2 × 2 tokens inside a 4 × 4 cell. Accuracies are then the
+//! argmax *among the colour (shape) codes* at each decision: which object, given where — the
+//! binding question — while the whole grid, masks and all, is the real one.
 //! `conv` sets the last layer's window (49 covers the whole grid: dense causal attention).
 //! `object_weight` multiplies the loss of every target that is not the background code (1: the
 //! paper's mean over positions), to ask whether binding is slow for want of gradient: a 3 × 3
@@ -59,27 +60,22 @@ fn codes(s: &Scene, grid: usize, jitter: &[usize]) -> (Vec<u32>, [usize; 4]) {
     }
     let mut v = vec![20; grid * grid];
     let mut at = [0; 4];
-    if grid == 24 {
-        for (i, ob) in o.iter().enumerate() {
-            let (r, q) = (8 * ob.row + jitter[2 * i], 8 * ob.col + jitter[2 * i + 1]);
-            let p = r * grid + q;
-            for dr in 0..3 {
-                for dc in 0..3 {
-                    v[p + dr * grid + dc] = h(&ob.shape);
-                }
-            }
-            v[p] = c(&ob.colour);
-            at[2 * i] = p;
-            at[2 * i + 1] = p + 1;
-        }
-        return (v, at);
-    }
+    // Grid 6: 2 × 2 tokens filling the object's cell; 12 and 24: 2 × 2 or 3 × 3 tokens at an
+    // offset inside a 4 × 4 or 8 × 8 cell.
+    let side = if grid == 24 { 3 } else { 2 };
     for (i, ob) in o.iter().enumerate() {
-        let p = 2 * ob.row * grid + 2 * ob.col;
-        v[p] = c(&ob.colour);
-        for q in [p + 1, p + grid, p + grid + 1] {
-            v[q] = h(&ob.shape);
+        let cell = grid / 3;
+        let (r, q) = (
+            cell * ob.row + jitter[2 * i],
+            cell * ob.col + jitter[2 * i + 1],
+        );
+        let p = r * grid + q;
+        for dr in 0..side {
+            for dc in 0..side {
+                v[p + dr * grid + dc] = h(&ob.shape);
+            }
         }
+        v[p] = c(&ob.colour);
         at[2 * i] = p;
         at[2 * i + 1] = p + 1;
     }
@@ -89,9 +85,14 @@ fn codes(s: &Scene, grid: usize, jitter: &[usize]) -> (Vec<u32>, [usize; 4]) {
 /// One scene's codes and the positions of its four decisions.
 type Targets = (Vec<u32>, [usize; 4]);
 
-/// Each object's offset (rows, columns) inside its 8 × 8 layout cell at grid 24.
-fn jitters(rng: &mut Rng) -> Vec<usize> {
-    (0..4).map(|_| rng.below(6)).collect()
+/// Each object's offset (rows, columns) inside its layout cell: 0 at grid 6, 0‥2 at 12, 0‥5 at 24.
+fn jitters(rng: &mut Rng, grid: usize) -> Vec<usize> {
+    let free = match grid {
+        12 => 3,
+        24 => 6,
+        _ => 1,
+    };
+    (0..4).map(|_| rng.below(free)).collect()
 }
 
 fn batch(
@@ -109,7 +110,11 @@ fn batch(
             anyhow::anyhow!("the tokenizer gave id {id}, outside the text vocabulary")
         })?;
         ids.extend(caption);
-        let jitter = jitters(rng);
+        let jitter = if grid == 2 {
+            vec![]
+        } else {
+            jitters(rng, grid)
+        };
         let (v, at) = codes(s, grid, &jitter);
         ids.extend(v.iter().map(|&c| layout.image(c)));
         targets.push((v, at));
@@ -129,8 +134,8 @@ fn main() -> anyhow::Result<()> {
     let lr_peak: f64 = args.get(3).map_or(Ok(1e-3), |s| s.parse())?;
     let mut cfg = Config::preset("shapes")?;
     let grid: usize = args.get(5).map_or(Ok(2), |s| s.parse())?;
-    if grid != 2 && grid != 6 && grid != 24 {
-        anyhow::bail!("grid {grid}: the probe lays its decisions out on a grid of 2, 6 or 24");
+    if ![2, 6, 12, 24].contains(&grid) {
+        anyhow::bail!("grid {grid}: the probe lays its decisions out on a grid of 2, 6, 12 or 24");
     }
     cfg.geometry.grid = grid;
     if let Some(k) = args.get(6) {
@@ -216,7 +221,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let logits = Tensor::cat(&chunks, 0)?;
-            // At grid 24: the argmax among the colour codes (0‥8) at a colour decision, among
+            // At grids 12 and 24: the argmax among the colour codes (0‥8) at a colour decision, among
             // the shape codes (8‥14) at a shape one.
             let among = |x: &[f32], lo: usize, hi: usize| {
                 (lo..hi)
@@ -232,8 +237,8 @@ fn main() -> anyhow::Result<()> {
                     .enumerate()
                     .map(|(k, &i)| {
                         let p = match (grid, k % 2) {
-                            (24, 0) => among(&l[i], 0, 8),
-                            (24, _) => among(&l[i], 8, 8 + SHAPES.len()),
+                            (12 | 24, 0) => among(&l[i], 0, 8),
+                            (12 | 24, _) => among(&l[i], 8, 8 + SHAPES.len()),
                             _ => among(&l[i], 0, l[i].len()),
                         };
                         p == t[i]

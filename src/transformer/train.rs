@@ -310,6 +310,11 @@ struct TransformerStage {
 /// Held-out samples whose loss is measured at each sample step.
 pub const EVAL_SAMPLES: usize = 256;
 
+/// Whole-image margins (nats) within this of zero are ties, not preferences: the same codes in
+/// two rows of one batch can score differently in the last bits (row-blocked matrix kernels,
+/// which block rows differently on different CPUs), ~1e-6 nats for a 576-code image.
+pub const MARGIN_TIE_NATS: f64 = 1e-3;
+
 impl TransformerStage {
     /// Teacher-forced losses (total, text, image) of `model` over the first [`EVAL_SAMPLES`] of
     /// `set`, with full captions and the plain tokenizer: the held-out loss curve.
@@ -392,7 +397,7 @@ impl TransformerStage {
                 for neg in &nll[row + 1..row + g] {
                     let margin = neg - nll[row];
                     pairs += 1;
-                    preferred += (margin > 0.0) as usize;
+                    preferred += (margin > MARGIN_TIE_NATS) as usize;
                     total += margin;
                 }
                 row += g;
