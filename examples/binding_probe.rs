@@ -62,7 +62,7 @@ fn codes(s: &Scene, grid: usize, jitter: &[usize]) -> (Vec<u32>, [usize; 4]) {
     let mut at = [0; 4];
     // Grid 6: 2 × 2 tokens filling the object's cell; 12 and 24: 2 × 2 or 3 × 3 tokens at an
     // offset inside a 4 × 4 or 8 × 8 cell.
-    let side = if grid == 24 { 3 } else { 2 };
+    let side = side(grid);
     for (i, ob) in o.iter().enumerate() {
         let cell = grid / 3;
         let (r, q) = (
@@ -85,14 +85,20 @@ fn codes(s: &Scene, grid: usize, jitter: &[usize]) -> (Vec<u32>, [usize; 4]) {
 /// One scene's codes and the positions of its four decisions.
 type Targets = (Vec<u32>, [usize; 4]);
 
+/// Side of an object in tokens: 3 × 3 at grid 24, else 2 × 2.
+fn side(grid: usize) -> usize {
+    if grid == 24 {
+        3
+    } else {
+        2
+    }
+}
+
 /// Each object's offset (rows, columns) inside its layout cell: 0 at grid 6, 0‥2 at 12, 0‥5 at 24.
 fn jitters(rng: &mut Rng, grid: usize) -> Vec<usize> {
-    let free = match grid {
-        12 => 3,
-        24 => 6,
-        _ => 1,
-    };
-    (0..4).map(|_| rng.below(free)).collect()
+    (0..4)
+        .map(|_| rng.below(grid / 3 - side(grid) + 1))
+        .collect()
 }
 
 fn batch(
